@@ -1,0 +1,98 @@
+"""Command line: `streammerge merge|convert|inspect|diff` (also `python -m streammerge`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from streammerge import __version__
+from streammerge.errors import StreamMergeError
+from streammerge.methods import METHODS
+from streammerge.units import parse_size
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text, "size")
+    except StreamMergeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _methods_epilog() -> str:
+    lines = ["merge methods (config `method:`):"]
+    for method in METHODS.values():
+        params = ", ".join(f"{p.name}={p.default}{' (per model)' if p.per_model else ''}" for p in method.params)
+        lines.append(f"  {method.name:18s} {method.help}" + (f"; {params}" if params else ""))
+    return "\n".join(lines)
+
+
+def add_merge_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "merge", help="merge checkpoints as a YAML/JSON config describes",
+        description="Merge checkpoints chunk by chunk under a RAM budget, as CONFIG describes.",
+        epilog=_methods_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", type=Path, help="merge config (YAML, or JSON)")
+    p.add_argument("--output", "-o", type=Path, help="output path (overrides the config's `output`): "
+                   "a .safetensors file or a directory for sharded safetensors")
+    p.add_argument("--max-ram", type=_size, metavar="SIZE",
+                   help="peak anonymous RAM budget, e.g. 512MiB or 2GB (overrides `max_ram`; default 1GiB, "
+                   "capped at half of the available memory)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (tensors per rule, output size, shards, "
+                   "estimated peak RAM) without merging")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
+    p.add_argument("--report", type=Path, metavar="FILE.json", help="write the run summary as JSON")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="write the result even if a merged tensor holds NaN/Inf (listed in the summary)")
+    p.set_defaults(handler=run_merge)
+
+
+def run_merge(args) -> int:
+    from streammerge.config import load_config
+    from streammerge.engine import Engine, describe_plan, prepare
+
+    config = load_config(args.config)
+    prepared = prepare(config, args.output, args.max_ram)
+    try:
+        if args.dry_run:
+            print(describe_plan(prepared))
+            return 0
+        report = Engine(prepared, quiet=args.quiet, allow_nonfinite=args.allow_nonfinite or None).run()
+    finally:
+        prepared.close()
+    if args.report:
+        args.report.write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
+    if not args.quiet:
+        print(report.summary(), file=sys.stderr)
+    return 0
+
+
+PARSERS = [add_merge_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streammerge", description="Merge, convert and inspect large checkpoints with little RAM.")
+    parser.add_argument("--version", action="version", version=f"streammerge {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in PARSERS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except StreamMergeError as exc:
+        print(f"streammerge: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("streammerge: interrupted; nothing was written to the output path.", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"streammerge: error: {where}{exc.strerror or exc}. Nothing was written to the output path.",
+              file=sys.stderr)
+        return 1

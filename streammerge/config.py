@@ -1,0 +1,267 @@
+"""The merge config (YAML or JSON): load, validate, and explain what is wrong."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from streammerge.errors import ConfigError
+from streammerge.methods import Method, coerce_param, get_method
+from streammerge.units import parse_size
+
+ACCUMULATION_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+OUTPUT_DTYPES = {
+    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+    "half": torch.float16, "float": torch.float32, "double": torch.float64,
+}
+DEFAULT_MAX_RAM = 1024**3
+DEFAULT_SHARD_SIZE = 5 * 1000**3
+TOP_LEVEL_KEYS = {"output", "models", "method", "rules", "dtype", "out_dtype", "max_ram", "shard_size", "base",
+                  "parameters", "seed", "rename", "nan_policy"}
+MODEL_KEYS = {"path", "state_dict_key", "rename", "parameters"}
+RULE_KEYS = {"match", "take", "weights", "drop", "parameters"}
+
+
+@dataclass
+class Rename:
+    pattern: re.Pattern
+    replace: str
+
+    def apply(self, name: str) -> str:
+        return self.pattern.sub(self.replace, name)
+
+
+@dataclass
+class ModelSpec:
+    path: Path
+    params: dict = field(default_factory=dict)  # per-model method parameters (weight, density, ...)
+    state_dict_key: str | None = None
+    rename: list[Rename] = field(default_factory=list)
+
+
+@dataclass
+class Rule:
+    match: str
+    take: int | None = None
+    drop: bool = False
+    weights: list[float] | None = None
+    params: dict = field(default_factory=dict)  # method parameter overrides for the matching tensors
+
+    def __post_init__(self):
+        if self.match.startswith("re:"):
+            try:
+                self._regex = re.compile(self.match[3:])
+            except re.error as exc:
+                raise ConfigError(f"rule match '{self.match}': not a valid regular expression ({exc}).") from None
+        else:
+            self._regex = re.compile(fnmatch.translate(self.match))
+
+    def matches(self, name: str) -> bool:
+        return bool(self._regex.search(name) if self.match.startswith("re:") else self._regex.match(name))
+
+    @property
+    def label(self) -> str:
+        action = ("drop" if self.drop else f"take {self.take}" if self.take is not None
+                  else f"weights {self.weights}" if self.weights is not None else f"parameters {self.params}")
+        return f"{self.match} -> {action}"
+
+
+@dataclass
+class MergeConfig:
+    output: Path | None
+    models: list[ModelSpec]
+    method: Method
+    params: dict  # method parameters, defaults filled in
+    rules: list[Rule] = field(default_factory=list)
+    dtype: torch.dtype = torch.float32
+    out_dtype: torch.dtype | None = None
+    max_ram: int | None = None  # None: the default (1 GiB, capped by what is available)
+    shard_size: int = DEFAULT_SHARD_SIZE
+    base: ModelSpec | None = None
+    seed: int = 0
+    rename: list[Rename] = field(default_factory=list)
+    nan_policy: str = "error"
+    source: Path | None = None
+
+    def recipe(self) -> dict:
+        """A JSON-able description of the merge, stored in the output's metadata."""
+        return {
+            "method": self.method.name,
+            "parameters": self.params,
+            "models": [{"path": str(m.path), **m.params} for m in self.models],
+            **({"base": str(self.base.path)} if self.base else {}),
+            "rules": [r.label for r in self.rules],
+            "dtype": str(self.dtype).removeprefix("torch."),
+            **({"out_dtype": str(self.out_dtype).removeprefix("torch.")} if self.out_dtype else {}),
+        }
+
+
+def read_config_file(path: Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror}).") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping with at least 'models' (and usually 'output').")
+    return data
+
+
+def load_config(path: Path) -> MergeConfig:
+    data = read_config_file(path)
+    return parse_config(data, Path(path))
+
+
+def _check_keys(data: dict, allowed: set, where: str, extra: set = frozenset()) -> None:
+    unknown = [k for k in data if k not in allowed and k not in extra]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}'. Allowed here: {', '.join(sorted(allowed | extra))}.")
+
+
+def _parse_rename(items, where: str) -> list[Rename]:
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise ConfigError(f"{where}: 'rename' must be a list of {{pattern: REGEX, replace: STR}}.")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) - {"pattern", "replace"} or "pattern" not in item:
+            raise ConfigError(f"{where}: rename[{i}] must be {{pattern: REGEX, replace: STR}}.")
+        try:
+            out.append(Rename(re.compile(str(item["pattern"])), str(item.get("replace", ""))))
+        except re.error as exc:
+            raise ConfigError(f"{where}: rename[{i}] pattern is not a valid regular expression ({exc}).") from None
+    return out
+
+
+def _parse_params(data: dict, method: Method, per_model: bool, where: str) -> dict:
+    params = {}
+    for key, value in data.items():
+        param = method.param(key)
+        if param is None or param.per_model != per_model:
+            kind = "model" if per_model else "method"
+            names = [p.name for p in (method.model_params if per_model else method.method_params)]
+            raise ConfigError(f"{where}: '{key}' is not a {kind} parameter of method '{method.name}' "
+                              f"(those are: {', '.join(names) or 'none'}).")
+        params[key] = coerce_param(param, value, where)
+    return params
+
+
+def _parse_model(entry, method: Method, where: str) -> ModelSpec:
+    if isinstance(entry, str):
+        entry = {"path": entry}
+    if not isinstance(entry, dict) or "path" not in entry:
+        raise ConfigError(f"{where}: each model needs a 'path'.")
+    model_param_names = {p.name for p in method.model_params}
+    _check_keys(entry, MODEL_KEYS, where, model_param_names)
+    inline = {k: v for k, v in entry.items() if k in model_param_names}
+    nested = entry.get("parameters") or {}
+    if not isinstance(nested, dict):
+        raise ConfigError(f"{where}: 'parameters' must be a mapping.")
+    params = {p.name: p.default for p in method.model_params}
+    params.update(_parse_params({**nested, **inline}, method, True, where))
+    key = entry.get("state_dict_key")
+    return ModelSpec(Path(str(entry["path"])), params, str(key) if key is not None else None,
+                     _parse_rename(entry.get("rename"), where))
+
+
+def _parse_rule(entry, n_models: int, method: Method, where: str) -> Rule:
+    if not isinstance(entry, dict) or "match" not in entry:
+        raise ConfigError(f"{where}: each rule needs 'match' (a glob, or 're:' + a regular expression).")
+    method_param_names = {p.name for p in method.method_params}
+    _check_keys(entry, RULE_KEYS, where, method_param_names)
+    actions = [k for k in ("take", "weights", "drop") if k in entry]
+    if len(actions) > 1:
+        raise ConfigError(f"{where}: use only one of take / weights / drop in a rule (found {', '.join(actions)}).")
+    take = entry.get("take")
+    if take is not None and (isinstance(take, bool) or not isinstance(take, int) or not 0 <= take < n_models):
+        raise ConfigError(f"{where}: take: {take!r} is not a model index; models are numbered 0..{n_models - 1}.")
+    weights = entry.get("weights")
+    if weights is not None:
+        if (not isinstance(weights, list) or len(weights) != n_models
+                or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)):
+            raise ConfigError(f"{where}: weights must be a list of {n_models} numbers, one per model.")
+        weights = [float(w) for w in weights]
+    drop = entry.get("drop", False)
+    if not isinstance(drop, bool):
+        raise ConfigError(f"{where}: drop must be true or false.")
+    nested = entry.get("parameters") or {}
+    inline = {k: v for k, v in entry.items() if k in method_param_names}
+    params = _parse_params({**nested, **inline}, method, False, where)
+    if not actions and not params:
+        raise ConfigError(f"{where}: a rule needs one of take, weights, drop, or method parameters.")
+    return Rule(str(entry["match"]), take, drop, weights, params)
+
+
+def _dtype(value, table: dict, what: str) -> torch.dtype:
+    try:
+        return table[str(value).removeprefix("torch.")]
+    except KeyError:
+        raise ConfigError(f"{what}: unknown dtype {value!r}; use one of {', '.join(table)}.") from None
+
+
+def parse_config(data: dict, source: Path | None = None) -> MergeConfig:
+    where = str(source) if source else "config"
+    method = get_method(str(data.get("method", "linear")))
+    method_param_names = {p.name for p in method.method_params}
+    _check_keys(data, TOP_LEVEL_KEYS, where, method_param_names)
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise ConfigError(f"{where}: 'models' must be a non-empty list of {{path: ..., weight: ...}}.")
+    specs = [_parse_model(m, method, f"{where}: models[{i}]") for i, m in enumerate(models)]
+    nested = data.get("parameters") or {}
+    if not isinstance(nested, dict):
+        raise ConfigError(f"{where}: 'parameters' must be a mapping.")
+    params = {p.name: p.default for p in method.method_params}
+    params.update(_parse_params({**nested, **{k: data[k] for k in method_param_names if k in data}},
+                                method, False, where))
+    rules = data.get("rules") or []
+    if not isinstance(rules, list):
+        raise ConfigError(f"{where}: 'rules' must be a list.")
+    parsed_rules = [_parse_rule(r, len(specs), method, f"{where}: rules[{i}]") for i, r in enumerate(rules)]
+    base = data.get("base")
+    config = MergeConfig(
+        output=Path(str(data["output"])) if data.get("output") is not None else None,
+        models=specs,
+        method=method,
+        params=params,
+        rules=parsed_rules,
+        dtype=_dtype(data.get("dtype", "float32"), ACCUMULATION_DTYPES, f"{where}: dtype"),
+        out_dtype=_dtype(data["out_dtype"], OUTPUT_DTYPES, f"{where}: out_dtype") if data.get("out_dtype") else None,
+        max_ram=parse_size(data["max_ram"], f"{where}: max_ram") if data.get("max_ram") is not None else None,
+        shard_size=parse_size(data.get("shard_size", DEFAULT_SHARD_SIZE), f"{where}: shard_size"),
+        base=_parse_model(base, method, f"{where}: base") if base is not None else None,
+        seed=int(data.get("seed", 0)),
+        rename=_parse_rename(data.get("rename"), where),
+        nan_policy=str(data.get("nan_policy", "error")),
+        source=source,
+    )
+    check_weights(config, where)
+    return config
+
+
+def check_weights(config: MergeConfig, where: str) -> None:
+    """Refuse weightings that cannot mean what the user intended."""
+    if config.method.param("weight") is None or "normalize" not in config.params:
+        return
+    sets = [("models", [m.params["weight"] for m in config.models])]
+    sets += [(f"rule '{r.match}'", r.weights) for r in config.rules if r.weights is not None]
+    for label, weights in sets:
+        normalize = config.params["normalize"]
+        if normalize and abs(sum(weights)) < 1e-12:
+            raise ConfigError(f"{where}: the weights of {label} sum to zero, so they cannot be normalized; "
+                              "change a weight or set normalize: false.")
+        if normalize and any(w < 0 for w in weights):
+            raise ConfigError(f"{where}: {label} has a negative weight ({weights}); normalizing negative weights "
+                              "rarely means what you want. Set normalize: false to use them as given.")

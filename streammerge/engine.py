@@ -1,0 +1,297 @@
+"""Runs a plan: for each tensor, stream its chunks through the method into a reused accumulator, write each
+chunk at its place in the output, and release the input pages it read.
+
+Peak memory is the accumulator plus one scratch buffer per input plus the output buffers, all sized from the
+budget and allocated once per run; it does not depend on tensor size, model size or number of models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from streammerge.config import DEFAULT_MAX_RAM, MergeConfig
+from streammerge.errors import OutputError, PlanError, StreamMergeError
+from streammerge.io import Checkpoint, TensorInfo, open_checkpoint
+from streammerge.io.outputs import check_disk_space, make_output
+from streammerge.memory import Budget, MemoryGuard, bytes_per_element
+from streammerge.methods import ChunkContext
+from streammerge.plan import COPY, Plan, TensorTask, build_plan
+
+
+@dataclass
+class Report:
+    output: str
+    files: list[str]
+    tensors: int
+    read_bytes: int
+    written_bytes: int
+    seconds: float
+    peak_anon_bytes: int
+    max_ram_bytes: int
+    chunk_elements: int
+    nonfinite_tensors: list[str] = field(default_factory=list)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.read_bytes / 1e9 / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "gb_per_s": round(self.gb_per_s, 3), "seconds": round(self.seconds, 3)}
+
+    def summary(self) -> str:
+        line = (f"merged {self.tensors} tensors -> {self.output}: read {self.read_bytes / 1e9:.2f} GB, wrote "
+                f"{self.written_bytes / 1e9:.2f} GB in {self.seconds:.1f} s ({self.gb_per_s:.2f} GB/s), "
+                f"peak anonymous RAM {self.peak_anon_bytes / 2**20:.0f} MiB (budget {self.max_ram_bytes / 2**20:.0f} MiB)")
+        if self.nonfinite_tensors:
+            line += f"\nwarning: NaN/Inf in {len(self.nonfinite_tensors)} tensor(s): " + ", ".join(
+                self.nonfinite_tensors[:10]) + (" ..." if len(self.nonfinite_tensors) > 10 else "")
+        return line
+
+
+@dataclass
+class Prepared:
+    """Everything known before any data is read: inputs, plan and budget."""
+
+    config: MergeConfig
+    output: Path
+    checkpoints: list[Checkpoint]
+    base: Checkpoint | None
+    plan: Plan
+    budget: Budget
+
+    def close(self) -> None:
+        for c in self.checkpoints + ([self.base] if self.base else []):
+            c.close()
+
+
+def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None = None) -> Prepared:
+    output = Path(output) if output is not None else config.output
+    if output is None:
+        raise OutputError("no output given: set `output:` in the config or pass --output PATH.")
+    checkpoints: list[Checkpoint] = []
+    base = None
+    try:
+        for spec in config.models:
+            checkpoints.append(open_checkpoint(spec.path, state_dict_key=spec.state_dict_key))
+        if config.base is not None:
+            base = open_checkpoint(config.base.path, state_dict_key=config.base.state_dict_key)
+        plan = build_plan(config, checkpoints, base)
+        n_inputs = len(checkpoints) + (1 if base is not None else 0)
+        out_itemsize = max(t.out_dtype.itemsize for t in plan.tasks)
+        per_element = bytes_per_element(n_inputs, config.dtype.itemsize, out_itemsize,
+                                        config.method.extra_buffers)
+        budget = Budget(max_ram if max_ram is not None else config.max_ram, per_element, DEFAULT_MAX_RAM)
+    except BaseException:
+        for c in checkpoints + ([base] if base else []):
+            c.close()
+        raise
+    return Prepared(config, output, checkpoints, base, plan, budget)
+
+
+def check_output_is_not_an_input(output_files: list[Path], output: Path, inputs: list[Checkpoint]) -> None:
+    input_files = {os.path.realpath(f.path): c.path for c in inputs for f in c.files}
+    out_dir = os.path.realpath(output)
+    for out in output_files + [output]:
+        real = os.path.realpath(out)
+        if real in input_files:
+            raise OutputError(f"output '{out}' is the input '{input_files[real]}'; writing it would destroy the "
+                              "input. Choose another output path.")
+    if output.suffix == "":
+        for real, original in input_files.items():
+            if real.startswith(out_dir + os.sep):
+                raise OutputError(f"output directory '{output}' holds the input '{original}'; choose an output "
+                                  "directory that holds no inputs.")
+
+
+class Workspace:
+    """Buffers allocated once per run and reused for every chunk of every tensor."""
+
+    def __init__(self, chunk: int, n_inputs: int, acc_dtype: torch.dtype):
+        self.chunk = chunk
+        self.acc = torch.empty(chunk, dtype=acc_dtype)
+        self.scratch = [torch.empty(chunk, dtype=acc_dtype) for _ in range(n_inputs)]
+        self.out = {}
+
+    def out_buffer(self, dtype: torch.dtype, n: int) -> torch.Tensor:
+        if dtype not in self.out:
+            self.out[dtype] = torch.empty(self.chunk, dtype=dtype)
+        return self.out[dtype][:n]
+
+    def as_acc(self, chunk: torch.Tensor, slot: int) -> torch.Tensor:
+        """The chunk in accumulation dtype: the mapped view itself when it already is, else a scratch copy."""
+        if chunk.dtype == self.acc.dtype and chunk.is_contiguous():
+            return chunk
+        return self.scratch[slot][:chunk.numel()].copy_(chunk)
+
+
+def _chunks(numel: int, chunk: int):
+    for start in range(0, numel, chunk):
+        yield start, min(numel, start + chunk)
+
+
+class Engine:
+    def __init__(self, prepared: Prepared, quiet: bool = False, allow_nonfinite: bool | None = None):
+        self.p = prepared
+        self.config = prepared.config
+        self.method = self.config.method
+        self.chunk = prepared.budget.chunk_elements
+        self.allow_nonfinite = (self.config.nan_policy == "allow") if allow_nonfinite is None else allow_nonfinite
+        self.nonfinite: list[str] = []
+        self.show_progress = not quiet and sys.stderr.isatty()
+        self.quiet = quiet
+
+    # -- checks before any output exists ------------------------------------------------------------------
+    def verify_non_float(self, plan: Plan, workspace: Workspace) -> None:
+        """Int and bool tensors are copied, so every model must hold the same values."""
+        for task in plan.tasks:
+            if not task.must_equal:
+                continue
+            first = task.sources[0]
+            for start, stop in _chunks(task.numel, self.chunk):
+                a = first.read(start, stop)
+                for other in task.must_equal:
+                    if not torch.equal(a, other.read(start, stop)):
+                        model = next(i for i, c in enumerate(self.p.checkpoints) if other.file in c.files)
+                        raise PlanError(
+                            f"'{task.name}' is a {str(first.dtype).removeprefix('torch.')} tensor, which is never "
+                            f"averaged, and its values differ between {self.p.checkpoints[0].path} and "
+                            f"{self.p.checkpoints[model].path}. Add a rule such as "
+                            f"{{match: \"{task.name}\", take: 0}} to choose which model's values to keep.")
+                    other.release(start, stop)
+                first.release(start, stop)
+
+    # -- the run -------------------------------------------------------------------------------------------
+    def run(self) -> Report:
+        plan, budget = self.p.plan, self.p.budget
+        metadata = {"format": "pt", "streammerge": json.dumps(self.config.recipe(), sort_keys=True)}
+        output = make_output(self.p.output, plan.entries, metadata, shard_size=self.config.shard_size,
+                             prepared=self.p)
+        check_output_is_not_an_input(output.files, self.p.output,
+                                     self.p.checkpoints + ([self.p.base] if self.p.base else []))
+        check_disk_space(self.p.output, output.total_size)
+        n_inputs = len(self.p.checkpoints) + (1 if self.p.base else 0)
+        started = time.perf_counter()
+        with MemoryGuard(budget.limit) as guard:
+            workspace = Workspace(self.chunk, n_inputs, self.config.dtype)
+            self.verify_non_float(plan, workspace)
+            progress = tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc="merging", disable=not self.show_progress, dynamic_ncols=True)
+            output.open()
+            try:
+                for task in plan.tasks:
+                    self.run_task(task, workspace, output, progress, guard)
+                    for alias in task.aliases:
+                        output.copy(task.name, alias, self.chunk * task.out_dtype.itemsize)
+                output.commit()
+            except BaseException:
+                output.abort()
+                raise
+            finally:
+                progress.close()
+        return Report(
+            output=str(self.p.output), files=[str(f) for f in output.files],
+            tensors=len(plan.entries), read_bytes=plan.read_bytes, written_bytes=output.total_size,
+            seconds=time.perf_counter() - started, peak_anon_bytes=guard.peak, max_ram_bytes=budget.limit,
+            chunk_elements=self.chunk, nonfinite_tensors=list(self.nonfinite))
+
+    def run_task(self, task: TensorTask, ws: Workspace, output, progress, guard: MemoryGuard) -> None:
+        inputs = task.sources + ([task.base] if task.base is not None else [])
+        if task.kind == COPY:
+            self._stream(task, inputs, ws, output, progress, guard, lambda s, e: task.sources[0].read(s, e))
+            return
+        stats = None
+        if self.method.stat_passes:
+            stats = self.method.init_stats(task.numel, len(task.sources))
+            for pass_index in range(self.method.stat_passes):
+                for start, stop in _chunks(task.numel, self.chunk):
+                    self.method.observe(stats, pass_index, self._context(task, ws, start, stop))
+                    for info in inputs:  # keep the page cache: the next pass reads these bytes again
+                        info.release(start, stop, drop_cache=False)
+                    guard.check(f"'{task.name}'")
+                if self.method.finish_pass is not None:
+                    self.method.finish_pass(stats, pass_index)
+        self._stream(task, inputs, ws, output, progress, guard,
+                     lambda s, e: self.method.merge(self._context(task, ws, s, e), stats))
+
+    def _stream(self, task, inputs: list[TensorInfo], ws, output, progress, guard, produce) -> None:
+        for start, stop in _chunks(task.numel, self.chunk):
+            if stop < task.numel:  # let the kernel read ahead the next chunk while this one is merged
+                for info in inputs:
+                    info.prefetch(stop, min(task.numel, stop + self.chunk))
+            result = produce(start, stop)
+            if result.is_floating_point() and not bool(torch.isfinite(result).all()):
+                self._nonfinite(task, inputs, start, stop)
+            if result.dtype != task.out_dtype:
+                result = ws.out_buffer(task.out_dtype, stop - start).copy_(result)
+            output.write(task.name, start, result)
+            for info in inputs:
+                info.release(start, stop)
+            progress.update(sum(i.itemsize for i in inputs) * (stop - start))
+            guard.check(f"'{task.name}'")
+
+    def _nonfinite(self, task: TensorTask, inputs: list[TensorInfo], start: int, stop: int) -> None:
+        if self.allow_nonfinite:
+            if task.name not in self.nonfinite:
+                self.nonfinite.append(task.name)
+            return
+        culprits = [str(info.file.path) for info in inputs
+                    if info.is_float and not bool(torch.isfinite(info.read(start, stop)).all())]
+        where = (f"the input(s) {', '.join(culprits)} hold NaN/Inf there" if culprits else
+                 "the inputs are finite, so the merge itself overflowed (try dtype: float64 or other weights)")
+        raise StreamMergeError(
+            f"the merged tensor '{task.name}' has NaN or Inf values: {where}. Stopped without writing the "
+            "output; rerun with --allow-nonfinite to write it anyway and list such tensors in the summary.")
+
+    def _context(self, task: TensorTask, ws: Workspace, start: int, stop: int) -> ChunkContext:
+        inputs = [ws.as_acc(info.read(start, stop), i) for i, info in enumerate(task.sources)]
+        base = ws.as_acc(task.base.read(start, stop), len(task.sources)) if task.base is not None else None
+        return ChunkContext(task.name, start, task.numel, inputs, base, task.model_params, task.params,
+                            ws.acc[:stop - start], self.config.seed)
+
+
+def merge(config: MergeConfig, output: Path | None = None, max_ram: int | None = None, quiet: bool = False,
+          allow_nonfinite: bool | None = None) -> Report:
+    prepared = prepare(config, output, max_ram)
+    try:
+        return Engine(prepared, quiet=quiet, allow_nonfinite=allow_nonfinite).run()
+    finally:
+        prepared.close()
+
+
+def describe_plan(prepared: Prepared) -> str:
+    """The --dry-run view: tensors per rule, output size, shards, estimated peak RAM."""
+    from streammerge.io.outputs import assign_shards, output_kind
+
+    plan, budget, config = prepared.plan, prepared.budget, prepared.config
+    lines = [f"method: {config.method.name} over {len(prepared.checkpoints)} model(s)"
+             + (f", base {config.base.path}" if config.base else "")]
+    for i, (spec, c) in enumerate(zip(config.models, prepared.checkpoints)):
+        params = ", ".join(f"{k}={v}" for k, v in spec.params.items())
+        lines.append(f"  models[{i}]: {c.path} ({c.format}{', ' + c.container if c.container else ''}, "
+                     f"{len(c.tensors)} tensors, {c.total_bytes / 1e9:.2f} GB){' ' + params if params else ''}")
+    lines.append("tensors per rule:")
+    for rule, count in plan.tensors_per_rule().items():
+        lines.append(f"  {count:6d}  {rule}")
+    tied = sum(len(t.aliases) for t in plan.tasks)
+    if tied:
+        lines.append(f"tied tensors computed once: {tied}")
+    kind = output_kind(prepared.output)
+    lines.append(f"output: {prepared.output} ({kind.name}), {len(plan.entries)} tensors, "
+                 f"{plan.output_bytes / 1e9:.2f} GB")
+    if prepared.output.suffix == "":
+        shards = assign_shards(plan.entries, config.shard_size)
+        lines.append(f"shards: {len(shards)} of at most {config.shard_size / 1e9:.2f} GB")
+    lines.append(f"reads: {plan.read_bytes / 1e9:.2f} GB; chunk: {budget.chunk_elements} elements "
+                 f"({math.ceil(budget.chunk_elements * budget.per_element / 2**20)} MiB of buffers)")
+    lines.append(f"estimated peak anonymous RAM: {budget.estimated_peak / 2**20:.0f} MiB "
+                 f"(budget {budget.limit / 2**20:.0f} MiB)")
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""A checkpoint opened for streaming, and the registry of formats that open one.
+
+Formats are recognised from the file's first bytes, never from its name. A directory is resolved to the
+checkpoint file or index inside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from streammerge.errors import CheckpointError
+from streammerge.io.mapped import MappedFile, TensorInfo
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    format: str
+    tensors: dict[str, TensorInfo]  # in the order the bytes lie in the files
+    metadata: dict = field(default_factory=dict)  # JSON-able non-tensor content
+    container: str = ""  # where the weights sit inside the file ("" = top level)
+    files: list[MappedFile] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        """Tensor data bytes, shared storage counted once."""
+        seen = {}
+        for info in self.tensors.values():
+            seen.setdefault(info.storage_key, info.nbytes)
+        return sum(seen.values())
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    sniff: Callable[[bytes, Path], bool]  # (first 64 bytes, path) -> is this format
+    open: Callable[..., Checkpoint]  # (path, **options) -> Checkpoint
+
+
+FORMATS: list[Format] = []
+
+
+def register_format(name: str, sniff, opener) -> None:
+    FORMATS.append(Format(name, sniff, opener))
+
+
+# Files looked for inside a directory, best first.
+DIRECTORY_CANDIDATES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+    "model.pth",
+    "model.pt",
+)
+
+
+def resolve_path(path: Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory. Check the path in your config.")
+    if not path.is_dir():
+        return path
+    for name in DIRECTORY_CANDIDATES:
+        if (path / name).is_file():
+            return path / name
+    singles = sorted(path.glob("*.safetensors"))
+    if len(singles) == 1:
+        return singles[0]
+    raise CheckpointError(
+        f"{path}: directory holds no checkpoint streammerge recognises (looked for "
+        f"{', '.join(DIRECTORY_CANDIDATES)} or a single *.safetensors file). Point `path` at the file itself.")
+
+
+def open_checkpoint(path, **options) -> Checkpoint:
+    """Open any supported checkpoint (file or directory) for streaming; no tensor data is read."""
+    path = resolve_path(Path(path))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open for reading ({exc.strerror}).") from exc
+    for fmt in FORMATS:
+        if fmt.sniff(head, path):
+            return fmt.open(path, **options)
+    raise CheckpointError(
+        f"{path}: not a checkpoint format streammerge reads (safetensors, a sharded index, or a zip-format torch "
+        f"file); its first bytes are {head[:8]!r}. Re-save it with torch.save or safetensors.")

@@ -1,0 +1,165 @@
+"""Memory-mapped input files and the tensors that live at byte offsets inside them.
+
+Every reader reduces its format to `TensorInfo` records: a name, a shape, a dtype and where the bytes sit in a
+mapped file. Reading a chunk is then a zero-copy view, and releasing it drops the pages from this process
+(MADV_DONTNEED) and from the page cache (POSIX_FADV_DONTNEED), so mapped inputs never accumulate in RAM.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from streammerge.errors import CheckpointError
+
+PAGE = mmap.PAGESIZE
+FLOAT_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+try:  # float8 types exist only in newer torch builds
+    FLOAT_DTYPES |= {torch.float8_e4m3fn, torch.float8_e5m2}
+except AttributeError:  # pragma: no cover
+    pass
+
+
+class MappedFile:
+    """A read-only, private mapping of a whole file (pages stay file-backed: they never count as anonymous)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot open for reading ({exc.strerror}).") from exc
+        self.size = os.fstat(self.fd).st_size
+        # ACCESS_COPY (MAP_PRIVATE): the buffer is writable for torch.frombuffer, but nothing is ever written,
+        # so no page is copied and the file itself can never change.
+        self.mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY) if self.size else None
+
+    def bytes_view(self, offset: int, nbytes: int) -> torch.Tensor:
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(self.mm, dtype=torch.uint8, count=nbytes, offset=offset)
+
+    def _page_range(self, offset: int, nbytes: int):
+        start = offset - offset % PAGE
+        end = min(self.size, offset + nbytes)
+        return start, max(0, end - start)
+
+    def prefetch(self, offset: int, nbytes: int) -> None:
+        """Ask the kernel to start reading this range in the background (no-op if already cached)."""
+        start, length = self._page_range(offset, nbytes)
+        if self.mm is not None and length:
+            self.mm.madvise(mmap.MADV_WILLNEED, start, length)
+
+    def release(self, offset: int, nbytes: int, drop_cache: bool = True) -> None:
+        """Drop this range's pages from the process (and from the page cache unless `drop_cache` is off);
+        they are re-read if needed again."""
+        start, length = self._page_range(offset, nbytes)
+        if self.mm is None or not length:
+            return
+        self.mm.madvise(mmap.MADV_DONTNEED, start, length)
+        if drop_cache:
+            os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:  # a tensor view is still alive; the mapping goes when it does
+                pass
+            self.mm = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass(frozen=True, eq=False)
+class TensorInfo:
+    """One tensor of a checkpoint: its name, shape, dtype and where its bytes are."""
+
+    name: str
+    shape: tuple
+    dtype: torch.dtype
+    file: MappedFile
+    offset: int  # byte offset of element 0 (storage start + storage_offset * itemsize)
+    stride: tuple | None = None  # None: contiguous
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """(offset, nbytes) of the bytes this tensor reads, strided or not."""
+        if self.stride is None or self.numel == 0:
+            return self.offset, self.nbytes
+        last = sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+        return self.offset, (last + 1) * self.itemsize
+
+    @property
+    def storage_key(self) -> tuple:
+        """Tensors with equal keys in one file are the same bytes (tied weights)."""
+        return (id(self.file), self.offset, self.shape, self.stride, self.dtype)
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor; a view into the mapping where possible."""
+        stop = self.numel if stop is None else stop
+        if self.stride is None:
+            raw = self.file.bytes_view(self.offset + start * self.itemsize, (stop - start) * self.itemsize)
+            if (self.offset + start * self.itemsize) % self.itemsize:
+                raw = raw.clone()  # unaligned in the file: a copy is needed to view it as wider elements
+            return raw.view(self.dtype)
+        base, nbytes = self.span
+        raw = self.file.bytes_view(base, nbytes)
+        if base % self.itemsize:
+            raw = raw.clone()
+        return flat_slice(raw.view(self.dtype).as_strided(self.shape, self.stride), start, stop)
+
+    def prefetch(self, start: int, stop: int) -> None:
+        if self.stride is None:
+            self.file.prefetch(self.offset + start * self.itemsize, (stop - start) * self.itemsize)
+
+    def release(self, start: int = 0, stop: int | None = None, drop_cache: bool = True) -> None:
+        if self.stride is None:
+            stop = self.numel if stop is None else stop
+            self.file.release(self.offset + start * self.itemsize, (stop - start) * self.itemsize, drop_cache)
+        elif stop is None or stop >= self.numel:  # strided: its bytes interleave, release once at the end
+            self.file.release(*self.span, drop_cache=drop_cache)
+
+
+def flat_slice(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Elements [start, stop) of t in row-major order, copying only the rows involved."""
+    if t.is_contiguous():
+        return t.reshape(-1)[start:stop]
+    if t.dim() == 0:
+        return t.reshape(1)[start:stop]
+    row = math.prod(t.shape[1:]) or 1
+    first, last = start // row, (stop - 1) // row
+    if first == last:
+        return flat_slice(t[first], start - first * row, stop - first * row)
+    return t[first:last + 1].reshape(-1)[start - first * row:stop - first * row]
+
+
+def check_span(info: TensorInfo) -> None:
+    """Refuse a tensor whose bytes lie outside its file."""
+    offset, nbytes = info.span
+    if offset < 0 or offset + nbytes > info.file.size:
+        raise CheckpointError(
+            f"{info.file.path}: tensor '{info.name}' needs bytes {offset}..{offset + nbytes} but the file has "
+            f"{info.file.size}; the file is truncated or corrupt. Re-download or re-export it.")

@@ -1,0 +1,209 @@
+"""safetensors: a validating, memory-mapping reader and a header-first streaming writer.
+
+Layout: u64 little-endian header length N, N bytes of JSON, then the data area. Every tensor's
+`data_offsets` are relative to the data area, which they must cover contiguously from 0 to end of file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from streammerge.errors import CheckpointError
+from streammerge.io.checkpoint import Checkpoint, register_format
+from streammerge.io.mapped import MappedFile, TensorInfo
+
+MAX_HEADER = 100_000_000
+
+DTYPE_NAMES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "C64": torch.complex64,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        DTYPE_NAMES[_name] = getattr(torch, _attr)
+NAME_OF_DTYPE = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return NAME_OF_DTYPE[dtype]
+    except KeyError:
+        raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors.") from None
+
+
+def _sniff(head: bytes, path: Path) -> bool:
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return n > 1 and head[8:9] == b"{"
+
+
+def read_header(path: Path, size: int, fd: int) -> tuple[dict, int]:
+    """Parse and validate the header; returns (header dict, start of the data area)."""
+    def bad(what: str, tensor: str | None = None):
+        where = f"tensor '{tensor}': " if tensor else ""
+        return CheckpointError(f"{path}: not a valid safetensors file: {where}{what}. "
+                               "The file is truncated or corrupt; re-download or re-export it.")
+
+    if size < 8:
+        raise bad(f"the file has {size} bytes, fewer than the 8-byte header length")
+    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if n > MAX_HEADER:
+        raise bad(f"header length {n} exceeds the {MAX_HEADER}-byte limit")
+    if 8 + n > size:
+        raise bad(f"header length {n} runs past the end of the file ({size} bytes)")
+    raw = os.pread(fd, n, 8)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad(f"header is not valid UTF-8 JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise bad("__metadata__ must map strings to strings")
+    data_start = 8 + n
+    data_size = size - data_start
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise bad("entry must have exactly dtype, shape and data_offsets", name)
+        if entry["dtype"] not in DTYPE_NAMES:
+            raise bad(f"unknown dtype {entry['dtype']!r}", name)
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad(f"shape {shape!r} is not a list of non-negative integers", name)
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+            raise bad(f"data_offsets {offsets!r} is not [begin, end]", name)
+        expected = math.prod(shape) * DTYPE_NAMES[entry["dtype"]].itemsize
+        if offsets[1] - offsets[0] != expected:
+            raise bad(f"holds {offsets[1] - offsets[0]} bytes but shape {shape} of {entry['dtype']} needs {expected}",
+                      name)
+        if offsets[1] > data_size:
+            raise bad(f"data_offsets {offsets} run past the end of the file", name)
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    cursor = 0
+    for begin, end, name in spans:
+        if begin != cursor:
+            raise bad(f"data starts at {begin}, expected {cursor} (gap or overlap between tensors)", name)
+        cursor = end
+    if cursor != data_size:
+        raise bad(f"tensors cover {cursor} bytes of data but the file has {data_size} after the header")
+    return header, data_start
+
+
+def open_safetensors(path: Path, **_options) -> Checkpoint:
+    mapped = MappedFile(path)
+    try:
+        header, data_start = read_header(path, mapped.size, mapped.fd)
+    except Exception:
+        mapped.close()
+        raise
+    entries = sorted((e["data_offsets"][0], name) for name, e in header.items() if name != "__metadata__")
+    tensors = {}
+    for _, name in entries:
+        e = header[name]
+        tensors[name] = TensorInfo(name, tuple(e["shape"]), DTYPE_NAMES[e["dtype"]], mapped,
+                                   data_start + e["data_offsets"][0])
+    metadata = dict(header.get("__metadata__", {}))
+    return Checkpoint(path, "safetensors", tensors, metadata, "", [mapped])
+
+
+register_format("safetensors", _sniff, open_safetensors)
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file whose tensor list is known up front: the header goes first, then each
+    tensor's bytes are written (in any order, in pieces) at their precomputed offsets.
+
+    The file is built under a temporary name in the destination directory and only renamed into place by
+    `commit()`, after an fsync; `abort()` removes it. Bytes are deterministic for the same inputs.
+    """
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple]], metadata: dict[str, str]):
+        self.path = Path(path)
+        # Largest alignment first, then the given order: every tensor stays aligned to its element size.
+        ordered = sorted(entries, key=lambda e: -e[1].itemsize)
+        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        self.offsets: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+        cursor = 0
+        for name, dtype, shape in ordered:
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": dtype_name(dtype), "shape": list(shape), "data_offsets": [cursor, cursor + nbytes]}
+            self.offsets[name], self.sizes[name] = cursor, nbytes
+            cursor += nbytes
+        blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        blob += b" " * (-len(blob) % 8)
+        self.header = struct.pack("<Q", len(blob)) + blob
+        self.data_start = len(self.header)
+        self.total_size = self.data_start + cursor
+        self.tmp_path = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.fd = -1
+
+    def open(self) -> None:
+        # 0o666 & ~umask, like any file a user's program creates.
+        self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            os.posix_fallocate(self.fd, 0, self.total_size)  # reserve the space now: a full disk fails here
+        except OSError as exc:
+            self.abort()
+            raise OSError(exc.errno, f"cannot reserve {self.total_size} bytes for {self.path}: {exc.strerror}") from exc
+        self.write_at(self.header, 0)
+
+    def write_at(self, data, position: int) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            done = os.pwrite(self.fd, view, position)
+            view, position = view[done:], position + done
+
+    def write(self, name: str, element_offset: int, chunk: torch.Tensor) -> None:
+        """Write a contiguous chunk of tensor `name`, starting at element `element_offset`."""
+        position = self.data_start + self.offsets[name] + element_offset * chunk.element_size()
+        data = chunk.contiguous().view(torch.uint8).numpy() if chunk.numel() else b""
+        self.write_at(data, position)
+
+    def copy_tensor(self, source: str, target: str, chunk_bytes: int) -> None:
+        """Copy the already-written bytes of `source` to `target` (tied tensors), a chunk at a time."""
+        src, dst = self.data_start + self.offsets[source], self.data_start + self.offsets[target]
+        remaining = self.sizes[source]
+        while remaining:
+            data = os.pread(self.fd, min(remaining, chunk_bytes), src)
+            self.write_at(data, dst)
+            src, dst, remaining = src + len(data), dst + len(data), remaining - len(data)
+
+    def commit(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.tmp_path, self.path)
+        fsync_directory(self.path.parent)
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.tmp_path)
+        except FileNotFoundError:
+            pass
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,179 @@
+"""The RAM budget: what the process may hold, what the machine (and its cgroup) can give, and a guard that
+samples anonymous RSS during the run and stops cleanly before the budget is exceeded by much.
+
+Anonymous memory (RssAnon) is what counts: file-backed pages of mapped inputs are reclaimable.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import psutil
+
+from streammerge.errors import MemoryBudgetError
+from streammerge.units import format_size
+
+MIB = 1024**2
+# Room for Python objects, tqdm, the plan and allocator slack on top of the chunk buffers.
+OVERHEAD = 24 * MIB
+MIN_CHUNK_ELEMENTS = 256 * 1024
+MAX_CHUNK_ELEMENTS = 16 * MIB  # larger chunks stop paying off (cache effects, progress granularity)
+
+
+def anon_rss() -> int:
+    """Anonymous resident memory of this process, in bytes."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    info = psutil.Process().memory_info()
+    return info.rss - getattr(info, "shared", 0)
+
+
+def _cgroup_dirs() -> list[Path]:
+    """Memory cgroup directories of this process, innermost first (v2 unified or v1 memory controller)."""
+    dirs = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return dirs
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "":
+            root = Path("/sys/fs/cgroup")
+        elif "memory" in controllers.split(","):
+            root = Path("/sys/fs/cgroup/memory")
+        else:
+            continue
+        path = root / rel.lstrip("/")
+        while True:
+            dirs.append(path)
+            if path == root:
+                break
+            path = path.parent
+    return dirs
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return None if text == "max" else int(text)
+
+
+def cgroup_headroom() -> int | None:
+    """The smallest (limit - usage) over this process's memory cgroups, or None when no limit applies."""
+    headroom = None
+    for d in _cgroup_dirs():
+        for limit_file, usage_file in (("memory.max", "memory.current"),
+                                       ("memory.limit_in_bytes", "memory.usage_in_bytes")):
+            limit, usage = _read_int(d / limit_file), _read_int(d / usage_file)
+            if limit is None or usage is None or limit >= 1 << 60:
+                continue
+            # Page cache counts towards usage but is reclaimable; a v1 "cache" figure lets us credit it.
+            reclaimable = _cgroup_cache(d)
+            room = max(0, limit - usage + reclaimable)
+            headroom = room if headroom is None else min(headroom, room)
+    return headroom
+
+
+def _cgroup_cache(d: Path) -> int:
+    try:
+        for line in (d / "memory.stat").read_text().splitlines():
+            key, value = line.split()
+            if key in ("total_inactive_file", "inactive_file"):
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def available_memory() -> int:
+    """What the machine can give this process now: the smaller of psutil's view and the cgroup's."""
+    available = psutil.virtual_memory().available
+    headroom = cgroup_headroom()
+    return min(available, headroom + anon_rss()) if headroom is not None else available
+
+
+def bytes_per_element(n_inputs: int, acc_itemsize: int, out_itemsize: int, extra_buffers: int = 0) -> int:
+    """Working memory per chunk element: one scratch per input, the accumulator, method extras, and two
+    output buffers (one being written while the next is computed)."""
+    return (n_inputs + 1 + extra_buffers) * acc_itemsize + 2 * out_itemsize
+
+
+class Budget:
+    """How big chunks may be, given the budget and what the process already holds."""
+
+    def __init__(self, requested: int | None, per_element: int, default: int, baseline: int | None = None):
+        self.baseline = anon_rss() if baseline is None else baseline
+        self.per_element = per_element
+        self.available = available_memory()
+        self.minimum = self.baseline + OVERHEAD + MIN_CHUNK_ELEMENTS * per_element
+        if requested is None:
+            self.limit = min(default, self.available // 2)
+            explicit = False
+        else:
+            self.limit = requested
+            explicit = True
+        if self.limit < self.minimum:
+            why = (f"the budget max_ram={format_size(self.limit)} is too small to work in" if explicit else
+                   f"this machine has only {format_size(self.available)} available, and streammerge uses at most "
+                   f"half of it ({format_size(self.limit)})")
+            raise MemoryBudgetError(
+                f"{why}: the process already holds {format_size(self.baseline)} (Python and torch) and needs "
+                f"{format_size(OVERHEAD + MIN_CHUNK_ELEMENTS * per_element)} more for its smallest chunks. "
+                f"The smallest budget that works is {format_size(self.minimum)}; set max_ram to at least that"
+                f"{'' if explicit else ' and free some memory'}.")
+        if explicit and self.limit > self.available:
+            raise MemoryBudgetError(
+                f"max_ram={format_size(self.limit)} but only {format_size(self.available)} of memory is available "
+                f"(free RAM and cgroup limit); lower max_ram to at most {format_size(self.available // 2)} "
+                "or free some memory.")
+        room = self.limit - self.baseline - OVERHEAD
+        self.chunk_elements = max(MIN_CHUNK_ELEMENTS, min(MAX_CHUNK_ELEMENTS, room // per_element))
+
+    @property
+    def estimated_peak(self) -> int:
+        return self.baseline + OVERHEAD // 2 + self.chunk_elements * self.per_element
+
+
+class MemoryGuard:
+    """Samples anonymous RSS in a background thread; records the peak and flags a budget overrun."""
+
+    def __init__(self, limit: int, interval: float = 0.01):
+        self.limit = limit
+        self.interval = interval
+        self.peak = anon_rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="streammerge-memory-guard", daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> int:
+        now = anon_rss()
+        self.peak = max(self.peak, now)
+        return now
+
+    def check(self, where: str) -> None:
+        """Raise if the budget was exceeded (called between chunks, so the run stops cleanly)."""
+        if self.sample() > self.limit or self.peak > self.limit:
+            raise MemoryBudgetError(
+                f"anonymous memory reached {format_size(self.peak)}, over the max_ram budget of "
+                f"{format_size(self.limit)}, while processing {where}; stopped before the system ran out. "
+                "Raise max_ram, or report this as a bug with the config that caused it.")
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()

@@ -1,0 +1,96 @@
+"""The registry of merge methods.
+
+A method is a small function over one chunk of one tensor. It declares its parameters once (`Param`), which
+drives config validation, rule overrides and `--help`. Methods that need whole-tensor statistics declare
+`stat_passes`: the engine streams every chunk through `observe` that many times before calling `merge`, so a
+tensor far larger than the RAM budget is merged exactly as if it fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from streammerge.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any
+    help: str
+    per_model: bool = False  # set per model (models[i].weight) rather than once for the method
+    kind: type = float
+
+
+@dataclass
+class ChunkContext:
+    """One chunk of one tensor, as the method sees it. Inputs are read-only (they may be mapped file pages)."""
+
+    name: str  # output tensor name
+    offset: int  # element offset of this chunk in the flattened tensor
+    numel: int  # elements in the whole tensor
+    inputs: list[torch.Tensor]  # one per model, accumulation dtype
+    base: torch.Tensor | None  # base model chunk for task-vector methods
+    model_params: list[dict]  # per-model parameters (weight, density, ...)
+    params: dict  # method parameters (normalize, t, ...)
+    out: torch.Tensor  # preallocated accumulator (accumulation dtype) to fill and return
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    help: str
+    merge: Callable[[ChunkContext, Any], torch.Tensor]
+    params: tuple[Param, ...] = ()
+    needs_base: bool = False
+    stat_passes: int = 0
+    init_stats: Callable[[int, int], Any] | None = None  # (numel, n_models) -> state
+    observe: Callable[[Any, int, ChunkContext], None] | None = None  # (state, pass index, chunk)
+    finish_pass: Callable[[Any, int], None] | None = None
+    extra_buffers: int = 0  # chunk-sized accumulation buffers the method needs beyond the accumulator
+    min_models: int = 1
+    max_models: int | None = None
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def method_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if not p.per_model)
+
+    @property
+    def model_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.per_model)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown merge method '{name}'; available: {', '.join(sorted(METHODS))}.") from None
+
+
+def coerce_param(param: Param, value, where: str):
+    """Check a parameter value against its declaration."""
+    if param.kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: '{param.name}' must be true or false, got {value!r}.")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: '{param.name}' must be a number, got {value!r}.")
+    return param.kind(value)
+
+
+from streammerge.methods import linear  # noqa: E402,F401  (registration)

@@ -1,0 +1,194 @@
+"""The plan: which output tensor comes from where, by which rule, in which order.
+
+Built from headers alone (no tensor data is read): the union of names across the models after renames,
+checked for missing names and shape or kind mismatches, with tied tensors (several names, one storage)
+computed once.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from streammerge.config import MergeConfig, Rule
+from streammerge.errors import PlanError
+from streammerge.io import Checkpoint, TensorInfo
+
+MERGE, COPY = "merge", "copy"
+MAX_LISTED = 5
+
+
+@dataclass
+class TensorTask:
+    name: str
+    shape: tuple
+    out_dtype: torch.dtype
+    kind: str  # MERGE: run the method over `sources`; COPY: copy sources[0] (after checking `must_equal`)
+    sources: list[TensorInfo]
+    rule: str  # label of the rule that decided this tensor ("default" when none matched)
+    model_params: list[dict] = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+    base: TensorInfo | None = None
+    must_equal: list[TensorInfo] = field(default_factory=list)  # non-float inputs that must match sources[0]
+    aliases: list[str] = field(default_factory=list)  # tied names written with the same bytes
+
+    @property
+    def numel(self) -> int:
+        return self.sources[0].numel
+
+    @property
+    def out_bytes(self) -> int:
+        return self.numel * self.out_dtype.itemsize
+
+    @property
+    def read_bytes(self) -> int:
+        inputs = self.sources + self.must_equal + ([self.base] if self.base is not None else [])
+        return sum(i.nbytes for i in inputs)
+
+
+@dataclass
+class Plan:
+    tasks: list[TensorTask]
+    dropped: list[str]
+
+    @property
+    def entries(self) -> list[tuple[str, torch.dtype, tuple]]:
+        """Every output tensor (aliases included) in processing order."""
+        out = []
+        for t in self.tasks:
+            out.append((t.name, t.out_dtype, t.shape))
+            out.extend((a, t.out_dtype, t.shape) for a in t.aliases)
+        return out
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.out_bytes * (1 + len(t.aliases)) for t in self.tasks)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(t.read_bytes for t in self.tasks)
+
+    def tensors_per_rule(self) -> Counter:
+        counts = Counter()
+        for t in self.tasks:
+            counts[t.rule] += 1 + len(t.aliases)
+        for _ in self.dropped:
+            counts["drop"] += 1
+        return counts
+
+
+def renamed_tensors(checkpoint: Checkpoint, renames) -> dict[str, TensorInfo]:
+    """The checkpoint's tensors under their renamed names (file order kept)."""
+    out: dict[str, TensorInfo] = {}
+    for name, info in checkpoint.tensors.items():
+        new = name
+        for rename in renames:
+            new = rename.apply(new)
+        if new in out:
+            raise PlanError(f"{checkpoint.path}: renaming maps both '{out[new].name}' and '{name}' to '{new}'; "
+                            "adjust the rename patterns so names stay unique.")
+        out[new] = info
+    return out
+
+
+def _first_rule(rules: list[Rule], name: str) -> tuple[int, Rule | None]:
+    for i, rule in enumerate(rules):
+        if rule.matches(name):
+            return i, rule
+    return -1, None
+
+
+def _describe(info: TensorInfo) -> str:
+    return f"{list(info.shape)} {str(info.dtype).removeprefix('torch.')}"
+
+
+def build_plan(config: MergeConfig, checkpoints: list[Checkpoint], base: Checkpoint | None = None) -> Plan:
+    models = [renamed_tensors(c, config.rename + spec.rename) for c, spec in zip(checkpoints, config.models)]
+    base_tensors = renamed_tensors(base, config.rename + config.base.rename) if base is not None else None
+    names = list(dict.fromkeys(n for m in models for n in m))
+    tasks: list[TensorTask] = []
+    dropped: list[str] = []
+    missing, mismatched = [], []
+    by_signature: dict[tuple, TensorTask] = {}
+    for name in names:
+        rule_index, rule = _first_rule(config.rules, name)
+        if rule is not None and rule.drop:
+            dropped.append(name)
+            continue
+        label = rule.label if rule is not None else "default"
+        if rule is not None and rule.take is not None:
+            source = models[rule.take].get(name)
+            if source is None:
+                raise PlanError(f"rule '{rule.match}' takes '{name}' from models[{rule.take}] "
+                                f"({checkpoints[rule.take].path}), which has no tensor of that name.")
+            task = TensorTask(name, source.shape, _out_dtype(config, source), COPY, [source], label)
+        else:
+            present = [m.get(name) for m in models]
+            absent = [i for i, info in enumerate(present) if info is None]
+            if absent:
+                missing.append((name, absent))
+                continue
+            first = present[0]
+            odd = next((i for i, info in enumerate(present)
+                        if info.shape != first.shape or info.is_float != first.is_float
+                        or (not first.is_float and info.dtype != first.dtype)), None)
+            if odd is not None:
+                mismatched.append((name, 0, first, odd, present[odd]))
+                continue
+            if not first.is_float:
+                task = TensorTask(name, first.shape, first.dtype, COPY, [first], label, must_equal=present[1:])
+            else:
+                task = TensorTask(name, first.shape, _out_dtype(config, first), MERGE, present, label)
+                task.model_params = [dict(spec.params) for spec in config.models]
+                if rule is not None and rule.weights is not None:
+                    for params, weight in zip(task.model_params, rule.weights):
+                        params["weight"] = weight
+                task.params = {**config.params, **(rule.params if rule is not None else {})}
+                if config.method.needs_base:
+                    task.base = _base_tensor(base_tensors, base, name, first)
+        signature = (rule_index, task.kind, tuple(s.storage_key for s in task.sources + task.must_equal),
+                     task.base.storage_key if task.base is not None else None, task.out_dtype)
+        if signature in by_signature:
+            by_signature[signature].aliases.append(name)
+            continue
+        by_signature[signature] = task
+        tasks.append(task)
+    if missing or mismatched:
+        raise PlanError(_mismatch_message(missing, mismatched, checkpoints))
+    if not tasks:
+        raise PlanError("nothing to merge: every tensor was dropped by the rules.")
+    return Plan(tasks, dropped)
+
+
+def _base_tensor(base_tensors, base: Checkpoint | None, name: str, like: TensorInfo) -> TensorInfo:
+    if base_tensors is None:
+        raise PlanError("this merge method needs a base model: add `base: PATH` to the config.")
+    info = base_tensors.get(name)
+    if info is None or info.shape != like.shape or not info.is_float:
+        found = _describe(info) if info is not None else "nothing"
+        raise PlanError(f"{base.path}: the base model has {found} for '{name}', but the models have "
+                        f"{_describe(like)}. Use a base of the same architecture, or a take/drop rule for it.")
+    return info
+
+
+def _out_dtype(config: MergeConfig, info: TensorInfo) -> torch.dtype:
+    return config.out_dtype if (config.out_dtype is not None and info.is_float) else info.dtype
+
+
+def _mismatch_message(missing, mismatched, checkpoints) -> str:
+    parts = []
+    if missing:
+        listed = "; ".join(f"'{n}' missing from {', '.join(str(checkpoints[i].path) for i in absent)}"
+                           for n, absent in missing[:MAX_LISTED])
+        more = f" (and {len(missing) - MAX_LISTED} more)" if len(missing) > MAX_LISTED else ""
+        parts.append(f"{len(missing)} tensor name(s) are not in every model: {listed}{more}")
+    if mismatched:
+        listed = "; ".join(f"'{n}' is {_describe(a)} in {checkpoints[i].path} but {_describe(b)} in "
+                           f"{checkpoints[j].path}" for n, i, a, j, b in mismatched[:MAX_LISTED])
+        more = f" (and {len(mismatched) - MAX_LISTED} more)" if len(mismatched) > MAX_LISTED else ""
+        parts.append(f"{len(mismatched)} tensor(s) differ in shape or kind: {listed}{more}")
+    return ("the models do not have the same tensors: " + ". ".join(parts) + ". Check that all models share one "
+            "architecture, map differing names with `rename`, or add `drop: true` / `take: N` rules for these "
+            "tensors (merging only the intersection or union of names is not supported yet).")
