@@ -35,6 +35,7 @@ class SafetensorsFileOutput:
         return self.writer.total_size
 
     def open(self) -> None:
+        self.created_dirs = make_directories(self.path.parent)
         self.writer.open()
 
     def write(self, name: str, element_offset: int, chunk: torch.Tensor) -> None:
@@ -48,6 +49,23 @@ class SafetensorsFileOutput:
 
     def abort(self) -> None:
         self.writer.abort()
+        remove_directories(getattr(self, "created_dirs", []))
+
+
+def make_directories(path: Path) -> list[Path]:
+    """Create `path` and missing parents; return those created (innermost first) so an abort can remove them."""
+    created = []
+    while not path.exists():
+        created.append(path)
+        path = path.parent
+    for directory in reversed(created):
+        directory.mkdir()
+    return created
+
+
+def remove_directories(created: list[Path]) -> None:
+    for directory in created:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def assign_shards(entries: list[Entry], shard_size: int) -> list[list[Entry]]:
@@ -91,7 +109,7 @@ class ShardedOutput:
                 self.shard_of[name] = writer
                 self.weight_map[name] = shard_name
         self.tensor_bytes = sum(e[1].itemsize * _numel(e[2]) for e in entries)
-        self.created_dir = False
+        self.created_dirs: list[Path] = []
 
     @property
     def files(self) -> list[Path]:
@@ -102,9 +120,7 @@ class ShardedOutput:
         return sum(w.total_size for w in self.writers)
 
     def open(self) -> None:
-        if not self.path.exists():
-            self.path.mkdir(parents=True)
-            self.created_dir = True
+        self.created_dirs = make_directories(self.path)
         for writer in self.writers:
             writer.open()
 
@@ -139,8 +155,7 @@ class ShardedOutput:
     def abort(self) -> None:
         for writer in self.writers:
             writer.abort()
-        if self.created_dir:
-            shutil.rmtree(self.path, ignore_errors=True)
+        remove_directories(self.created_dirs)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Realistic synthetic checkpoints for tests, benchmarks and the demo.
+
+XTTS-v2-shaped state dicts (every name, shape and dtype of the real `model` state dict, random weights),
+optionally shrunk so tests stay small, written as safetensors (streamed, low RAM), plain torch files or
+Coqui-trainer-style containers.
+
+    python scripts/synth.py xtts OUT_DIR [--count 3] [--shrink 1] [--format safetensors|pth|trainer]
+    python scripts/synth.py demo OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+KEYS_FILE = Path(__file__).resolve().parent / "data" / "xtts_v2_keys.tsv"
+
+
+def xtts_entries(shrink: int = 1) -> list[tuple[str, tuple, torch.dtype]]:
+    """(name, shape, dtype) of every XTTS-v2 tensor; `shrink` divides every dimension above 8 by that factor."""
+    entries = []
+    for line in KEYS_FILE.read_text().splitlines():
+        name, shape, dtype = line.split("\t")
+        shape = tuple(ast.literal_eval(shape))
+        if shrink > 1:
+            shape = tuple(max(8, d // shrink) if d > 8 else d for d in shape)
+        entries.append((name, shape, getattr(torch, dtype.removeprefix("torch."))))
+    return entries
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def random_tensor(name: str, shape: tuple, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Deterministic per (seed, name): weights ~ N(0, 0.02); int tensors are a fixed counter (all models agree)."""
+    if not dtype.is_floating_point:
+        return torch.full(shape, 1000, dtype=dtype)
+    gen = torch.Generator().manual_seed(tensor_seed(seed, name))
+    return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+
+
+def state_dict(seed: int, shrink: int = 1, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, shape, dt in xtts_entries(shrink):
+        out[name] = random_tensor(name, shape, dtype if (dtype is not None and dt.is_floating_point) else dt, seed)
+    return out
+
+
+def write_safetensors(path: Path, seed: int, shrink: int = 1) -> None:
+    """Stream a synthetic XTTS-shaped safetensors file, one tensor in memory at a time."""
+    from streammerge.io.safetensors_io import SafetensorsWriter
+
+    entries = xtts_entries(shrink)
+    writer = SafetensorsWriter(path, [(n, d, s) for n, s, d in entries], {"format": "pt"})
+    writer.open()
+    try:
+        for name, shape, dtype in entries:
+            writer.write(name, 0, random_tensor(name, shape, dtype, seed).reshape(-1))
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def trainer_checkpoint(model: dict, step: int, epoch: int, train_loss: float, eval_loss: float,
+                       prefix: str = "", optimizer: bool = False, config=None) -> dict:
+    """A Coqui-trainer-style container around `model`."""
+    ckpt = {
+        "config": config if config is not None else {"model": "xtts", "audio": {"sample_rate": 22050}},
+        "model": {prefix + k: v for k, v in model.items()},
+        "step": step,
+        "epoch": epoch,
+        "date": "Nov-24-2026_10+00AM",
+        "model_loss": {"train_loss": train_loss, "eval_loss": eval_loss},
+    }
+    if optimizer:
+        ckpt["optimizer"] = {"state": {i: {"exp_avg": torch.zeros(4), "exp_avg_sq": torch.zeros(4)}
+                                       for i in range(3)}, "param_groups": [{"lr": 5e-6, "params": [0, 1, 2]}]}
+        ckpt["scaler"] = {"scale": 65536.0}
+    return ckpt
+
+
+def write_models(out_dir: Path, count: int, fmt: str, shrink: int, first_seed: int = 0) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(first_seed, first_seed + count):
+        if fmt == "safetensors":
+            path = out_dir / f"model{i}.safetensors"
+            write_safetensors(path, seed=i, shrink=shrink)
+        else:
+            path = out_dir / f"model{i}.pth"
+            model = state_dict(seed=i, shrink=shrink)
+            obj = (trainer_checkpoint(model, step=1000 * (i + 1), epoch=i + 1, train_loss=1.0 + i, eval_loss=2.0 + i)
+                   if fmt == "trainer" else model)
+            torch.save(obj, path)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    x = sub.add_parser("xtts", help="XTTS-v2-shaped checkpoints with random weights")
+    x.add_argument("out_dir", type=Path)
+    x.add_argument("--count", type=int, default=3)
+    x.add_argument("--shrink", type=int, default=1, help="divide dimensions by this (1 = real size, 1.87 GB)")
+    x.add_argument("--format", choices=["safetensors", "pth", "trainer"], default="safetensors")
+    d = sub.add_parser("demo", help="the small demo set that `make merge` uses")
+    d.add_argument("out_dir", type=Path)
+    args = parser.parse_args(argv)
+    if args.what == "xtts":
+        paths = write_models(args.out_dir, args.count, args.format, args.shrink)
+    else:
+        paths = write_models(args.out_dir, 2, "safetensors", shrink=16)
+        paths += write_models(args.out_dir, 1, "trainer", shrink=16, first_seed=2)
+    for p in paths:
+        print(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
