@@ -7,11 +7,13 @@ budget and allocated once per run; it does not depend on tensor size, model size
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -113,24 +115,64 @@ def check_output_is_not_an_input(output_files: list[Path], output: Path, inputs:
 
 
 class Workspace:
-    """Buffers allocated once per run and reused for every chunk of every tensor."""
+    """Buffers allocated once per run and reused for every chunk of every tensor. Accumulators and output
+    buffers come in two slots: one is being written out while the other is filled."""
 
     def __init__(self, chunk: int, n_inputs: int, acc_dtype: torch.dtype):
         self.chunk = chunk
-        self.acc = torch.empty(chunk, dtype=acc_dtype)
+        self.acc_dtype = acc_dtype
+        self.slot = 0
+        self.accs = [torch.empty(chunk, dtype=acc_dtype) for _ in range(2)]
         self.scratch = [torch.empty(chunk, dtype=acc_dtype) for _ in range(n_inputs)]
-        self.out = {}
+        self.outs: dict[torch.dtype, list[torch.Tensor]] = {}
+
+    def next_slot(self) -> None:
+        self.slot ^= 1
+
+    def acc(self, n: int) -> torch.Tensor:
+        return self.accs[self.slot][:n]
 
     def out_buffer(self, dtype: torch.dtype, n: int) -> torch.Tensor:
-        if dtype not in self.out:
-            self.out[dtype] = torch.empty(self.chunk, dtype=dtype)
-        return self.out[dtype][:n]
+        if dtype not in self.outs:
+            self.outs[dtype] = [torch.empty(self.chunk, dtype=dtype) for _ in range(2)]
+        return self.outs[dtype][self.slot][:n]
 
     def as_acc(self, chunk: torch.Tensor, slot: int) -> torch.Tensor:
         """The chunk in accumulation dtype: the mapped view itself when it already is, else a scratch copy."""
-        if chunk.dtype == self.acc.dtype and chunk.is_contiguous():
+        if chunk.dtype == self.acc_dtype and chunk.is_contiguous():
             return chunk
         return self.scratch[slot][:chunk.numel()].copy_(chunk)
+
+
+class BackgroundWriter:
+    """Writes chunks on one background thread (pwrite releases the GIL) while the next chunk is merged.
+    At most one job is pending; its errors surface on the next submit or drain."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streammerge-writer")
+        self.pending = None
+
+    def submit(self, job) -> None:
+        self.drain()
+        self.pending = self.pool.submit(job)
+
+    def drain(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self.pool.shutdown(wait=True)
+
+    def close_quietly(self) -> None:
+        """On the error path: wait for the pending job, ignoring its outcome (the run is failing anyway)."""
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def _chunks(numel: int, chunk: int):
@@ -186,13 +228,18 @@ class Engine:
             progress = tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                             desc="merging", disable=not self.show_progress, dynamic_ncols=True)
             output.open()
+            self.writer = BackgroundWriter()
             try:
                 for task in plan.tasks:
                     self.run_task(task, workspace, output, progress, guard)
-                    for alias in task.aliases:
-                        output.copy(task.name, alias, self.chunk * task.out_dtype.itemsize)
+                    if task.aliases:
+                        self.writer.drain()
+                        for alias in task.aliases:
+                            output.copy(task.name, alias, self.chunk * task.out_dtype.itemsize)
+                self.writer.close()
                 output.commit()
             except BaseException:
+                self.writer.close_quietly()
                 output.abort()
                 raise
             finally:
@@ -227,14 +274,17 @@ class Engine:
             if stop < task.numel:  # let the kernel read ahead the next chunk while this one is merged
                 for info in inputs:
                     info.prefetch(stop, min(task.numel, stop + self.chunk))
+            # Leave the page cache as we found it: pages we bring in are dropped again after use.
+            was_cached = [info.is_cached(start, stop) for info in inputs]
+            ws.next_slot()
             result = produce(start, stop)
-            if result.is_floating_point() and not bool(torch.isfinite(result).all()):
-                self._nonfinite(task, inputs, start, stop)
+            if result.is_floating_point() and not math.isfinite(float(result.sum())):
+                if not bool(torch.isfinite(result).all()):  # the sum can overflow; confirm element-wise
+                    self._nonfinite(task, inputs, start, stop)
             if result.dtype != task.out_dtype:
                 result = ws.out_buffer(task.out_dtype, stop - start).copy_(result)
-            output.write(task.name, start, result)
-            for info in inputs:
-                info.release(start, stop)
+            self.writer.submit(functools.partial(_write_and_release, output, task.name, start, stop, result,
+                                                 inputs, was_cached))
             progress.update(sum(i.itemsize for i in inputs) * (stop - start))
             guard.check(f"'{task.name}'")
 
@@ -255,7 +305,13 @@ class Engine:
         inputs = [ws.as_acc(info.read(start, stop), i) for i, info in enumerate(task.sources)]
         base = ws.as_acc(task.base.read(start, stop), len(task.sources)) if task.base is not None else None
         return ChunkContext(task.name, start, task.numel, inputs, base, task.model_params, task.params,
-                            ws.acc[:stop - start], self.config.seed)
+                            ws.acc(stop - start), self.config.seed)
+
+
+def _write_and_release(output, name: str, start: int, stop: int, chunk: torch.Tensor, inputs, was_cached) -> None:
+    output.write(name, start, chunk)
+    for info, cached in zip(inputs, was_cached):
+        info.release(start, stop, drop_cache=not cached)
 
 
 def merge(config: MergeConfig, output: Path | None = None, max_ram: int | None = None, quiet: bool = False,

@@ -101,9 +101,9 @@ def available_memory() -> int:
 
 
 def bytes_per_element(n_inputs: int, acc_itemsize: int, out_itemsize: int, extra_buffers: int = 0) -> int:
-    """Working memory per chunk element: one scratch per input, the accumulator, method extras, and two
-    output buffers (one being written while the next is computed)."""
-    return (n_inputs + 1 + extra_buffers) * acc_itemsize + 2 * out_itemsize
+    """Working memory per chunk element: one scratch per input, method extras, and two accumulators and two
+    output buffers (one chunk is written while the next is computed)."""
+    return (n_inputs + 2 + extra_buffers) * acc_itemsize + 2 * out_itemsize
 
 
 class Budget:

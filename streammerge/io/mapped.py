@@ -7,6 +7,7 @@ mapped file. Reading a chunk is then a zero-copy view, and releasing it drops th
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 import os
@@ -18,6 +19,8 @@ import torch
 from streammerge.errors import CheckpointError
 
 PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
 FLOAT_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
 try:  # float8 types exist only in newer torch builds
     FLOAT_DTYPES |= {torch.float8_e4m3fn, torch.float8_e5m2}
@@ -38,6 +41,11 @@ class MappedFile:
         # ACCESS_COPY (MAP_PRIVATE): the buffer is writable for torch.frombuffer, but nothing is ever written,
         # so no page is copied and the file itself can never change.
         self.mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY) if self.size else None
+        self.address = 0
+        if self.mm is not None:
+            anchor = ctypes.c_char.from_buffer(self.mm)
+            self.address = ctypes.addressof(anchor)
+            del anchor  # release the buffer export so the mapping can be closed
 
     def bytes_view(self, offset: int, nbytes: int) -> torch.Tensor:
         if nbytes == 0:
@@ -55,8 +63,19 @@ class MappedFile:
         if self.mm is not None and length:
             self.mm.madvise(mmap.MADV_WILLNEED, start, length)
 
+    def is_cached(self, offset: int, nbytes: int) -> bool:
+        """Whether every page of this range is in the page cache already (mincore)."""
+        start, length = self._page_range(offset, nbytes)
+        if self.mm is None or not length:
+            return True
+        pages = (length + PAGE - 1) // PAGE
+        vec = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(self.address + start, length, vec) != 0:
+            return False
+        return 0 not in bytes(vec)
+
     def release(self, offset: int, nbytes: int, drop_cache: bool = True) -> None:
-        """Drop this range's pages from the process (and from the page cache unless `drop_cache` is off);
+        """Drop this range's pages from the process (and, with `drop_cache`, from the page cache);
         they are re-read if needed again."""
         start, length = self._page_range(offset, nbytes)
         if self.mm is None or not length:
@@ -134,6 +153,11 @@ class TensorInfo:
     def prefetch(self, start: int, stop: int) -> None:
         if self.stride is None:
             self.file.prefetch(self.offset + start * self.itemsize, (stop - start) * self.itemsize)
+
+    def is_cached(self, start: int, stop: int) -> bool:
+        if self.stride is None:
+            return self.file.is_cached(self.offset + start * self.itemsize, (stop - start) * self.itemsize)
+        return self.file.is_cached(*self.span)
 
     def release(self, start: int = 0, stop: int | None = None, drop_cache: bool = True) -> None:
         if self.stride is None:

@@ -156,11 +156,6 @@ class SafetensorsWriter:
     def open(self) -> None:
         # 0o666 & ~umask, like any file a user's program creates.
         self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
-        try:
-            os.posix_fallocate(self.fd, 0, self.total_size)  # reserve the space now: a full disk fails here
-        except OSError as exc:
-            self.abort()
-            raise OSError(exc.errno, f"cannot reserve {self.total_size} bytes for {self.path}: {exc.strerror}") from exc
         self.write_at(self.header, 0)
 
     def write_at(self, data, position: int) -> None:
