@@ -334,9 +334,11 @@ def describe_plan(prepared: Prepared) -> str:
         params = ", ".join(f"{k}={v}" for k, v in spec.params.items())
         lines.append(f"  models[{i}]: {c.path} ({c.format}{', ' + c.container if c.container else ''}, "
                      f"{len(c.tensors)} tensors, {c.total_bytes / 1e9:.2f} GB){' ' + params if params else ''}")
-    lines.append("tensors per rule:")
-    for rule, count in plan.tensors_per_rule().items():
-        lines.append(f"  {count:6d}  {rule}")
+    lines.append("tensors per rule (first match wins):")
+    counts = plan.tensors_per_rule()
+    for label in [r.label for r in config.rules] + ["default"]:
+        note = "   <- matches no tensor: check the pattern" if label != "default" and not counts[label] else ""
+        lines.append(f"  {counts[label]:6d}  {label}{note}")
     tied = sum(len(t.aliases) for t in plan.tasks)
     if tied:
         lines.append(f"tied tensors computed once: {tied}")

@@ -51,7 +51,7 @@ class TensorTask:
 @dataclass
 class Plan:
     tasks: list[TensorTask]
-    dropped: list[str]
+    dropped: dict[str, str]  # name -> label of the rule that dropped it
 
     @property
     def entries(self) -> list[tuple[str, torch.dtype, tuple]]:
@@ -74,8 +74,8 @@ class Plan:
         counts = Counter()
         for t in self.tasks:
             counts[t.rule] += 1 + len(t.aliases)
-        for _ in self.dropped:
-            counts["drop"] += 1
+        for label in self.dropped.values():
+            counts[label] += 1
         return counts
 
 
@@ -109,13 +109,13 @@ def build_plan(config: MergeConfig, checkpoints: list[Checkpoint], base: Checkpo
     base_tensors = renamed_tensors(base, config.rename + config.base.rename) if base is not None else None
     names = list(dict.fromkeys(n for m in models for n in m))
     tasks: list[TensorTask] = []
-    dropped: list[str] = []
+    dropped: dict[str, str] = {}
     missing, mismatched = [], []
     by_signature: dict[tuple, TensorTask] = {}
     for name in names:
         rule_index, rule = _first_rule(config.rules, name)
         if rule is not None and rule.drop:
-            dropped.append(name)
+            dropped[name] = rule.label
             continue
         label = rule.label if rule is not None else "default"
         if rule is not None and rule.take is not None:

@@ -1,0 +1,65 @@
+"""Shared test helpers: build checkpoints, run merges in-process, reference merges in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from streammerge.config import parse_config
+from streammerge.engine import Engine, prepare
+
+
+def merge_in_process(cfg: dict, chunk: int | None = None, **engine_options):
+    """Run a merge from a config dict; `chunk` forces the chunk size in elements."""
+    prepared = prepare(parse_config(cfg))
+    if chunk is not None:
+        prepared.budget.chunk_elements = chunk
+    try:
+        return Engine(prepared, quiet=True, **engine_options).run()
+    finally:
+        prepared.close()
+
+
+def load_output(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file or a sharded directory, through the safetensors library."""
+    path = Path(path)
+    if path.is_dir():
+        out = {}
+        for shard in sorted(path.glob("*.safetensors")):
+            out.update(load_file(shard))
+        return out
+    return load_file(path)
+
+
+def reference_linear(models: list[dict], weights: list[float], normalize: bool = True,
+                     acc=torch.float32) -> dict[str, torch.Tensor]:
+    """The in-memory merge users write by hand: sum_i w_i * x_i (normalized), in the accumulation dtype."""
+    total = sum(weights) if normalize else 1.0
+    out = {}
+    for name, first in models[0].items():
+        if not first.is_floating_point():
+            out[name] = first
+            continue
+        acc_value = models[0][name].to(acc) * (weights[0] / total)
+        for m, w in zip(models[1:], weights[1:]):
+            acc_value = acc_value + m[name].to(acc) * (w / total)
+        out[name] = acc_value.to(first.dtype)
+    return out
+
+
+def random_state_dict(seed: int, dtype=torch.float32, sizes=((64, 32), (128,), (300, 7))) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"layer{i}.weight": torch.randn(shape, generator=g).to(dtype) for i, shape in enumerate(sizes)}
+    sd["layer0.num_batches_tracked"] = torch.tensor(7)
+    return sd
+
+
+def save(sd: dict, path: Path) -> Path:
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    else:
+        torch.save(sd, path)
+    return path

@@ -1,0 +1,91 @@
+"""The command line as users and scripts call it: exit codes, messages, dry run, report."""
+
+import json
+
+import yaml
+
+from helpers import random_state_dict, save
+
+
+def write_config(tmp_path, **overrides):
+    paths = [save(random_state_dict(i), tmp_path / f"m{i}.safetensors") for i in range(2)]
+    cfg = {"output": str(tmp_path / "out.safetensors"),
+           "models": [{"path": str(paths[0]), "weight": 0.6}, {"path": str(paths[1]), "weight": 0.4}],
+           "rules": [{"match": "*.num_batches_tracked", "take": 0}, {"match": "layer2.*", "drop": True}]}
+    cfg.update(overrides)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def assert_clean_failure(result, *needles):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("streammerge: error: ")
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_merge_writes_output_summary_and_report(tmp_path, cli):
+    config = write_config(tmp_path)
+    result = cli("merge", config, "--report", tmp_path / "report.json")
+    assert result.returncode == 0, result.stderr
+    assert "merged 3 tensors" in result.stderr and "peak anonymous RAM" in result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["tensors"] == 3
+    assert report["read_bytes"] > 0 and report["written_bytes"] == (tmp_path / "out.safetensors").stat().st_size
+    assert 0 < report["peak_anon_bytes"] <= report["max_ram_bytes"]
+    assert {"seconds", "gb_per_s", "chunk_elements"} <= set(report)
+
+
+def test_quiet_prints_nothing_and_output_flag_overrides(tmp_path, cli):
+    config = write_config(tmp_path)
+    result = cli("merge", config, "--quiet", "--output", tmp_path / "other.safetensors")
+    assert result.returncode == 0 and result.stderr == "" and result.stdout == ""
+    assert (tmp_path / "other.safetensors").exists() and not (tmp_path / "out.safetensors").exists()
+
+
+def test_dry_run_describes_plan_without_writing(tmp_path, cli):
+    config = write_config(tmp_path, output=str(tmp_path / "sharded"), shard_size="20KB")
+    result = cli("merge", config, "--dry-run", "--max-ram", "512MiB")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    counts = {line.split(None, 1)[1]: int(line.split()[0]) for line in out.splitlines() if line.startswith("   ")}
+    assert counts == {"default": 2, "*.num_batches_tracked -> take 0": 1, "layer2.* -> drop": 1}
+    assert "shards:" in out and "estimated peak anonymous RAM" in out and "budget 512 MiB" in out
+    assert not (tmp_path / "sharded").exists()
+
+
+def test_python_dash_m_and_help(cli):
+    result = cli("--help")
+    assert result.returncode == 0 and "merge" in result.stdout
+    result = cli("merge", "--help")
+    assert "--max-ram" in result.stdout and "--dry-run" in result.stdout and "linear" in result.stdout
+
+
+def test_user_errors_are_one_paragraph(tmp_path, cli):
+    assert_clean_failure(cli("merge", tmp_path / "missing.yaml"), "missing.yaml")
+    config = write_config(tmp_path, models=[{"path": str(tmp_path / "nope.safetensors")}])
+    assert_clean_failure(cli("merge", config), "nope.safetensors", "no such file")
+    config = write_config(tmp_path, method="nonsense")
+    assert_clean_failure(cli("merge", config), "unknown merge method 'nonsense'")
+    config = write_config(tmp_path, wieght=3)
+    assert_clean_failure(cli("merge", config), "unknown key 'wieght'")
+    config = write_config(tmp_path)
+    (tmp_path / "m1.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    assert_clean_failure(cli("merge", config), "m1.safetensors", "not valid UTF-8 JSON")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_budget_too_small_is_refused_with_the_smallest_that_works(tmp_path, cli):
+    config = write_config(tmp_path)
+    result = cli("merge", config, "--max-ram", "64MiB")
+    assert_clean_failure(result, "too small", "smallest budget that works is")
+    assert not (tmp_path / "out.safetensors").exists()
+    result = cli("merge", config, "--max-ram", "100TB")
+    assert_clean_failure(result, "available")
+
+
+def test_bad_size_argument(tmp_path, cli):
+    result = cli("merge", write_config(tmp_path), "--max-ram", "lots")
+    assert result.returncode == 2 and "cannot read 'lots' as a size" in result.stderr
