@@ -8,7 +8,10 @@ DEMO_CONFIG := examples/demo.yaml
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install merge demo test bench clean
+MERGEKIT_VENV ?= .venv-mergekit
+BENCH_ARGS ?= --cold
+
+.PHONY: install merge demo test bench mergekit clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,7 +34,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
+# Optional: mergekit 0.1.5 in a separate venv, for the comparison rows of `make bench`.
+mergekit:
+	test -x $(MERGEKIT_VENV)/bin/python || $(PYTHON) -m venv $(MERGEKIT_VENV)
+	$(MERGEKIT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check '$(TORCH_SPEC)'
+	$(MERGEKIT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check mergekit==0.1.5
 
 clean:
 	rm -rf demo merged bench-data .pytest_cache

@@ -145,7 +145,7 @@ class Budget:
 class MemoryGuard:
     """Samples anonymous RSS in a background thread; records the peak and flags a budget overrun."""
 
-    def __init__(self, limit: int, interval: float = 0.01):
+    def __init__(self, limit: int, interval: float = 0.005):
         self.limit = limit
         self.interval = interval
         self.peak = anon_rss()
@@ -163,7 +163,7 @@ class MemoryGuard:
 
     def check(self, where: str) -> None:
         """Raise if the budget was exceeded (called between chunks, so the run stops cleanly)."""
-        if self.sample() > self.limit or self.peak > self.limit:
+        if self.peak > self.limit:
             raise MemoryBudgetError(
                 f"anonymous memory reached {format_size(self.peak)}, over the max_ram budget of "
                 f"{format_size(self.limit)}, while processing {where}; stopped before the system ran out. "

@@ -53,8 +53,15 @@ class MappedFile:
         return torch.frombuffer(self.mm, dtype=torch.uint8, count=nbytes, offset=offset)
 
     def _page_range(self, offset: int, nbytes: int):
+        """Pages touching [offset, offset + nbytes): for our own mapping, where rounding out is harmless."""
         start = offset - offset % PAGE
         end = min(self.size, offset + nbytes)
+        return start, max(0, end - start)
+
+    def _inner_pages(self, offset: int, nbytes: int):
+        """Pages lying wholly inside the range: page-cache decisions must not spill onto neighbouring data."""
+        start = -(-offset // PAGE) * PAGE
+        end = offset + nbytes if offset + nbytes >= self.size else (offset + nbytes) // PAGE * PAGE
         return start, max(0, end - start)
 
     def prefetch(self, offset: int, nbytes: int) -> None:
@@ -64,25 +71,26 @@ class MappedFile:
             self.mm.madvise(mmap.MADV_WILLNEED, start, length)
 
     def is_cached(self, offset: int, nbytes: int) -> bool:
-        """Whether every page of this range is in the page cache already (mincore)."""
-        start, length = self._page_range(offset, nbytes)
+        """Whether every page wholly inside this range is in the page cache already (mincore)."""
+        start, length = self._inner_pages(offset, nbytes)
         if self.mm is None or not length:
             return True
-        pages = (length + PAGE - 1) // PAGE
-        vec = (ctypes.c_ubyte * pages)()
+        vec = (ctypes.c_ubyte * ((length + PAGE - 1) // PAGE))()
         if _libc.mincore(self.address + start, length, vec) != 0:
             return False
         return 0 not in bytes(vec)
 
     def release(self, offset: int, nbytes: int, drop_cache: bool = True) -> None:
-        """Drop this range's pages from the process (and, with `drop_cache`, from the page cache);
-        they are re-read if needed again."""
+        """Unmap this range's pages from the process and, with `drop_cache`, drop the pages wholly inside it
+        from the page cache; they are re-read if needed again."""
         start, length = self._page_range(offset, nbytes)
         if self.mm is None or not length:
             return
         self.mm.madvise(mmap.MADV_DONTNEED, start, length)
         if drop_cache:
-            os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
+            start, length = self._inner_pages(offset, nbytes)
+            if length:
+                os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         if self.mm is not None:
