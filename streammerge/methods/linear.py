@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from streammerge.methods import ChunkContext, Method, Param, register
 
 
@@ -12,8 +14,7 @@ def normalized_weights(weights: list[float], normalize: bool) -> list[float]:
 
 def linear(ctx: ChunkContext, _stats=None):
     weights = normalized_weights([p["weight"] for p in ctx.model_params], ctx.params["normalize"])
-    out = ctx.out
-    out.copy_(ctx.inputs[0]).mul_(weights[0])
+    out = torch.mul(ctx.inputs[0], weights[0], out=ctx.out)
     for x, w in zip(ctx.inputs[1:], weights[1:]):
         out.add_(x, alpha=w)
     return out
