@@ -9,6 +9,7 @@ from pathlib import Path
 
 from streammerge import __version__
 from streammerge.errors import StreamMergeError
+from streammerge.inspect import add_inspect_parser
 from streammerge.methods import METHODS
 from streammerge.units import parse_size
 
@@ -68,7 +69,7 @@ def run_merge(args) -> int:
     return 0
 
 
-PARSERS = [add_merge_parser]
+PARSERS = [add_merge_parser, add_inspect_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -96,5 +96,5 @@ def open_checkpoint(path, **options) -> Checkpoint:
         if fmt.sniff(head, path):
             return fmt.open(path, **options)
     raise CheckpointError(
-        f"{path}: not a checkpoint format streammerge reads (safetensors, a sharded index, or a zip-format torch "
-        f"file); its first bytes are {head[:8]!r}. Re-save it with torch.save or safetensors.")
+        f"{path}: not a checkpoint format streammerge reads (safetensors, a sharded index, or a zip-format or "
+        f"legacy torch file); its first bytes are {head[:8]!r}. Re-save it with torch.save or safetensors.")

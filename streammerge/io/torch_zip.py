@@ -1,14 +1,24 @@
-"""Zip-format torch files (.pth, .pt, .bin, .ckpt) via torch.load(mmap=True, weights_only=True).
+"""Zip-format torch files (.pth, .pt, .bin, .ckpt).
 
-torch maps the file lazily; we only use its result to learn each tensor's shape, dtype, strides and where its
-bytes sit in the file (the storage's address inside torch's mapping, translated back to a file offset through
-/proc/self/maps). Reading then goes through our own mapping, like every other format.
+First path: torch.load(mmap=True, weights_only=True). torch maps the file lazily; we only use its result to
+learn each tensor's shape, dtype, strides and where its bytes sit in the file (the storage's address inside
+torch's mapping, translated back to a file offset through /proc/self/maps).
+
+When weights_only refuses the file because its pickle holds other objects (a pickled config class, numpy
+values, argparse.Namespace, ...) or torch fails to read it otherwise, the restricted unpickler (safe_pickle.py) reads `data.pkl` instead: it
+executes nothing, keeps unknown objects as inert records and describes tensors without reading them. Each
+storage `<archive>/data/<key>` is stored uncompressed, so its bytes start right after the member's local
+header; the tensors are mapped there.
+
+Either way, reading then goes through our own mapping, like every other format.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import struct
+import zipfile
 from pathlib import Path
 
 import torch
@@ -17,6 +27,10 @@ from streammerge.errors import CheckpointError
 from streammerge.io.checkpoint import Checkpoint, register_format
 from streammerge.io.containers import find_state_dict, to_jsonable
 from streammerge.io.mapped import MappedFile, TensorInfo, check_span
+from streammerge.io.safe_pickle import StorageRecord, restricted_load, storage_pid, tensor_infos
+
+LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # zip local file header, 30 bytes
+LOCAL_HEADER_MAGIC = 0x04034B50
 
 
 def _sniff(head: bytes, path: Path) -> bool:
@@ -48,17 +62,15 @@ def _file_offset(address: int, regions, path: Path, name: str) -> int:
                           "re-save the checkpoint with a recent torch.save.")
 
 
+class TorchLoadFailed(Exception):
+    """torch.load(mmap=True, weights_only=True) did not read the file (refused objects, or anything else)."""
+
+
 def load_torch_zip(path: Path):
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path}: the checkpoint's pickle holds objects that safe loading refuses ({first}). "
-            "streammerge never executes pickled code; re-save the file with only tensors and plain data.") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch zip checkpoint ({exc}). "
-                              "The file is truncated or corrupt; re-download or re-save it.") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise TorchLoadFailed(str(exc)) from None
 
 
 def tensors_from_loaded(path: Path, state_dict: dict, mapped: MappedFile) -> dict[str, TensorInfo]:
@@ -79,8 +91,77 @@ def tensors_from_loaded(path: Path, state_dict: dict, mapped: MappedFile) -> dic
     return {i.name: i for i in infos}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The restricted path
+
+def _archive_prefix(zf: zipfile.ZipFile, path: Path) -> str:
+    pickles = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+        raise CheckpointError(f"{path}: a zip file but not a torch checkpoint (expected one '<name>/data.pkl', "
+                              f"found {len(pickles)}). Re-save it with torch.save.")
+    return pickles[0][: -len("data.pkl")]
+
+
+def member_data_offset(f, info: zipfile.ZipInfo, path: Path) -> int:
+    """Byte offset where a stored (uncompressed) member's data starts in the file."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(f"{path}: zip member '{info.filename}' is compressed; torch.save never compresses "
+                              "tensor data, so the file was repacked. Re-save it with torch.save.")
+    f.seek(info.header_offset)
+    raw = f.read(LOCAL_HEADER.size)
+    if len(raw) != LOCAL_HEADER.size or LOCAL_HEADER.unpack(raw)[0] != LOCAL_HEADER_MAGIC:
+        raise CheckpointError(f"{path}: zip member '{info.filename}' has no valid local header; the file is corrupt.")
+    fields = LOCAL_HEADER.unpack(raw)
+    name_len, extra_len = fields[9], fields[10]
+    return info.header_offset + LOCAL_HEADER.size + name_len + extra_len
+
+
+def read_torch_zip_restricted(path: Path) -> tuple[object, dict[str, int]]:
+    """(the unpickled object with TensorRecords and inert records, storage key -> data offset in the file)."""
+    storages: dict[str, StorageRecord] = {}
+    try:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+            prefix = _archive_prefix(zf, path)
+            if prefix + "byteorder" in zf.namelist():
+                order = zf.read(prefix + "byteorder").decode("ascii", "replace").strip()
+                if order != "little":
+                    raise CheckpointError(f"{path}: tensors are stored {order}-endian; streammerge reads "
+                                          "little-endian files only. Re-save the file on a little-endian machine.")
+            obj = restricted_load(zf.read(prefix + "data.pkl"), path, lambda pid: storage_pid(path, pid, storages))
+            offsets = {}
+            for key, storage in storages.items():
+                try:
+                    member = zf.getinfo(f"{prefix}data/{key}")
+                except KeyError:
+                    raise CheckpointError(f"{path}: the pickle refers to storage '{key}' but the zip has no "
+                                          f"'{prefix}data/{key}'; the file is truncated or corrupt.") from None
+                if storage.nbytes > member.file_size:
+                    raise CheckpointError(f"{path}: storage '{key}' needs {storage.nbytes} bytes but its zip "
+                                          f"member holds {member.file_size}; the file is corrupt.")
+                offsets[key] = member_data_offset(f, member, path)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"{path}: not a readable torch zip checkpoint ({exc}). "
+                              "The file is truncated or corrupt; re-download or re-save it.") from None
+    return obj, offsets
+
+
+def open_torch_zip_restricted(path: Path, state_dict_key: str | None = None) -> Checkpoint:
+    obj, offsets = read_torch_zip_restricted(path)
+    state_dict, container, rest = find_state_dict(obj, path, state_dict_key)
+    mapped = MappedFile(path)
+    try:
+        tensors = tensor_infos(path, state_dict, offsets, mapped)
+    except Exception:
+        mapped.close()
+        raise
+    return Checkpoint(path, "torch-zip", tensors, to_jsonable(rest), container, [mapped])
+
+
 def open_torch_zip(path: Path, state_dict_key: str | None = None, **_options) -> Checkpoint:
-    loaded = load_torch_zip(path)
+    try:
+        loaded = load_torch_zip(path)
+    except TorchLoadFailed:  # objects weights_only refuses, or a damaged file: the restricted path says which
+        return open_torch_zip_restricted(path, state_dict_key)
     state_dict, container, rest = find_state_dict(loaded, path, state_dict_key)
     mapped = MappedFile(path)
     try:
