@@ -257,8 +257,6 @@ def to_jsonable(obj, depth: int = 0, _path: frozenset = frozenset()):
         return [to_jsonable(v, depth + 1, inner) for v in obj]
     if isinstance(obj, InertObject):
         return _inert_jsonable(obj, depth, inner)
-    if isinstance(obj, (bytes, bytearray)):
-        return {"__bytes__": len(obj)} if len(obj) > 64 else obj.decode("latin1")
     return repr(obj)[:200]
 
 
