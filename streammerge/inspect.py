@@ -124,7 +124,8 @@ def summarize_value(value) -> str:
     """One line for a metadata value: small values inline, records and large dicts described."""
     if isinstance(value, Mapping):
         if "__summary__" in value:
-            text = f"{value['__summary__']}: {value.get('tensors', 0)} tensors, {format_size(value.get('tensor_bytes', 0))}"
+            text = (f"{value['__summary__']}: {value.get('tensors', 0)} tensors, "
+                    f"{format_size(value.get('tensor_bytes', 0))}")
             groups = value.get("param_groups") or []
             hyper = {k: v for g in groups[:1] for k, v in g.items() if isinstance(v, (int, float, str))}
             if hyper:

@@ -99,7 +99,8 @@ for _cls in XTTS_CLASSES.values():
     _cls.__module__ = XTTS_CONFIG_MODULE
     _cls.__qualname__ = _cls.__name__
 
-XTTS_CONFIG_PLAIN = {"model": "xtts", "run_name": "finetune", "audio": {"sample_rate": 22050, "output_sample_rate": 24000},
+XTTS_CONFIG_PLAIN = {"model": "xtts", "run_name": "finetune",
+                     "audio": {"sample_rate": 22050, "output_sample_rate": 24000},
                      "model_args": {"gpt_layers": 30, "gpt_n_model_channels": 1024}, "languages": ["en", "de", "fr"],
                      "lr": 5e-6}
 

@@ -1,4 +1,5 @@
-"""Torch zip (restricted path) and legacy files: every tensor equals torch.load of the same trusted file, bit for bit."""
+"""Torch zip (restricted path) and legacy files: every tensor equals torch.load of the same trusted file,
+bit for bit."""
 
 import os
 import struct

@@ -249,8 +249,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         stub = self._stubs.get(full)
         if stub is None:
             module, _, qualname = full.rpartition(".")
-            refuse = lambda: self.refuse(full, "calls a function (only classes become inert records; functions are "  # noqa: E731
-                                         "never called):")
+            def refuse(full=full):
+                return self.refuse(full, "calls a function (only classes become inert records; functions are never "
+                                         "called):")
             stub = _InertMeta(qualname, (InertObject,), {
                 "__slots__": (), "__module__": module, "__qualname__": qualname,
                 "_global_name": full, "_refuse_call": staticmethod(refuse)})
@@ -459,7 +460,8 @@ def restricted_load(file, path: Path, persistent_load: Callable | None = None):
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
             OverflowError, MemoryError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: the checkpoint's pickle is not readable ({type(exc).__name__}: "
-                              f"{str(exc)[:200]}). The file is truncated or corrupt; re-download or re-save it.") from None
+                              f"{str(exc)[:200]}). The file is truncated or corrupt; re-download or re-save "
+                              "it.") from None
 
 
 def storage_pid(path: Path, pid, storages: dict[str, StorageRecord]) -> StorageRecord:

@@ -5,10 +5,10 @@ learn each tensor's shape, dtype, strides and where its bytes sit in the file (t
 torch's mapping, translated back to a file offset through /proc/self/maps).
 
 When weights_only refuses the file because its pickle holds other objects (a pickled config class, numpy
-values, argparse.Namespace, ...) or torch fails to read it otherwise, the restricted unpickler (safe_pickle.py) reads `data.pkl` instead: it
-executes nothing, keeps unknown objects as inert records and describes tensors without reading them. Each
-storage `<archive>/data/<key>` is stored uncompressed, so its bytes start right after the member's local
-header; the tensors are mapped there.
+values, argparse.Namespace, ...) or torch fails to read it otherwise, the restricted unpickler
+(safe_pickle.py) reads `data.pkl` instead: it executes nothing, keeps unknown objects as inert records and
+describes tensors without reading them. Each storage `<archive>/data/<key>` is stored uncompressed, so its
+bytes start right after the member's local header; the tensors are mapped there.
 
 Either way, reading then goes through our own mapping, like every other format.
 """
