@@ -1,5 +1,6 @@
 """Where the weights sit: found automatically in the containers people have, or named by state_dict_key."""
 
+import json
 from collections import OrderedDict
 
 import pytest
@@ -38,6 +39,7 @@ def test_lightning_ckpt(tmp_path, save):
         assert meta["optimizer_states"]["tensors"] == 2 and meta["optimizer_states"]["tensor_bytes"] == 1600
         assert meta["optimizer_states"]["param_groups"] == [{"lr": 1e-4}]
         assert "state_dict" not in meta
+        json.dumps(meta, allow_nan=False)
 
 
 def test_fairseq_ckpt_with_namespace_args(tmp_path, save):
@@ -49,6 +51,7 @@ def test_fairseq_ckpt_with_namespace_args(tmp_path, save):
                                                        "fp16": True}
         assert ckpt.metadata["extra_state"]["val_loss"] == 3.25
         assert ckpt.metadata["last_optimizer_state"]["tensors"] == 1
+        json.dumps(ckpt.metadata, allow_nan=False)
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
@@ -66,6 +69,7 @@ def test_coqui_trainer_with_pickled_config(tmp_path, legacy):
         assert meta["optimizer"]["tensors"] == 9 and meta["optimizer"]["param_groups"][0]["lr"] == 5e-6
         assert meta["scheduler"] == {"last_epoch": 3, "_last_lr": [5e-6]}  # no tensors: kept as is
         assert meta["scaler"] == {"scale": 65536.0, "_growth_tracker": 12}
+        json.dumps(meta, allow_nan=False)
 
 
 @pytest.mark.parametrize("wrap, container", [
