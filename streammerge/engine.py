@@ -89,8 +89,9 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
         plan = build_plan(config, checkpoints, base)
         n_inputs = len(checkpoints) + (1 if base is not None else 0)
         out_itemsize = max(t.out_dtype.itemsize for t in plan.tasks)
+        unaligned = [i.itemsize for t in plan.tasks for i in t.sources + [t.base] if i is not None and not i.aligned]
         per_element = bytes_per_element(n_inputs, config.dtype.itemsize, out_itemsize,
-                                        config.method.extra_buffers)
+                                        config.method.extra_buffers, staging_itemsize=max(unaligned, default=0))
         budget = Budget(max_ram if max_ram is not None else config.max_ram, per_element, DEFAULT_MAX_RAM)
     except BaseException:
         for c in checkpoints + ([base] if base else []):
@@ -125,6 +126,7 @@ class Workspace:
         self.accs = [torch.empty(chunk, dtype=acc_dtype) for _ in range(2)]
         self.scratch = [torch.empty(chunk, dtype=acc_dtype) for _ in range(n_inputs)]
         self.outs: dict[torch.dtype, list[torch.Tensor]] = {}
+        self.staging: torch.Tensor | None = None
 
     def next_slot(self) -> None:
         self.slot ^= 1
@@ -137,11 +139,29 @@ class Workspace:
             self.outs[dtype] = [torch.empty(self.chunk, dtype=dtype) for _ in range(2)]
         return self.outs[dtype][self.slot][:n]
 
-    def as_acc(self, chunk: torch.Tensor, slot: int) -> torch.Tensor:
-        """The chunk in accumulation dtype: the mapped view itself when it already is, else a scratch copy."""
+    def staging_for(self, info: TensorInfo) -> torch.Tensor | None:
+        """Reused memory for an unaligned input chunk (None when it can be viewed in place)."""
+        if info.aligned:
+            return None
+        if self.staging is None or self.staging.numel() < self.chunk * info.itemsize:
+            self.staging = torch.empty(self.chunk * info.itemsize, dtype=torch.uint8)
+        return self.staging
+
+    def read_as_acc(self, info: TensorInfo, start: int, stop: int, slot: int) -> torch.Tensor:
+        """A chunk of `info` in accumulation dtype: the mapped view itself when it already is, else a copy
+        in this input's scratch buffer."""
+        scratch = self.scratch[slot][:stop - start]
+        if info.dtype == self.acc_dtype and not info.aligned and info.stride is None:
+            return info.read(start, stop, staging=scratch.view(torch.uint8))
+        chunk = info.read(start, stop, staging=self.staging_for(info))
         if chunk.dtype == self.acc_dtype and chunk.is_contiguous():
             return chunk
-        return self.scratch[slot][:chunk.numel()].copy_(chunk)
+        return scratch.copy_(chunk)
+
+    def read_for_copy(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        """A chunk copied unchanged to the output; unaligned bytes are staged in this slot's output buffer."""
+        staging = None if info.aligned else self.out_buffer(info.dtype, stop - start).view(torch.uint8)
+        return info.read(start, stop, staging=staging)
 
 
 class BackgroundWriter:
@@ -253,7 +273,7 @@ class Engine:
     def run_task(self, task: TensorTask, ws: Workspace, output, progress, guard: MemoryGuard) -> None:
         inputs = task.sources + ([task.base] if task.base is not None else [])
         if task.kind == COPY:
-            self._stream(task, inputs, ws, output, progress, guard, lambda s, e: task.sources[0].read(s, e))
+            self._stream(task, inputs, ws, output, progress, guard, lambda s, e: ws.read_for_copy(task.sources[0], s, e))
             return
         stats = None
         if self.method.stat_passes:
@@ -302,8 +322,8 @@ class Engine:
             "output; rerun with --allow-nonfinite to write it anyway and list such tensors in the summary.")
 
     def _context(self, task: TensorTask, ws: Workspace, start: int, stop: int) -> ChunkContext:
-        inputs = [ws.as_acc(info.read(start, stop), i) for i, info in enumerate(task.sources)]
-        base = ws.as_acc(task.base.read(start, stop), len(task.sources)) if task.base is not None else None
+        inputs = [ws.read_as_acc(info, start, stop, i) for i, info in enumerate(task.sources)]
+        base = ws.read_as_acc(task.base, start, stop, len(task.sources)) if task.base is not None else None
         return ChunkContext(task.name, start, task.numel, inputs, base, task.model_params, task.params,
                             ws.acc(stop - start), self.config.seed)
 

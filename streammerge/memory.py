@@ -100,10 +100,11 @@ def available_memory() -> int:
     return min(available, headroom + anon_rss()) if headroom is not None else available
 
 
-def bytes_per_element(n_inputs: int, acc_itemsize: int, out_itemsize: int, extra_buffers: int = 0) -> int:
-    """Working memory per chunk element: one scratch per input, method extras, and two accumulators and two
-    output buffers (one chunk is written while the next is computed)."""
-    return (n_inputs + 2 + extra_buffers) * acc_itemsize + 2 * out_itemsize
+def bytes_per_element(n_inputs: int, acc_itemsize: int, out_itemsize: int, extra_buffers: int = 0,
+                      staging_itemsize: int = 0) -> int:
+    """Working memory per chunk element: one scratch per input, method extras, two accumulators and two
+    output buffers (one chunk is written while the next is computed), and staging for unaligned inputs."""
+    return (n_inputs + 2 + extra_buffers) * acc_itemsize + 2 * out_itemsize + staging_itemsize
 
 
 class Budget:

@@ -216,3 +216,23 @@ def test_mismatched_models_list_first_differences(tmp_path):
     assert "layer2.weight" in message and "extra.bias" in message and "layer1.weight" in message
     assert "[128]" in message and "[129]" in message and "intersection" in message
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_unaligned_legacy_inputs_merge_and_copy_exactly(tmp_path):
+    """Legacy (pre-zip) torch files store tensors at arbitrary offsets: chunks are staged in reused buffers."""
+    models = [random_state_dict(0, sizes=((999, 13), (7,))), random_state_dict(1, torch.bfloat16, sizes=((999, 13), (7,)))]
+    paths = []
+    for i, m in enumerate(models):
+        paths.append(tmp_path / f"legacy{i}.pth")
+        torch.save({"model": m, "note": "x" * (3 + i)}, paths[-1], _use_new_zipfile_serialization=False)
+    prepared = prepare(parse_config({"output": str(tmp_path / "o.safetensors"),
+                                     "models": [{"path": str(p)} for p in paths]}))
+    assert any(not info.aligned for c in prepared.checkpoints for info in c.tensors.values())
+    prepared.close()
+    out = tmp_path / "out.safetensors"
+    merge_in_process({"output": str(out), "models": [{"path": str(p), "weight": 0.5} for p in paths],
+                      "rules": [{"match": "layer1.*", "take": 1}]}, chunk=1000)
+    merged = load_output(out)
+    expected = reference_linear(models, [0.5, 0.5])
+    expected["layer1.weight"] = models[1]["layer1.weight"]
+    assert_same(merged, expected)

@@ -144,13 +144,19 @@ class TensorInfo:
         """Tensors with equal keys in one file are the same bytes (tied weights)."""
         return (id(self.file), self.offset, self.shape, self.stride, self.dtype)
 
-    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Elements [start, stop) of the flattened tensor; a view into the mapping where possible."""
+    @property
+    def aligned(self) -> bool:
+        """Whether the bytes can be viewed in place as this dtype (legacy torch files often are not aligned)."""
+        return self.offset % self.itemsize == 0
+
+    def read(self, start: int = 0, stop: int | None = None, staging: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor; a view into the mapping where possible.
+        Unaligned bytes are copied, into `staging` (a reusable uint8 buffer) when given."""
         stop = self.numel if stop is None else stop
         if self.stride is None:
             raw = self.file.bytes_view(self.offset + start * self.itemsize, (stop - start) * self.itemsize)
-            if (self.offset + start * self.itemsize) % self.itemsize:
-                raw = raw.clone()  # unaligned in the file: a copy is needed to view it as wider elements
+            if not self.aligned:
+                raw = staging[:raw.numel()].copy_(raw) if staging is not None else raw.clone()
             return raw.view(self.dtype)
         base, nbytes = self.span
         raw = self.file.bytes_view(base, nbytes)
