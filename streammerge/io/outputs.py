@@ -180,7 +180,8 @@ def output_kind(path: Path) -> OutputKind:
     for kind in OUTPUT_KINDS:
         if kind.accepts(path):
             return kind
-    raise OutputError(f"output '{path}': unknown kind; use a .safetensors file or a directory (sharded safetensors).")
+    raise OutputError(f"output '{path}': unknown kind; use a .safetensors file, a .pth/.pt file or a directory "
+                      "(sharded safetensors).")
 
 
 def make_output(path: Path, entries: list[Entry], metadata: dict[str, str], shard_size: int, **options):

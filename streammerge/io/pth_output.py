@@ -1,0 +1,224 @@
+"""`.pth`/`.pt` output: a torch checkpoint that `torch.load(weights_only=True)` and Coqui's loader read, written
+chunk by chunk like every other output (the merged state dict never sits in memory).
+
+What the file holds follows the inputs. Plain state dicts in give a plain state dict out. Inputs that carry
+training metadata (Coqui trainer checkpoints, the official XTTS-v2 `model.pth`) give what the classic
+load-everything merge script wrote:
+
+    {"model": merged state dict, "config": the first model's config (a plain dict),
+     "step": max, "epoch": max, "model_loss": {"train_loss": sum w_i*l_i, "eval_loss": sum w_i*l_i}}
+
+with w_i the models' `weight`s normalized to sum 1. Keys no input has are left out; optimizer, scheduler and
+scaler state are dropped. Tied tensors (several names, one storage) are saved as one storage under every name,
+as `torch.save` does.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from streammerge.io.outputs import Entry, make_directories, register_output, remove_directories
+from streammerge.io.torch_zip_writer import TorchZipWriter
+
+# dtypes torch.save pickles with a typed storage class and `_rebuild_tensor_v2`; newer dtypes go through
+# UntypedStorage and `_rebuild_tensor_v3` (the same split torch.save makes).
+LEGACY_STORAGE_TYPES = {
+    torch.float64: "DoubleStorage", torch.float32: "FloatStorage", torch.float16: "HalfStorage",
+    torch.bfloat16: "BFloat16Storage", torch.int64: "LongStorage", torch.int32: "IntStorage",
+    torch.int16: "ShortStorage", torch.int8: "CharStorage", torch.uint8: "ByteStorage", torch.bool: "BoolStorage",
+    torch.complex128: "ComplexDoubleStorage", torch.complex64: "ComplexFloatStorage",
+}
+SUMMARY_KEYS = ("config", "step", "epoch", "model_loss")
+
+
+class StorageRef:
+    """One `data/<key>` record; pickled as torch's persistent id for a storage."""
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def persistent_id(self) -> tuple:
+        if self.dtype in LEGACY_STORAGE_TYPES:
+            return ("storage", getattr(torch, LEGACY_STORAGE_TYPES[self.dtype]), self.key, "cpu", self.numel)
+        return ("storage", torch.UntypedStorage, self.key, "cpu", self.nbytes)
+
+
+def contiguous_stride(shape: tuple) -> tuple:
+    stride, step = [], 1
+    for dim in reversed(shape):
+        stride.append(step)
+        step *= max(dim, 1)
+    return tuple(reversed(stride))
+
+
+class TensorRef:
+    """A contiguous tensor over a whole storage; pickles exactly as torch.save pickles a tensor."""
+
+    def __init__(self, storage: StorageRef, shape: tuple):
+        self.storage, self.shape = storage, tuple(shape)
+
+    def __reduce_ex__(self, protocol):
+        args = (self.storage, 0, self.shape, contiguous_stride(self.shape), False, OrderedDict())
+        if self.storage.dtype in LEGACY_STORAGE_TYPES:
+            return torch._utils._rebuild_tensor_v2, args
+        return torch._utils._rebuild_tensor_v3, args + (self.storage.dtype,)
+
+
+class _CheckpointPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        return obj.persistent_id() if isinstance(obj, StorageRef) else None
+
+
+def pickle_checkpoint(obj) -> bytes:
+    """The `data.pkl` torch.save would write for `obj`, whose tensors are `TensorRef`s."""
+    buffer = io.BytesIO()
+    _CheckpointPickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+# -- what goes next to the weights ---------------------------------------------------------------------------
+def metadata_value(value):
+    """A metadata value as data: safetensors metadata holds JSON text, torch containers hold the data itself."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def plain_config(value) -> dict | None:
+    """The config as a plain dict (what Coqui's weights_only loader accepts), or None when there is none."""
+    value = metadata_value(value)
+    return value if isinstance(value, dict) else None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def weighted_loss(losses: list, weights: list[float]):
+    """sum w_i * l_i over the inputs, for a number or for each key of a dict of numbers; None unless every
+    input reports it."""
+    if losses and all(_is_number(loss) for loss in losses):
+        return float(sum(w * float(loss) for w, loss in zip(weights, losses)))
+    if losses and all(isinstance(loss, dict) for loss in losses):
+        out = {key: float(sum(w * float(loss[key]) for w, loss in zip(weights, losses)))
+               for key in losses[0] if all(_is_number(loss.get(key)) for loss in losses)}
+        return out or None
+    return None
+
+
+def training_summary(metadatas: list[dict], weights: list[float]) -> dict:
+    """config (first model that has one), step and epoch (max), model_loss (weighted), each only if present."""
+    values = {key: [metadata_value(m.get(key)) for m in metadatas] for key in SUMMARY_KEYS}
+    summary = {}
+    config = next((c for c in map(plain_config, values["config"]) if c is not None), None)
+    if config is not None:
+        summary["config"] = config
+    for key in ("step", "epoch"):
+        numbers = [v for v in values[key] if _is_number(v)]
+        if numbers:
+            summary[key] = max(numbers)
+    loss = weighted_loss(values["model_loss"], weights)
+    if loss is not None:
+        summary["model_loss"] = loss
+    return summary
+
+
+def normalized_model_weights(prepared) -> list[float]:
+    weights = [spec.params.get("weight") for spec in prepared.config.models]
+    if not all(_is_number(w) for w in weights) or sum(weights) <= 0:
+        weights = [1.0] * len(weights)
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def checkpoint_object(state_dict: dict, prepared) -> object:
+    """The object to save: the state dict alone for plain inputs, else the container described above."""
+    if prepared is None:
+        return state_dict
+    metadatas = [c.metadata or {} for c in prepared.checkpoints]
+    summary = training_summary(metadatas, normalized_model_weights(prepared))
+    container = next((c.container for c in prepared.checkpoints if c.container), "")
+    if not container and not summary:
+        return state_dict
+    node = state_dict
+    for part in reversed((container or "model").split(".")):
+        node = {part: node}
+    return {**node, **summary}
+
+
+def tied_aliases(prepared) -> dict[str, str]:
+    """alias name -> the name whose storage it shares."""
+    if prepared is None:
+        return {}
+    return {alias: task.name for task in prepared.plan.tasks for alias in task.aliases}
+
+
+# -- the output kind -----------------------------------------------------------------------------------------
+class TorchCheckpointOutput:
+    def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str], prepared=None, **_options):
+        self.path = Path(path)
+        aliases = tied_aliases(prepared)
+        self.storage_of: dict[str, StorageRef] = {}
+        storages: list[StorageRef] = []
+        state_dict = {}
+        tensors: dict[str, TensorRef] = {}
+        for name, dtype, shape in entries:
+            source = aliases.get(name)
+            if source in tensors:  # share the storage, as torch.save does for tied parameters
+                tensors[name] = tensors[source]
+            else:
+                storage = StorageRef(str(len(storages)), dtype, math.prod(shape))
+                storages.append(storage)
+                tensors[name] = TensorRef(storage, shape)
+            self.storage_of[name] = tensors[name].storage
+            state_dict[name] = tensors[name]
+        self.writer = TorchZipWriter(self.path, pickle_checkpoint(checkpoint_object(state_dict, prepared)),
+                                     [s.nbytes for s in storages])
+        self.created_dirs: list[Path] = []
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    @property
+    def total_size(self) -> int:
+        return self.writer.total_size
+
+    def open(self) -> None:
+        self.created_dirs = make_directories(self.path.parent)
+        self.writer.open()
+
+    def write(self, name: str, element_offset: int, chunk: torch.Tensor) -> None:
+        if chunk.numel() == 0:
+            return
+        data = chunk.reshape(-1).contiguous().view(torch.uint8).numpy()
+        self.writer.write(int(self.storage_of[name].key), element_offset * chunk.element_size(), data)
+
+    def copy(self, source: str, target: str, chunk_bytes: int) -> None:
+        src, dst = self.storage_of[source], self.storage_of[target]
+        if src is not dst:
+            self.writer.copy(int(src.key), int(dst.key), chunk_bytes)
+
+    def commit(self) -> None:
+        self.writer.commit()
+
+    def abort(self) -> None:
+        self.writer.abort()
+        remove_directories(self.created_dirs)
+
+
+register_output("torch checkpoint (.pth)", lambda p: p.suffix in (".pth", ".pt"), TorchCheckpointOutput)
