@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from streammerge import __version__
+from streammerge.convert import add_convert_parser
 from streammerge.errors import StreamMergeError
 from streammerge.inspect import add_inspect_parser
 from streammerge.methods import METHODS
@@ -36,7 +37,7 @@ def add_merge_parser(subparsers) -> None:
         epilog=_methods_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path, help="merge config (YAML, or JSON)")
     p.add_argument("--output", "-o", type=Path, help="output path (overrides the config's `output`): "
-                   "a .safetensors file or a directory for sharded safetensors")
+                   "a .safetensors file, a .pth/.pt checkpoint, or a directory for sharded safetensors")
     p.add_argument("--max-ram", type=_size, metavar="SIZE",
                    help="peak anonymous RAM budget, e.g. 512MiB or 2GB (overrides `max_ram`; default 1GiB, "
                    "capped at half of the available memory)")
@@ -69,7 +70,7 @@ def run_merge(args) -> int:
     return 0
 
 
-PARSERS = [add_merge_parser, add_inspect_parser]
+PARSERS = [add_merge_parser, add_convert_parser, add_inspect_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

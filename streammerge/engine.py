@@ -232,10 +232,13 @@ class Engine:
                 first.release(start, stop)
 
     # -- the run -------------------------------------------------------------------------------------------
+    def output_metadata(self) -> dict[str, str]:
+        """The safetensors `__metadata__` of the output."""
+        return {"format": "pt", "streammerge": json.dumps(self.config.recipe(), sort_keys=True)}
+
     def run(self) -> Report:
         plan, budget = self.p.plan, self.p.budget
-        metadata = {"format": "pt", "streammerge": json.dumps(self.config.recipe(), sort_keys=True)}
-        output = make_output(self.p.output, plan.entries, metadata, shard_size=self.config.shard_size,
+        output = make_output(self.p.output, plan.entries, self.output_metadata(), shard_size=self.config.shard_size,
                              prepared=self.p)
         check_output_is_not_an_input(output.files, self.p.output,
                                      self.p.checkpoints + ([self.p.base] if self.p.base else []))
