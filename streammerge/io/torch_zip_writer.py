@@ -24,7 +24,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from streammerge.io.safetensors_io import fsync_directory
+from streammerge.io.safetensors_io import fsync_directory, start_writeback
 
 ALIGNMENT = 64
 ARCHIVE = "archive"  # torch.save names the top-level folder after the file; any name loads, this one is stable
@@ -98,7 +98,8 @@ class Record:
         pad = self.padding - 4
         extra = self.zip64_extra + struct.pack("<2sH", b"FB", pad) + b"Z" * pad
         # CRC and sizes are zero here: they follow the data in the descriptor (flag bit 3), as miniz writes them.
-        return LOCAL_HEADER.pack(0x04034B50, 0, self.flags, 0, 0, DOS_DATE, 0, 0, 0, len(name), len(extra)) + name + extra
+        header = LOCAL_HEADER.pack(0x04034B50, 0, self.flags, 0, 0, DOS_DATE, 0, 0, 0, len(name), len(extra))
+        return header + name + extra
 
     def descriptor(self) -> bytes:
         if self.descriptor_size == DESCRIPTOR64.size:
@@ -181,6 +182,7 @@ class TorchZipWriter:
             raise ValueError(f"write of {len(view)} bytes at {byte_offset} overflows {record.name} "
                              f"({record.size} bytes)")
         self.write_at(view, record.data_offset + byte_offset)
+        start_writeback(self.fd, record.data_offset + byte_offset, len(view))
         if record.crc_in_order and byte_offset == record.crc_covered:
             record.crc = zlib.crc32(view, record.crc)
             record.crc_covered += len(view)
