@@ -83,9 +83,10 @@ def find_checkpoints(root: Path, exclude: Path | None = None) -> list[Path]:
     return [p for p in found if p not in shards]
 
 
-def _sharded_name(stem: str) -> str:
-    # A directory name with a dot would be taken for a file of that kind.
-    return stem.replace(".", "_")
+def _sharded_target(parent: Path, stem: str) -> Path:
+    """Shards of Hugging Face's `model` go straight into the mirrored directory (its own layout); others get a
+    directory of their own, named without dots (a dotted name would be taken for a file of that kind)."""
+    return parent if stem == "model" else parent / stem.replace(".", "_")
 
 
 def plan_jobs(sources: list[Path], output: Path, sharded: bool) -> list[Job]:
@@ -116,7 +117,7 @@ def plan_jobs(sources: list[Path], output: Path, sharded: bool) -> list[Job]:
         for path in files:
             parent = output / path.parent.relative_to(base)
             stem = target_stem(path)
-            jobs.append(Job(path, parent / _sharded_name(stem) if sharded else parent / f"{stem}.safetensors"))
+            jobs.append(Job(path, _sharded_target(parent, stem) if sharded else parent / f"{stem}.safetensors"))
     return jobs
 
 

@@ -150,6 +150,33 @@ def test_sharded_output(run, tmp_path):
     assert again.stdout.startswith("skipped")
 
 
+def test_hugging_face_shards_in_a_tree(run, tmp_path):
+    """A `pytorch_model.bin.index.json` stands for its shards and converts as one checkpoint; with --shard-size
+    Hugging Face's files shard straight into the mirrored directory, other files into one of their own."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "hf").mkdir(parents=True)
+    parts = [{"a.weight": torch.randn(64, 64)}, {"b.weight": torch.randn(300), "b.bias": torch.randn(3)}]
+    weight_map = {}
+    for i, part in enumerate(parts, 1):
+        name = f"pytorch_model-{i:05d}-of-00002.bin"
+        torch.save(part, src / "hf" / name)
+        weight_map.update({k: name for k in part})
+    (src / "hf" / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    torch.save({"model": {"w": torch.randn(10)}}, src / "run.v2.pth")
+    result = run("convert", src, "--output", out, "--shard-size", "10KB", "--quiet")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [g[:3] for g in outcomes(result.stdout)] == [
+        ("converted", str(src / "run.v2.pth"), str(out / "run_v2")),
+        ("converted", str(src / "hf/pytorch_model.bin.index.json"), str(out / "hf"))]
+    index = json.loads((out / "hf" / "model.safetensors.index.json").read_text())
+    got = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        got.update(load_file(out / "hf" / shard))
+    expected = {**parts[0], **parts[1]}
+    assert set(got) == set(expected) and all(same_bits(got[k], v) for k, v in expected.items())
+    assert (out / "run_v2" / "model.safetensors.index.json").is_file()
+
+
 def test_several_sources_into_a_directory(run, tmp_path):
     write_plain(tmp_path / "a.pth", 0)
     torch.save({"x": torch.ones(2)}, tmp_path / "b.bin")
