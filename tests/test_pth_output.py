@@ -63,6 +63,29 @@ def test_coqui_loader_accepts_the_result(run, tmp_path):
                                if k.split(".")[0] not in ("dvae",) and not k.startswith("torch_mel")})
 
 
+def test_pickled_xtts_config_and_numpy_values(run, tmp_path):
+    """The official release and older trainers pickle an XttsConfig object and numpy scalars; the .pth gets a
+    plain dict and plain numbers, which torch.load(weights_only=True) accepts (one input is a legacy file)."""
+    from ckpt_fixtures import XTTS_CONFIG_PLAIN, load_trusted, save_xtts_trainer
+
+    paths = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        model = {f"xtts.gpt.{k}": torch.randn(7, 3, generator=g) for k in ("a", "b")}
+        paths.append(save_xtts_trainer(tmp_path / f"m{i}.pth", model, legacy=bool(i), step=1000 * (i + 1),
+                                       epoch=3 - i))
+    result = merge(run, tmp_path, [{"path": str(p), "weight": w} for p, w in zip(paths, (0.25, 0.75))])
+    assert result.returncode == 0, result.stderr
+    got = torch.load(tmp_path / "merged.pth", weights_only=True)
+    refs = [load_trusted(p) for p in paths]
+    assert got["config"] == XTTS_CONFIG_PLAIN
+    assert (got["step"], got["epoch"]) == (2000, 3) and type(got["step"]) is int
+    assert got["model_loss"] == {k: sum(w * float(r["model_loss"][k]) for w, r in zip((0.25, 0.75), refs))
+                                 for k in ("train_loss", "eval_loss")}
+    for name in ("xtts.gpt.a", "xtts.gpt.b"):
+        torch.testing.assert_close(got["model"][name], 0.25 * refs[0]["model"][name] + 0.75 * refs[1]["model"][name])
+
+
 def test_tied_tensors_share_one_storage(run, tmp_path):
     paths = []
     for seed in range(2):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from streammerge.io.containers import plain_config
 from streammerge.io.outputs import Entry, make_directories, register_output, remove_directories
 from streammerge.io.torch_zip_writer import TorchZipWriter
 
@@ -98,9 +99,10 @@ def metadata_value(value):
     return value
 
 
-def plain_config(value) -> dict | None:
-    """The config as a plain dict (what Coqui's weights_only loader accepts), or None when there is none."""
-    value = metadata_value(value)
+def config_dict(value) -> dict | None:
+    """The config as a plain dict (what Coqui's weights_only loader accepts; a pickled XttsConfig becomes its
+    fields), or None when there is none."""
+    value = plain_config(metadata_value(value))
     return value if isinstance(value, dict) else None
 
 
@@ -124,7 +126,7 @@ def training_summary(metadatas: list[dict], weights: list[float]) -> dict:
     """config (first model that has one), step and epoch (max), model_loss (weighted), each only if present."""
     values = {key: [metadata_value(m.get(key)) for m in metadatas] for key in SUMMARY_KEYS}
     summary = {}
-    config = next((c for c in map(plain_config, values["config"]) if c is not None), None)
+    config = next((c for c in map(config_dict, values["config"]) if c is not None), None)
     if config is not None:
         summary["config"] = config
     for key in ("step", "epoch"):
