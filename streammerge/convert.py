@@ -24,7 +24,7 @@ from pathlib import Path
 
 from streammerge.config import parse_config
 from streammerge.engine import Engine, prepare
-from streammerge.errors import ConfigError, StreamMergeError
+from streammerge.errors import ConfigError, NoWeightsError, StreamMergeError
 from streammerge.io import Checkpoint, open_checkpoint
 from streammerge.io.containers import TRAINING_STATE_KEYS
 from streammerge.units import format_size, parse_size
@@ -40,6 +40,7 @@ NOT_SAFETENSORS_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".json")
 class Job:
     source: Path  # a checkpoint file or shard index
     target: Path  # a .safetensors file, or a directory for sharded output
+    found_by_walk: bool = False  # picked up from a directory tree rather than named by the user
 
 
 # -- which files, and where they go --------------------------------------------------------------------------
@@ -117,7 +118,8 @@ def plan_jobs(sources: list[Path], output: Path, sharded: bool) -> list[Job]:
         for path in files:
             parent = output / path.parent.relative_to(base)
             stem = target_stem(path)
-            jobs.append(Job(path, _sharded_target(parent, stem) if sharded else parent / f"{stem}.safetensors"))
+            jobs.append(Job(path, _sharded_target(parent, stem) if sharded else parent / f"{stem}.safetensors",
+                            found_by_walk=not source.is_file()))
     return jobs
 
 
@@ -186,6 +188,10 @@ def convert_one(job: Job, shard_size: int | None = None, max_ram: int | None = N
             report = ConvertEngine(prepared, quiet=quiet, allow_nonfinite=True).run()
         finally:
             prepared.close()
+    except NoWeightsError as exc:
+        if job.found_by_walk:  # e.g. optimizer.pt or training_args.bin beside the weights in a training folder
+            return Outcome(job, "skipped", f"holds no model weights ({str(exc).split(': ', 1)[-1].split('. ')[0]})")
+        return Outcome(job, "failed", str(exc))
     except StreamMergeError as exc:
         return Outcome(job, "failed", str(exc))
     except OSError as exc:

@@ -13,6 +13,10 @@ class CheckpointError(StreamMergeError):
     """A checkpoint file cannot be read or is malformed."""
 
 
+class NoWeightsError(CheckpointError):
+    """A readable file that holds no model weights (training arguments, optimizer state only, ...)."""
+
+
 class PlanError(StreamMergeError):
     """The inputs cannot be merged as asked (names, shapes, dtypes, rules)."""
 

@@ -215,3 +215,20 @@ def test_batch_script(tmp_path):
     assert (out / "a" / "b" / "x.safetensors").is_file() and (out / "y.safetensors").is_file()
     log = (out / "convert.log").read_text()
     assert "2 converted, 0 skipped, 0 failed" in log and "exit status 0" in log
+
+
+def test_files_without_weights_in_a_tree_are_skipped_but_refused_when_named(run, tmp_path):
+    src, out = tmp_path / "run", tmp_path / "out"
+    src.mkdir()
+    torch.save({"w": torch.ones(4)}, src / "pytorch_model.bin")
+    torch.save({"state": {0: {"exp_avg": torch.zeros(4)}}, "param_groups": [{"lr": 1e-4}]}, src / "optimizer.pt")
+    torch.save({"learning_rate": 1e-4, "epochs": 3}, src / "training_args.bin")
+    result = run("convert", src, "--output", out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    got = {g[1]: g for g in outcomes(result.stdout)}
+    assert got[str(src / "optimizer.pt")][0] == "skipped" and "no model weights" in got[str(src / "optimizer.pt")][2]
+    assert got[str(src / "training_args.bin")][0] == "skipped"
+    assert got[str(src / "pytorch_model.bin")][0] == "converted"
+    assert not (out / "optimizer.safetensors").exists()
+    named = run("convert", src / "optimizer.pt", "--output", out / "opt.safetensors")
+    assert named.returncode == 1 and "failed" in named.stdout and "no tensors found" in named.stdout

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from streammerge.errors import CheckpointError
+from streammerge.errors import CheckpointError, NoWeightsError
 from streammerge.io.safe_pickle import InertObject, StorageType, TensorRecord, is_inert_class
 
 # Never merged, never searched for weights: training state that only looks like a state dict.
@@ -93,7 +93,7 @@ def find_state_dict(obj, path: Path, key: str | None = None) -> tuple[dict, str,
         return tensors, key, _without(obj, parts, set(tensors))
     candidates = _candidates(obj)
     if not candidates:
-        raise CheckpointError(f"{path}: no tensors found where weights are kept: the file holds {describe(obj)}"
+        raise NoWeightsError(f"{path}: no tensors found where weights are kept: the file holds {describe(obj)}"
                               f"{_training_only_hint(obj)}. Point `path` at a checkpoint of model weights, or set "
                               "`state_dict_key` if they sit somewhere unusual.")
     best = max(size for _, _, size in candidates)
