@@ -53,6 +53,7 @@ class Rule:
     drop: bool = False
     weights: list[float] | None = None
     params: dict = field(default_factory=dict)  # method parameter overrides for the matching tensors
+    model_params: dict = field(default_factory=dict)  # per-model overrides: name -> one value (or None) per model
 
     def __post_init__(self):
         if self.match.startswith("re:"):
@@ -69,7 +70,8 @@ class Rule:
     @property
     def label(self) -> str:
         action = ("drop" if self.drop else f"take {self.take}" if self.take is not None
-                  else f"weights {self.weights}" if self.weights is not None else f"parameters {self.params}")
+                  else f"weights {self.weights}" if self.weights is not None
+                  else f"parameters {({**self.params, **self.model_params})}")
         return f"{self.match} -> {action}"
 
 
@@ -180,7 +182,8 @@ def _parse_rule(entry, n_models: int, method: Method, where: str) -> Rule:
     if not isinstance(entry, dict) or "match" not in entry:
         raise ConfigError(f"{where}: each rule needs 'match' (a glob, or 're:' + a regular expression).")
     method_param_names = {p.name for p in method.method_params}
-    _check_keys(entry, RULE_KEYS, where, method_param_names)
+    model_param_names = {p.name for p in method.model_params}
+    _check_keys(entry, RULE_KEYS, where, method_param_names | model_param_names)
     actions = [k for k in ("take", "weights", "drop") if k in entry]
     if len(actions) > 1:
         raise ConfigError(f"{where}: use only one of take / weights / drop in a rule (found {', '.join(actions)}).")
@@ -197,11 +200,23 @@ def _parse_rule(entry, n_models: int, method: Method, where: str) -> Rule:
     if not isinstance(drop, bool):
         raise ConfigError(f"{where}: drop must be true or false.")
     nested = entry.get("parameters") or {}
-    inline = {k: v for k, v in entry.items() if k in method_param_names}
-    params = _parse_params({**nested, **inline}, method, False, where)
-    if not actions and not params:
+    if not isinstance(nested, dict):
+        raise ConfigError(f"{where}: 'parameters' must be a mapping.")
+    given = {**nested, **{k: v for k, v in entry.items() if k in method_param_names | model_param_names}}
+    per_model = {k: v for k, v in given.items() if k in model_param_names}
+    params = _parse_params({k: v for k, v in given.items() if k not in model_param_names}, method, False, where)
+    model_params = {}
+    for key, values in per_model.items():
+        if weights is not None and key == "weight":
+            raise ConfigError(f"{where}: give the weights either as 'weights' or as 'weight', not both.")
+        if not isinstance(values, list) or len(values) != n_models:
+            raise ConfigError(f"{where}: '{key}' is a per-model parameter: give a list of {n_models} values, one "
+                              "per model (null keeps that model's own value).")
+        model_params[key] = [None if v is None else coerce_param(method.param(key), v, f"{where}: {key}[{i}]")
+                             for i, v in enumerate(values)]
+    if not actions and not params and not model_params:
         raise ConfigError(f"{where}: a rule needs one of take, weights, drop, or method parameters.")
-    return Rule(str(entry["match"]), take, drop, weights, params)
+    return Rule(str(entry["match"]), take, drop, weights, params, model_params)
 
 
 def _dtype(value, table: dict, what: str) -> torch.dtype:
@@ -231,6 +246,18 @@ def parse_config(data: dict, source: Path | None = None) -> MergeConfig:
         raise ConfigError(f"{where}: 'rules' must be a list.")
     parsed_rules = [_parse_rule(r, len(specs), method, f"{where}: rules[{i}]") for i, r in enumerate(rules)]
     base = data.get("base")
+    if base is not None and not method.uses_base:
+        raise ConfigError(f"{where}: method '{method.name}' does not use a base model, but 'base' is set; remove "
+                          "it, or choose a task-vector method (task_arithmetic, ties, dare_ties, ...).")
+    if base is None and method.needs_base:
+        raise ConfigError(f"{where}: method '{method.name}' needs a base model (the model the others were "
+                          "fine-tuned from): add `base: PATH`.")
+    if len(specs) < method.min_models or (method.max_models is not None and len(specs) > method.max_models):
+        wanted = (f"exactly {method.min_models}" if method.max_models == method.min_models else
+                  f"at least {method.min_models}" if method.max_models is None else
+                  f"{method.min_models} to {method.max_models}")
+        raise ConfigError(f"{where}: method '{method.name}' takes {wanted} model(s) in 'models'"
+                          f"{' (besides the base)' if method.uses_base else ''}, but {len(specs)} are given.")
     config = MergeConfig(
         output=Path(str(data["output"])) if data.get("output") is not None else None,
         models=specs,
@@ -253,8 +280,8 @@ def parse_config(data: dict, source: Path | None = None) -> MergeConfig:
 
 def check_weights(config: MergeConfig, where: str) -> None:
     """Refuse weightings that cannot mean what the user intended."""
-    if config.method.param("weight") is None or "normalize" not in config.params:
-        return
+    if config.method.param("weight") is None or "normalize" not in config.params or config.method.uses_base:
+        return  # task-vector methods take signed weights (a negative weight subtracts a task)
     sets = [("models", [m.params["weight"] for m in config.models])]
     sets += [(f"rule '{r.match}'", r.weights) for r in config.rules if r.weights is not None]
     for label, weights in sets:

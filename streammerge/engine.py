@@ -119,7 +119,7 @@ class Workspace:
     """Buffers allocated once per run and reused for every chunk of every tensor. Accumulators and output
     buffers come in two slots: one is being written out while the other is filled."""
 
-    def __init__(self, chunk: int, n_inputs: int, acc_dtype: torch.dtype):
+    def __init__(self, chunk: int, n_inputs: int, acc_dtype: torch.dtype, extra_buffers: int = 0):
         self.chunk = chunk
         self.acc_dtype = acc_dtype
         self.slot = 0
@@ -127,6 +127,7 @@ class Workspace:
         self.scratch = [torch.empty(chunk, dtype=acc_dtype) for _ in range(n_inputs)]
         self.outs: dict[torch.dtype, list[torch.Tensor]] = {}
         self.staging: torch.Tensor | None = None
+        self.extra = [torch.empty(chunk, dtype=acc_dtype) for _ in range(extra_buffers)]  # the method's own
 
     def next_slot(self) -> None:
         self.slot ^= 1
@@ -246,7 +247,7 @@ class Engine:
         n_inputs = len(self.p.checkpoints) + (1 if self.p.base else 0)
         started = time.perf_counter()
         with MemoryGuard(budget.limit) as guard:
-            workspace = Workspace(self.chunk, n_inputs, self.config.dtype)
+            workspace = Workspace(self.chunk, n_inputs, self.config.dtype, self.method.extra_buffers)
             self.verify_non_float(plan, workspace)
             progress = tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                             desc="merging", disable=not self.show_progress, dynamic_ncols=True)
@@ -279,9 +280,10 @@ class Engine:
             self._stream(task, inputs, ws, output, progress, guard, lambda s, e: ws.read_for_copy(task.sources[0], s, e))
             return
         stats = None
-        if self.method.stat_passes:
+        passes = self.method.passes_for(task.params, task.model_params, self.config.dtype, task.numel)
+        if passes:
             stats = self.method.init_stats(task.numel, len(task.sources))
-            for pass_index in range(self.method.stat_passes):
+            for pass_index in range(passes):
                 for start, stop in _chunks(task.numel, self.chunk):
                     self.method.observe(stats, pass_index, self._context(task, ws, start, stop))
                     for info in inputs:  # keep the page cache: the next pass reads these bytes again
@@ -327,8 +329,14 @@ class Engine:
     def _context(self, task: TensorTask, ws: Workspace, start: int, stop: int) -> ChunkContext:
         inputs = [ws.read_as_acc(info, start, stop, i) for i, info in enumerate(task.sources)]
         base = ws.read_as_acc(task.base, start, stop, len(task.sources)) if task.base is not None else None
+        sources = task.sources + ([task.base] if task.base is not None else [])
+        acc_dtype = self.config.dtype
+
+        def read(index: int, a: int, b: int) -> torch.Tensor:
+            return sources[index].read(a, b).to(acc_dtype, copy=True)
+
         return ChunkContext(task.name, start, task.numel, inputs, base, task.model_params, task.params,
-                            ws.acc(stop - start), self.config.seed)
+                            ws.acc(stop - start), self.config.seed, task.shape, ws.extra, read)
 
 
 def _write_and_release(output, name: str, start: int, stop: int, chunk: torch.Tensor, inputs, was_cached) -> None:

@@ -19,6 +19,9 @@ MIB = 1024**2
 OVERHEAD = 24 * MIB
 MIN_CHUNK_ELEMENTS = 256 * 1024
 MAX_CHUNK_ELEMENTS = 16 * MIB  # larger chunks stop paying off (cache effects, progress granularity)
+# Chunks are a multiple of this, so every chunk boundary falls on the grid that methods use for whole-tensor
+# statistics and random draws: results are then the same for every chunk size.
+CHUNK_ALIGN = 64 * 1024
 
 
 def anon_rss() -> int:
@@ -136,7 +139,8 @@ class Budget:
                 f"(free RAM and cgroup limit); lower max_ram to at most {format_size(self.available // 2)} "
                 "or free some memory.")
         room = self.limit - self.baseline - OVERHEAD
-        self.chunk_elements = max(MIN_CHUNK_ELEMENTS, min(MAX_CHUNK_ELEMENTS, room // per_element))
+        chunk = max(MIN_CHUNK_ELEMENTS, min(MAX_CHUNK_ELEMENTS, room // per_element))
+        self.chunk_elements = chunk // CHUNK_ALIGN * CHUNK_ALIGN
 
     @property
     def estimated_peak(self) -> int:

@@ -145,9 +145,16 @@ def build_plan(config: MergeConfig, checkpoints: list[Checkpoint], base: Checkpo
                 if rule is not None and rule.weights is not None:
                     for params, weight in zip(task.model_params, rule.weights):
                         params["weight"] = weight
+                for key, values in (rule.model_params.items() if rule is not None else ()):
+                    for params, value in zip(task.model_params, values):
+                        if value is not None:
+                            params[key] = value
                 task.params = {**config.params, **(rule.params if rule is not None else {})}
-                if config.method.needs_base:
+                if config.method.needs_base or (config.method.accepts_base and base_tensors is not None):
                     task.base = _base_tensor(base_tensors, base, name, first)
+                problem = config.method.check(task.params, task.model_params) if config.method.check else None
+                if problem:
+                    raise PlanError(f"'{name}' (rule {label}): {problem}.")
         signature = (rule_index, task.kind, tuple(s.storage_key for s in task.sources + task.must_equal),
                      task.base.storage_key if task.base is not None else None, task.out_dtype)
         if signature in by_signature:

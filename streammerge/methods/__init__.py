@@ -4,6 +4,10 @@ A method is a small function over one chunk of one tensor. It declares its param
 drives config validation, rule overrides and `--help`. Methods that need whole-tensor statistics declare
 `stat_passes`: the engine streams every chunk through `observe` that many times before calling `merge`, so a
 tensor far larger than the RAM budget is merged exactly as if it fit.
+
+Chunks start on a grid of `GRID` elements (the engine's chunk size is a multiple of it) and `merge` sees the
+chunks of a tensor in ascending order; methods whose statistics or random draws are computed per grid block
+therefore give bit-identical results whatever the chunk size is.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from typing import Any, Callable
 import torch
 
 from streammerge.errors import ConfigError
+from streammerge.memory import CHUNK_ALIGN
+
+GRID = CHUNK_ALIGN  # elements per block of the fixed grid for statistics and random draws
 
 
 @dataclass(frozen=True)
@@ -23,6 +30,7 @@ class Param:
     help: str
     per_model: bool = False  # set per model (models[i].weight) rather than once for the method
     kind: type = float
+    check: Callable[[Any], str | None] | None = None  # returns why a value is not allowed, or None
 
 
 @dataclass
@@ -38,6 +46,15 @@ class ChunkContext:
     params: dict  # method parameters (normalize, t, ...)
     out: torch.Tensor  # preallocated accumulator (accumulation dtype) to fill and return
     seed: int = 0
+    shape: tuple = ()  # shape of the whole tensor
+    scratch: list[torch.Tensor] = field(default_factory=list)  # `extra_buffers` chunk-sized buffers to reuse
+    read: Callable[[int, int, int], torch.Tensor] | None = None  # (input, start, stop) -> copy in accumulation
+    # dtype of elements outside this chunk; input len(inputs) is the base. For methods whose unit of work
+    # (a row) may straddle chunks.
+
+    @property
+    def stop(self) -> int:
+        return self.offset + self.out.numel()
 
 
 @dataclass(frozen=True)
@@ -47,13 +64,27 @@ class Method:
     merge: Callable[[ChunkContext, Any], torch.Tensor]
     params: tuple[Param, ...] = ()
     needs_base: bool = False
-    stat_passes: int = 0
+    accepts_base: bool = False  # a base is optional (used when the config gives one)
+    # Whole-tensor statistic passes before the merge pass: a number, or a function of
+    # (method params, per-model params, accumulation dtype, numel) when it depends on them.
+    stat_passes: int | Callable[[dict, list[dict], torch.dtype, int], int] = 0
     init_stats: Callable[[int, int], Any] | None = None  # (numel, n_models) -> state
     observe: Callable[[Any, int, ChunkContext], None] | None = None  # (state, pass index, chunk)
     finish_pass: Callable[[Any, int], None] | None = None
     extra_buffers: int = 0  # chunk-sized accumulation buffers the method needs beyond the accumulator
     min_models: int = 1
     max_models: int | None = None
+    # (method params, per-model params) of one tensor -> why they cannot be used together, or None
+    check: Callable[[dict, list[dict]], str | None] | None = None
+
+    def passes_for(self, params: dict, model_params: list[dict], dtype: torch.dtype, numel: int) -> int:
+        if callable(self.stat_passes):
+            return self.stat_passes(params, model_params, dtype, numel)
+        return self.stat_passes
+
+    @property
+    def uses_base(self) -> bool:
+        return self.needs_base or self.accepts_base
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -87,10 +118,14 @@ def coerce_param(param: Param, value, where: str):
     if param.kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: '{param.name}' must be true or false, got {value!r}.")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: '{param.name}' must be a number, got {value!r}.")
-    return param.kind(value)
+    else:
+        value = param.kind(value)
+    problem = param.check(value) if param.check is not None else None
+    if problem:
+        raise ConfigError(f"{where}: '{param.name}' = {value!r}: {problem}.")
+    return value
 
 
-from streammerge.methods import linear  # noqa: E402,F401  (registration)
+from streammerge.methods import linear, interpolation, simple, task_vectors  # noqa: E402,F401  (registration)

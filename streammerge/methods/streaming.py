@@ -1,0 +1,237 @@
+"""Whole-tensor statistics and reproducible randomness for methods that see a tensor chunk by chunk.
+
+Everything here is computed per block of a fixed grid (`GRID` elements, aligned to the start of the tensor)
+and combined in block order, so results depend on the data alone, never on where chunks begin and end:
+- `GroupSums`: float64 sums of per-element quantities over the whole tensor, its rows or its columns;
+- `uniform`: uniform random numbers drawn per block from a generator seeded by (seed, tensor, stream, block);
+- `RankSelect`: exact order statistics of magnitudes by radix selection over their bit patterns, a histogram of
+  16 bits per pass (2 passes for float32, 4 for float64), instead of sorting the whole tensor;
+- `TieGate`: which of the elements equal to a selected value are kept, by their order of appearance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from streammerge.methods import GRID
+
+DIGIT_BITS = 16
+BINS = 1 << DIGIT_BITS
+INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def grid_blocks(offset: int, n: int):
+    """(local start, local stop) of the grid blocks that make up the chunk [offset, offset + n)."""
+    if offset % GRID:
+        raise RuntimeError(f"chunk offset {offset} is not on the {GRID}-element grid")
+    for start in range(0, n, GRID):
+        yield start, min(n, start + GRID)
+
+
+def bool_views(buffer: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """As many n-element bool masks as fit in one scratch buffer of the accumulation dtype (4 or 8)."""
+    raw = buffer.view(torch.uint8)
+    per = raw.numel() // buffer.element_size()
+    return [raw[i * per:i * per + n].view(torch.bool) for i in range(buffer.element_size())]
+
+
+# -- vectors of a tensor -------------------------------------------------------------------------------------
+class Groups:
+    """How a tensor's elements fall into vectors for per-vector statistics: the whole tensor ("tensor"), vectors
+    along the last dimension ("rows"), or vectors along the first dimension ("columns"). A 1-D tensor is one
+    vector either way."""
+
+    def __init__(self, kind: str, shape: tuple):
+        numel = math.prod(shape)
+        self.kind = kind if len(shape) >= 2 and numel else "tensor"
+        if self.kind == "rows":
+            self.period, self.count = shape[-1], numel // shape[-1]
+        elif self.kind == "columns":
+            self.period = numel // shape[0]
+            self.count = self.period
+        else:
+            self.period, self.count = max(numel, 1), 1
+
+    def pieces(self, start: int, stop: int):
+        """Split the element range into (start, stop, full) pieces: `full` pieces are whole periods."""
+        p = self.period
+        a = start
+        if a % p:
+            b = min(stop, (a // p + 1) * p)
+            yield a, b, False
+            a = b
+        end = a + (stop - a) // p * p
+        if end > a:
+            yield a, end, True
+            a = end
+        if a < stop:
+            yield a, stop, False
+
+    def accumulate(self, sums: torch.Tensor, start: int, values: torch.Tensor) -> None:
+        """sums[group] += sum of `values` (elements start.. of the tensor) in each group, in float64."""
+        if self.kind == "tensor":
+            sums[0] += values.sum(dtype=torch.float64)
+            return
+        p = self.period
+        for a, b, full in self.pieces(start, start + values.numel()):
+            part = values[a - start:b - start]
+            if self.kind == "rows":
+                if full:
+                    sums[a // p:b // p] += part.view(-1, p).sum(1, dtype=torch.float64)
+                else:
+                    sums[a // p] += part.sum(dtype=torch.float64)
+            elif full:
+                sums += part.view(-1, p).sum(0, dtype=torch.float64)
+            else:
+                sums[a % p:a % p + (b - a)] += part.to(torch.float64)
+
+    def expand(self, values: torch.Tensor, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Per-element copy of per-group `values` for the elements [start, start + out.numel())."""
+        p = self.period
+        for a, b, full in self.pieces(start, start + out.numel()):
+            part = out[a - start:b - start]
+            if self.kind == "tensor":
+                part.fill_(values[0])
+            elif self.kind == "rows":
+                if full:
+                    part.view(-1, p).copy_(values[a // p:b // p, None].expand(-1, p))
+                else:
+                    part.fill_(values[a // p])
+            elif full:
+                part.view(-1, p).copy_(values[None, :].expand((b - a) // p, -1))
+            else:
+                part.copy_(values[a % p:a % p + (b - a)])
+        return out
+
+
+class GroupSums:
+    """Float64 sums of several per-element quantities over the groups of a tensor, accumulated per grid block in
+    index order (so the sums are the same whatever the chunking)."""
+
+    def __init__(self, groups: Groups, quantities: int):
+        self.groups = groups
+        self.sums = torch.zeros(quantities, groups.count, dtype=torch.float64)
+
+    def add(self, quantity: int, offset: int, values: torch.Tensor) -> None:
+        for a, b in grid_blocks(offset, values.numel()):
+            self.groups.accumulate(self.sums[quantity], offset + a, values[a:b])
+
+
+# -- randomness ----------------------------------------------------------------------------------------------
+def block_seed(seed: int, name: str, stream: int, block: int) -> int:
+    digest = hashlib.blake2b(f"{seed}\0{name}\0{stream}\0{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class Uniform:
+    """U[0, 1) float32 numbers for any element range of a tensor: each grid block has its own generator seeded by
+    (seed, tensor name, stream, block index), so a number depends on its element alone."""
+
+    def __init__(self, seed: int, name: str, stream: int):
+        self.seed, self.name, self.stream = seed, name, stream
+        self._block = torch.empty(GRID, dtype=torch.float32)
+        self._cached = -1
+
+    def _fill(self, block: int) -> torch.Tensor:
+        if block != self._cached:
+            generator = torch.Generator().manual_seed(block_seed(self.seed, self.name, self.stream, block))
+            torch.rand(GRID, generator=generator, out=self._block)
+            self._cached = block
+        return self._block
+
+    def fill(self, start: int, out: torch.Tensor) -> torch.Tensor:
+        stop = start + out.numel()
+        position = start
+        while position < stop:
+            block = position // GRID
+            end = min(stop, (block + 1) * GRID)
+            out[position - start:end - start].copy_(self._fill(block)[position - block * GRID:end - block * GRID])
+            position = end
+        return out
+
+
+# -- exact order statistics ----------------------------------------------------------------------------------
+class RankSelect:
+    """The values at given ascending ranks (0-based) among the non-negative numbers of a tensor, found in
+    `passes` histogram passes over its chunks (radix selection on the IEEE bit patterns, which order like the
+    numbers themselves). After the last pass, for each rank: `value`, `ties_before` (elements equal to `value`
+    with a lower rank) and `count_equal`."""
+
+    def __init__(self, ranks: list[int], dtype: torch.dtype):
+        self.ranks = list(ranks)
+        self.int_dtype = INT_VIEW[dtype]
+        self.float_dtype = dtype
+        self.bits = dtype.itemsize * 8
+        self.passes = self.bits // DIGIT_BITS
+        self.prefix = [0] * len(ranks)
+        self.remaining = list(ranks)
+        self.count_equal = [0] * len(ranks)
+        self.hist = [torch.zeros(BINS, dtype=torch.int64) for _ in ranks]
+
+    def observe(self, pass_index: int, values: torch.Tensor, digits_buffer: torch.Tensor,
+                mask: torch.Tensor) -> None:
+        """values: magnitudes (>= 0) of one chunk; digits_buffer/mask: scratch of the same length."""
+        bits = values.view(self.int_dtype)
+        digits = digits_buffer.view(self.int_dtype)[:values.numel()]
+        shift = self.bits - DIGIT_BITS * (pass_index + 1)
+        if pass_index == 0:
+            torch.bitwise_right_shift(bits, shift, out=digits)
+            counts = torch.bincount(digits, minlength=BINS)
+            for hist in self.hist:
+                hist += counts
+            return
+        for j, hist in enumerate(self.hist):
+            torch.bitwise_right_shift(bits, shift + DIGIT_BITS, out=digits)
+            torch.ne(digits, self.prefix[j], out=mask)
+            torch.bitwise_right_shift(bits, shift, out=digits)
+            digits.bitwise_and_(BINS - 1).masked_fill_(mask, BINS)  # other prefixes go to an ignored bin
+            hist += torch.bincount(digits, minlength=BINS + 1)[:BINS]
+
+    def finish_pass(self, pass_index: int) -> None:
+        for j, hist in enumerate(self.hist):
+            cumulative = hist.cumsum(0)
+            bucket = int(torch.searchsorted(cumulative, self.remaining[j], right=True))
+            self.remaining[j] -= int(cumulative[bucket - 1]) if bucket else 0
+            self.prefix[j] = (self.prefix[j] << DIGIT_BITS) | bucket
+            if pass_index == self.passes - 1:
+                self.count_equal[j] = int(hist[bucket])
+            hist.zero_()
+
+    def value(self, j: int) -> float:
+        return torch.tensor([self.prefix[j]], dtype=self.int_dtype).view(self.float_dtype).item()
+
+    def ties_before(self, j: int) -> int:
+        return self.remaining[j]
+
+
+class TieGate:
+    """Among the elements equal to `value`, keeps those whose position among them (in tensor order) is in
+    [first, stop). The merge pass sees chunks in order, so a running count of such elements is all it needs."""
+
+    def __init__(self, value: float, first: int, stop: int):
+        self.value, self.first, self.stop = value, first, stop
+        self.seen = 0
+
+    def apply(self, magnitudes: torch.Tensor, keep: torch.Tensor, equal: torch.Tensor, counts: torch.Tensor,
+              other: torch.Tensor) -> None:
+        """keep |= the chunk's elements admitted; equal/other (bool), counts (int) are chunk-sized scratch."""
+        torch.eq(magnitudes, self.value, out=equal)
+        n = int(equal.sum())
+        if not n:
+            return
+        first, stop = max(self.first - self.seen, 0), min(self.stop - self.seen, n)
+        self.seen += n
+        if first >= stop:
+            return
+        if first == 0 and stop == n:
+            keep.logical_or_(equal)
+            return
+        torch.cumsum(equal, 0, dtype=counts.dtype, out=counts)  # 1-based position among the equal elements
+        torch.gt(counts, first, out=other)
+        other.logical_and_(equal)
+        equal.copy_(other)
+        torch.le(counts, stop, out=other)
+        keep.logical_or_(other.logical_and_(equal))

@@ -1,0 +1,43 @@
+"""Run a merge of in-memory tensors through the real config -> plan -> engine path, with a chosen chunk size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from streammerge.config import parse_config
+from streammerge.engine import Engine, prepare
+
+
+def write_models(tmp: Path, models: list[dict], base: dict | None = None) -> tuple[list[Path], Path | None]:
+    paths = []
+    for i, tensors in enumerate(models):
+        paths.append(tmp / f"model{i}.safetensors")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, paths[-1])
+    base_path = None
+    if base is not None:
+        base_path = tmp / "base.safetensors"
+        save_file({k: v.contiguous() for k, v in base.items()}, base_path)
+    return paths, base_path
+
+
+def run_merge(tmp: Path, method: str, models: list[dict], base: dict | None = None, model_params=None,
+              chunk: int | None = None, output: str = "out.safetensors", **top) -> dict:
+    """Merge with `method`; model_params: one dict per model; top: other config keys (parameters, rules...)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    paths, base_path = write_models(tmp, models, base)
+    model_params = model_params or [{} for _ in models]
+    config = {"method": method, "models": [{"path": str(p), **mp} for p, mp in zip(paths, model_params)],
+              "output": str(tmp / output), **top}
+    if base_path is not None:
+        config["base"] = str(base_path)
+    prepared = prepare(parse_config(config))
+    try:
+        if chunk is not None:
+            prepared.budget.chunk_elements = chunk
+        Engine(prepared, quiet=True).run()
+    finally:
+        prepared.close()
+    return load_file(tmp / output)
