@@ -1,0 +1,442 @@
+"""Every merge method against a small in-memory reference written here, plus edge cases and chunk invariance.
+
+Most data are small dyadic numbers (k / 8), so sums are exact in float32 whatever their order and magnitudes
+tie a lot: the references can then demand bit-identical results, tie-breaking included.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from merge_helpers import run_merge
+from streammerge.errors import ConfigError, PlanError, StreamMergeError
+
+GRID = 64 * 1024
+
+
+def dyadic(shape, generator, spread=24):
+    return torch.randint(-spread, spread + 1, shape, generator=generator).float() / 8
+
+
+def make_set(n_models=3, shape=(96, 130), seed=0, dyadic_data=True):
+    g = torch.Generator().manual_seed(seed)
+    gen = (lambda s: dyadic(s, g)) if dyadic_data else (lambda s: torch.randn(s, generator=g))
+    base = {"w": gen(shape), "b": gen((shape[-1],))}
+    models = [{k: v + gen(v.shape) for k, v in base.items()} for _ in range(n_models)]
+    return base, models
+
+
+# -- references (whole tensors, plain torch) -----------------------------------------------------------------
+def ascending_ranks(magnitudes: torch.Tensor) -> torch.Tensor:
+    """Rank of each element in the order (|delta|, position)."""
+    flat = magnitudes.flatten()
+    order = torch.sort(flat, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(flat.numel())
+    return ranks.view(magnitudes.shape)
+
+
+def ref_keep(delta, kind, density, gamma=0.0):
+    n = delta.numel()
+    if kind is None or density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    ranks = ascending_ranks(delta.abs())
+    if kind == "magnitude":
+        if density <= 0:
+            return torch.zeros_like(delta, dtype=torch.bool)
+        return ranks >= n - max(1, int(density * n))
+    target, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - target - top)
+    return (ranks >= bottom) & (ranks < bottom + target)
+
+
+def ref_task_vectors(base, xs, weights, keeps, consensus, normalize, lam=1.0, rescale_l1=False, scales=None):
+    deltas = []
+    for i, (x, w, keep) in enumerate(zip(xs, weights, keeps)):
+        d = x - base
+        kept = d * keep
+        if scales is not None:
+            kept = kept / scales[i]
+        if rescale_l1:
+            before, after = d.abs().double().sum().item(), kept.abs().double().sum().item()
+            if before >= 1e-7 and after >= 1e-7:
+                kept = kept * (before / after)
+        deltas.append(kept * w)
+    stacked = torch.stack(deltas)
+    w = torch.tensor(weights).view(-1, *([1] * base.dim()))
+    if consensus:
+        majority = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+        agree = (torch.sign(stacked) == majority).float()
+        mixed = (stacked * agree).sum(0)
+        divisor = (w * agree).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = stacked.sum(0)
+        divisor = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
+    if normalize:
+        mixed = mixed / divisor
+    return base + mixed * lam if lam != 1 else base + mixed
+
+
+def ref_slerp(t, a, b):
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    na, nb = a64.norm().item(), b64.norm().item()
+    na, nb = (na if na > 1e-8 else 1.0), (nb if nb > 1e-8 else 1.0)
+    dot = max(-1.0, min(1.0, (a64 @ b64).item() / (na * nb)))
+    if abs(dot) > 0.9995:
+        return ((1 - t) * a64 + t * b64).view(a.shape)
+    theta = math.acos(dot)
+    return ((math.sin((1 - t) * theta) * a64 + math.sin(t * theta) * b64) / math.sin(theta)).view(a.shape)
+
+
+def ref_nuslerp(t, v0, v1, dim_kind):
+    v0, v1 = v0.double(), v1.double()
+    shape = v0.shape
+    if dim_kind == "tensor" or v0.dim() < 2:
+        v0, v1 = v0.reshape(1, -1), v1.reshape(1, -1)
+    elif dim_kind == "columns":
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos**2) <= 1e-16
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    res = torch.where(colinear, (1 - t) * v0 + t * v1, res)
+    if dim_kind == "columns" and len(shape) >= 2:
+        res = res.transpose(0, -1)
+    return res.reshape(shape)
+
+
+def ref_model_stock(base, xs, filter_wise=False):
+    shape = base.shape
+    b = base.double()
+    ws = [x.double() for x in xs]
+    if filter_wise:
+        if b.dim() == 1:
+            b, ws = b.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+    else:
+        b, ws = b.reshape(-1), [w.reshape(-1) for w in ws]
+    offsets = [w - b for w in ws]
+    cosines = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            norm = offsets[i].norm(dim=-1) * offsets[j].norm(dim=-1)
+            cosines.append(((offsets[i] * offsets[j]).sum(-1) / norm.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(0).unsqueeze(-1)
+    n = len(ws)
+    denominator = 1 + (n - 1) * cos
+    t = torch.where(denominator.abs() < 1e-6, 0, n * cos / denominator)
+    return (t * (sum(ws) / n) + (1 - t) * b).reshape(shape)
+
+
+def close(actual, expected, rtol=1e-5, atol=1e-5):
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
+
+
+# -- task-vector methods -------------------------------------------------------------------------------------
+TV = {  # method: (sparsifier, consensus, default normalize)
+    "task_arithmetic": (None, False, False),
+    "ties": ("magnitude", True, True),
+    "breadcrumbs": ("outliers", False, False),
+    "breadcrumbs_ties": ("outliers", True, False),
+}
+
+
+@pytest.mark.parametrize("method", list(TV))
+@pytest.mark.parametrize("density", [0.35, 1.0])
+def test_task_vector_methods_match_reference(tmp_path, method, density):
+    kind, consensus, normalize = TV[method]
+    base, models = make_set()
+    weights = [0.5, 1.25, -0.75] if method == "task_arithmetic" else [0.5, 1.25, 0.75]
+    densities = [density, density * 0.5 if density < 1 else 1.0, 0.9]
+    gammas = [0.05, 0.0, 0.1]
+    mp = [{"weight": w} for w in weights]
+    if kind:
+        for m, d, gm in zip(mp, densities, gammas):
+            m["density"] = d
+            if kind == "outliers":
+                m["gamma"] = gm
+    out = run_merge(tmp_path, method, models, base, mp, parameters={"lambda": 0.5})
+    for name in base:
+        keeps = [ref_keep(m[name] - base[name], kind, d, gm) for m, d, gm in zip(models, densities, gammas)]
+        expected = ref_task_vectors(base[name], [m[name] for m in models], weights, keeps, consensus, normalize,
+                                    lam=0.5)
+        assert torch.equal(out[name], expected), name
+
+
+def test_ties_rescale_matches_l1_reference(tmp_path):
+    base, models = make_set()
+    mp = [{"weight": 0.5, "density": 0.3}, {"weight": 0.25, "density": 0.6}]
+    out = run_merge(tmp_path, "ties", models[:2], base, mp, parameters={"rescale": True, "normalize": False})
+    for name in base:
+        keeps = [ref_keep(m[name] - base[name], "magnitude", p["density"]) for m, p in zip(models, mp)]
+        expected = ref_task_vectors(base[name], [m[name] for m in models[:2]], [0.5, 0.25], keeps, True, False,
+                                    rescale_l1=True)
+        close(out[name], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_ties_on_random_floats(tmp_path):
+    base, models = make_set(dyadic_data=False, seed=3)
+    mp = [{"weight": 1.0, "density": 0.2}] * 3
+    out = run_merge(tmp_path, "ties", models, base, mp)
+    for name in base:
+        keeps = [ref_keep(m[name] - base[name], "magnitude", 0.2) for m in models]
+        close(out[name], ref_task_vectors(base[name], [m[name] for m in models], [1.0] * 3, keeps, True, True))
+
+
+def test_task_vectors_zero_deltas_and_single_model(tmp_path):
+    base, models = make_set()
+    for method in ("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "model_stock"):
+        same = [dict(base), dict(base)]
+        mp = [{"density": 0.5}] * 2 if method not in ("task_arithmetic", "model_stock") else None
+        out = run_merge(tmp_path / method, method, same, base, mp)
+        for name in base:
+            assert torch.equal(out[name], base[name]), (method, name)
+    # one model plus a base: TIES is that model's pruned task vector (normalized by its own weight)
+    out = run_merge(tmp_path / "single", "ties", models[:1], base, [{"weight": 0.5, "density": 0.4}])
+    for name in base:
+        keep = ref_keep(models[0][name] - base[name], "magnitude", 0.4)
+        assert torch.equal(out[name], base[name] + (models[0][name] - base[name]) * keep * 0.5 / 0.5)
+
+
+def test_all_equal_models_ties_gives_that_model(tmp_path):
+    base, models = make_set()
+    out = run_merge(tmp_path, "ties", [models[0]] * 3, base, [{"weight": 1.0, "density": 1.0}] * 3)
+    for name in base:
+        assert torch.equal(out[name], base[name] + (models[0][name] - base[name]))
+
+
+# -- random methods ------------------------------------------------------------------------------------------
+def test_dare_linear_keeps_density_rescaled_and_is_reproducible(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(400, 700, generator=g)}
+    model = {"w": base["w"] + torch.randn(400, 700, generator=g)}
+    runs = [run_merge(tmp_path / f"r{i}", "dare_linear", [model], base, [{"density": 0.3}], chunk=c, seed=7)
+            for i, c in enumerate((GRID, GRID * 5, None))]
+    delta = model["w"] - base["w"]
+    got = runs[0]["w"] - base["w"]
+    kept = got != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.01
+    close(got[kept], delta[kept] / 0.3, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(runs[0]["w"], r["w"]) for r in runs[1:])
+    other_seed = run_merge(tmp_path / "s", "dare_linear", [model], base, [{"density": 0.3}], seed=8)
+    assert not torch.equal(other_seed["w"], runs[0]["w"])
+
+
+def _masks_from_single_runs(tmp_path, method, models, base, mp, **top):
+    """Each model's kept entries and their scale, read off runs where only that model has weight."""
+    masks = []
+    for i in range(len(models)):
+        one_hot = [dict(p, weight=1.0 if j == i else 0.0) for j, p in enumerate(mp)]
+        out = run_merge(tmp_path / f"only{i}", method, models, base, one_hot, **top)
+        masks.append({k: ((out[k] - base[k]), (models[i][k] - base[k])) for k in base})
+    return masks
+
+
+def test_dare_ties_is_ties_consensus_on_dare_pruned_deltas(tmp_path):
+    base, models = make_set(2, dyadic_data=False, seed=5)
+    mp = [{"weight": 0.7, "density": 0.5}, {"weight": 0.4, "density": 0.6}]
+    singles = _masks_from_single_runs(tmp_path, "dare_linear", models, base, mp, seed=3)
+    out = run_merge(tmp_path / "ties", "dare_ties", models, base, mp, seed=3)
+    for name in base:
+        keeps = [single[name][0] != 0 for single in singles]
+        for keep, p in zip(keeps, mp):
+            assert abs(keep.float().mean().item() - p["density"]) < 0.1
+        expected = ref_task_vectors(base[name], [m[name] for m in models], [0.7, 0.4], keeps, True, False,
+                                    scales=[0.5, 0.6])
+        close(out[name], expected)
+
+
+def della_probabilities(delta, density, epsilon):
+    """Keep probability of each entry: density - eps .. density + eps by ascending magnitude rank along dim 1."""
+    d = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    ranks = torch.sort(d.abs(), dim=1, stable=True).indices.argsort(dim=1).double()
+    span = d.shape[1]
+    norm = ranks / (span - 1) if span > 1 else torch.zeros_like(ranks)
+    return ((density - epsilon) + norm * 2 * epsilon).view(delta.shape)
+
+
+def test_della_keeps_by_rank_probability_and_rescales(tmp_path):
+    base, models = make_set(2, shape=(64, 300), dyadic_data=False, seed=9)
+    mp = [{"weight": 1.0, "density": 0.5, "epsilon": 0.3}, {"weight": 1.0, "density": 0.4, "epsilon": 0.2}]
+    singles = _masks_from_single_runs(tmp_path, "della_linear", models, base, mp, seed=11)
+    for (name, (got, delta)), p in [(("w", s["w"]), q) for s, q in zip(singles, mp)]:
+        probability = della_probabilities(delta, p["density"], p["epsilon"])
+        kept = got != 0
+        close(got[kept], (delta / probability.float())[kept])
+        # entries in the top third of ranks are kept far more often than those in the bottom third
+        top, bottom = probability > p["density"] + p["epsilon"] / 3, probability < p["density"] - p["epsilon"] / 3
+        assert kept[top].float().mean() > kept[bottom].float().mean() + p["epsilon"]
+    out = run_merge(tmp_path / "della", "della", models, base, mp, seed=11)
+    for name in base:
+        keeps = [s[name][0] != 0 for s in singles]
+        scales = [della_probabilities(m[name] - base[name], p["density"], p["epsilon"]).float()
+                  for m, p in zip(models, mp)]
+        expected = ref_task_vectors(base[name], [m[name] for m in models], [1.0, 1.0], keeps, True, True,
+                                    scales=scales)
+        close(out[name], expected)
+
+
+def test_della_refuses_epsilon_outside_density(tmp_path):
+    base, models = make_set(1)
+    with pytest.raises(PlanError, match="epsilon"):
+        run_merge(tmp_path, "della", models, base, [{"density": 0.9, "epsilon": 0.2}])
+
+
+# -- interpolation methods -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+def test_slerp_matches_reference(tmp_path, t):
+    _, models = make_set(2, dyadic_data=False, seed=2)
+    out = run_merge(tmp_path, "slerp", models, parameters={"t": t})
+    for name in models[0]:
+        if t in (0.0, 1.0):
+            assert torch.equal(out[name], models[int(t)][name])
+        close(out[name], ref_slerp(t, models[0][name], models[1][name]))
+
+
+def test_slerp_parallel_and_zero_inputs_interpolate_linearly(tmp_path):
+    a = {"w": torch.randn(50, 40)}
+    b = {"w": a["w"] * 2}
+    out = run_merge(tmp_path / "p", "slerp", [a, b], parameters={"t": 0.25})
+    close(out["w"], a["w"] * 0.75 + b["w"] * 0.25)
+    zero = {"w": torch.zeros(50, 40)}
+    out = run_merge(tmp_path / "z", "slerp", [zero, b], parameters={"t": 0.25})
+    close(out["w"], ref_slerp(0.25, zero["w"], b["w"]))
+
+
+@pytest.mark.parametrize("layout", [{}, {"nuslerp_flatten": False},
+                                    {"nuslerp_flatten": False, "nuslerp_row_wise": True}])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_nuslerp_matches_reference(tmp_path, layout, with_base):
+    base, models = make_set(2, dyadic_data=False, seed=4)
+    mp = [{"weight": 1.0}, {"weight": 3.0}]
+    out = run_merge(tmp_path, "nuslerp", models, base if with_base else None, mp, parameters=layout)
+    kind = "tensor" if layout.get("nuslerp_flatten", True) else (
+        "columns" if layout.get("nuslerp_row_wise") else "rows")
+    for name in base:
+        v0, v1 = models[0][name], models[1][name]
+        if with_base:
+            expected = base[name].double() + ref_nuslerp(0.75, v0 - base[name], v1 - base[name], kind)
+        else:
+            expected = ref_nuslerp(0.75, v0, v1, kind)
+        close(out[name], expected)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_matches_reference(tmp_path, filter_wise):
+    base, models = make_set(3, dyadic_data=False, seed=6)
+    # correlated fine-tunes, as model stock expects: a shared direction plus noise
+    shared = {k: torch.randn_like(v) for k, v in base.items()}
+    models = [{k: base[k] + shared[k] + 0.5 * (m[k] - base[k]) for k in base} for m in models]
+    out = run_merge(tmp_path, "model_stock", models, base, parameters={"filter_wise": filter_wise})
+    for name in base:
+        close(out[name], ref_model_stock(base[name], [m[name] for m in models], filter_wise))
+
+
+def test_add_difference_and_passthrough(tmp_path):
+    _, models = make_set(3)
+    out = run_merge(tmp_path / "ad", "add_difference", models, parameters={"alpha": 0.75})
+    for name in models[0]:
+        assert torch.equal(out[name], models[0][name] + 0.75 * (models[1][name] - models[2][name]))
+    out = run_merge(tmp_path / "pt", "passthrough", models[:1], model_params=[{"scale": 0.5}])
+    for name in models[0]:
+        assert torch.equal(out[name], models[0][name] * 0.5)
+
+
+# -- config and rules ----------------------------------------------------------------------------------------
+def test_rule_per_model_parameter_lists(tmp_path):
+    base, models = make_set(2)
+    mp = [{"weight": 1.0, "density": 1.0}, {"weight": 1.0, "density": 1.0}]
+    rules = [{"match": "w", "parameters": {"density": [0.5, None], "weight": [0.25, 2.0]}}]
+    out = run_merge(tmp_path, "ties", models, base, mp, rules=rules)
+    keeps = [ref_keep(models[0]["w"] - base["w"], "magnitude", 0.5), torch.ones_like(base["w"], dtype=torch.bool)]
+    assert torch.equal(out["w"], ref_task_vectors(base["w"], [m["w"] for m in models], [0.25, 2.0], keeps,
+                                                  True, True))
+    keeps = [torch.ones_like(base["b"], dtype=torch.bool)] * 2
+    assert torch.equal(out["b"], ref_task_vectors(base["b"], [m["b"] for m in models], [1.0, 1.0], keeps,
+                                                  True, True))
+
+
+@pytest.mark.parametrize("method, n_models, base, message", [
+    ("linear", 2, True, "does not use a base"),
+    ("ties", 2, False, "needs a base model"),
+    ("slerp", 3, False, "exactly 2"),
+    ("model_stock", 1, True, "at least 2"),
+    ("add_difference", 2, False, "exactly 3"),
+])
+def test_config_refuses_wrong_inputs(tmp_path, method, n_models, base, message):
+    base_set, models = make_set(n_models)
+    with pytest.raises(ConfigError, match=message):
+        run_merge(tmp_path, method, models, base_set if base else None)
+
+
+def test_config_refuses_bad_parameter_values(tmp_path):
+    base, models = make_set(1)
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        run_merge(tmp_path, "ties", models, base, [{"density": 1.5}])
+    with pytest.raises(ConfigError, match="list of 1"):
+        run_merge(tmp_path, "ties", models, base, rules=[{"match": "*", "density": 0.5}])
+
+
+def test_merge_help_lists_methods_and_parameters(cli):
+    result = cli("merge", "--help")
+    assert result.returncode == 0
+    for word in ("ties", "dare_linear", "model_stock", "density", "epsilon", "nuslerp_row_wise", "add_difference"):
+        assert word in result.stdout
+
+
+# -- chunk invariance on a tensor of several million elements ------------------------------------------------
+INVARIANCE = [
+    ("ties", [{"weight": 0.6, "density": 0.3}, {"weight": 0.4, "density": 0.5}, {"weight": 0.5, "density": 0.2}], {}),
+    ("ties", [{"weight": 0.6, "density": 0.3}] * 3, {"parameters": {"rescale": True}}),
+    ("breadcrumbs_ties", [{"weight": 0.6, "density": 0.8, "gamma": 0.05}] * 3, {}),
+    ("dare_ties", [{"weight": 0.6, "density": 0.3}] * 3, {"seed": 5}),
+    ("della", [{"weight": 0.6, "density": 0.5, "epsilon": 0.2}] * 3, {"seed": 5}),
+    ("model_stock", None, {}),
+    ("model_stock", None, {"parameters": {"filter_wise": True}}),
+    ("nuslerp", [{"weight": 1.0}, {"weight": 2.0}], {"parameters": {"nuslerp_flatten": False}}),
+    ("slerp", None, {"parameters": {"t": 0.4}}),
+    ("linear", [{"weight": 0.3}, {"weight": 0.5}, {"weight": 0.2}], {}),
+]
+
+
+@pytest.fixture(scope="module")
+def big_set():
+    g = torch.Generator().manual_seed(42)
+    shape = (1024, 3001)  # 3.07M elements: 47 grid blocks, rows straddling block edges
+    base = {"big": torch.randn(shape, generator=g)}
+    models = [{"big": base["big"] + 0.01 * torch.randn(shape, generator=g)} for _ in range(3)]
+    # bfloat16-like repeated magnitudes, so thresholds fall on ties
+    models[0]["big"][:, :1000] = base["big"][:, :1000] + torch.randint(-3, 4, (1024, 1000), generator=g) / 256
+    return base, models
+
+
+@pytest.mark.parametrize("method, mp, top", INVARIANCE, ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(INVARIANCE)])
+def test_results_do_not_depend_on_chunk_size(tmp_path, big_set, method, mp, top):
+    base, models = big_set
+    n_models = 2 if method in ("slerp", "nuslerp") else 3
+    uses_base = method not in ("slerp", "linear")
+    runs = [run_merge(tmp_path / str(chunk), method, models[:n_models], base if uses_base else None, mp,
+                      chunk=chunk, **top)
+            for chunk in (GRID, 64 * GRID)]  # 47 chunks against one
+    assert torch.equal(runs[0]["big"], runs[1]["big"])
+    assert not torch.equal(runs[0]["big"], base["big"])
+
+
+def test_chunks_are_aligned_to_the_grid():
+    from streammerge.memory import Budget
+    for limit in (300 * 2**20, 517 * 2**20 + 12345):
+        budget = Budget(limit, 37, 2**30, baseline=100 * 2**20)
+        assert budget.chunk_elements % GRID == 0
+
+
+def test_della_refuses_units_larger_than_its_memory(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {"v": torch.randn(GRID * 2, generator=g)}  # a 1-D tensor is ranked as one unit
+    model = {"v": base["v"] + torch.randn(GRID * 2, generator=g)}
+    with pytest.raises(StreamMergeError, match="raise max_ram"):
+        run_merge(tmp_path, "della", [model], base, [{"density": 0.5, "epsilon": 0.1}], chunk=4 * GRID)
