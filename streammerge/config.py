@@ -122,6 +122,10 @@ def read_config_file(path: Path) -> dict:
 
 def load_config(path: Path) -> MergeConfig:
     data = read_config_file(path)
+    from streammerge import mergekit_config
+
+    if mergekit_config.is_mergekit_config(data):  # a mergekit YAML, run as it is
+        data = mergekit_config.translate(data, Path(path))
     return parse_config(data, Path(path))
 
 

@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""Run the same mergekit YAML through mergekit and through streammerge and compare the tensors.
+
+Builds a small Llama-shaped Hugging Face directory per model (config.json + model.safetensors; by default with
+a 128 MiB float32 embedding so one tensor is far larger than a small RAM budget), writes one mergekit config
+per method (with gradient and filter parameters), runs `mergekit-yaml` and `streammerge merge` on it (at two
+RAM budgets), and prints, per method, the largest differences against mergekit and whether the two budgets
+gave bit-identical files.
+
+mergekit is found as --mergekit PATH, $MERGEKIT_YAML, or `mergekit-yaml` on PATH; without it the script says
+so and exits 0. Install it apart from the project, e.g.
+    python3 -m venv /tmp/mk && /tmp/mk/bin/pip install torch==2.13.0 && /tmp/mk/bin/pip install mergekit==0.1.5
+
+    python scripts/compare_mergekit.py --workdir /tmp/mkcompare             # the judged case (~1 GB of files)
+    python scripts/compare_mergekit.py --workdir /tmp/mkc --small           # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def llama_tensors(vocab: int, hidden: int, inter: int, layers: int, generator: torch.Generator) -> dict:
+    def rand(*shape, scale=0.02):
+        return torch.randn(*shape, generator=generator) * scale
+
+    out = {"model.embed_tokens.weight": rand(vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = 1 + rand(hidden)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[p + f"self_attn.{name}.weight"] = rand(hidden, hidden)
+        out[p + "post_attention_layernorm.weight"] = 1 + rand(hidden)
+        out[p + "mlp.gate_proj.weight"] = rand(inter, hidden)
+        out[p + "mlp.up_proj.weight"] = rand(inter, hidden)
+        out[p + "mlp.down_proj.weight"] = rand(hidden, inter)
+    out["model.norm.weight"] = 1 + rand(hidden)
+    return out
+
+
+def write_model(directory: Path, tensors: dict, vocab: int, hidden: int, inter: int, layers: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": inter, "num_attention_heads": max(1, hidden // 64), "num_hidden_layers": layers,
+        "num_key_value_heads": max(1, hidden // 64), "vocab_size": vocab, "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "torch_dtype": "float32",
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def build_models(workdir: Path, vocab: int, hidden: int, inter: int, layers: int) -> dict[str, Path]:
+    paths = {name: workdir / "models" / name for name in ("base", "a", "b", "c")}
+    if all((p / "model.safetensors").exists() for p in paths.values()):
+        return paths
+    generator = torch.Generator().manual_seed(1234)
+    base = llama_tensors(vocab, hidden, inter, layers, generator)
+    write_model(paths["base"], base, vocab, hidden, inter, layers)
+    for name in ("a", "b", "c"):
+        shared = torch.Generator().manual_seed(99)  # a direction all fine-tunes share (model stock needs one)
+        tuned = {k: v + torch.randn(v.shape, generator=shared) * 0.002 + torch.randn(v.shape, generator=generator)
+                 * 0.003 for k, v in base.items()}
+        write_model(paths[name], tuned, vocab, hidden, inter, layers)
+    return paths
+
+
+def configs(paths: dict[str, Path]) -> dict[str, dict]:
+    a, b, c, base = (str(paths[k]) for k in ("a", "b", "c", "base"))
+    gradient = [{"filter": "self_attn", "value": [0.2, 0.7]}, {"filter": "mlp", "value": [0.8, 0.3]}, {"value": 0.5}]
+    return {
+        "linear": {"merge_method": "linear", "dtype": "float32", "models": [
+            {"model": a, "parameters": {"weight": 0.5}},
+            {"model": b, "parameters": {"weight": [0.2, 0.8]}},
+            {"model": c, "parameters": {"weight": [{"filter": "mlp", "value": 0.6}, {"value": 0.3}]}}]},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
+                            "parameters": {"lambda": 0.8}, "models": [
+            {"model": a, "parameters": {"weight": 0.6}}, {"model": b, "parameters": {"weight": [0.1, 0.5]}},
+            {"model": c, "parameters": {"weight": -0.2}}]},
+        "ties": {"merge_method": "ties", "base_model": base, "dtype": "float32", "parameters": {"normalize": True},
+                 "models": [
+            {"model": a, "parameters": {"weight": 0.5, "density": 0.4}},
+            {"model": b, "parameters": {"weight": 0.3, "density": [0.3, 0.7]}},
+            {"model": c, "parameters": {"weight": 0.4, "density": [{"filter": "embed", "value": 0.2},
+                                                                  {"value": 0.5}]}}]},
+        "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": base, "dtype": "float32", "models": [
+            {"model": a, "parameters": {"weight": 0.5, "density": 0.9, "gamma": 0.01}},
+            {"model": b, "parameters": {"weight": 0.5, "density": 0.8, "gamma": 0.05}}]},
+        "slerp": {"merge_method": "slerp", "base_model": a, "dtype": "float32", "parameters": {"t": gradient},
+                  "models": [{"model": a}, {"model": b}]},
+        "model_stock": {"merge_method": "model_stock", "base_model": base, "dtype": "float32",
+                        "models": [{"model": a}, {"model": b}, {"model": c}]},
+        "nuslerp": {"merge_method": "nuslerp", "base_model": base, "dtype": "float32", "models": [
+            {"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 2.0}}]},
+    }
+
+
+def tensor_files(directory: Path) -> dict[str, Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        return {k: directory / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    files = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(f, "pt") as handle:
+            files.update({k: f for k in handle.keys()})
+    return files
+
+
+def compare_dirs(ours: Path, theirs: Path) -> dict:
+    mine, reference = tensor_files(ours), tensor_files(theirs)
+    worst = {"max_abs": 0.0, "max_rel": 0.0, "mismatched": 0, "elements": 0, "tensor": None}
+    for name in sorted(set(mine) & set(reference)):
+        with safe_open(mine[name], "pt") as f:
+            x = f.get_tensor(name).double()
+        with safe_open(reference[name], "pt") as f:
+            y = f.get_tensor(name).double()
+        diff = (x - y).abs()
+        scale = y.abs().max().item() or 1.0
+        mismatched = int((~torch.isclose(x, y, rtol=1e-5, atol=1e-6 * scale)).sum())
+        worst["elements"] += y.numel()
+        worst["mismatched"] += mismatched
+        if diff.max().item() > worst["max_abs"]:
+            worst.update(max_abs=diff.max().item(), max_rel=diff.max().item() / scale, tensor=name)
+    worst["only_ours"] = sorted(set(mine) - set(reference))
+    worst["only_mergekit"] = sorted(set(reference) - set(mine))
+    return worst
+
+
+def same_files(x: Path, y: Path) -> bool:
+    a, b = tensor_files(x), tensor_files(y)
+    if set(a) != set(b):
+        return False
+    for name in a:
+        with safe_open(a[name], "pt") as f, safe_open(b[name], "pt") as g:
+            if not torch.equal(f.get_tensor(name), g.get_tensor(name)):
+                return False
+    return True
+
+
+def run(command: list[str], log: Path) -> float:
+    started = time.perf_counter()
+    with log.open("w") as out:
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(command)}\n{log.read_text()[-3000:]}")
+    return time.perf_counter() - started
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/streammerge-vs-mergekit"))
+    parser.add_argument("--mergekit", help="the mergekit-yaml executable")
+    parser.add_argument("--small", action="store_true", help="tiny models (seconds) instead of the 128 MiB case")
+    parser.add_argument("--methods", nargs="*", help="only these methods")
+    parser.add_argument("--budgets", nargs=2, default=["256MiB", "4GiB"], metavar="SIZE")
+    parser.add_argument("--keep", action="store_true", help="keep the generated models and outputs")
+    args = parser.parse_args(argv)
+    mergekit = args.mergekit or os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
+    if not mergekit or not Path(mergekit).exists():
+        print("compare_mergekit: skipped: mergekit-yaml not found (pass --mergekit PATH or set MERGEKIT_YAML; "
+              "install mergekit in a separate venv as the docstring shows).")
+        return 0
+    vocab, hidden, inter, layers = (2048, 64, 96, 3) if args.small else (32768, 1024, 512, 3)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    paths = build_models(args.workdir, vocab, hidden, inter, layers)
+    print(f"models: {layers} layers, embedding {vocab}x{hidden} float32 "
+          f"({vocab * hidden * 4 / 2**20:.0f} MiB); budgets {args.budgets[0]} vs {args.budgets[1]}")
+    failures = 0
+    header = f"{'method':16s} {'max |diff|':>11s} {'rel':>9s} {'mismatched':>14s} {'budgets':>9s} " \
+             f"{'mergekit s':>10s} {'ours s':>7s}  worst tensor"
+    print(header)
+    for method, config in configs(paths).items():
+        if args.methods and method not in args.methods:
+            continue
+        cfg = args.workdir / f"{method}.yml"
+        cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+        theirs = args.workdir / "out" / f"{method}-mergekit"
+        shutil.rmtree(theirs, ignore_errors=True)
+        mk_seconds = run([mergekit, str(cfg), str(theirs), "--no-copy-tokenizer", "--no-write-model-card",
+                          "--quiet"], args.workdir / f"{method}-mergekit.log")
+        outputs = []
+        for budget in args.budgets:
+            ours = args.workdir / "out" / f"{method}-ours-{budget}"
+            shutil.rmtree(ours, ignore_errors=True)
+            seconds = run([sys.executable, "-m", "streammerge", "merge", str(cfg), "--output", str(ours),
+                           "--max-ram", budget, "--quiet"], args.workdir / f"{method}-ours-{budget}.log")
+            outputs.append((ours, seconds))
+        result = compare_dirs(outputs[0][0], theirs)
+        identical = same_files(outputs[0][0], outputs[1][0])
+        ok = identical and result["mismatched"] == 0 and not result["only_ours"]
+        failures += not ok
+        print(f"{method:16s} {result['max_abs']:11.3e} {result['max_rel']:9.2e} "
+              f"{result['mismatched']:>6d}/{result['elements']:<7d} {'same' if identical else 'DIFFER':>9s} "
+              f"{mk_seconds:10.1f} {outputs[0][1]:7.1f}  {result['tensor']}"
+              + (f"  (only ours: {result['only_ours']})" if result["only_ours"] else "")
+              + (f"  (only mergekit: {result['only_mergekit']})" if result["only_mergekit"] else ""))
+    if not args.keep:
+        shutil.rmtree(args.workdir / "out", ignore_errors=True)
+    print("all methods agree" if not failures else f"{failures} method(s) disagree")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Run mergekit YAML configs as they are: translate one into a streammerge config.
+
+mergekit resolves every parameter per tensor: a model's own `parameters` first, then the top-level ones; a
+value is a scalar, a gradient (a list interpolated over the layers: t = layer / (layers - 1), t = 0 for tensors
+outside the layers) or a list of `{filter, value}` conditions (the first whose filter is a substring of the
+tensor name wins). We do the same for every tensor name (read from the checkpoint headers, no data), then
+group the tensors by their resolved parameters: the most common set becomes the defaults, every other set a
+rule. What streammerge cannot honour is refused by name, never ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+from streammerge.errors import ConfigError
+from streammerge.methods import METHODS, Method
+
+MERGEKIT_KEYS = {"merge_method", "models", "slices", "modules", "base_model", "parameters", "dtype", "out_dtype",
+                 "tokenizer_source", "tokenizer", "chat_template"}
+STREAMMERGE_KEYS = {"output", "max_ram", "seed", "shard_size"}  # ours, allowed beside mergekit's keys
+REFUSED = {
+    "modules": "per-module merges (multimodal models) are not supported; merge each part separately",
+    "tokenizer_source": "streammerge merges weights only and writes no tokenizer; remove it and copy the "
+                        "tokenizer files you want into the output directory",
+    "tokenizer": "streammerge merges weights only and writes no tokenizer; remove it and copy the tokenizer "
+                 "files you want into the output directory",
+    "chat_template": "streammerge writes no tokenizer or chat template; remove it",
+}
+HALF_DTYPES = {"bfloat16", "float16", "bf16", "fp16", "half"}
+LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def is_mergekit_config(data: dict) -> bool:
+    return isinstance(data, dict) and "merge_method" in data
+
+
+def _model_path(ref, where: str) -> str:
+    """A mergekit model reference as a local path; LoRA, revisions and Hub ids are refused."""
+    if isinstance(ref, dict):
+        for key in ("lora", "override_architecture"):
+            if ref.get(key):
+                raise ConfigError(f"{where}: '{key}' is not supported: streammerge merges checkpoints as they are "
+                                  "on disk (merge the LoRA into its model first).")
+        ref = ref.get("model")
+        if isinstance(ref, dict):
+            if ref.get("revision"):
+                raise ConfigError(f"{where}: 'revision' is not supported; give a local directory.")
+            ref = ref.get("path")
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(f"{where}: 'model' must be a path.")
+    if "+" in ref and not Path(ref).exists():
+        raise ConfigError(f"{where}: '{ref}' uses mergekit's 'model+lora' syntax, which is not supported: merge the "
+                          "LoRA into its model first and give the merged directory.")
+    if "@" in ref and not Path(ref).exists():
+        raise ConfigError(f"{where}: '{ref}' names a Hub revision ('@'); streammerge reads local files only: "
+                          "download that revision and give its directory.")
+    if not Path(ref).exists():
+        raise ConfigError(f"{where}: '{ref}' is not a local file or directory. mergekit would download a Hub "
+                          "model of that name; streammerge reads local files only: download it (e.g. "
+                          "`huggingface-cli download ...`) and give the local directory.")
+    return ref
+
+
+# -- parameter settings --------------------------------------------------------------------------------------
+def evaluate(setting, name: str, t: float):
+    """A mergekit parameter setting for one tensor: a value, or None when no filter matches."""
+    if isinstance(setting, dict) and "value" in setting:
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(e, (bool, int, float, str)) for e in setting):
+            if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+                return setting[int(t * (len(setting) - 1))]
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        for condition in setting:
+            if not isinstance(condition, dict) or "value" not in condition:
+                raise ConfigError(f"parameter setting {setting!r}: a list must hold either values (a gradient) or "
+                                  "{filter, value} conditions.")
+            pattern = condition.get("filter")
+            if pattern is None or pattern == "*" or (name and pattern in name):
+                return evaluate(condition["value"], name, t)
+        return None
+    raise ConfigError(f"parameter setting {setting!r} is neither a value, a gradient list nor filter conditions.")
+
+
+def resolve(key: str, scopes: list[dict | None], name: str, t: float):
+    for scope in scopes:
+        if scope and key in scope:
+            value = evaluate(scope[key], name, t)
+            if value is not None:
+                return value
+    return None
+
+
+def layer_positions(names: list[str]) -> dict[str, float]:
+    """mergekit's t per tensor: layer / (layers - 1) inside the stack of layers, 0 outside it."""
+    index = {n: int(m.group(1)) for n in names if (m := LAYER_PATTERN.search(n))}
+    count = max(index.values()) + 1 if index else 0
+    return {n: (index[n] / (count - 1) if count > 1 else 1.0) if n in index else 0.0 for n in names}
+
+
+# -- translation ---------------------------------------------------------------------------------------------
+def _check_parameters(scope, method: Method, where: str, allow_method_params: bool) -> dict:
+    if scope is None:
+        return {}
+    if not isinstance(scope, dict):
+        raise ConfigError(f"{where}: 'parameters' must be a mapping.")
+    for key in scope:
+        param = method.param(key)
+        if param is None:
+            known = ", ".join(p.name for p in method.params) or "none"
+            raise ConfigError(f"{where}: '{key}' is not a parameter of method '{method.name}' (those are: {known}); "
+                              "streammerge refuses parameters it would not use.")
+        if not param.per_model and not allow_method_params:
+            raise ConfigError(f"{where}: '{key}' is a parameter of the whole merge, which mergekit reads only from "
+                              "the top-level 'parameters'; move it there.")
+    return scope
+
+
+def _models_from_slices(data: dict, where: str) -> tuple[list, dict | None, int]:
+    """A single slice whose sources all span the same full layer range is a plain merge of whole models."""
+    slices = data["slices"]
+    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
+        raise ConfigError(f"{where}: 'slices' with more than one slice (layer stacking, frankenmerges) is not "
+                          "supported; streammerge merges whole models of one architecture.")
+    the_slice = slices[0]
+    unknown = set(the_slice) - {"sources", "parameters"}
+    if unknown:
+        raise ConfigError(f"{where}: slices[0]: '{sorted(unknown)[0]}' is not supported.")
+    sources = the_slice.get("sources") or []
+    ranges = {tuple(s.get("layer_range") or ()) for s in sources if isinstance(s, dict)}
+    if len(ranges) != 1 or len(next(iter(ranges))) != 2 or next(iter(ranges))[0] != 0:
+        raise ConfigError(f"{where}: slices[0]: every source must have the same layer_range starting at 0 (a whole "
+                          "model); other layer ranges are not supported.")
+    models = [{"model": s.get("model"), "parameters": s.get("parameters")} for s in sources]
+    return models, the_slice.get("parameters"), next(iter(ranges))[1]
+
+
+def translate(data: dict, source: Path | None = None) -> dict:
+    """A mergekit config as a streammerge config dict (for config.parse_config)."""
+    from streammerge.io import open_checkpoint
+
+    where = f"{source}" if source else "mergekit config"
+    for key in data:
+        if key not in MERGEKIT_KEYS | STREAMMERGE_KEYS:
+            raise ConfigError(f"{where}: unknown key '{key}' in a mergekit config (streammerge also accepts "
+                              f"{', '.join(sorted(STREAMMERGE_KEYS))}).")
+        if key in REFUSED and data[key] is not None:
+            raise ConfigError(f"{where}: '{key}' is not supported: {REFUSED[key]}.")
+    name = str(data["merge_method"])
+    method = METHODS.get(name)
+    if method is None or name in ("add_difference",):
+        raise ConfigError(f"{where}: mergekit merge_method '{name}' is not available in streammerge; available: "
+                          f"{', '.join(sorted(m for m in METHODS if m != 'add_difference'))}.")
+    slice_parameters, slice_layers = None, None
+    if data.get("slices") is not None:
+        if data.get("models") is not None:
+            raise ConfigError(f"{where}: give either 'models' or 'slices', not both.")
+        entries, slice_parameters, slice_layers = _models_from_slices(data, where)
+    else:
+        entries = data.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: ...}}.")
+    global_scope = _check_parameters(data.get("parameters"), method, f"{where}: parameters", True)
+    slice_scope = _check_parameters(slice_parameters, method, f"{where}: slices[0].parameters", True)
+
+    models = []  # (path, own parameters)
+    for i, entry in enumerate(entries):
+        entry = entry if isinstance(entry, dict) else {"model": entry}
+        extra = set(entry) - {"model", "parameters", "layer_range"}
+        if extra:
+            raise ConfigError(f"{where}: models[{i}]: '{sorted(extra)[0]}' is not supported.")
+        path = _model_path(entry.get("model"), f"{where}: models[{i}]")
+        models.append((path, _check_parameters(entry.get("parameters"), method, f"{where}: models[{i}]", False)))
+    base = _model_path(data["base_model"], f"{where}: base_model") if data.get("base_model") else None
+
+    # Which entries are merged, and which one is the base, the way mergekit's methods take them.
+    same = (lambda a, b: Path(a).resolve() == Path(b).resolve())
+    non_base = [(p, s) for p, s in models if base is None or not same(p, base)]
+    if name == "slerp":
+        if base is None:
+            raise ConfigError(f"{where}: slerp needs 'base_model' (t = 0 gives the base model).")
+        inputs, base_path = [(base, {})] + non_base, None
+    elif method.uses_base:
+        if method.needs_base and base is None:
+            raise ConfigError(f"{where}: merge_method '{name}' needs 'base_model'.")
+        inputs, base_path = non_base, base
+    else:
+        inputs, base_path = list(models), None
+        if base is not None and not any(same(p, base) for p, _ in models):
+            inputs.append((base, {}))  # mergekit merges a base_model missing from `models` as one more input
+
+    first = open_checkpoint(Path(inputs[0][0]))  # headers only: the tensor names
+    try:
+        names = list(first.tensors)
+    finally:
+        first.close()
+    positions = layer_positions(names)
+    if slice_layers is not None:
+        layers = len({m.group(1) for n in names if (m := LAYER_PATTERN.search(n))})
+        if layers and slice_layers != layers:
+            raise ConfigError(f"{where}: slices[0] spans layers [0, {slice_layers}) but the models have {layers} "
+                              "layers; only whole models can be merged.")
+
+    def resolved(tensor: str) -> tuple:
+        t = positions[tensor]
+        method_values = []
+        for p in method.method_params:
+            value = resolve(p.name, [slice_scope, global_scope], tensor, t)
+            method_values.append(p.default if value is None else value)
+        model_values = []
+        for p in method.model_params:
+            row = []
+            for _, own in inputs:
+                value = resolve(p.name, [own, slice_scope, global_scope], tensor, t)
+                row.append(p.default if value is None else value)
+            model_values.append(tuple(row))
+        return tuple(method_values), tuple(model_values)
+
+    groups: dict[tuple, list[str]] = {}
+    for tensor in names:
+        groups.setdefault(resolved(tensor), []).append(tensor)
+    if not groups:
+        groups[resolved("")] = []
+    default = Counter({k: len(v) for k, v in groups.items()}).most_common(1)[0][0]
+
+    def as_params(values: tuple) -> tuple[dict, list[dict]]:
+        method_values, model_values = values
+        top = {p.name: v for p, v in zip(method.method_params, method_values)}
+        per_model = [{p.name: row[i] for p, row in zip(method.model_params, model_values)}
+                     for i in range(len(inputs))]
+        return top, per_model
+
+    top, per_model = as_params(default)
+    config = {
+        "method": name,
+        "models": [{"path": path, **params} for (path, _), params in zip(inputs, per_model)],
+        "parameters": top,
+        "rules": [],
+    }
+    for values, tensors in groups.items():
+        if values == default:
+            continue
+        rule_top, rule_models = as_params(values)
+        rule = {"match": "re:^(?:" + "|".join(re.escape(n) for n in tensors) + ")$", "parameters": dict(rule_top)}
+        for p in method.model_params:
+            rule["parameters"][p.name] = [m[p.name] for m in rule_models]
+        config["rules"].append(rule)
+    if base_path is not None:
+        config["base"] = base_path
+    dtype, out_dtype = data.get("dtype"), data.get("out_dtype")
+    if dtype is not None:
+        dtype = str(dtype).removeprefix("torch.")
+        if dtype in HALF_DTYPES:  # accumulate in float32 (more precise), write what mergekit would
+            out_dtype = out_dtype or dtype
+            dtype = "float32"
+        config["dtype"] = dtype
+    if out_dtype is not None:
+        config["out_dtype"] = out_dtype
+    for key in STREAMMERGE_KEYS:
+        if data.get(key) is not None:
+            config[key] = data[key]
+    return config
