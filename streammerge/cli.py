@@ -70,7 +70,9 @@ def run_merge(args) -> int:
     return 0
 
 
-PARSERS = [add_merge_parser, add_convert_parser, add_inspect_parser]
+from streammerge.diff import add_diff_parser  # noqa: E402
+
+PARSERS = [add_merge_parser, add_convert_parser, add_inspect_parser, add_diff_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
