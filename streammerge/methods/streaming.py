@@ -219,7 +219,7 @@ class TieGate:
               other: torch.Tensor) -> None:
         """keep |= the chunk's elements admitted; equal/other (bool), counts (int) are chunk-sized scratch."""
         torch.eq(magnitudes, self.value, out=equal)
-        n = int(equal.sum())
+        n = int(equal.count_nonzero())  # (a bool sum would copy the chunk to int64)
         if not n:
             return
         first, stop = max(self.first - self.seen, 0), min(self.stop - self.seen, n)
