@@ -120,9 +120,54 @@ def tensor_files(directory: Path) -> dict[str, Path]:
     return files
 
 
-def compare_dirs(ours: Path, theirs: Path) -> dict:
+STAT_METHODS = {"slerp", "nuslerp", "model_stock"}  # whole-tensor norms/dots: mergekit sums them in its dtype
+MAGNITUDE_METHODS = {"ties": "magnitude", "breadcrumbs": "outliers", "breadcrumbs_ties": "outliers"}
+
+
+def threshold_ties(config_path: Path, kind: str):
+    """(tensor name, flat indices) -> how many of those elements sit on a tie at a model's pruning threshold,
+    where the order among equal magnitudes is arbitrary in mergekit (an unstable sort) and by position here."""
+    from streammerge.config import load_config
+    from streammerge.engine import prepare
+
+    prepared = prepare(load_config(config_path), Path("/nonexistent-output"))
+    try:
+        params = {t.name: t.model_params for t in prepared.plan.tasks}
+        models = [Path(m.path) for m in prepared.config.models]
+        base_dir = Path(prepared.config.base.path)
+    finally:
+        prepared.close()
+
+    def load(directory: Path, name: str) -> torch.Tensor:
+        with safe_open(tensor_files(directory)[name], "pt") as f:
+            return f.get_tensor(name)
+
+    def explained(name: str, indices: torch.Tensor) -> int:
+        base = load(base_dir, name).flatten()
+        hit = torch.zeros(indices.numel(), dtype=torch.bool)
+        for directory, p in zip(models, params[name]):
+            magnitude = (load(directory, name).flatten() - base).abs()
+            n, density = magnitude.numel(), p["density"]
+            if density >= 1:
+                continue
+            ordered = torch.sort(magnitude).values
+            if kind == "magnitude":
+                bounds = [ordered[n - max(1, int(density * n))]]
+            else:
+                target, top = int(density * n), int(p["gamma"] * n)
+                bottom = max(0, n - target - top)
+                bounds = [ordered[bottom], ordered[bottom + target - 1]] if target else []
+            for bound in bounds:
+                if int((magnitude == bound).sum()) > 1:
+                    hit |= magnitude[indices] == bound
+        return int(hit.sum())
+
+    return explained
+
+
+def compare_dirs(ours: Path, theirs: Path, explain=None) -> dict:
     mine, reference = tensor_files(ours), tensor_files(theirs)
-    worst = {"max_abs": 0.0, "max_rel": 0.0, "mismatched": 0, "elements": 0, "tensor": None}
+    worst = {"max_abs": 0.0, "max_rel": 0.0, "mismatched": 0, "elements": 0, "tensor": None, "ties": 0}
     for name in sorted(set(mine) & set(reference)):
         with safe_open(mine[name], "pt") as f:
             x = f.get_tensor(name).double()
@@ -130,7 +175,10 @@ def compare_dirs(ours: Path, theirs: Path) -> dict:
             y = f.get_tensor(name).double()
         diff = (x - y).abs()
         scale = y.abs().max().item() or 1.0
-        mismatched = int((~torch.isclose(x, y, rtol=1e-5, atol=1e-6 * scale)).sum())
+        bad = ~torch.isclose(x, y, rtol=1e-5, atol=1e-6 * scale)
+        mismatched = int(bad.sum())
+        if mismatched and explain is not None:
+            worst["ties"] += explain(name, bad.flatten().nonzero().squeeze(1))
         worst["elements"] += y.numel()
         worst["mismatched"] += mismatched
         if diff.max().item() > worst["max_abs"]:
@@ -180,9 +228,8 @@ def main(argv=None) -> int:
     print(f"models: {layers} layers, embedding {vocab}x{hidden} float32 "
           f"({vocab * hidden * 4 / 2**20:.0f} MiB); budgets {args.budgets[0]} vs {args.budgets[1]}")
     failures = 0
-    header = f"{'method':16s} {'max |diff|':>11s} {'rel':>9s} {'mismatched':>14s} {'budgets':>9s} " \
-             f"{'mergekit s':>10s} {'ours s':>7s}  worst tensor"
-    print(header)
+    print(f"{'method':16s} {'vs mergekit: max |diff|':>23s} {'rel':>9s} {'mismatched':>16s} {'on ties':>7s}  "
+          f"{'vs mergekit f64':>15s} {'mismatched':>10s}  {'256MiB=4GiB':>11s} {'mergekit s':>10s} {'ours s':>6s}")
     for method, config in configs(paths).items():
         if args.methods and method not in args.methods:
             continue
@@ -192,6 +239,14 @@ def main(argv=None) -> int:
         shutil.rmtree(theirs, ignore_errors=True)
         mk_seconds = run([mergekit, str(cfg), str(theirs), "--no-copy-tokenizer", "--no-write-model-card",
                           "--quiet"], args.workdir / f"{method}-mergekit.log")
+        theirs64 = None
+        if method in STAT_METHODS:  # mergekit again, computing in float64: its float32 sums over millions of
+            cfg64 = args.workdir / f"{method}-f64.yml"  # elements are the main source of difference
+            cfg64.write_text(yaml.safe_dump({**config, "dtype": "float64", "out_dtype": "float32"}, sort_keys=False))
+            theirs64 = args.workdir / "out" / f"{method}-mergekit-f64"
+            shutil.rmtree(theirs64, ignore_errors=True)
+            run([mergekit, str(cfg64), str(theirs64), "--no-copy-tokenizer", "--no-write-model-card", "--quiet"],
+                args.workdir / f"{method}-mergekit-f64.log")
         outputs = []
         for budget in args.budgets:
             ours = args.workdir / "out" / f"{method}-ours-{budget}"
@@ -199,17 +254,24 @@ def main(argv=None) -> int:
             seconds = run([sys.executable, "-m", "streammerge", "merge", str(cfg), "--output", str(ours),
                            "--max-ram", budget, "--quiet"], args.workdir / f"{method}-ours-{budget}.log")
             outputs.append((ours, seconds))
-        result = compare_dirs(outputs[0][0], theirs)
+        explain = threshold_ties(cfg, MAGNITUDE_METHODS[method]) if method in MAGNITUDE_METHODS else None
+        result = compare_dirs(outputs[0][0], theirs, explain)
+        result64 = compare_dirs(outputs[0][0], theirs64) if theirs64 else None
         identical = same_files(outputs[0][0], outputs[1][0])
-        ok = identical and result["mismatched"] == 0 and not result["only_ours"]
+        unexplained = (result64 or result)["mismatched"] - (0 if result64 else result["ties"])
+        ok = identical and unexplained == 0 and not result["only_ours"]
         failures += not ok
-        print(f"{method:16s} {result['max_abs']:11.3e} {result['max_rel']:9.2e} "
-              f"{result['mismatched']:>6d}/{result['elements']:<7d} {'same' if identical else 'DIFFER':>9s} "
-              f"{mk_seconds:10.1f} {outputs[0][1]:7.1f}  {result['tensor']}"
+        f64 = (f"{result64['max_abs']:15.3e} {result64['mismatched']:10d}" if result64 else f"{'-':>15s} {'-':>10s}")
+        print(f"{method:16s} {result['max_abs']:23.3e} {result['max_rel']:9.2e} "
+              f"{result['mismatched']:>8d}/{result['elements']:<8d}{result['ties'] if explain else '-':>7}  {f64}  "
+              f"{'yes' if identical else 'NO':>11s} {mk_seconds:10.1f} {outputs[0][1]:6.1f}"
               + (f"  (only ours: {result['only_ours']})" if result["only_ours"] else "")
               + (f"  (only mergekit: {result['only_mergekit']})" if result["only_mergekit"] else ""))
     if not args.keep:
         shutil.rmtree(args.workdir / "out", ignore_errors=True)
+    print("mismatched: elements where rtol 1e-5 / atol 1e-6 x max|tensor| fails; on ties: of those, elements whose "
+          "|delta| ties at a pruning threshold (mergekit orders equal magnitudes arbitrarily, streammerge by "
+          "position); vs mergekit f64: against mergekit computing in float64 (methods with whole-tensor sums).")
     print("all methods agree" if not failures else f"{failures} method(s) disagree")
     return 1 if failures else 0
 

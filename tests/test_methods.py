@@ -440,3 +440,16 @@ def test_della_refuses_units_larger_than_its_memory(tmp_path):
     model = {"v": base["v"] + torch.randn(GRID * 2, generator=g)}
     with pytest.raises(StreamMergeError, match="raise max_ram"):
         run_merge(tmp_path, "della", [model], base, [{"density": 0.5, "epsilon": 0.1}], chunk=4 * GRID)
+
+
+def test_float64_accumulation_selects_the_same_entries(tmp_path):
+    base, models = make_set()
+    mp = [{"weight": 0.5, "density": 0.3, "gamma": 0.1}, {"weight": 0.75, "density": 0.6, "gamma": 0.0}]
+    for method, kind in (("ties", "magnitude"), ("breadcrumbs_ties", "outliers")):
+        params = [{k: v for k, v in p.items() if k != "gamma" or kind == "outliers"} for p in mp]
+        out = run_merge(tmp_path / method, method, models[:2], base, params, dtype="float64")
+        for name in base:
+            keeps = [ref_keep(m[name] - base[name], kind, p["density"], p["gamma"]) for m, p in zip(models, mp)]
+            expected = ref_task_vectors(base[name].double(), [m[name].double() for m in models[:2]], [0.5, 0.75],
+                                        keeps, True, method == "ties")
+            assert torch.equal(out[name].double(), expected.float().double()), (method, name)
