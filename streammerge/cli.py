@@ -9,6 +9,7 @@ from pathlib import Path
 
 from streammerge import __version__
 from streammerge.convert import add_convert_parser
+from streammerge.diff import add_diff_parser
 from streammerge.errors import StreamMergeError
 from streammerge.inspect import add_inspect_parser
 from streammerge.methods import METHODS
@@ -69,8 +70,6 @@ def run_merge(args) -> int:
         print(report.summary(), file=sys.stderr)
     return 0
 
-
-from streammerge.diff import add_diff_parser  # noqa: E402
 
 PARSERS = [add_merge_parser, add_convert_parser, add_inspect_parser, add_diff_parser]
 
