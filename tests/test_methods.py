@@ -453,3 +453,9 @@ def test_float64_accumulation_selects_the_same_entries(tmp_path):
             expected = ref_task_vectors(base[name].double(), [m[name].double() for m in models[:2]], [0.5, 0.75],
                                         keeps, True, method == "ties")
             assert torch.equal(out[name].double(), expected.float().double()), (method, name)
+
+
+def test_readme_methods_table_is_in_sync_with_the_registry():
+    from methods_table import README, table
+
+    assert table() in README.read_text(), "run: python scripts/methods_table.py --write"
