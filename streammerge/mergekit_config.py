@@ -199,6 +199,8 @@ def translate(data: dict, source: Path | None = None) -> dict:
         if base is not None and not any(same(p, base) for p, _ in models):
             inputs.append((base, {}))  # mergekit merges a base_model missing from `models` as one more input
 
+    if not inputs:
+        raise ConfigError(f"{where}: 'models' lists no model besides base_model; nothing to merge.")
     first = open_checkpoint(Path(inputs[0][0]))  # headers only: the tensor names
     try:
         names = list(first.tensors)

@@ -133,3 +133,9 @@ def test_method_parameter_on_a_model_is_refused(tmp_path, hf_models):
 def test_same_tensors_as_mergekit(tmp_path):
     assert compare_mergekit.main(["--small", "--workdir", str(tmp_path), "--mergekit",
                                   os.environ["MERGEKIT_YAML"]]) == 0
+
+
+def test_only_the_base_listed_is_refused(tmp_path, hf_models):
+    config = {"merge_method": "ties", "base_model": str(hf_models["base"]), "models": [{"model": str(hf_models["base"])}]}
+    with pytest.raises(ConfigError, match="no model besides base_model"):
+        load_config(write(tmp_path, config))
