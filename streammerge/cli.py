@@ -12,6 +12,7 @@ from streammerge.convert import add_convert_parser
 from streammerge.diff import add_diff_parser
 from streammerge.errors import StreamMergeError
 from streammerge.inspect import add_inspect_parser
+from streammerge.interrupts import Terminated, exit_status, install_handlers
 from streammerge.methods import METHODS
 from streammerge.units import parse_size
 
@@ -48,12 +49,16 @@ def add_merge_parser(subparsers) -> None:
     p.add_argument("--report", type=Path, metavar="FILE.json", help="write the run summary as JSON")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="write the result even if a merged tensor holds NaN/Inf (listed in the summary)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted merge into a directory output: shards it completed are verified "
+                   "and kept (without --resume, its leftovers are removed and the merge starts over)")
     p.set_defaults(handler=run_merge)
 
 
 def run_merge(args) -> int:
     from streammerge.config import load_config
     from streammerge.engine import Engine, describe_plan, prepare
+    from streammerge.io.output_safety import check_output_is_not_an_input
 
     config = load_config(args.config)
     prepared = prepare(config, args.output, args.max_ram)
@@ -61,7 +66,11 @@ def run_merge(args) -> int:
         if args.dry_run:
             print(describe_plan(prepared))
             return 0
-        report = Engine(prepared, quiet=args.quiet, allow_nonfinite=args.allow_nonfinite or None).run()
+        if args.report:
+            check_output_is_not_an_input([], args.report, prepared.checkpoints + [prepared.base] * bool(prepared.base),
+                                         also=(args.config,), what="report")
+        report = Engine(prepared, quiet=args.quiet, allow_nonfinite=args.allow_nonfinite or None,
+                        resume=args.resume).run()
     finally:
         prepared.close()
     if args.report:
@@ -86,14 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    install_handlers()  # SIGTERM / SIGHUP take the same clean abort path as Ctrl-C
     try:
         return args.handler(args)
     except StreamMergeError as exc:
         print(f"streammerge: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("streammerge: interrupted; nothing was written to the output path.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = f"by {exc.args[0]}" if isinstance(exc, Terminated) else "(Ctrl-C)"
+        print(f"streammerge: interrupted {what}; the partial output was removed and the output path is as it was.",
+              file=sys.stderr)
+        return exit_status(exc)
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"streammerge: error: {where}{exc.strerror or exc}. Nothing was written to the output path.",

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from streammerge.config import DEFAULT_MAX_RAM, MergeConfig
 from streammerge.errors import OutputError, PlanError, StreamMergeError
 from streammerge.io import Checkpoint, TensorInfo, open_checkpoint
+from streammerge.io.output_safety import check_output_is_not_an_input
 from streammerge.io.outputs import check_disk_space, make_output
 from streammerge.memory import Budget, MemoryGuard, bytes_per_element
 from streammerge.methods import ChunkContext
@@ -41,6 +42,8 @@ class Report:
     max_ram_bytes: int
     chunk_elements: int
     nonfinite_tensors: list[str] = field(default_factory=list)
+    reused_files: list[str] = field(default_factory=list)  # complete shards kept from an interrupted run
+    notes: list[str] = field(default_factory=list)
 
     @property
     def gb_per_s(self) -> float:
@@ -53,6 +56,8 @@ class Report:
         line = (f"merged {self.tensors} tensors -> {self.output}: read {self.read_bytes / 1e9:.2f} GB, wrote "
                 f"{self.written_bytes / 1e9:.2f} GB in {self.seconds:.1f} s ({self.gb_per_s:.2f} GB/s), "
                 f"peak anonymous RAM {self.peak_anon_bytes / 2**20:.0f} MiB (budget {self.max_ram_bytes / 2**20:.0f} MiB)")
+        for note in self.notes:
+            line += f"\nnote: {note}"
         if self.nonfinite_tensors:
             line += f"\nwarning: NaN/Inf in {len(self.nonfinite_tensors)} tensor(s): " + ", ".join(
                 self.nonfinite_tensors[:10]) + (" ..." if len(self.nonfinite_tensors) > 10 else "")
@@ -98,21 +103,6 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
             c.close()
         raise
     return Prepared(config, output, checkpoints, base, plan, budget)
-
-
-def check_output_is_not_an_input(output_files: list[Path], output: Path, inputs: list[Checkpoint]) -> None:
-    input_files = {os.path.realpath(f.path): c.path for c in inputs for f in c.files}
-    out_dir = os.path.realpath(output)
-    for out in output_files + [output]:
-        real = os.path.realpath(out)
-        if real in input_files:
-            raise OutputError(f"output '{out}' is the input '{input_files[real]}'; writing it would destroy the "
-                              "input. Choose another output path.")
-    if output.suffix == "":
-        for real, original in input_files.items():
-            if real.startswith(out_dir + os.sep):
-                raise OutputError(f"output directory '{output}' holds the input '{original}'; choose an output "
-                                  "directory that holds no inputs.")
 
 
 class Workspace:
@@ -202,8 +192,10 @@ def _chunks(numel: int, chunk: int):
 
 
 class Engine:
-    def __init__(self, prepared: Prepared, quiet: bool = False, allow_nonfinite: bool | None = None):
+    def __init__(self, prepared: Prepared, quiet: bool = False, allow_nonfinite: bool | None = None,
+                 resume: bool = False):
         self.p = prepared
+        self.resume = resume
         self.config = prepared.config
         self.method = self.config.method
         self.chunk = prepared.budget.chunk_elements
@@ -240,10 +232,11 @@ class Engine:
     def run(self) -> Report:
         plan, budget = self.p.plan, self.p.budget
         output = make_output(self.p.output, plan.entries, self.output_metadata(), shard_size=self.config.shard_size,
-                             prepared=self.p)
+                             prepared=self.p, resume=self.resume)
+        # Before anything is created or removed at the output:
         check_output_is_not_an_input(output.files, self.p.output,
-                                     self.p.checkpoints + ([self.p.base] if self.p.base else []))
-        check_disk_space(self.p.output, output.total_size)
+                                     self.p.checkpoints + ([self.p.base] if self.p.base else []),
+                                     also=(self.config.source,))
         n_inputs = len(self.p.checkpoints) + (1 if self.p.base else 0)
         started = time.perf_counter()
         with MemoryGuard(budget.limit) as guard:
@@ -251,14 +244,20 @@ class Engine:
             self.verify_non_float(plan, workspace)
             progress = tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                             desc="merging", disable=not self.show_progress, dynamic_ncols=True)
-            output.open()
             self.writer = BackgroundWriter()
             try:
+                output.open()  # removes an interrupted run's debris, or verifies what it completed (resume)
+                check_disk_space(self.p.output, getattr(output, "space_needed", output.total_size))
+                reused = getattr(output, "reused", lambda name: False)
                 for task in plan.tasks:
-                    self.run_task(task, workspace, output, progress, guard)
-                    if task.aliases:
+                    if reused(task.name):
+                        progress.update(task.read_bytes)
+                    else:
+                        self.run_task(task, workspace, output, progress, guard)
+                    aliases = [a for a in task.aliases if not reused(a)]
+                    if aliases:
                         self.writer.drain()
-                        for alias in task.aliases:
+                        for alias in aliases:
                             output.copy(task.name, alias, self.chunk * task.out_dtype.itemsize)
                 self.writer.close()
                 output.commit()
@@ -272,7 +271,8 @@ class Engine:
             output=str(self.p.output), files=[str(f) for f in output.files],
             tensors=len(plan.entries), read_bytes=plan.read_bytes, written_bytes=output.total_size,
             seconds=time.perf_counter() - started, peak_anon_bytes=guard.peak, max_ram_bytes=budget.limit,
-            chunk_elements=self.chunk, nonfinite_tensors=list(self.nonfinite))
+            chunk_elements=self.chunk, nonfinite_tensors=list(self.nonfinite),
+            reused_files=list(getattr(output, "reused_files", [])), notes=list(getattr(output, "notes", [])))
 
     def run_task(self, task: TensorTask, ws: Workspace, output, progress, guard: MemoryGuard) -> None:
         inputs = task.sources + ([task.base] if task.base is not None else [])
@@ -346,10 +346,10 @@ def _write_and_release(output, name: str, start: int, stop: int, chunk: torch.Te
 
 
 def merge(config: MergeConfig, output: Path | None = None, max_ram: int | None = None, quiet: bool = False,
-          allow_nonfinite: bool | None = None) -> Report:
+          allow_nonfinite: bool | None = None, resume: bool = False) -> Report:
     prepared = prepare(config, output, max_ram)
     try:
-        return Engine(prepared, quiet=quiet, allow_nonfinite=allow_nonfinite).run()
+        return Engine(prepared, quiet=quiet, allow_nonfinite=allow_nonfinite, resume=resume).run()
     finally:
         prepared.close()
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from streammerge.errors import CheckpointError
+from streammerge.errors import CheckpointError, StreamMergeError
 from streammerge.io.mapped import MappedFile, TensorInfo
 
 
@@ -94,7 +94,24 @@ def open_checkpoint(path, **options) -> Checkpoint:
         raise CheckpointError(f"{path}: cannot open for reading ({exc.strerror}).") from exc
     for fmt in FORMATS:
         if fmt.sniff(head, path):
-            return fmt.open(path, **options)
+            return _open_as(fmt, path, options)
     raise CheckpointError(
         f"{path}: not a checkpoint format streammerge reads (safetensors, a sharded index, or a zip-format or "
         f"legacy torch file); its first bytes are {head[:8]!r}. Re-save it with torch.save or safetensors.")
+
+
+def _open_as(fmt: Format, path: Path, options: dict) -> Checkpoint:
+    """Readers refuse what they know to be wrong with a CheckpointError; anything else a malformed file
+    provokes (deep in torch or the pickle machinery) is reported the same way, naming the file."""
+    try:
+        return fmt.open(path, **options)
+    except StreamMergeError:
+        raise
+    except MemoryError:
+        raise CheckpointError(f"{path}: reading its {fmt.name} structure needs more memory than is available; "
+                              "the file is corrupt or not a checkpoint.") from None
+    except Exception as exc:
+        detail = f"{type(exc).__name__}: {exc}".strip()
+        detail = detail if len(detail) <= 200 else detail[:197] + "..."
+        raise CheckpointError(f"{path}: cannot be read as {fmt.name} ({detail}). The file is truncated, corrupt "
+                              "or written by an unusual tool; re-download or re-save it.") from exc

@@ -18,10 +18,12 @@ import torch
 from streammerge.errors import CheckpointError
 from streammerge.io.checkpoint import Checkpoint, register_format
 from streammerge.io.mapped import MappedFile, TensorInfo
+from streammerge.io.partial import fsync_directory, lock, temporary_path, write_error  # noqa: F401 (re-export)
 
 MAX_HEADER = 100_000_000
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYNC_FILE_RANGE_WRITE = 2
+MAX_ELEMENTS = 2**63  # torch sizes are int64
 
 DTYPE_NAMES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -49,10 +51,46 @@ def _sniff(head: bytes, path: Path) -> bool:
     return n > 1 and head[8:9] == b"{"
 
 
+class DuplicateKeyError(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
+def loads_strict(text):
+    """json.loads that refuses repeated keys (json.loads keeps the last one silently, so a header naming a
+    tensor twice would be read as something else than what another reader sees)."""
+    return json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+
+
+def _numel_capped(shape: list[int]) -> int:
+    """The product of `shape`, stopping at MAX_ELEMENTS (a hostile header can list millions of dimensions)."""
+    if 0 in shape:
+        return 0
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel >= MAX_ELEMENTS:
+            return MAX_ELEMENTS
+    return numel
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def read_header(path: Path, size: int, fd: int) -> tuple[dict, int]:
     """Parse and validate the header; returns (header dict, start of the data area)."""
     def bad(what: str, tensor: str | None = None):
-        where = f"tensor '{tensor}': " if tensor else ""
+        where = f"tensor {_short(tensor)}: " if tensor is not None else ""
         return CheckpointError(f"{path}: not a valid safetensors file: {where}{what}. "
                                "The file is truncated or corrupt; re-download or re-export it.")
 
@@ -64,10 +102,15 @@ def read_header(path: Path, size: int, fd: int) -> tuple[dict, int]:
     if 8 + n > size:
         raise bad(f"header length {n} runs past the end of the file ({size} bytes)")
     raw = os.pread(fd, n, 8)
+    if len(raw) != n:
+        raise bad(f"the header is {n} bytes but only {len(raw)} could be read")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad(f"header is not valid UTF-8 JSON ({exc})") from None
+        header = loads_strict(raw.decode("utf-8"))
+    except DuplicateKeyError as exc:
+        raise bad(f"the header names {_short(exc.args[0])} twice") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise bad(f"header is not valid UTF-8 JSON ({detail})") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     meta = header.get("__metadata__", {})
@@ -81,20 +124,23 @@ def read_header(path: Path, size: int, fd: int) -> tuple[dict, int]:
             continue
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise bad("entry must have exactly dtype, shape and data_offsets", name)
-        if entry["dtype"] not in DTYPE_NAMES:
-            raise bad(f"unknown dtype {entry['dtype']!r}", name)
+        if not isinstance(entry["dtype"], str) or entry["dtype"] not in DTYPE_NAMES:
+            raise bad(f"unknown dtype {_short(entry['dtype'])}", name)
         shape, offsets = entry["shape"], entry["data_offsets"]
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise bad(f"shape {shape!r} is not a list of non-negative integers", name)
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < MAX_ELEMENTS for d in shape):
+            raise bad(f"shape {_short(shape)} is not a list of non-negative integers below 2**63", name)
+        numel = _numel_capped(shape)
+        if numel >= MAX_ELEMENTS:
+            raise bad(f"shape {_short(shape)} has more than 2**63 elements", name)
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
-            raise bad(f"data_offsets {offsets!r} is not [begin, end]", name)
-        expected = math.prod(shape) * DTYPE_NAMES[entry["dtype"]].itemsize
+            raise bad(f"data_offsets {_short(offsets)} is not [begin, end]", name)
+        expected = numel * DTYPE_NAMES[entry["dtype"]].itemsize
         if offsets[1] - offsets[0] != expected:
-            raise bad(f"holds {offsets[1] - offsets[0]} bytes but shape {shape} of {entry['dtype']} needs {expected}",
-                      name)
+            raise bad(f"holds {offsets[1] - offsets[0]} bytes but shape {_short(shape)} of {entry['dtype']} needs "
+                      f"{expected}", name)
         if offsets[1] > data_size:
-            raise bad(f"data_offsets {offsets} run past the end of the file", name)
+            raise bad(f"data_offsets {offsets} run past the end of the file ({data_size} bytes of data)", name)
         spans.append((offsets[0], offsets[1], name))
     spans.sort()
     cursor = 0
@@ -153,19 +199,31 @@ class SafetensorsWriter:
         self.header = struct.pack("<Q", len(blob)) + blob
         self.data_start = len(self.header)
         self.total_size = self.data_start + cursor
-        self.tmp_path = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp_path = temporary_path(self.path)
         self.fd = -1
+        self.committed: Path | None = None
 
     def open(self) -> None:
         # 0o666 & ~umask, like any file a user's program creates.
-        self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
-        self.write_at(self.header, 0)
+        try:
+            self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        try:
+            lock(self.fd, self.tmp_path)  # a later run can tell our debris (if we die) from a live writer
+            self.write_at(self.header, 0)
+        except BaseException:
+            self.abort()
+            raise
 
     def write_at(self, data, position: int) -> None:
         view = memoryview(data).cast("B")
-        while view:
-            done = os.pwrite(self.fd, view, position)
-            view, position = view[done:], position + done
+        try:
+            while view:
+                done = os.pwrite(self.fd, view, position)
+                view, position = view[done:], position + done
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
 
     def write(self, name: str, element_offset: int, chunk: torch.Tensor) -> None:
         """Write a contiguous chunk of tensor `name`, starting at element `element_offset`."""
@@ -183,32 +241,34 @@ class SafetensorsWriter:
             self.write_at(data, dst)
             src, dst, remaining = src + len(data), dst + len(data), remaining - len(data)
 
-    def commit(self) -> None:
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        os.replace(self.tmp_path, self.path)
-        fsync_directory(self.path.parent)
+    def commit(self, destination: Path | None = None) -> None:
+        """fsync the file and rename it to `destination` (default: its path), then fsync the directory."""
+        destination = self.path if destination is None else Path(destination)
+        try:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.tmp_path, destination)
+            self.committed = destination
+            fsync_directory(destination.parent)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
 
     def abort(self) -> None:
+        """Remove what this writer created: its temporary file, or the file it committed."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        try:
-            os.unlink(self.tmp_path)
-        except FileNotFoundError:
-            pass
+        for path in (self.tmp_path, self.committed):
+            if path is not None:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        self.committed = None
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Start writing these dirty pages to disk now (asynchronously), so the final fsync has little left to do."""
     if nbytes and hasattr(_libc, "sync_file_range"):
         _libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(nbytes), _SYNC_FILE_RANGE_WRITE)
-
-
-def fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

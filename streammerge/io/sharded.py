@@ -2,31 +2,53 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from streammerge.errors import CheckpointError
 from streammerge.io.checkpoint import Checkpoint, open_checkpoint, register_format
+from streammerge.io.safetensors_io import DuplicateKeyError, loads_strict
+
+MAX_INDEX = 100_000_000
 
 
 def _sniff(head: bytes, path: Path) -> bool:
     return path.name.endswith(".json") and head.lstrip()[:1] == b"{"
 
 
+def _is_local_name(name: str) -> bool:
+    """A shard must sit beside its index (or below it): no absolute paths, no '..', no empty names."""
+    parts = PurePosixPath(name).parts
+    return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts and "\0" not in name
+
+
 def open_sharded(path: Path, **options) -> Checkpoint:
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable shard index ({exc}).") from None
+        size = path.stat().st_size
+        if size > MAX_INDEX:
+            raise CheckpointError(f"{path}: a shard index of {size} bytes is far larger than any real one "
+                                  f"(limit {MAX_INDEX}); it is not an index or it is corrupt.")
+        index = loads_strict(path.read_text(encoding="utf-8"))
+    except DuplicateKeyError as exc:
+        raise CheckpointError(f"{path}: the shard index names {str(exc.args[0])!r:.80} twice.") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise CheckpointError(f"{path}: not a readable shard index ({detail}).") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{path}: a shard index needs a non-empty 'weight_map' of tensor name -> shard file.")
+    for tensor_name, shard_name in weight_map.items():
+        if not isinstance(shard_name, str) or not _is_local_name(shard_name):
+            raise CheckpointError(f"{path}: the index maps '{tensor_name}' to {shard_name!r:.80}, which is not the "
+                                  "name of a file beside the index. Fix the index or re-download it.")
+    index_metadata = index.get("metadata") or {}
+    if not isinstance(index_metadata, dict):
+        raise CheckpointError(f"{path}: the index's 'metadata' must be a mapping.")
     shard_names = sorted(set(weight_map.values()))
     shards = []
     try:
         for name in shard_names:
             shard_path = path.parent / name
-            if not isinstance(name, str) or not shard_path.is_file():
+            if not shard_path.is_file():
                 raise CheckpointError(f"{path}: the index lists shard '{name}', which does not exist next to it. "
                                       "Download the missing shard or fix the index.")
             shard = open_checkpoint(shard_path, **options)
@@ -48,7 +70,7 @@ def open_sharded(path: Path, **options) -> Checkpoint:
         for shard in shards:
             shard.close()
         raise
-    metadata = {k: str(v) for k, v in (index.get("metadata") or {}).items()}
+    metadata = {k: str(v) for k, v in index_metadata.items()}
     inner = shards[0].format if shards else "safetensors"
     return Checkpoint(path, f"sharded-{inner}", tensors, metadata, "", files)
 

@@ -28,6 +28,7 @@ from streammerge.io.checkpoint import Checkpoint, register_format
 from streammerge.io.containers import find_state_dict, to_jsonable
 from streammerge.io.mapped import MappedFile, TensorInfo, check_span
 from streammerge.io.safe_pickle import StorageRecord, restricted_load, storage_pid, tensor_infos
+from streammerge.io.zip_check import check_storages_match_records, check_tensors_in_records, check_torch_zip
 
 LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # zip local file header, 30 bytes
 LOCAL_HEADER_MAGIC = 0x04034B50
@@ -158,14 +159,23 @@ def open_torch_zip_restricted(path: Path, state_dict_key: str | None = None) -> 
 
 
 def open_torch_zip(path: Path, state_dict_key: str | None = None, **_options) -> Checkpoint:
+    records = check_torch_zip(path)  # the archive's structure, before torch or the unpickler sees it
     try:
         loaded = load_torch_zip(path)
     except TorchLoadFailed:  # objects weights_only refuses, or a damaged file: the restricted path says which
-        return open_torch_zip_restricted(path, state_dict_key)
+        checkpoint = open_torch_zip_restricted(path, state_dict_key)
+        try:
+            check_tensors_in_records(path, checkpoint.tensors.values(), records)
+        except Exception:
+            checkpoint.close()
+            raise
+        return checkpoint
     state_dict, container, rest = find_state_dict(loaded, path, state_dict_key)
     mapped = MappedFile(path)
     try:
         tensors = tensors_from_loaded(path, state_dict, mapped)
+        check_storages_match_records(path, state_dict, tensors, records)
+        check_tensors_in_records(path, tensors.values(), records)
     except Exception:
         mapped.close()
         raise

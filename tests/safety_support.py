@@ -1,0 +1,93 @@
+"""Helpers for the failure-behaviour tests: input snapshots, clean-failure assertions, small configs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def snapshot(*paths) -> dict:
+    """sha256, size and mtime of every file under `paths` (inputs must be identical after any failure)."""
+    out = {}
+    for root in map(Path, paths):
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for f in files:
+            st = f.stat()
+            out[str(f)] = (hashlib.sha256(f.read_bytes()).hexdigest(), st.st_size, st.st_mtime_ns)
+    return out
+
+
+def listing(directory) -> list[str]:
+    """Every entry under `directory`, hidden ones included, relative to it."""
+    directory = Path(directory)
+    if not directory.exists():
+        return []
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+def write_config(path: Path, models, output, **extra) -> Path:
+    data = {"output": str(output), "models": [{"path": str(m), **({"weight": w} if w is not None else {})}
+                                              for m, w in models], **extra}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def assert_clean_failure(result, output: Path, *culprits: str, before_dir: list[str] | None = None,
+                         inputs_before: dict | None = None, status: int | None = None) -> None:
+    """Non-zero exit, a one-paragraph `streammerge: error:` message naming each culprit, no traceback, nothing
+    at the output path, no debris beside it, and inputs untouched."""
+    assert result.returncode != 0, result.stderr
+    if status is not None:
+        assert result.returncode == status, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("streammerge: "), result.stderr
+    for culprit in culprits:
+        assert culprit in result.stderr, f"{culprit!r} not named in: {result.stderr}"
+    output = Path(output)
+    if before_dir is None:
+        assert not output.exists(), listing(output)
+        parent = output.parent
+        debris = [p.name for p in parent.iterdir() if p.name.startswith(f".{output.name}")] if parent.exists() else []
+        assert debris == [], debris
+    else:
+        assert listing(output) == before_dir
+    if inputs_before is not None:
+        assert snapshot(*[Path(p) for p in inputs_before]) == inputs_before
+
+
+def start_merge(*args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "streammerge", "merge", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 120.0, interval: float = 0.001) -> bool:
+    """Poll until `predicate()` holds; False if the process ended first or the timeout passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if process.poll() is not None:
+            return predicate()
+        time.sleep(interval)
+    return False
+
+
+def done_shards(directory: Path) -> list[Path]:
+    return sorted(Path(directory).glob(".model-*.done"))
+
+
+def in_progress(directory: Path) -> bool:
+    """At least one shard complete and the index not written yet."""
+    return bool(done_shards(directory)) and not (Path(directory) / "model.safetensors.index.json").exists()
+
+
+def inode(path) -> int:
+    return os.stat(path).st_ino
