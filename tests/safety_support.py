@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -91,3 +94,22 @@ def in_progress(directory: Path) -> bool:
 
 def inode(path) -> int:
     return os.stat(path).st_ino
+
+
+def run_main(*args) -> subprocess.CompletedProcess:
+    """`streammerge ARGS` in this process (the command-line code path without interpreter start-up); an
+    exception that escapes `main` fails the test, as a traceback would."""
+    from streammerge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:  # argparse
+                code = exc.code
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())

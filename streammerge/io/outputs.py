@@ -200,8 +200,6 @@ class ShardedOutput:
 
     # -- start: clean up after an interrupted run, or resume it -----------------------------------------------
     def open(self) -> None:
-        self.created_dirs = make_directories(self.path)
-        removed = len(remove_stale_temporaries(self.path, self._is_ours))
         previous = Manifest.load(self.path)
         if self.resume and previous is not None:
             why = explain_difference(previous.fingerprint, self.fingerprint)
@@ -209,6 +207,9 @@ class ShardedOutput:
                 raise OutputError(
                     f"--resume: '{self.path}' holds an interrupted merge that this one cannot continue: {why}. "
                     "Run without --resume to start over (its partial output is then removed).")
+        self.created_dirs = make_directories(self.path)
+        removed = len(remove_stale_temporaries(self.path, self._is_ours))
+        if self.resume and previous is not None:
             self.manifest, self.manifest_predates_run = Manifest(self.fingerprint), True
             for shard in self.shards:
                 shard.location = shard.verify(previous.completed.get(shard.name))
