@@ -97,10 +97,11 @@ def _cgroup_cache(d: Path) -> int:
 
 
 def available_memory() -> int:
-    """What the machine can give this process now: the smaller of psutil's view and the cgroup's."""
+    """How much more this process can allocate now: the smaller of the machine's view (psutil) and the
+    headroom left under its cgroup's limit."""
     available = psutil.virtual_memory().available
     headroom = cgroup_headroom()
-    return min(available, headroom + anon_rss()) if headroom is not None else available
+    return min(available, headroom) if headroom is not None else available
 
 
 def bytes_per_element(n_inputs: int, acc_itemsize: int, out_itemsize: int, extra_buffers: int = 0,
@@ -116,28 +117,40 @@ class Budget:
     def __init__(self, requested: int | None, per_element: int, default: int, baseline: int | None = None):
         self.baseline = anon_rss() if baseline is None else baseline
         self.per_element = per_element
-        self.available = available_memory()
+        self.available = available_memory()  # more than the baseline, which the process already holds
+        self.ceiling = self.baseline + self.available  # the most this process could hold without swapping or OOM
         self.minimum = self.baseline + OVERHEAD + MIN_CHUNK_ELEMENTS * per_element
+        # By default, leave at least half of what the machine (or cgroup) can still give to everything else.
+        default_limit = self.baseline + self.available // 2
         if requested is None:
-            self.limit = min(default, self.available // 2)
+            self.limit = min(default, default_limit)
             explicit = False
         else:
             self.limit = requested
             explicit = True
         if self.limit < self.minimum:
             why = (f"the budget max_ram={format_size(self.limit)} is too small to work in" if explicit else
-                   f"this machine has only {format_size(self.available)} available, and streammerge uses at most "
-                   f"half of it ({format_size(self.limit)})")
+                   f"this machine (and its cgroup) can give only {format_size(self.available)} more memory, and "
+                   f"by default streammerge takes at most half of that (a budget of {format_size(self.limit)})")
             raise MemoryBudgetError(
                 f"{why}: the process already holds {format_size(self.baseline)} (Python and torch) and needs "
                 f"{format_size(OVERHEAD + MIN_CHUNK_ELEMENTS * per_element)} more for its smallest chunks. "
-                f"The smallest budget that works is {format_size(self.minimum)}; set max_ram to at least that"
-                f"{'' if explicit else ' and free some memory'}.")
-        if explicit and self.limit > self.available:
+                f"The smallest budget that works is {format_size(self.minimum)}; "
+                + ("set max_ram to at least that." if explicit else
+                   f"free some memory, or set max_ram between {format_size(self.minimum)} and "
+                   f"{format_size(self.ceiling)} to use more of what is left." if self.minimum <= self.ceiling else
+                   "free some memory."))
+        if explicit and self.limit > self.ceiling:
+            suggested = default_limit if default_limit >= self.minimum else self.ceiling
+            advice = (f"lower max_ram to {format_size(suggested)} or less (at least {format_size(self.minimum)} "
+                      "is needed)" if self.minimum <= self.ceiling else
+                      f"free some memory: even the smallest budget that works, {format_size(self.minimum)}, does "
+                      "not fit")
             raise MemoryBudgetError(
-                f"max_ram={format_size(self.limit)} but only {format_size(self.available)} of memory is available "
-                f"(free RAM and cgroup limit); lower max_ram to at most {format_size(self.available // 2)} "
-                "or free some memory.")
+                f"max_ram={format_size(self.limit)} is more than this process can get: it holds "
+                f"{format_size(self.baseline)} and the machine (free RAM, and the limit of its cgroup) can give only "
+                f"{format_size(self.available)} more, {format_size(self.ceiling)} in all. Going over would end in "
+                f"swapping or the process being killed; {advice}.")
         room = self.limit - self.baseline - OVERHEAD
         chunk = max(MIN_CHUNK_ELEMENTS, min(MAX_CHUNK_ELEMENTS, room // per_element))
         self.chunk_elements = chunk // CHUNK_ALIGN * CHUNK_ALIGN
