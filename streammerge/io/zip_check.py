@@ -90,3 +90,19 @@ def check_tensors_in_records(path: Path, tensors, spans: dict[str, tuple[int, in
             where = (f"record '{ordered[i][2]}' holds bytes {ordered[i][0]}..{ordered[i][1]}" if i >= 0
                      else "no record holds them")
             raise _corrupt(path, f"tensor '{info.name}' needs bytes {offset}..{offset + nbytes} but {where}")
+
+
+def check_storages_match_records(path: Path, state_dict: dict, tensors: dict[str, TensorInfo],
+                                 spans: dict[str, tuple[int, int]]) -> None:
+    """Each tensor's storage must be exactly one record: torch's memory-mapped load does not compare the size
+    the pickle declares for a storage with the size of its record (its ordinary load refuses a mismatch)."""
+    records = {start: (length, name) for name, (start, length) in spans.items()}
+    for name, tensor in state_dict.items():
+        nbytes = tensor.untyped_storage().nbytes()
+        if nbytes == 0 or name not in tensors:
+            continue
+        start = tensors[name].offset - tensor.storage_offset() * tensor.element_size()
+        length, record = records.get(start, (None, None))
+        if length != nbytes:
+            where = f"its record '{record}' holds {length}" if record else "no record starts where it does"
+            raise _corrupt(path, f"tensor '{name}' has a storage of {nbytes} bytes but {where}")

@@ -1,0 +1,261 @@
+"""Fuzzing the readers: mutated safetensors headers, truncated files, random bytes and random pickles (raw and
+inside torch zips) thrown at `open_checkpoint` and at reading every tensor.
+
+The property: a clean StreamMergeError, or a result equal to what the reference library reads from the same
+bytes — never another exception, a crash, a hang, or memory growth beyond a modest bound. Example counts are
+kept small for the test suite; set STREAMMERGE_FUZZ_EXAMPLES=2000 for a longer hunt.
+"""
+
+from __future__ import annotations
+
+import copy
+import faulthandler
+import io
+import json
+import os
+import pickle
+import signal
+import struct
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from streammerge.errors import StreamMergeError
+from streammerge.io import open_checkpoint
+from streammerge.memory import MemoryGuard, anon_rss
+
+EXAMPLES = int(os.environ.get("STREAMMERGE_FUZZ_EXAMPLES", "0")) or None
+SECONDS_PER_EXAMPLE = 20
+MEMORY_BOUND = 256 * 1024**2
+
+
+def fuzz_settings(examples: int):
+    return settings(max_examples=EXAMPLES or examples, deadline=None, derandomize=EXAMPLES is None,
+                    database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# -- samples to mutate -------------------------------------------------------------------------------------------
+
+def _sample_safetensors() -> bytes:
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 4, generator=gen), "b": torch.randn(5, generator=gen).to(torch.bfloat16),
+               "c": torch.tensor([7, -8]), "d": torch.zeros(0, 3, dtype=torch.float16),
+               "e": torch.arange(7, dtype=torch.uint8), "f": torch.tensor([True, False, True])}
+    with tempfile.TemporaryDirectory() as d:
+        save_file(tensors, f"{d}/s.safetensors", metadata={"format": "pt"})
+        return Path(f"{d}/s.safetensors").read_bytes()
+
+
+def _sample_torch_zip() -> bytes:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 6, generator=gen)
+    model = {"w": w, "wt": w.t(), "row": w[2], "steps": torch.arange(3), "h": torch.randn(5, generator=gen).half()}
+    buffer = io.BytesIO()
+    torch.save({"model": model, "step": 3, "config": {"lr": 0.1, "name": "x"}}, buffer)
+    return buffer.getvalue()
+
+
+SAFETENSORS = _sample_safetensors()
+HEADER_LENGTH = struct.unpack("<Q", SAFETENSORS[:8])[0]
+HEADER = json.loads(SAFETENSORS[8:8 + HEADER_LENGTH])
+DATA = SAFETENSORS[8 + HEADER_LENGTH:]
+TORCH_ZIP = _sample_torch_zip()
+with zipfile.ZipFile(io.BytesIO(TORCH_ZIP)) as _z:
+    PICKLE_RECORD = next(n for n in _z.namelist() if n.endswith("data.pkl"))
+    PICKLE = _z.read(PICKLE_RECORD)
+
+
+def rezip(replace: dict[str, bytes | None]) -> bytes:
+    """The sample torch zip with some records replaced (None: removed), stored like torch.save does."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(TORCH_ZIP)) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = replace.get(info.filename, src.read(info.filename))
+            if data is not None:
+                dst.writestr(info.filename, data)
+    return out.getvalue()
+
+
+# -- the property ------------------------------------------------------------------------------------------------
+
+class Hang(Exception):
+    pass
+
+
+def _alarm(_signum, _frame):
+    raise Hang(f"no answer within {SECONDS_PER_EXAMPLE} s")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def watchdogs():
+    """A Python-level timeout per example (SIGALRM) and a hard one for hangs in C code (faulthandler)."""
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    faulthandler.dump_traceback_later(30 * 60, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+    signal.signal(signal.SIGALRM, previous)
+
+
+def read_everything(blob: bytes, name: str) -> str:
+    """Open `blob` as a checkpoint and read every tensor; returns 'refused' or 'read'."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / name
+        path.write_bytes(blob)
+        before = anon_rss()
+        signal.alarm(SECONDS_PER_EXAMPLE)
+        try:
+            with MemoryGuard(1 << 62) as guard:
+                try:
+                    with open_checkpoint(path) as checkpoint:
+                        values = {n: info.read().clone().reshape(info.shape) for n, info in checkpoint.tensors.items()}
+                        container = checkpoint.container
+                        fmt = checkpoint.format
+                except StreamMergeError as exc:
+                    assert str(path) in str(exc), exc  # the message names the file
+                    return "refused"
+        finally:
+            signal.alarm(0)
+        assert guard.peak - before < MEMORY_BOUND, f"memory grew by {(guard.peak - before) >> 20} MiB"
+        compare_with_reference(path, fmt, container, values)
+        return "read"
+
+
+def compare_with_reference(path: Path, fmt: str, container: str, values: dict) -> None:
+    """What we accept, the reference library reads the same way."""
+    if fmt == "safetensors":
+        reference = load_file(path)
+    elif fmt == "torch-zip":
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        for part in filter(None, container.split(".")):
+            loaded = loaded[part]
+        reference = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+    else:
+        return
+    assert sorted(values) == sorted(reference)
+    for name, tensor in values.items():
+        assert same_bytes(tensor, reference[name]), name
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bit pattern (NaN payloads included)."""
+    raw = [t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in (a, b)]
+    return a.dtype == b.dtype and a.shape == b.shape and raw[0] == raw[1]
+
+
+# -- strategies --------------------------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.sampled_from([0, 1, 2, 4, 12, 16, 2**63, -1])
+    | st.floats(allow_nan=True) | st.text(max_size=6) | st.sampled_from(["F32", "BF16", "I64", "U8", "BOOL"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8)
+TENSOR_NAMES = [n for n in HEADER if n != "__metadata__"]
+
+
+@st.composite
+def mutated_headers(draw) -> bytes:
+    header = copy.deepcopy(HEADER)
+    for _ in range(draw(st.integers(1, 3))):
+        name = draw(st.sampled_from(TENSOR_NAMES))
+        action = draw(st.sampled_from(["value", "offset", "shape", "dtype", "drop", "add", "metadata", "entry"]))
+        entry = header.get(name)
+        if action == "value" and isinstance(entry, dict):
+            entry[draw(st.sampled_from(["dtype", "shape", "data_offsets"]))] = draw(json_values)
+        elif action == "offset" and isinstance(entry, dict):
+            entry["data_offsets"] = [draw(st.integers(-2, len(DATA) + 40)), draw(st.integers(-2, len(DATA) + 40))]
+        elif action == "shape" and isinstance(entry, dict):
+            entry["shape"] = draw(st.lists(st.integers(-1, 2**33) | st.sampled_from([0, 1, 2, 3, 2**31]),
+                                           max_size=5))
+        elif action == "dtype" and isinstance(entry, dict):
+            entry["dtype"] = draw(st.sampled_from(["F32", "F16", "BF16", "F64", "I8", "I64", "U8", "BOOL",
+                                                   "F8_E4M3", "C64", "f32", ""]))
+        elif action == "drop":
+            header.pop(name, None)
+        elif action == "add":
+            header[draw(st.text(max_size=4))] = draw(json_values)
+        elif action == "metadata":
+            header["__metadata__"] = draw(json_values)
+        else:
+            header[name] = draw(json_values)
+    blob = json.dumps(header).encode()
+    blob += b" " * draw(st.integers(0, 9))
+    length = len(blob) + draw(st.sampled_from([0, 0, 0, -1, 1, 8, -8, 2**40]))
+    data = DATA[:draw(st.integers(0, len(DATA)))] if draw(st.booleans()) else DATA
+    return struct.pack("<Q", max(0, length)) + blob + data
+
+
+@st.composite
+def flipped(draw, blob: bytes, focus: int | None = None) -> bytes:
+    """`blob` with a few bytes overwritten (most of them within the first `focus` bytes when given)."""
+    data = bytearray(blob)
+    for _ in range(draw(st.integers(1, 6))):
+        limit = focus if (focus and draw(st.booleans())) else len(data)
+        data[draw(st.integers(0, limit - 1))] = draw(st.integers(0, 255))
+    return bytes(data)
+
+
+random_objects = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8) | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner)
+    | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12)
+
+PREFIXES = [b"", b"PK\x03\x04", b"PK\x05\x06", struct.pack("<Q", 64) + b"{", struct.pack("<Q", 2**62) + b"{",
+            b"\x80\x02", b"\x80\x04\x95", b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."]
+
+
+# -- the tests ----------------------------------------------------------------------------------------------------
+
+@fuzz_settings(50)
+@given(mutated_headers())
+def test_mutated_safetensors_headers(blob):
+    read_everything(blob, "model.safetensors")
+
+
+@fuzz_settings(30)
+@given(st.one_of(st.integers(0, len(SAFETENSORS)).map(lambda n: ("s", n)),
+                 st.integers(0, len(TORCH_ZIP)).map(lambda n: ("z", n))))
+def test_truncated_files(cut):
+    kind, n = cut
+    blob = (SAFETENSORS if kind == "s" else TORCH_ZIP)[:n]
+    outcome = read_everything(blob, "model.bin")
+    if n == len(SAFETENSORS if kind == "s" else TORCH_ZIP):
+        assert outcome == "read"
+
+
+@fuzz_settings(30)
+@given(st.sampled_from(PREFIXES), st.binary(max_size=2048))
+def test_random_bytes(prefix, blob):
+    read_everything(prefix + blob, "model.pth")
+
+
+@fuzz_settings(30)
+@given(st.one_of(flipped(SAFETENSORS, focus=8 + HEADER_LENGTH), flipped(TORCH_ZIP)))
+def test_flipped_bytes(blob):
+    read_everything(blob, "model.ckpt")
+
+
+@fuzz_settings(40)
+@given(st.one_of(
+    random_objects.map(lambda o: rezip({PICKLE_RECORD: pickle.dumps({"model": o}, protocol=2)})),
+    random_objects.map(lambda o: rezip({PICKLE_RECORD: pickle.dumps(o, protocol=4)})),
+    flipped(PICKLE).map(lambda p: rezip({PICKLE_RECORD: p})),
+    st.binary(max_size=512).map(lambda p: rezip({PICKLE_RECORD: p})),
+    st.sampled_from([n for n in zipfile.ZipFile(io.BytesIO(TORCH_ZIP)).namelist()]).map(
+        lambda n: rezip({n: None})),
+    random_objects.map(lambda o: pickle.dumps(o, protocol=2)),
+    random_objects.map(lambda o: pickle.dumps({"model": o, "state_dict": o}, protocol=4)),
+))
+def test_random_pickles(blob):
+    read_everything(blob, "model.pt")
+
+
+def test_unmodified_samples_read_correctly():
+    assert read_everything(SAFETENSORS, "a.safetensors") == "read"
+    assert read_everything(TORCH_ZIP, "a.pth") == "read"
