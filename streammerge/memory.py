@@ -148,8 +148,8 @@ class Budget:
                       "not fit")
             raise MemoryBudgetError(
                 f"max_ram={format_size(self.limit)} is more than this process can get: it holds "
-                f"{format_size(self.baseline)} and the machine (free RAM, and the limit of its cgroup) can give only "
-                f"{format_size(self.available)} more, {format_size(self.ceiling)} in all. Going over would end in "
+                f"{format_size(self.baseline)} and only {format_size(self.available)} more is available (free RAM, "
+                f"and the limit of its cgroup), {format_size(self.ceiling)} in all. Going over would end in "
                 f"swapping or the process being killed; {advice}.")
         room = self.limit - self.baseline - OVERHEAD
         chunk = max(MIN_CHUNK_ELEMENTS, min(MAX_CHUNK_ELEMENTS, room // per_element))

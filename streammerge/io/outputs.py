@@ -20,7 +20,7 @@ from streammerge.errors import OutputError
 from streammerge.interrupts import uninterruptible
 from streammerge.io.partial import (MANIFEST, Manifest, ShardChecksum, explain_difference, file_digest, fingerprint,
                                     fsync_directory, remove_stale_temporaries, write_atomically, write_error)
-from streammerge.io.safetensors_io import SafetensorsWriter
+from streammerge.io.safetensors_io import SafetensorsWriter, start_writeback
 from streammerge.units import format_size
 
 Entry = tuple[str, torch.dtype, tuple]  # (name, dtype, shape)
@@ -251,7 +251,9 @@ class ShardedOutput:
         if shard.state == WAITING:
             shard.writer.open()
             shard.state = WRITING
-        shard.writer.write_at(data, shard.writer.data_start + shard.writer.offsets[name] + byte_offset)
+        position = shard.writer.data_start + shard.writer.offsets[name] + byte_offset
+        shard.writer.write_at(data, position)
+        start_writeback(shard.writer.fd, position, len(data))
         if shard.checksum.update(name, byte_offset, data):
             shard.unfinished.discard(name)
             if not shard.unfinished:
