@@ -329,3 +329,22 @@ def test_a_live_writer_is_not_disturbed(tmp_path, models):
         result = run_main("merge", config)
         assert result.returncode == 1 and "another streammerge run" in result.stderr, result.stderr
         assert live.exists() and not out.exists()
+
+
+def test_a_second_run_into_the_same_directory_is_refused(tmp_path, larger_models):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "m.yaml", [(m, 1) for m in larger_models], out, shard_size="1MB")
+    process = start_merge(config, "--quiet")
+    try:
+        assert wait_for(lambda: in_progress(out), process), "the first merge ended too soon"
+        process.send_signal(signal.SIGSTOP)
+        before = listing(out)
+        second = run_main("merge", config)
+        assert second.returncode == 1 and "another streammerge run" in second.stderr, second.stderr
+        assert listing(out) == before  # the first run's files are untouched
+        process.send_signal(signal.SIGCONT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert (out / "model.safetensors.index.json").exists()

@@ -72,6 +72,7 @@ def killed_run(monkeypatch, config: Path, complete: int) -> None:
             if shard.writer.fd >= 0:
                 os.close(shard.writer.fd)
                 shard.writer.fd = -1
+        self._unlock()
 
     with monkeypatch.context() as patch:
         patch.setattr(outputs.ShardedOutput, "_finish", finish)

@@ -19,7 +19,7 @@ import torch
 from streammerge.errors import OutputError
 from streammerge.interrupts import uninterruptible
 from streammerge.io.partial import (MANIFEST, Manifest, ShardChecksum, explain_difference, file_digest, fingerprint,
-                                    fsync_directory, remove_stale_temporaries, write_atomically, write_error)
+                                    fsync_directory, lock, remove_stale_temporaries, write_atomically, write_error)
 from streammerge.io.safetensors_io import SafetensorsWriter, start_writeback
 from streammerge.units import format_size
 
@@ -172,6 +172,7 @@ class ShardedOutput:
         self.manifest_predates_run = False
         self.previous_index: set[str] = set()
         self.created_dirs: list[Path] = []
+        self.directory_fd = -1
         self.placed: list[Path] = []  # files this run renamed into their final place
         self.notes: list[str] = []
 
@@ -208,6 +209,9 @@ class ShardedOutput:
                     f"--resume: '{self.path}' holds an interrupted merge that this one cannot continue: {why}. "
                     "Run without --resume to start over (its partial output is then removed).")
         self.created_dirs = make_directories(self.path)
+        # Held until commit or abort: a second run into this directory is refused rather than interleaved.
+        self.directory_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        lock(self.directory_fd, self.path)
         removed = len(remove_stale_temporaries(self.path, self._is_ours))
         if self.resume and previous is not None:
             self.manifest, self.manifest_predates_run = Manifest(self.fingerprint), True
@@ -329,6 +333,12 @@ class ShardedOutput:
                 _unlink(self.path / name)
         _unlink(self.path / MANIFEST)
         fsync_directory(self.path)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self.directory_fd >= 0:
+            os.close(self.directory_fd)
+            self.directory_fd = -1
 
     def abort(self) -> None:
         """Leave the output directory as this run found it (a resumed run keeps the shards it reused)."""
@@ -349,6 +359,7 @@ class ShardedOutput:
             elif self.manifest is not None:
                 _unlink(self.path / MANIFEST)
             remove_directories(self.created_dirs)
+            self._unlock()
 
 
 def _unlink(path: Path | None) -> None:

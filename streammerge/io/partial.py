@@ -32,14 +32,15 @@ def temporary_path(path: Path) -> Path:
 
 
 def lock(fd: int, path: Path) -> None:
-    """Mark a temporary file as being written by a live process (released when the process dies)."""
+    """Hold an exclusive lock on `fd` while it stays open (the kernel drops it when the process dies), or refuse
+    if another process holds one: this is how a later run tells a live writer from a dead one's debris."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise OutputError(f"'{path}' is being written by another process; wait for it to finish or choose "
-                              "another output path.") from None
-        # Filesystems without flock support: go on unlocked (stale files are then removed by age of owner only).
+            raise OutputError(f"'{path}' is being written by another streammerge run; wait for it to finish or "
+                              "choose another output path.") from None
+        # File systems without flock support: go on unlocked.
 
 
 def remove_stale_temporaries(directory: Path, is_ours: Callable[[str], bool]) -> list[Path]:
