@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from streammerge.config import DEFAULT_MAX_RAM, MergeConfig
 from streammerge.errors import OutputError, PlanError, StreamMergeError
+from streammerge.interrupts import uninterruptible
 from streammerge.io import Checkpoint, TensorInfo, open_checkpoint
 from streammerge.io.output_safety import check_output_is_not_an_input
 from streammerge.io.outputs import check_disk_space, make_output
@@ -244,6 +245,7 @@ class Engine:
             progress = tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                             desc="merging", disable=not self.show_progress, dynamic_ncols=True)
             self.writer = BackgroundWriter()
+            skipped_bytes = 0  # inputs of tensors an interrupted run already wrote (--resume)
             try:
                 output.open()  # removes an interrupted run's debris, or verifies what it completed (resume)
                 check_disk_space(self.p.output, getattr(output, "space_needed", output.total_size))
@@ -251,6 +253,7 @@ class Engine:
                 for task in plan.tasks:
                     if reused(task.name):
                         progress.update(task.read_bytes)
+                        skipped_bytes += task.read_bytes
                     else:
                         self.run_task(task, workspace, output, progress, guard)
                     aliases = [a for a in task.aliases if not reused(a)]
@@ -261,14 +264,16 @@ class Engine:
                 self.writer.close()
                 output.commit()
             except BaseException:
-                self.writer.close_quietly()
-                output.abort()
+                with uninterruptible():  # a second Ctrl-C must not cut the cleanup short
+                    self.writer.close_quietly()
+                    output.abort()
                 raise
             finally:
                 progress.close()
         return Report(
             output=str(self.p.output), files=[str(f) for f in output.files],
-            tensors=len(plan.entries), read_bytes=plan.read_bytes, written_bytes=output.total_size,
+            tensors=len(plan.entries), read_bytes=plan.read_bytes - skipped_bytes,
+            written_bytes=output.total_size,
             seconds=time.perf_counter() - started, peak_anon_bytes=guard.peak, max_ram_bytes=budget.limit,
             chunk_elements=self.chunk, nonfinite_tensors=list(self.nonfinite),
             reused_files=list(getattr(output, "reused_files", [])), notes=list(getattr(output, "notes", [])))

@@ -83,6 +83,19 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 120.0, inter
     return False
 
 
+def freeze(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGSTOP the process and wait until it has actually stopped (the signal is delivered asynchronously)."""
+    process.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            state = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state in ("T", "t", "Z", "X"):
+                return
+        time.sleep(0.001)
+    raise AssertionError(f"process {process.pid} did not stop")
+
+
 def done_shards(directory: Path) -> list[Path]:
     return sorted(Path(directory).glob(".model-*.done"))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from safety_support import (assert_clean_failure, in_progress, listing, run_main, snapshot, start_merge,
+from safety_support import (assert_clean_failure, freeze, in_progress, listing, run_main, snapshot, start_merge,
                             wait_for, write_config)
 
 import synth
@@ -337,7 +337,7 @@ def test_a_second_run_into_the_same_directory_is_refused(tmp_path, larger_models
     process = start_merge(config, "--quiet")
     try:
         assert wait_for(lambda: in_progress(out), process), "the first merge ended too soon"
-        process.send_signal(signal.SIGSTOP)
+        freeze(process)
         before = listing(out)
         second = run_main("merge", config)
         assert second.returncode == 1 and "another streammerge run" in second.stderr, second.stderr
@@ -348,3 +348,13 @@ def test_a_second_run_into_the_same_directory_is_refused(tmp_path, larger_models
         process.kill()
     assert process.returncode == 0, stderr
     assert (out / "model.safetensors.index.json").exists()
+
+
+def test_cleanup_cannot_be_interrupted():
+    from streammerge.interrupts import Terminated, exit_status, uninterruptible
+
+    with uninterruptible():
+        os.kill(os.getpid(), signal.SIGINT)  # ignored while cleaning up
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert exit_status(Terminated(signal.SIGTERM)) == 143 and exit_status(KeyboardInterrupt()) == 130

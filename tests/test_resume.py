@@ -9,8 +9,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from safety_support import done_shards, in_progress, inode, listing, run_main, snapshot, start_merge, wait_for, \
-    write_config
+from safety_support import (done_shards, freeze, in_progress, inode, listing, run_main, snapshot, start_merge,
+                            wait_for, write_config)
 
 import synth
 from streammerge.config import load_config
@@ -88,7 +88,7 @@ def test_kill_9_then_resume_is_bit_identical_and_keeps_completed_shards(tmp_path
     process = start_merge(config, "--quiet")
     try:
         assert wait_for(lambda: len(done_shards(out)) >= 3, process), "the merge ended before it could be killed"
-        process.send_signal(signal.SIGSTOP)  # freeze it, look, then kill -9
+        freeze(process)  # freeze it, look, then kill -9
         assert in_progress(out)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
@@ -117,10 +117,14 @@ def test_resume_after_a_simulated_kill(tmp_path, config, reference, monkeypatch)
     killed_run(monkeypatch, config, complete=4)
     out = tmp_path / "out"
     assert len(done_shards(out)) == 4 and any(".tmp-" in name for name in listing(out))
-    result = run_main("merge", config, "--resume")
+    report = tmp_path / "report.json"
+    result = run_main("merge", config, "--resume", "--report", report)
     assert result.returncode == 0, result.stderr
     assert "4 of" in result.stderr and "interrupted merge left" in result.stderr  # the stale temporary file
     assert_same_output(out, reference)
+    data = json.loads(report.read_text())
+    assert len(data["reused_files"]) == 4
+    assert 0 < data["read_bytes"] < 3 * sum(f.stat().st_size for f in reference.glob("*.safetensors"))
 
 
 def test_without_resume_the_leftovers_are_removed_and_the_merge_starts_over(tmp_path, config, reference,

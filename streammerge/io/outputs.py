@@ -310,23 +310,24 @@ class ShardedOutput:
                 if shard.unfinished:
                     raise RuntimeError(f"internal error: shard {shard.name} lacks {sorted(shard.unfinished)[:3]}")
                 self._finish(shard)
-        try:
-            for shard in self.shards:
-                final = shard.writer.path
-                if shard.location != final:
-                    os.replace(shard.location, final)
-                    shard.location = final
-                    if shard.state != REUSED:
-                        self.placed.append(final)
-            fsync_directory(self.path)
-        except OSError as exc:
-            raise write_error(self.path, exc) from None
         index = {"metadata": {"total_size": self.tensor_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
-        try:
-            write_atomically(self.path / self.INDEX, json.dumps(index, indent=2) + "\n")
-        except OSError as exc:
-            raise write_error(self.path / self.INDEX, exc) from None
-        self.placed.append(self.path / self.INDEX)
+        with uninterruptible():  # milliseconds; an interrupt half-way would leave files abort() cannot see
+            try:
+                for shard in self.shards:
+                    final = shard.writer.path
+                    if shard.location != final:
+                        os.replace(shard.location, final)
+                        shard.location = final
+                        if shard.state != REUSED:
+                            self.placed.append(final)
+                fsync_directory(self.path)
+            except OSError as exc:
+                raise write_error(self.path, exc) from None
+            try:
+                write_atomically(self.path / self.INDEX, json.dumps(index, indent=2) + "\n")
+            except OSError as exc:
+                raise write_error(self.path / self.INDEX, exc) from None
+            self.placed.append(self.path / self.INDEX)
         # The output is complete. Shards only a replaced index listed are stale; the manifest is done with.
         for name in sorted(self.previous_index - set(self.weight_map.values())):
             if SHARD_NAME.match(name):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from streammerge.errors import CheckpointError
+from streammerge.interrupts import uninterruptible
 from streammerge.io.checkpoint import Checkpoint, register_format
 from streammerge.io.mapped import MappedFile, TensorInfo
 from streammerge.io.partial import fsync_directory, lock, temporary_path, write_error  # noqa: F401 (re-export)
@@ -248,8 +249,9 @@ class SafetensorsWriter:
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
-            os.replace(self.tmp_path, destination)
-            self.committed = destination
+            with uninterruptible():  # an interrupt between these two lines would hide the file from abort()
+                os.replace(self.tmp_path, destination)
+                self.committed = destination
             fsync_directory(destination.parent)
         except OSError as exc:
             raise write_error(self.path, exc) from None
