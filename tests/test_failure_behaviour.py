@@ -284,7 +284,7 @@ def test_inodes_run_out_mid_write(tmp_path, models):
         assert listing(disk) == []
 
 
-@pytest.mark.parametrize("output_name", ["merged.safetensors", "sharded"])
+@pytest.mark.parametrize("output_name", ["merged.safetensors", "sharded", "merged.pth"])
 @pytest.mark.parametrize("fail_after", [1, 25])
 def test_write_failing_after_space_was_checked(tmp_path, models, monkeypatch, output_name, fail_after):
     """The free-space check passes, then a write fails (a quota, another process): a clean OutputError."""
@@ -306,15 +306,16 @@ def test_write_failing_after_space_was_checked(tmp_path, models, monkeypatch, ou
     assert not (tmp_path / "out").exists(), listing(tmp_path / "out")
 
 
-def test_leftovers_of_a_killed_single_file_run_are_removed(tmp_path, models):
-    out = tmp_path / "merged.safetensors"
-    stale = tmp_path / ".merged.safetensors.tmp-999999"
+@pytest.mark.parametrize("name", ["merged.safetensors", "merged.pth"])
+def test_leftovers_of_a_killed_single_file_run_are_removed(tmp_path, models, name):
+    out = tmp_path / name
+    stale = tmp_path / f".{name}.tmp-999999"
     stale.write_bytes(b"half a file")
     config = write_config(tmp_path / "m.yaml", [(m, 1) for m in models[:2]], out)
     result = run_main("merge", config)
     assert result.returncode == 0, result.stderr
     assert not stale.exists() and "interrupted merge left" in result.stderr
-    assert sorted(listing(tmp_path)) == ["m.yaml", "merged.safetensors"]
+    assert sorted(listing(tmp_path)) == ["m.yaml", name]
 
 
 def test_a_live_writer_is_not_disturbed(tmp_path, models):

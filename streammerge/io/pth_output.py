@@ -26,6 +26,7 @@ import torch
 
 from streammerge.io.containers import plain_config
 from streammerge.io.outputs import Entry, make_directories, register_output, remove_directories
+from streammerge.io.partial import remove_stale_temporaries
 from streammerge.io.torch_zip_writer import TorchZipWriter
 
 # dtypes torch.save pickles with a typed storage class and `_rebuild_tensor_v2`; newer dtypes go through
@@ -191,6 +192,7 @@ class TorchCheckpointOutput:
         self.writer = TorchZipWriter(self.path, pickle_checkpoint(checkpoint_object(state_dict, prepared)),
                                      [s.nbytes for s in storages])
         self.created_dirs: list[Path] = []
+        self.notes: list[str] = []
 
     @property
     def files(self) -> list[Path]:
@@ -202,6 +204,8 @@ class TorchCheckpointOutput:
 
     def open(self) -> None:
         self.created_dirs = make_directories(self.path.parent)
+        if remove_stale_temporaries(self.path.parent, lambda name: name == self.path.name):
+            self.notes.append(f"removed the temporary file an interrupted merge left beside '{self.path}'.")
         self.writer.open()
 
     def write(self, name: str, element_offset: int, chunk: torch.Tensor) -> None:

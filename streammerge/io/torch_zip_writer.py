@@ -24,6 +24,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from streammerge.interrupts import uninterruptible
+from streammerge.io.partial import lock, temporary_path, write_error
 from streammerge.io.safetensors_io import fsync_directory, start_writeback
 
 ALIGNMENT = 64
@@ -156,13 +158,18 @@ class TorchZipWriter:
         self.central_offset = cursor
         self.central_size = sum(r.central_size for r in self.records)
         self.total_size = self.central_offset + self.central_size + ZIP64_END.size + ZIP64_LOCATOR.size + END.size
-        self.tmp_path = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp_path = temporary_path(self.path)
         self.fd = -1
+        self.committed: Path | None = None
 
     # -- writing -------------------------------------------------------------------------------------------
     def open(self) -> None:
         # 0o666 & ~umask, like any file a user's program creates.
-        self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        lock(self.fd, self.tmp_path)  # a later run can tell our debris (if we die) from a live writer
         for record in self.records:
             self.write_at(record.local_header(), record.header_offset)
             if record.payload is not None:
@@ -170,9 +177,12 @@ class TorchZipWriter:
 
     def write_at(self, data, position: int) -> None:
         view = memoryview(data).cast("B")
-        while view:
-            done = os.pwrite(self.fd, view, position)
-            view, position = view[done:], position + done
+        try:
+            while view:
+                done = os.pwrite(self.fd, view, position)
+                view, position = view[done:], position + done
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
 
     def write(self, index: int, byte_offset: int, data) -> None:
         """Write `data` (any buffer) at `byte_offset` inside storage `index`."""
@@ -245,18 +255,27 @@ class TorchZipWriter:
         for record in self.records:
             self.write_at(record.descriptor(), record.data_offset + record.size)
         self.write_at(self.trailer(), self.central_offset)
-        os.ftruncate(self.fd, self.total_size)
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        os.replace(self.tmp_path, self.path)
-        fsync_directory(self.path.parent)
+        try:
+            os.ftruncate(self.fd, self.total_size)
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            with uninterruptible():  # an interrupt between these two lines would hide the file from abort()
+                os.replace(self.tmp_path, self.path)
+                self.committed = self.path
+            fsync_directory(self.path.parent)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
 
     def abort(self) -> None:
+        """Remove what this writer created: its temporary file, or the file it committed."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        try:
-            os.unlink(self.tmp_path)
-        except FileNotFoundError:
-            pass
+        for path in (self.tmp_path, self.committed):
+            if path is not None:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        self.committed = None

@@ -23,7 +23,7 @@ MAX_CENTRAL_DIRECTORY = 64 * 1024**2  # Python holds ~10x this as objects; real 
 
 
 def _corrupt(path: Path, what: str) -> CheckpointError:
-    return CheckpointError(f"{path}: not a valid torch zip checkpoint: {what}. The file is truncated or corrupt; "
+    return CheckpointError(f"{path}: not a readable torch zip checkpoint: {what}. The file is truncated or corrupt; "
                            "re-download or re-save it with torch.save.")
 
 
