@@ -31,20 +31,25 @@ import synth  # noqa: E402
 
 WEIGHTS = [0.5, 0.3, 0.2]
 MIB = 1024**2
-# Methods that take a base model use model0 as base and merge model1 and model2 onto it.
+# How each method is run on the three models: which are merged, onto which base, with which parameters.
+# Methods with a base use model0 as base and merge model1 and model2 onto it.
 BASE_METHODS = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
-                "model_stock", "add_difference"}
+                "della_linear", "model_stock"}
+TWO_MODEL_METHODS = {"slerp", "nuslerp"}
 METHOD_PARAMETERS = {
     "slerp": {"parameters": {"t": 0.4}},
-    "nuslerp": {"parameters": {"t": 0.4}},
     "ties": {"model": {"density": 0.5}},
     "dare_linear": {"model": {"density": 0.5}},
     "dare_ties": {"model": {"density": 0.5}},
     "breadcrumbs": {"model": {"density": 0.9, "gamma": 0.01}},
     "breadcrumbs_ties": {"model": {"density": 0.9, "gamma": 0.01}},
     "della": {"model": {"density": 0.5, "epsilon": 0.1}},
+    "della_linear": {"model": {"density": 0.5, "epsilon": 0.1}},
     "add_difference": {"parameters": {"alpha": 0.5}},
 }
+# mergekit-pytorch runs these (add_difference and passthrough-style methods are streammerge's own).
+MERGEKIT_METHODS = {"linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+                    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock"}
 
 
 def anon_rss_tree(pid: int) -> int:
@@ -125,16 +130,22 @@ def io_floor(inputs: list[Path], out_bytes: int, out_dir: Path) -> float:
 
 
 def streammerge_config(method: str, models: list[Path], output: Path) -> dict:
+    from streammerge.methods import get_method
+
     extra = METHOD_PARAMETERS.get(method, {})
+    base = None
     if method in BASE_METHODS:
-        base, merged = models[0], models[1:]
-        weights = [0.5, 0.5]
+        base, merged, weights = models[0], models[1:], [0.5, 0.5]
+    elif method in TWO_MODEL_METHODS:
+        merged, weights = models[:2], [0.6, 0.4]
+    elif method == "passthrough":
+        merged, weights = models[:1], [1.0]
     else:
-        base, merged, weights = None, models, WEIGHTS
-        if method in ("slerp", "nuslerp"):
-            merged, weights = models[:2], [0.5, 0.5]
+        merged, weights = models, WEIGHTS
+    takes_weight = get_method(method).param("weight") is not None
     config = {"output": str(output), "method": method, "max_ram": "256MiB",
-              "models": [{"path": str(p), "weight": w, **extra.get("model", {})} for p, w in zip(merged, weights)]}
+              "models": [{"path": str(p), **({"weight": w} if takes_weight else {}), **extra.get("model", {})}
+                         for p, w in zip(merged, weights)]}
     if base is not None:
         config["base"] = str(base)
     if "parameters" in extra:
@@ -143,6 +154,7 @@ def streammerge_config(method: str, models: list[Path], output: Path) -> dict:
 
 
 def mergekit_config(method: str, models: list[Path]) -> dict:
+    """The same merge as a mergekit YAML (slerp-style methods name their first model as the base)."""
     config = streammerge_config(method, models, Path("unused"))
     out = {"merge_method": method, "dtype": "float32",
            "models": [{"model": m["path"], "parameters": {k: v for k, v in m.items() if k != "path"}}
@@ -150,6 +162,8 @@ def mergekit_config(method: str, models: list[Path]) -> dict:
     if "base" in config:
         out["base_model"] = config["base"]
         out["models"].append({"model": config["base"]})
+    elif method == "slerp":
+        out["base_model"] = config["models"][0]["path"]
     if "parameters" in config:
         out["parameters"] = config["parameters"]
     return out
@@ -194,7 +208,11 @@ def main(argv=None) -> int:
                     drop_caches()
                 else:
                     warm(inputs)
-                result = measure(command)
+                try:
+                    result = measure(command)
+                except RuntimeError as exc:
+                    print(f"{tool} {method}: {exc}", file=sys.stderr)
+                    return
                 best = result if best is None or result["wall_s"] < best["wall_s"] else best
             size = sum(p.stat().st_size for p in inputs)
             rows.append({"tool": tool, "method": method, "cache": cache, **best, "gb_per_s": size / 1e9 / best["wall_s"]})
@@ -220,7 +238,7 @@ def main(argv=None) -> int:
                 floor = io_floor(inputs, models[0].stat().st_size, tmp)
                 rows.append({"tool": "read+write floor", "method": "-", "cache": "cold", "wall_s": floor,
                              "peak_anon_mib": 0.0, "gb_per_s": sum(p.stat().st_size for p in inputs) / 1e9 / floor})
-            if mergekit:
+            if mergekit and method in MERGEKIT_METHODS:
                 (tmp / "mk.yaml").write_text(yaml.safe_dump(mergekit_config(method, models)))
                 run("mergekit", method, "warm", [mergekit, str(tmp / "mk.yaml"), str(tmp / "mk-out"), "--quiet"],
                     inputs, tmp / "mk-out")
