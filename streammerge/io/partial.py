@@ -269,3 +269,63 @@ class Manifest:
     def save(self, directory: Path) -> None:
         data = {"format": MANIFEST_FORMAT, "fingerprint": self.fingerprint, "completed": self.completed}
         write_atomically(Path(directory) / MANIFEST, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+class AtomicFile:
+    """A file built under a locked temporary name beside `path` (mode 0666 & ~umask, like any file a user's
+    program creates), written at offsets, and renamed into place only by `commit()` after an fsync.
+    `abort()` removes whatever it created: the temporary file, or the file it already committed."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tmp_path = temporary_path(self.path)
+        self.fd = -1
+        self.committed: Path | None = None
+
+    def create(self) -> None:
+        try:
+            self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        try:
+            lock(self.fd, self.tmp_path)  # a later run can tell our debris (if we die) from a live writer
+        except BaseException:
+            self.abort()
+            raise
+
+    def write_at(self, data, position: int) -> None:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                done = os.pwrite(self.fd, view, position)
+                view, position = view[done:], position + done
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+
+    def commit(self, destination: Path | None = None) -> None:
+        """fsync the file and rename it to `destination` (default: its path), then fsync the directory."""
+        from streammerge.interrupts import uninterruptible
+
+        destination = self.path if destination is None else Path(destination)
+        try:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            with uninterruptible():  # an interrupt between these two lines would hide the file from abort()
+                os.replace(self.tmp_path, destination)
+                self.committed = destination
+            fsync_directory(destination.parent)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        for path in (self.tmp_path, self.committed):
+            if path is not None:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        self.committed = None

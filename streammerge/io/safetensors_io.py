@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 from streammerge.errors import CheckpointError
-from streammerge.interrupts import uninterruptible
 from streammerge.io.checkpoint import Checkpoint, register_format
 from streammerge.io.mapped import MappedFile, TensorInfo
-from streammerge.io.partial import fsync_directory, lock, temporary_path, write_error  # noqa: F401 (re-export)
+from streammerge.io.partial import AtomicFile, fsync_directory  # noqa: F401 (re-export)
 
 MAX_HEADER = 100_000_000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -174,7 +173,7 @@ def open_safetensors(path: Path, **_options) -> Checkpoint:
 register_format("safetensors", _sniff, open_safetensors)
 
 
-class SafetensorsWriter:
+class SafetensorsWriter(AtomicFile):
     """Writes one safetensors file whose tensor list is known up front: the header goes first, then each
     tensor's bytes are written (in any order, in pieces) at their precomputed offsets.
 
@@ -183,7 +182,7 @@ class SafetensorsWriter:
     """
 
     def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple]], metadata: dict[str, str]):
-        self.path = Path(path)
+        super().__init__(path)
         # Largest alignment first, then the given order: every tensor stays aligned to its element size.
         ordered = sorted(entries, key=lambda e: -e[1].itemsize)
         header: dict = {"__metadata__": dict(metadata)} if metadata else {}
@@ -200,31 +199,14 @@ class SafetensorsWriter:
         self.header = struct.pack("<Q", len(blob)) + blob
         self.data_start = len(self.header)
         self.total_size = self.data_start + cursor
-        self.tmp_path = temporary_path(self.path)
-        self.fd = -1
-        self.committed: Path | None = None
 
     def open(self) -> None:
-        # 0o666 & ~umask, like any file a user's program creates.
+        self.create()
         try:
-            self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-        except OSError as exc:
-            raise write_error(self.path, exc) from None
-        try:
-            lock(self.fd, self.tmp_path)  # a later run can tell our debris (if we die) from a live writer
             self.write_at(self.header, 0)
         except BaseException:
             self.abort()
             raise
-
-    def write_at(self, data, position: int) -> None:
-        view = memoryview(data).cast("B")
-        try:
-            while view:
-                done = os.pwrite(self.fd, view, position)
-                view, position = view[done:], position + done
-        except OSError as exc:
-            raise write_error(self.path, exc) from None
 
     def write(self, name: str, element_offset: int, chunk: torch.Tensor) -> None:
         """Write a contiguous chunk of tensor `name`, starting at element `element_offset`."""
@@ -241,33 +223,6 @@ class SafetensorsWriter:
             data = os.pread(self.fd, min(remaining, chunk_bytes), src)
             self.write_at(data, dst)
             src, dst, remaining = src + len(data), dst + len(data), remaining - len(data)
-
-    def commit(self, destination: Path | None = None) -> None:
-        """fsync the file and rename it to `destination` (default: its path), then fsync the directory."""
-        destination = self.path if destination is None else Path(destination)
-        try:
-            os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-            with uninterruptible():  # an interrupt between these two lines would hide the file from abort()
-                os.replace(self.tmp_path, destination)
-                self.committed = destination
-            fsync_directory(destination.parent)
-        except OSError as exc:
-            raise write_error(self.path, exc) from None
-
-    def abort(self) -> None:
-        """Remove what this writer created: its temporary file, or the file it committed."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        for path in (self.tmp_path, self.committed):
-            if path is not None:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-        self.committed = None
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:

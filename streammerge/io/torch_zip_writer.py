@@ -24,9 +24,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from streammerge.interrupts import uninterruptible
-from streammerge.io.partial import lock, temporary_path, write_error
-from streammerge.io.safetensors_io import fsync_directory, start_writeback
+from streammerge.io.partial import AtomicFile, write_error
+from streammerge.io.safetensors_io import start_writeback
 
 ALIGNMENT = 64
 ARCHIVE = "archive"  # torch.save names the top-level folder after the file; any name loads, this one is stable
@@ -123,7 +122,7 @@ class Record:
         return CENTRAL_HEADER.size + len(self.name.encode()) + len(self.zip64_extra)
 
 
-class TorchZipWriter:
+class TorchZipWriter(AtomicFile):
     """Writes one torch zip checkpoint whose pickle and storage sizes are known up front.
 
     `storage_sizes[i]` is the byte size of `data/i`; write its bytes with `write(i, byte_offset, data)` in any
@@ -132,7 +131,7 @@ class TorchZipWriter:
     """
 
     def __init__(self, path: Path, pickle_bytes: bytes, storage_sizes: list[int]):
-        self.path = Path(path)
+        super().__init__(path)
         self.records: list[Record] = []
         cursor = 0
 
@@ -158,31 +157,18 @@ class TorchZipWriter:
         self.central_offset = cursor
         self.central_size = sum(r.central_size for r in self.records)
         self.total_size = self.central_offset + self.central_size + ZIP64_END.size + ZIP64_LOCATOR.size + END.size
-        self.tmp_path = temporary_path(self.path)
-        self.fd = -1
-        self.committed: Path | None = None
 
     # -- writing -------------------------------------------------------------------------------------------
     def open(self) -> None:
-        # 0o666 & ~umask, like any file a user's program creates.
+        self.create()
         try:
-            self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-        except OSError as exc:
-            raise write_error(self.path, exc) from None
-        lock(self.fd, self.tmp_path)  # a later run can tell our debris (if we die) from a live writer
-        for record in self.records:
-            self.write_at(record.local_header(), record.header_offset)
-            if record.payload is not None:
-                self.write_at(record.payload, record.data_offset)
-
-    def write_at(self, data, position: int) -> None:
-        view = memoryview(data).cast("B")
-        try:
-            while view:
-                done = os.pwrite(self.fd, view, position)
-                view, position = view[done:], position + done
-        except OSError as exc:
-            raise write_error(self.path, exc) from None
+            for record in self.records:
+                self.write_at(record.local_header(), record.header_offset)
+                if record.payload is not None:
+                    self.write_at(record.payload, record.data_offset)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, index: int, byte_offset: int, data) -> None:
         """Write `data` (any buffer) at `byte_offset` inside storage `index`."""
@@ -257,25 +243,7 @@ class TorchZipWriter:
         self.write_at(self.trailer(), self.central_offset)
         try:
             os.ftruncate(self.fd, self.total_size)
-            os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-            with uninterruptible():  # an interrupt between these two lines would hide the file from abort()
-                os.replace(self.tmp_path, self.path)
-                self.committed = self.path
-            fsync_directory(self.path.parent)
         except OSError as exc:
             raise write_error(self.path, exc) from None
+        super().commit()
 
-    def abort(self) -> None:
-        """Remove what this writer created: its temporary file, or the file it committed."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        for path in (self.tmp_path, self.committed):
-            if path is not None:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-        self.committed = None
