@@ -6,7 +6,6 @@
 
 import sys
 
-import torch
 from safetensors.torch import load_file, save_file
 
 

@@ -17,7 +17,6 @@ from safetensors import safe_open
 
 import synth
 from cgroups import memory_cgroup, oom_killed, run_in_cgroup
-from conftest import ROOT
 
 MIB = 1024**2
 pytestmark = pytest.mark.big

@@ -7,7 +7,6 @@ import stat
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from helpers import load_output, merge_in_process, random_state_dict, reference_linear, save
 from streammerge.config import parse_config

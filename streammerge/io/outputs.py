@@ -26,10 +26,12 @@ from streammerge.units import format_size
 Entry = tuple[str, torch.dtype, tuple]  # (name, dtype, shape)
 
 
-class SafetensorsFileOutput:
-    def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str], resume: bool = False, **_options):
+class SingleFileOutput:
+    """An output that is one file, written whole by `self.writer` (an AtomicFile subclass)."""
+
+    def __init__(self, path: Path, resume: bool = False):
         self.path = Path(path)
-        self.writer = SafetensorsWriter(self.path, entries, metadata)
+        self.created_dirs: list[Path] = []
         self.notes: list[str] = []
         if resume:
             self.notes.append(f"--resume: '{self.path}' is a single file, which is always written whole; "
@@ -52,19 +54,25 @@ class SafetensorsFileOutput:
     def reused(self, name: str) -> bool:
         return False
 
-    def write(self, name: str, element_offset: int, chunk: torch.Tensor) -> None:
-        self.writer.write(name, element_offset, chunk)
-
-    def copy(self, source: str, target: str, chunk_bytes: int) -> None:
-        self.writer.copy_tensor(source, target, chunk_bytes)
-
     def commit(self) -> None:
         self.writer.commit()
 
     def abort(self) -> None:
         with uninterruptible():
             self.writer.abort()
-            remove_directories(getattr(self, "created_dirs", []))
+            remove_directories(self.created_dirs)
+
+
+class SafetensorsFileOutput(SingleFileOutput):
+    def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str], resume: bool = False, **_options):
+        super().__init__(path, resume)
+        self.writer = SafetensorsWriter(self.path, entries, metadata)
+
+    def write(self, name: str, element_offset: int, chunk: torch.Tensor) -> None:
+        self.writer.write(name, element_offset, chunk)
+
+    def copy(self, source: str, target: str, chunk_bytes: int) -> None:
+        self.writer.copy_tensor(source, target, chunk_bytes)
 
 
 def make_directories(path: Path) -> list[Path]:

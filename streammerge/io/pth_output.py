@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 
 from streammerge.io.containers import plain_config
-from streammerge.io.outputs import Entry, make_directories, register_output, remove_directories
-from streammerge.io.partial import remove_stale_temporaries
+from streammerge.io.outputs import Entry, SingleFileOutput, register_output
 from streammerge.io.torch_zip_writer import TorchZipWriter
 
 # dtypes torch.save pickles with a typed storage class and `_rebuild_tensor_v2`; newer dtypes go through
@@ -171,9 +170,10 @@ def tied_aliases(prepared) -> dict[str, str]:
 
 
 # -- the output kind -----------------------------------------------------------------------------------------
-class TorchCheckpointOutput:
-    def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str], prepared=None, **_options):
-        self.path = Path(path)
+class TorchCheckpointOutput(SingleFileOutput):
+    def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str], prepared=None,
+                 resume: bool = False, **_options):
+        super().__init__(path, resume)
         aliases = tied_aliases(prepared)
         self.storage_of: dict[str, StorageRef] = {}
         storages: list[StorageRef] = []
@@ -191,22 +191,6 @@ class TorchCheckpointOutput:
             state_dict[name] = tensors[name]
         self.writer = TorchZipWriter(self.path, pickle_checkpoint(checkpoint_object(state_dict, prepared)),
                                      [s.nbytes for s in storages])
-        self.created_dirs: list[Path] = []
-        self.notes: list[str] = []
-
-    @property
-    def files(self) -> list[Path]:
-        return [self.path]
-
-    @property
-    def total_size(self) -> int:
-        return self.writer.total_size
-
-    def open(self) -> None:
-        self.created_dirs = make_directories(self.path.parent)
-        if remove_stale_temporaries(self.path.parent, lambda name: name == self.path.name):
-            self.notes.append(f"removed the temporary file an interrupted merge left beside '{self.path}'.")
-        self.writer.open()
 
     def write(self, name: str, element_offset: int, chunk: torch.Tensor) -> None:
         if chunk.numel() == 0:
@@ -218,13 +202,6 @@ class TorchCheckpointOutput:
         src, dst = self.storage_of[source], self.storage_of[target]
         if src is not dst:
             self.writer.copy(int(src.key), int(dst.key), chunk_bytes)
-
-    def commit(self) -> None:
-        self.writer.commit()
-
-    def abort(self) -> None:
-        self.writer.abort()
-        remove_directories(self.created_dirs)
 
 
 register_output("torch checkpoint (.pth)", lambda p: p.suffix in (".pth", ".pt"), TorchCheckpointOutput)

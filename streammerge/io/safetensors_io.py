@@ -18,7 +18,7 @@ import torch
 from streammerge.errors import CheckpointError
 from streammerge.io.checkpoint import Checkpoint, register_format
 from streammerge.io.mapped import MappedFile, TensorInfo
-from streammerge.io.partial import AtomicFile, fsync_directory  # noqa: F401 (re-export)
+from streammerge.io.partial import AtomicFile
 
 MAX_HEADER = 100_000_000
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -15,9 +15,7 @@ from pathlib import Path
 
 from streammerge.errors import CheckpointError
 from streammerge.io.checkpoint import Checkpoint, register_format
-from streammerge.io.containers import find_state_dict, to_jsonable
-from streammerge.io.mapped import MappedFile
-from streammerge.io.safe_pickle import StorageRecord, restricted_load, storage_pid, tensor_infos
+from streammerge.io.safe_pickle import StorageRecord, checkpoint_from_pickle, restricted_load, storage_pid
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
@@ -80,14 +78,7 @@ def read_torch_legacy(path: Path) -> tuple[object, dict[str, int]]:
 
 def open_torch_legacy(path: Path, state_dict_key: str | None = None, **_options) -> Checkpoint:
     obj, offsets = read_torch_legacy(path)
-    state_dict, container, rest = find_state_dict(obj, path, state_dict_key)
-    mapped = MappedFile(path)
-    try:
-        tensors = tensor_infos(path, state_dict, offsets, mapped)
-    except Exception:
-        mapped.close()
-        raise
-    return Checkpoint(path, "torch-legacy", tensors, to_jsonable(rest), container, [mapped])
+    return checkpoint_from_pickle(path, "torch-legacy", obj, offsets, state_dict_key)
 
 
 register_format("torch-legacy", _sniff, open_torch_legacy)

@@ -27,7 +27,7 @@ from streammerge.errors import CheckpointError
 from streammerge.io.checkpoint import Checkpoint, register_format
 from streammerge.io.containers import find_state_dict, to_jsonable
 from streammerge.io.mapped import MappedFile, TensorInfo, check_span
-from streammerge.io.safe_pickle import StorageRecord, restricted_load, storage_pid, tensor_infos
+from streammerge.io.safe_pickle import StorageRecord, checkpoint_from_pickle, restricted_load, storage_pid
 from streammerge.io.zip_check import check_storages_match_records, check_tensors_in_records, check_torch_zip
 
 LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # zip local file header, 30 bytes
@@ -148,14 +148,7 @@ def read_torch_zip_restricted(path: Path) -> tuple[object, dict[str, int]]:
 
 def open_torch_zip_restricted(path: Path, state_dict_key: str | None = None) -> Checkpoint:
     obj, offsets = read_torch_zip_restricted(path)
-    state_dict, container, rest = find_state_dict(obj, path, state_dict_key)
-    mapped = MappedFile(path)
-    try:
-        tensors = tensor_infos(path, state_dict, offsets, mapped)
-    except Exception:
-        mapped.close()
-        raise
-    return Checkpoint(path, "torch-zip", tensors, to_jsonable(rest), container, [mapped])
+    return checkpoint_from_pickle(path, "torch-zip", obj, offsets, state_dict_key)
 
 
 def open_torch_zip(path: Path, state_dict_key: str | None = None, **_options) -> Checkpoint:
