@@ -42,7 +42,7 @@ def add_merge_parser(subparsers) -> None:
                    "a .safetensors file, a .pth/.pt checkpoint, or a directory for sharded safetensors")
     p.add_argument("--max-ram", type=_size, metavar="SIZE",
                    help="peak anonymous RAM budget, e.g. 512MiB or 2GB (overrides `max_ram`; default 1GiB, "
-                   "capped at half of the available memory)")
+                   "capped so that half of the free memory is left to others)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (tensors per rule, output size, shards, "
                    "estimated peak RAM) without merging")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
