@@ -26,7 +26,7 @@ from streammerge.config import parse_config
 from streammerge.engine import Engine, prepare
 from streammerge.errors import ConfigError, NoWeightsError, StreamMergeError
 from streammerge.io import Checkpoint, open_checkpoint
-from streammerge.io.containers import TRAINING_STATE_KEYS
+from streammerge.io.containers import is_training_state
 from streammerge.units import format_size, parse_size
 
 # What a directory walk picks up (a single file named on the command line is taken whatever its name).
@@ -130,7 +130,7 @@ def converted_metadata(checkpoint: Checkpoint) -> dict[str, str]:
         meta = {k: str(v) for k, v in checkpoint.metadata.items() if k != "total_size"}  # already strings
     else:
         meta = {str(k): json.dumps(v, ensure_ascii=False) for k, v in checkpoint.metadata.items()
-                if k not in TRAINING_STATE_KEYS}
+                if not is_training_state(k, v)}
     meta["format"] = "pt"  # transformers refuses anything else
     return meta
 

@@ -101,6 +101,22 @@ def test_optimizer_state_is_never_chosen_even_when_larger(tmp_path, save):
         assert ckpt.metadata["optimizer"]["tensors"] == 3
 
 
+def test_optimizer_state_under_any_key_is_recognised_by_its_shape(tmp_path, save):
+    """A training script may store optimizer.state_dict() under a key of its own choosing ("adam_state"):
+    {"state": ..., "param_groups": [...]} is summarised like any training state, and never chosen."""
+    model = {"w": torch.randn(4)}
+    optimizer = {"state": {140178894849152: {"exp_avg": torch.zeros(1000), "exp_avg_sq": torch.zeros(1000),
+                                             "step": 7}},
+                 "param_groups": [{"lr": 1e-4, "params": [140178894849152]}]}
+    path = save({"step": 7, "model_state": model, "adam_state": optimizer}, tmp_path / "c.pt")
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.container == "model_state" and list(ckpt.tensors) == ["w"]
+        assert ckpt.metadata["step"] == 7
+        summary = ckpt.metadata["adam_state"]
+        assert summary["__summary__"].startswith("training state") and summary["tensors"] == 2
+        assert summary["param_groups"] == [{"lr": 1e-4}]
+
+
 def test_largest_mapping_wins(tmp_path, save):
     sd = small_state_dict()
     path = save({"ema": {"w": torch.zeros(3)}, "model": sd, "buffers": {"mel_stats": torch.ones(2)}}, tmp_path / "c")

@@ -78,6 +78,18 @@ def test_coqui_trainer_checkpoint(run, tmp_path):
     assert json.loads(meta["config"]) == expected["config"]
 
 
+def test_optimizer_state_under_any_key_is_left_out(run, tmp_path):
+    model = {"w": torch.randn(4)}
+    optimizer = {"state": {0: {"exp_avg": torch.zeros(8)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    torch.save({"step": 3, "model_state": model, "optimizer_state": optimizer, "adam": optimizer},
+               tmp_path / "c.pt")
+    result = run("convert", tmp_path / "c.pt", "--output", tmp_path / "c.safetensors")
+    assert result.returncode == 0, result.stdout + result.stderr
+    with safe_open(tmp_path / "c.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt", "step": "3"}
+    assert same_bits(load_file(tmp_path / "c.safetensors")["w"], model["w"])
+
+
 def make_tree(root):
     (root / "voices" / "anna").mkdir(parents=True)
     (root / "voices" / "ben").mkdir(parents=True)

@@ -4,9 +4,10 @@ The weights are the mapping of names to tensors with the most tensor bytes, sear
 a bare state dict, `model`, `state_dict`, `model_state_dict`, `module`, `model.state_dict`, Lightning
 `.ckpt` files (`state_dict` beside `optimizer_states` and `hyper_parameters`), fairseq
 (`{"model": ..., "args": Namespace, "cfg": ...}`), Coqui trainer files (`model` beside `optimizer`,
-`scaler`, `config`, ...). Optimizer, scheduler and scaler state is never searched, never chosen and never
-merged; in the metadata it is summarised, not dumped. `state_dict_key: a.b` in the config picks a mapping
-explicitly. Tensors may be live `torch.Tensor`s (torch.load) or `TensorRecord`s (the restricted unpickler).
+`scaler`, `config`, ...). Optimizer, scheduler and scaler state (known by its key, or an optimizer's
+`{"state", "param_groups"}` under any key) is never searched, never chosen and never merged; in the
+metadata it is summarised, not dumped. `state_dict_key: a.b` in the config picks a mapping explicitly.
+Tensors may be live `torch.Tensor`s (torch.load) or `TensorRecord`s (the restricted unpickler).
 
 `Checkpoint.metadata` is `to_jsonable` of the rest of the file (see safe_pickle.py for the exact shape of
 inert records); `plain_config` turns such a value back into plain dicts, lists and scalars.
@@ -27,10 +28,21 @@ from streammerge.io.safe_pickle import InertObject, StorageType, TensorRecord, i
 # Never merged, never searched for weights: training state that only looks like a state dict.
 TRAINING_STATE_KEYS = {"optimizer", "optimizer_states", "optimizers", "optimizer_state_dict", "optim",
                        "scheduler", "lr_scheduler", "lr_schedulers", "scheduler_state_dict", "scaler",
-                       "grad_scaler", "amp", "amp_scaler", "last_optimizer_state"}
+                       "grad_scaler", "amp", "amp_scaler", "last_optimizer_state", "optimizer_state",
+                       "scheduler_state"}
+# What torch.optim.Optimizer.state_dict() holds, whatever key a training script stores it under.
+OPTIMIZER_STATE_FIELDS = frozenset({"state", "param_groups"})
 MARKERS = ("__class__", "__global__", "__args__", "__state__", "__items__", "__list__", "__summary__")
 MAX_LISTED = 12
 MAX_ARRAY_ELEMENTS = 64
+
+
+def is_training_state(key, value) -> bool:
+    """Optimizer/scheduler/scaler state: known by its key, by the shape of an optimizer's state_dict(), or as
+    the summary `to_jsonable` made of it in a checkpoint's metadata."""
+    return key in TRAINING_STATE_KEYS or (
+        isinstance(value, Mapping) and ("__summary__" in value or (
+            set(value) == OPTIMIZER_STATE_FIELDS and isinstance(value["param_groups"], list))))
 
 
 def is_tensor(value) -> bool:
@@ -72,7 +84,7 @@ def _candidates(obj) -> list[tuple[list, Mapping, int]]:
             if tensors:
                 found.append((parts, node, _tensor_bytes(tensors.values())))
             for k, v in node.items():
-                if isinstance(k, str) and isinstance(v, Mapping) and k not in TRAINING_STATE_KEYS:
+                if isinstance(k, str) and isinstance(v, Mapping) and not is_training_state(k, v):
                     nxt.append((parts + [k], v))
         level = nxt
     return found
@@ -190,7 +202,7 @@ def _list_candidates(obj) -> str:
 
 
 def _training_only_hint(obj) -> str:
-    if isinstance(obj, Mapping) and any(k in TRAINING_STATE_KEYS for k in obj):
+    if isinstance(obj, Mapping) and any(is_training_state(k, v) for k, v in obj.items()):
         return " (only optimizer/scheduler state holds tensors, and that is never merged)"
     if isinstance(obj, InertObject):
         return (" (a whole pickled object rather than a state dict: re-save it with "
@@ -251,7 +263,7 @@ def to_jsonable(obj, depth: int = 0, _path: frozenset = frozenset()):
         return None
     inner = _path | {id(obj)}
     if isinstance(obj, Mapping):
-        return {str(k): (summarize_training_state(v) if k in TRAINING_STATE_KEYS and _has_tensors(v)
+        return {str(k): (summarize_training_state(v) if is_training_state(k, v) and _has_tensors(v)
                          else to_jsonable(v, depth + 1, inner)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
         return [to_jsonable(v, depth + 1, inner) for v in obj]
