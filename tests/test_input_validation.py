@@ -189,6 +189,16 @@ def test_compressed_torch_zip_is_refused_with_advice(tmp_path):
     refused(rezip(src, tmp_path / "deflated.pth", zipfile.ZIP_DEFLATED), "is compressed", "torch.save")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated, files remain
+def test_torchscript_archive_is_refused_as_such(tmp_path):
+    """torch.jit.save deflates its code records: the refusal names TorchScript and how to get a checkpoint,
+    not a re-zipping tool (nothing from the archive is unpickled, so nothing in it runs)."""
+    path = tmp_path / "model.jit"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(3, 2)), str(path))
+    message = refused(path, "TorchScript", "torch.jit.load(path).state_dict()")
+    assert "compressed" not in message and "\n" not in message
+
+
 def test_record_past_end_of_file(tmp_path):
     path = torch_zip(tmp_path / "ok.pth")
     patch_central_size(path, "data/0", 10**8)

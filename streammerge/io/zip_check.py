@@ -44,6 +44,12 @@ def check_torch_zip(path: Path) -> dict[str, tuple[int, int]]:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error,
             UnicodeDecodeError) as exc:
         raise _corrupt(path, f"the zip directory cannot be read ({exc})") from None
+    if is_torchscript(record.filename for record in records):
+        raise CheckpointError(
+            f"{path}: a TorchScript archive (torch.jit.save: a model's compiled code together with its weights), "
+            "not a checkpoint of weights; streammerge does not read TorchScript, and nothing in the file was run. "
+            "If you trust the file, save its weights as a checkpoint with "
+            "torch.save(torch.jit.load(path).state_dict(), 'model.pth') and merge or convert that file.")
     spans: dict[str, tuple[int, int]] = {}
     with open(path, "rb") as f:
         for record in records:
@@ -73,6 +79,12 @@ def check_torch_zip(path: Path) -> dict[str, tuple[int, int]]:
         raise CheckpointError(f"{path}: its pickle record is {largest} bytes (limit {MAX_PICKLE}); a checkpoint "
                               "whose non-tensor data is that large is corrupt or not a checkpoint.")
     return spans
+
+
+def is_torchscript(names) -> bool:
+    """torch.jit.save archives hold the model's code (`<name>/code/...`, deflated) and `<name>/constants.pkl`
+    beside data.pkl; torch.save archives hold neither."""
+    return any(name.endswith("/constants.pkl") or name.split("/")[1:2] == ["code"] for name in names)
 
 
 def check_tensors_in_records(path: Path, tensors, spans: dict[str, tuple[int, int]]) -> None:
