@@ -97,7 +97,8 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
         unaligned = [i.itemsize for t in plan.tasks for i in t.sources + [t.base] if i is not None and not i.aligned]
         per_element = bytes_per_element(n_inputs, config.dtype.itemsize, out_itemsize,
                                         config.method.extra_buffers, staging_itemsize=max(unaligned, default=0))
-        budget = Budget(max_ram if max_ram is not None else config.max_ram, per_element, DEFAULT_MAX_RAM)
+        budget = Budget(max_ram if max_ram is not None else config.max_ram, per_element, DEFAULT_MAX_RAM,
+                        largest_tensor=max(t.numel for t in plan.tasks))
     except BaseException:
         for c in checkpoints + ([base] if base else []):
             c.close()

@@ -114,7 +114,8 @@ def bytes_per_element(n_inputs: int, acc_itemsize: int, out_itemsize: int, extra
 class Budget:
     """How big chunks may be, given the budget and what the process already holds."""
 
-    def __init__(self, requested: int | None, per_element: int, default: int, baseline: int | None = None):
+    def __init__(self, requested: int | None, per_element: int, default: int, baseline: int | None = None,
+                 largest_tensor: int | None = None):
         self.baseline = anon_rss() if baseline is None else baseline
         self.per_element = per_element
         self.available = available_memory()  # more than the baseline, which the process already holds
@@ -153,6 +154,8 @@ class Budget:
                 f"swapping or the process being killed; {advice}.")
         room = self.limit - self.baseline - OVERHEAD
         chunk = max(MIN_CHUNK_ELEMENTS, min(MAX_CHUNK_ELEMENTS, room // per_element))
+        if largest_tensor is not None:  # buffers larger than the largest tensor would never be filled
+            chunk = min(chunk, max(MIN_CHUNK_ELEMENTS, -(-largest_tensor // CHUNK_ALIGN) * CHUNK_ALIGN))
         self.chunk_elements = chunk // CHUNK_ALIGN * CHUNK_ALIGN
 
     @property

@@ -105,3 +105,12 @@ def test_progress_bar_on_a_terminal(tmp_path):
     assert proc.returncode == 0
     assert "merging" in text and "100%" in text and "B/s" in text
     assert "merged 4 tensors" in text
+
+
+def test_buffers_are_no_larger_than_the_largest_tensor():
+    from streammerge.memory import CHUNK_ALIGN
+
+    roomy = Budget(anon_rss() + 900 * 2**20, per_element=24, default=0)
+    small_model = Budget(anon_rss() + 900 * 2**20, per_element=24, default=0, largest_tensor=1000)
+    assert small_model.chunk_elements < roomy.chunk_elements
+    assert small_model.chunk_elements % CHUNK_ALIGN == 0 and small_model.chunk_elements >= 1000
