@@ -5,7 +5,8 @@ naive all-in-RAM approach, and by mergekit-pytorch when it is installed.
 Wall time is that of the whole command; peak anonymous RSS is sampled every 5 ms from /proc (the process and
 its children); GB/s is input bytes over wall time. "warm" runs read inputs from a warm page cache; "cold" runs
 drop the page cache first (root only) and are compared with the time to read the inputs and durably write an
-output of the same size.
+output of the same size. Every run starts with no dirty data pending (sync), so no tool pays for the previous
+one's writeback.
 
     python scripts/bench.py [--data bench-data] [--methods linear,ties,...] [--cold] [--mergekit PATH]
 """
@@ -94,6 +95,7 @@ def measure(command: list[str], env=None) -> dict:
 
 
 def warm(paths) -> None:
+    os.sync()  # no writeback left over from the previous run competes with this one
     for p in paths:
         with open(p, "rb") as f:
             while f.read(64 * MIB):
