@@ -206,7 +206,7 @@ class Engine:
         self.quiet = quiet
 
     # -- checks before any output exists ------------------------------------------------------------------
-    def verify_non_float(self, plan: Plan, workspace: Workspace) -> None:
+    def verify_non_float(self, plan: Plan) -> None:
         """Int and bool tensors are copied, so every model must hold the same values."""
         for task in plan.tasks:
             if not task.must_equal:
@@ -242,7 +242,7 @@ class Engine:
         started = time.perf_counter()
         with MemoryGuard(budget.limit) as guard:
             workspace = Workspace(self.chunk, n_inputs, self.config.dtype, self.method.extra_buffers)
-            self.verify_non_float(plan, workspace)
+            self.verify_non_float(plan)
             progress = tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                             desc="merging", disable=not self.show_progress, dynamic_ncols=True)
             self.writer = BackgroundWriter()
@@ -281,8 +281,13 @@ class Engine:
 
     def run_task(self, task: TensorTask, ws: Workspace, output, progress, guard: MemoryGuard) -> None:
         inputs = task.sources + ([task.base] if task.base is not None else [])
+        # Leave the page cache as we found it: an input tensor that was wholly cached stays cached; the pages of
+        # one the run had to read from disk are dropped again after use. Decided before anything is read, since
+        # reading (and the kernel's readahead) caches pages.
+        was_cached = [info.is_cached(0, info.numel) for info in inputs]
         if task.kind == COPY:
-            self._stream(task, inputs, ws, output, progress, guard, lambda s, e: ws.read_for_copy(task.sources[0], s, e))
+            self._stream(task, inputs, ws, output, progress, guard,
+                         lambda s, e: ws.read_for_copy(task.sources[0], s, e), was_cached)
             return
         stats = None
         passes = self.method.passes_for(task.params, task.model_params, self.config.dtype, task.numel)
@@ -297,15 +302,13 @@ class Engine:
                 if self.method.finish_pass is not None:
                     self.method.finish_pass(stats, pass_index)
         self._stream(task, inputs, ws, output, progress, guard,
-                     lambda s, e: self.method.merge(self._context(task, ws, s, e), stats))
+                     lambda s, e: self.method.merge(self._context(task, ws, s, e), stats), was_cached)
 
-    def _stream(self, task, inputs: list[TensorInfo], ws, output, progress, guard, produce) -> None:
+    def _stream(self, task, inputs: list[TensorInfo], ws, output, progress, guard, produce, was_cached) -> None:
         for start, stop in _chunks(task.numel, self.chunk):
             if stop < task.numel:  # let the kernel read ahead the next chunk while this one is merged
                 for info in inputs:
                     info.prefetch(stop, min(task.numel, stop + self.chunk))
-            # Leave the page cache as we found it: pages we bring in are dropped again after use.
-            was_cached = [info.is_cached(start, stop) for info in inputs]
             ws.next_slot()
             result = produce(start, stop)
             if result.is_floating_point() and not math.isfinite(float(result.sum())):

@@ -235,3 +235,31 @@ def test_unaligned_legacy_inputs_merge_and_copy_exactly(tmp_path):
     expected = reference_linear(models, [0.5, 0.5])
     expected["layer1.weight"] = models[1]["layer1.weight"]
     assert_same(merged, expected)
+
+
+def test_page_cache_is_left_as_found(tmp_path):
+    """Inputs that were cached stay cached; pages the merge itself read from disk are dropped again."""
+    from streammerge.io.mapped import MappedFile
+
+    models = [random_state_dict(i, sizes=((2048, 1024),)) for i in range(2)]
+    paths = [save(m, tmp_path / f"m{i}.safetensors") for i, m in enumerate(models)]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # model 0: cold
+        os.close(fd)
+    paths[1].read_bytes()  # model 1: warm
+
+    def cached_fraction(path):
+        mapped = MappedFile(path)
+        try:
+            offsets = range(0, mapped.size - (1 << 20), 1 << 20)
+            return sum(mapped.is_cached(o, 1 << 20) for o in offsets) / len(offsets)
+        finally:
+            mapped.close()
+
+    assert cached_fraction(paths[0]) == 0 and cached_fraction(paths[1]) == 1
+    merge_in_process({"output": str(tmp_path / "o.safetensors"), "models": [{"path": str(p)} for p in paths]},
+                     chunk=1 << 16)
+    assert cached_fraction(paths[0]) < 0.1
+    assert cached_fraction(paths[1]) == 1
