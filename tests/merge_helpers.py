@@ -4,21 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from streammerge.config import parse_config
-from streammerge.engine import Engine, prepare
+from helpers import merge_in_process, save
 
 
 def write_models(tmp: Path, models: list[dict], base: dict | None = None) -> tuple[list[Path], Path | None]:
     paths = []
     for i, tensors in enumerate(models):
-        paths.append(tmp / f"model{i}.safetensors")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, paths[-1])
-    base_path = None
-    if base is not None:
-        base_path = tmp / "base.safetensors"
-        save_file({k: v.contiguous() for k, v in base.items()}, base_path)
+        paths.append(save(tensors, tmp / f"model{i}.safetensors"))
+    base_path = save(base, tmp / "base.safetensors") if base is not None else None
     return paths, base_path
 
 
@@ -32,11 +27,5 @@ def run_merge(tmp: Path, method: str, models: list[dict], base: dict | None = No
               "output": str(tmp / output), **top}
     if base_path is not None:
         config["base"] = str(base_path)
-    prepared = prepare(parse_config(config))
-    try:
-        if chunk is not None:
-            prepared.budget.chunk_elements = chunk
-        Engine(prepared, quiet=True).run()
-    finally:
-        prepared.close()
+    merge_in_process(config, chunk=chunk)
     return load_file(tmp / output)
