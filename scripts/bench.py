@@ -32,25 +32,8 @@ import synth  # noqa: E402
 
 WEIGHTS = [0.5, 0.3, 0.2]
 MIB = 1024**2
-# How each method is run on the three models: which are merged, onto which base, with which parameters.
-# Methods with a base use model0 as base and merge model1 and model2 onto it.
-BASE_METHODS = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
-                "della_linear", "model_stock"}
-TWO_MODEL_METHODS = {"slerp", "nuslerp"}
-METHOD_PARAMETERS = {
-    "slerp": {"parameters": {"t": 0.4}},
-    "ties": {"model": {"density": 0.5}},
-    "dare_linear": {"model": {"density": 0.5}},
-    "dare_ties": {"model": {"density": 0.5}},
-    "breadcrumbs": {"model": {"density": 0.9, "gamma": 0.01}},
-    "breadcrumbs_ties": {"model": {"density": 0.9, "gamma": 0.01}},
-    "della": {"model": {"density": 0.5, "epsilon": 0.1}},
-    "della_linear": {"model": {"density": 0.5, "epsilon": 0.1}},
-    "add_difference": {"parameters": {"alpha": 0.5}},
-}
-# mergekit-pytorch runs these (add_difference and passthrough-style methods are streammerge's own).
-MERGEKIT_METHODS = {"linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-                    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock"}
+# Each method runs on the three models as its declaration says: methods that need a base merge model1 and
+# model2 onto model0; two-model methods take model0 and model1; with the parameters of its `typical` use.
 
 
 def anon_rss_tree(pid: int) -> int:
@@ -132,19 +115,20 @@ def io_floor(inputs: list[Path], out_bytes: int, out_dir: Path) -> float:
 
 
 def streammerge_config(method: str, models: list[Path], output: Path) -> dict:
-    from streammerge.methods import get_method
+    from streammerge.methods.registry import get_method
 
-    extra = METHOD_PARAMETERS.get(method, {})
+    declared = get_method(method)
+    extra = declared.typical
     base = None
-    if method in BASE_METHODS:
+    if declared.needs_base:
         base, merged, weights = models[0], models[1:], [0.5, 0.5]
-    elif method in TWO_MODEL_METHODS:
+    elif declared.max_models == 2:
         merged, weights = models[:2], [0.6, 0.4]
-    elif method == "passthrough":
+    elif declared.max_models == 1:
         merged, weights = models[:1], [1.0]
     else:
         merged, weights = models, WEIGHTS
-    takes_weight = get_method(method).param("weight") is not None
+    takes_weight = declared.param("weight") is not None
     config = {"output": str(output), "method": method, "max_ram": "256MiB",
               "models": [{"path": str(p), **({"weight": w} if takes_weight else {}), **extra.get("model", {})}
                          for p, w in zip(merged, weights)]}
@@ -189,7 +173,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per row; the fastest is reported")
     args = parser.parse_args(argv)
 
-    from streammerge.methods import METHODS
+    from streammerge.methods.registry import methods as registered
+
+    METHODS = {m.name: m for m in registered()}
 
     data = args.data / "xtts"
     models = [data / f"model{i}.safetensors" for i in range(3)]
@@ -240,7 +226,7 @@ def main(argv=None) -> int:
                 floor = io_floor(inputs, models[0].stat().st_size, tmp)
                 rows.append({"tool": "read+write floor", "method": "-", "cache": "cold", "wall_s": floor,
                              "peak_anon_mib": 0.0, "gb_per_s": sum(p.stat().st_size for p in inputs) / 1e9 / floor})
-            if mergekit and method in MERGEKIT_METHODS:
+            if mergekit and METHODS[method].in_mergekit:
                 (tmp / "mk.yaml").write_text(yaml.safe_dump(mergekit_config(method, models)))
                 run("mergekit", method, "warm", [mergekit, str(tmp / "mk.yaml"), str(tmp / "mk-out"), "--quiet"],
                     inputs, tmp / "mk-out")

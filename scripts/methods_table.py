@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from streammerge.methods import METHODS
+from streammerge.methods.registry import methods
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- methods-table: begin -->", "<!-- methods-table: end -->"
@@ -19,7 +19,7 @@ BEGIN, END = "<!-- methods-table: begin -->", "<!-- methods-table: end -->"
 def table() -> str:
     lines = [BEGIN, "| method | inputs | per-model parameters | method parameters | what it does |",
              "| --- | --- | --- | --- | --- |"]
-    for m in sorted(METHODS.values(), key=lambda m: m.name):
+    for m in methods():
         count = (f"{m.min_models}" if m.max_models == m.min_models else
                  f"{m.min_models}+" if m.max_models is None else f"{m.min_models}-{m.max_models}")
         inputs = count + (" + base" if m.needs_base else " (+ base)" if m.accepts_base else "")

@@ -13,7 +13,7 @@ from streammerge.diff import add_diff_parser
 from streammerge.errors import StreamMergeError
 from streammerge.inspect import add_inspect_parser
 from streammerge.interrupts import Terminated, exit_status, install_handlers
-from streammerge.methods import METHODS
+from streammerge.methods.registry import methods
 from streammerge.units import parse_size
 
 
@@ -26,7 +26,7 @@ def _size(text: str) -> int:
 
 def _methods_epilog() -> str:
     lines = ["merge methods (config `method:`):"]
-    for method in METHODS.values():
+    for method in methods():
         params = ", ".join(f"{p.name}={p.default}{' (per model)' if p.per_model else ''}" for p in method.params)
         lines.append(f"  {method.name:18s} {method.help}" + (f"; {params}" if params else ""))
     return "\n".join(lines)

@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from streammerge.errors import ConfigError
-from streammerge.methods import Method, coerce_param, get_method
+from streammerge.methods.method import Method, coerce_param
+from streammerge.methods.registry import did_you_mean, get_method
 from streammerge.units import parse_size
 
 ACCUMULATION_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -158,8 +159,8 @@ def _parse_params(data: dict, method: Method, per_model: bool, where: str) -> di
         if param is None or param.per_model != per_model:
             kind = "model" if per_model else "method"
             names = [p.name for p in (method.model_params if per_model else method.method_params)]
-            raise ConfigError(f"{where}: '{key}' is not a {kind} parameter of method '{method.name}' "
-                              f"(those are: {', '.join(names) or 'none'}).")
+            raise ConfigError(f"{where}: '{key}' is not a {kind} parameter of method '{method.name}'"
+                              f"{did_you_mean(key, names)} (those are: {', '.join(names) or 'none'}).")
         params[key] = coerce_param(param, value, where)
     return params
 

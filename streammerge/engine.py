@@ -26,7 +26,7 @@ from streammerge.io import Checkpoint, TensorInfo, open_checkpoint
 from streammerge.io.output_safety import check_output_is_not_an_input
 from streammerge.io.outputs import check_disk_space, make_output
 from streammerge.memory import Budget, MemoryGuard, bytes_per_element
-from streammerge.methods import ChunkContext
+from streammerge.methods.method import ChunkContext
 from streammerge.plan import COPY, Plan, TensorTask, build_plan
 
 
@@ -96,7 +96,7 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
         out_itemsize = max(t.out_dtype.itemsize for t in plan.tasks)
         unaligned = [i.itemsize for t in plan.tasks for i in t.sources + [t.base] if i is not None and not i.aligned]
         per_element = bytes_per_element(n_inputs, config.dtype.itemsize, out_itemsize,
-                                        config.method.extra_buffers, staging_itemsize=max(unaligned, default=0))
+                                        config.method.buffers, staging_itemsize=max(unaligned, default=0))
         budget = Budget(max_ram if max_ram is not None else config.max_ram, per_element, DEFAULT_MAX_RAM,
                         largest_tensor=max(t.numel for t in plan.tasks))
     except BaseException:
@@ -241,7 +241,7 @@ class Engine:
         n_inputs = len(self.p.checkpoints) + (1 if self.p.base else 0)
         started = time.perf_counter()
         with MemoryGuard(budget.limit) as guard:
-            workspace = Workspace(self.chunk, n_inputs, self.config.dtype, self.method.extra_buffers)
+            workspace = Workspace(self.chunk, n_inputs, self.config.dtype, self.method.buffers)
             self.verify_non_float(plan)
             progress = tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                             desc="merging", disable=not self.show_progress, dynamic_ncols=True)
@@ -337,14 +337,17 @@ class Engine:
     def _context(self, task: TensorTask, ws: Workspace, start: int, stop: int) -> ChunkContext:
         inputs = [ws.read_as_acc(info, start, stop, i) for i, info in enumerate(task.sources)]
         base = ws.read_as_acc(task.base, start, stop, len(task.sources)) if task.base is not None else None
-        sources = task.sources + ([task.base] if task.base is not None else [])
         acc_dtype = self.config.dtype
 
-        def read(index: int, a: int, b: int) -> torch.Tensor:
-            return sources[index].read(a, b).to(acc_dtype, copy=True)
+        def read_input(index: int, a: int, b: int) -> torch.Tensor:
+            return task.sources[index].read(a, b).to(acc_dtype, copy=True)
+
+        def read_base(a: int, b: int) -> torch.Tensor:
+            return task.base.read(a, b).to(acc_dtype, copy=True)
 
         return ChunkContext(task.name, start, task.numel, inputs, base, task.model_params, task.params,
-                            ws.acc(stop - start), self.config.seed, task.shape, ws.extra, read)
+                            ws.acc(stop - start), self.config.seed, task.shape, ws.extra, read_input,
+                            read_base if task.base is not None else None)
 
 
 def _write_and_release(output, name: str, start: int, stop: int, chunk: torch.Tensor, inputs, was_cached) -> None:

@@ -15,7 +15,8 @@ from collections import Counter
 from pathlib import Path
 
 from streammerge.errors import ConfigError
-from streammerge.methods import METHODS, Method
+from streammerge.methods.method import Method
+from streammerge.methods.registry import did_you_mean, methods
 
 MERGEKIT_KEYS = {"merge_method", "models", "slices", "modules", "base_model", "parameters", "dtype", "out_dtype",
                  "tokenizer_source", "tokenizer", "chat_template"}
@@ -157,10 +158,11 @@ def translate(data: dict, source: Path | None = None) -> dict:
         if key in REFUSED and data[key] is not None:
             raise ConfigError(f"{where}: '{key}' is not supported: {REFUSED[key]}.")
     name = str(data["merge_method"])
-    method = METHODS.get(name)
-    if method is None or name in ("add_difference",):
-        raise ConfigError(f"{where}: mergekit merge_method '{name}' is not available in streammerge; available: "
-                          f"{', '.join(sorted(m for m in METHODS if m != 'add_difference'))}.")
+    available = [m.name for m in methods() if m.in_mergekit]
+    if name not in available:
+        raise ConfigError(f"{where}: mergekit merge_method '{name}' is not available in streammerge"
+                          f"{did_you_mean(name, available)}; available: {', '.join(available)}.")
+    method = methods().get(name)
     slice_parameters, slice_layers = None, None
     if data.get("slices") is not None:
         if data.get("models") is not None:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from streammerge.methods import ChunkContext, Method, Param, register
+from streammerge.methods.method import ChunkContext, Method, Param
 from streammerge.methods.streaming import Groups, GroupSums
 
 SLERP_LINEAR_DOT = 0.9995  # nearly parallel tensors: interpolate linearly (as mergekit does)
@@ -56,7 +56,7 @@ def _observe_pair(stats: Stats, a: torch.Tensor, b: torch.Tensor, offset: int, p
 def slerp_observe(stats: Stats, pass_index: int, ctx: ChunkContext) -> None:
     if stats.sums is None:
         stats.sums = GroupSums(Groups("tensor", ctx.shape), 3)
-    _observe_pair(stats, ctx.inputs[0], ctx.inputs[1], ctx.offset, ctx.scratch[0])
+    _observe_pair(stats, ctx.inputs[0], ctx.inputs[1], ctx.offset, ctx.buffers[0])
 
 
 def slerp_finish(stats: Stats, pass_index: int) -> None:
@@ -66,18 +66,18 @@ def slerp_finish(stats: Stats, pass_index: int) -> None:
 def slerp(ctx: ChunkContext, stats: Stats) -> torch.Tensor:
     aa, bb, ab = stats.squares
     coef_a, coef_b = slerp_coefficients(ctx.params["t"], math.sqrt(aa), math.sqrt(bb), ab)
-    other = torch.mul(ctx.inputs[1], coef_b, out=ctx.scratch[0][:ctx.out.numel()])
+    other = torch.mul(ctx.inputs[1], coef_b, out=ctx.buffers[0][:ctx.out.numel()])
     return torch.mul(ctx.inputs[0], coef_a, out=ctx.out).add_(other)
 
 
-register(Method(
+SLERP = Method(
     name="slerp",
     help="spherical interpolation from models[0] (t=0) to models[1] (t=1) over each whole tensor",
     merge=slerp,
     params=(Param("t", 0.5, "interpolation factor: 0 gives models[0], 1 gives models[1]"),),
     stat_passes=1, init_stats=lambda numel, n: Stats(), observe=slerp_observe, finish_pass=slerp_finish,
-    extra_buffers=1, min_models=2, max_models=2,
-))
+    buffers=1, min_models=2, max_models=2, typical={"parameters": {"t": 0.4}},
+)
 
 
 # -- nuslerp -------------------------------------------------------------------------------------------------
@@ -91,15 +91,15 @@ def _task_vectors(ctx: ChunkContext) -> tuple[torch.Tensor, torch.Tensor]:
     n = ctx.out.numel()
     if ctx.base is None:
         return ctx.inputs[0], ctx.inputs[1]
-    return (torch.sub(ctx.inputs[0], ctx.base, out=ctx.scratch[0][:n]),
-            torch.sub(ctx.inputs[1], ctx.base, out=ctx.scratch[1][:n]))
+    return (torch.sub(ctx.inputs[0], ctx.base, out=ctx.buffers[0][:n]),
+            torch.sub(ctx.inputs[1], ctx.base, out=ctx.buffers[1][:n]))
 
 
 def nuslerp_observe(stats: Stats, pass_index: int, ctx: ChunkContext) -> None:
     if stats.sums is None:
         stats.sums = GroupSums(_nuslerp_groups(ctx), 3)
     a, b = _task_vectors(ctx)
-    _observe_pair(stats, a, b, ctx.offset, ctx.scratch[2])
+    _observe_pair(stats, a, b, ctx.offset, ctx.buffers[2])
 
 
 def nuslerp_coefficients(t: float, aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor):
@@ -132,16 +132,16 @@ def nuslerp(ctx: ChunkContext, stats: Stats) -> torch.Tensor:
     a, b = _task_vectors(ctx)
     n = ctx.out.numel()
     if ctx.base is None:  # the inputs may be read-only file pages: work on copies
-        a = ctx.scratch[0][:n].copy_(a)
-        b = ctx.scratch[1][:n].copy_(b)
-    _apply_coefficient(a, coef_a, groups, ctx.offset, ctx.scratch[2])
-    _apply_coefficient(b, coef_b, groups, ctx.offset, ctx.scratch[2])
+        a = ctx.buffers[0][:n].copy_(a)
+        b = ctx.buffers[1][:n].copy_(b)
+    _apply_coefficient(a, coef_a, groups, ctx.offset, ctx.buffers[2])
+    _apply_coefficient(b, coef_b, groups, ctx.offset, ctx.buffers[2])
     if ctx.base is None:
         return torch.add(a, b, out=ctx.out)
     return torch.add(ctx.base, a.add_(b), out=ctx.out)
 
 
-register(Method(
+NUSLERP = Method(
     name="nuslerp",
     help="spherical interpolation with t = weight[1] / (weight[0] + weight[1]); of task vectors when a base is "
          "given; per tensor, per row or per column",
@@ -151,8 +151,8 @@ register(Method(
             Param("nuslerp_row_wise", False, "with nuslerp_flatten false: interpolate column vectors (along the "
                   "first dimension) instead of rows", kind=bool)),
     accepts_base=True, stat_passes=1, init_stats=lambda numel, n: Stats(), observe=nuslerp_observe,
-    finish_pass=nuslerp_finish, extra_buffers=3, min_models=2, max_models=2,
-))
+    finish_pass=nuslerp_finish, buffers=3, min_models=2, max_models=2,
+)
 
 
 # -- model_stock ---------------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def stock_observe(stats: Stats, pass_index: int, ctx: ChunkContext) -> None:
         stats.sums = GroupSums(groups, n_models + len(_pairs(n_models)))
         stats.n_models = n_models
     n = ctx.out.numel()
-    a, b, product = (s[:n] for s in ctx.scratch[:3])
+    a, b, product = (s[:n] for s in ctx.buffers[:3])
     q = n_models
     for i in range(n_models):
         torch.sub(ctx.inputs[i], ctx.base, out=a)
@@ -202,7 +202,7 @@ def model_stock(ctx: ChunkContext, stats: Stats) -> torch.Tensor:
     for x in ctx.inputs[1:]:
         out.add_(x)
     out.div_(len(ctx.inputs))
-    t, rest = ctx.scratch[0][:n], ctx.scratch[1][:n]
+    t, rest = ctx.buffers[0][:n], ctx.buffers[1][:n]
     if groups.count == 1:
         ratio = stats.ratio.item()
         out.mul_(ratio)
@@ -212,11 +212,13 @@ def model_stock(ctx: ChunkContext, stats: Stats) -> torch.Tensor:
     return out.add_(torch.mul(ctx.base, t.neg_().add_(1), out=rest))
 
 
-register(Method(
+MODEL_STOCK = Method(
     name="model_stock",
     help="Model Stock: interpolate between the base and the models' average by their task vectors' angles",
     merge=model_stock,
     params=(Param("filter_wise", False, "one ratio per row instead of per tensor", kind=bool),),
     needs_base=True, stat_passes=1, init_stats=lambda numel, n: Stats(), observe=stock_observe,
-    finish_pass=stock_finish, extra_buffers=3, min_models=2,
-))
+    finish_pass=stock_finish, buffers=3, min_models=2,
+)
+
+METHODS = (SLERP, NUSLERP, MODEL_STOCK)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from streammerge.methods import ChunkContext, Method, Param, register
+from streammerge.methods.method import ChunkContext, Method, Param
 
 
 def normalized_weights(weights: list[float], normalize: bool) -> list[float]:
@@ -20,7 +20,7 @@ def linear(ctx: ChunkContext, _stats=None):
     return out
 
 
-register(Method(
+LINEAR = Method(
     name="linear",
     help="weighted average of the models (model soup)",
     merge=linear,
@@ -28,4 +28,6 @@ register(Method(
         Param("weight", 1.0, "this model's weight", per_model=True),
         Param("normalize", True, "divide by the sum of the weights", kind=bool),
     ),
-))
+)
+
+METHODS = (LINEAR,)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from streammerge.methods import ChunkContext, Method, Param, register
+from streammerge.methods.method import ChunkContext, Method, Param
 
 
 def passthrough(ctx: ChunkContext, _stats=None) -> torch.Tensor:
@@ -14,13 +14,13 @@ def passthrough(ctx: ChunkContext, _stats=None) -> torch.Tensor:
     return torch.mul(ctx.inputs[0], scale, out=ctx.out)
 
 
-register(Method(
+PASSTHROUGH = Method(
     name="passthrough",
     help="copy the single model's tensors (optionally scaled); e.g. to change dtype or layout",
     merge=passthrough,
     params=(Param("scale", 1.0, "multiply the tensors by this", per_model=True),),
     min_models=1, max_models=1,
-))
+)
 
 
 def add_difference(ctx: ChunkContext, _stats=None) -> torch.Tensor:
@@ -29,10 +29,12 @@ def add_difference(ctx: ChunkContext, _stats=None) -> torch.Tensor:
     return difference.mul_(ctx.params["alpha"]).add_(a)
 
 
-register(Method(
+ADD_DIFFERENCE = Method(
     name="add_difference",
     help="models[0] + alpha * (models[1] - models[2]): the Stable Diffusion mergers' \"add difference\"",
     merge=add_difference,
     params=(Param("alpha", 1.0, "multiplier of the difference"),),
-    min_models=3, max_models=3,
-))
+    min_models=3, max_models=3, in_mergekit=False, typical={"parameters": {"alpha": 0.5}},
+)
+
+METHODS = (PASSTHROUGH, ADD_DIFFERENCE)

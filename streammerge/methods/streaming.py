@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from streammerge.methods import GRID
+from streammerge.methods.method import GRID
 
 DIGIT_BITS = 16
 BINS = 1 << DIGIT_BITS

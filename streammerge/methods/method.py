@@ -1,0 +1,115 @@
+"""What a merge method is: its parameters (`Param`), what it sees of a tensor (`ChunkContext`) and what it
+declares to the engine (`Method`).
+
+A method is a small function over one chunk of one tensor. It declares its parameters once (`Param`), which
+drives config validation, rule overrides and `--help`. Methods that need whole-tensor statistics declare
+`stat_passes`: the engine streams every chunk through `observe` that many times before calling `merge`, so a
+tensor far larger than the RAM budget is merged exactly as if it fit.
+
+Chunks start on a grid of `GRID` elements (the engine's chunk size is a multiple of it) and `merge` sees the
+chunks of a tensor in ascending order; methods whose statistics or random draws are computed per grid block
+therefore give bit-identical results whatever the chunk size is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from streammerge.errors import ConfigError
+from streammerge.memory import CHUNK_ALIGN
+
+GRID = CHUNK_ALIGN  # elements per block of the fixed grid for statistics and random draws
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any
+    help: str
+    per_model: bool = False  # set per model (models[i].weight) rather than once for the method
+    kind: type = float
+    check: Callable[[Any], str | None] | None = None  # returns why a value is not allowed, or None
+
+
+@dataclass
+class ChunkContext:
+    """One chunk of one tensor, as the method sees it. Inputs are read-only (they may be mapped file pages)."""
+
+    name: str  # output tensor name
+    offset: int  # element offset of this chunk in the flattened tensor
+    numel: int  # elements in the whole tensor
+    inputs: list[torch.Tensor]  # one per model, accumulation dtype
+    base: torch.Tensor | None  # base model chunk for task-vector methods
+    model_params: list[dict]  # per-model parameters (weight, density, ...)
+    params: dict  # method parameters (normalize, t, ...)
+    out: torch.Tensor  # preallocated accumulator (accumulation dtype) to fill and return
+    seed: int = 0
+    shape: tuple = ()  # shape of the whole tensor
+    buffers: list[torch.Tensor] = field(default_factory=list)  # the method's `Method.buffers` chunk-sized
+    # accumulation-dtype buffers, reused from chunk to chunk (full length: slice them to the chunk)
+    # Copies, in accumulation dtype, of elements [start, stop) anywhere in the tensor, for methods whose unit of
+    # work (a row) may straddle chunks: read_input(model index, start, stop) and read_base(start, stop).
+    read_input: Callable[[int, int, int], torch.Tensor] | None = None
+    read_base: Callable[[int, int], torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    help: str
+    merge: Callable[[ChunkContext, Any], torch.Tensor]
+    params: tuple[Param, ...] = ()
+    needs_base: bool = False
+    accepts_base: bool = False  # a base is optional (used when the config gives one)
+    # Whole-tensor statistic passes before the merge pass: a number, or a function of
+    # (method params, per-model params, accumulation dtype, numel) when it depends on them.
+    stat_passes: int | Callable[[dict, list[dict], torch.dtype, int], int] = 0
+    init_stats: Callable[[int, int], Any] | None = None  # (numel, n_models) -> state
+    observe: Callable[[Any, int, ChunkContext], None] | None = None  # (state, pass index, chunk)
+    finish_pass: Callable[[Any, int], None] | None = None
+    buffers: int = 0  # chunk-sized accumulation-dtype buffers the method needs beyond the accumulator
+    min_models: int = 1
+    max_models: int | None = None
+    # (method params, per-model params) of one tensor -> why they cannot be used together, or None
+    check: Callable[[dict, list[dict]], str | None] | None = None
+    in_mergekit: bool = True  # mergekit has a method of this name and meaning (its configs may ask for it)
+    # A typical use, for benchmarks: {"model": {per-model params}, "parameters": {method params}}
+    typical: dict = field(default_factory=dict)
+
+    def passes_for(self, params: dict, model_params: list[dict], dtype: torch.dtype, numel: int) -> int:
+        if callable(self.stat_passes):
+            return self.stat_passes(params, model_params, dtype, numel)
+        return self.stat_passes
+
+    @property
+    def uses_base(self) -> bool:
+        return self.needs_base or self.accepts_base
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def method_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if not p.per_model)
+
+    @property
+    def model_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.per_model)
+
+
+def coerce_param(param: Param, value, where: str):
+    """Check a parameter value against its declaration."""
+    if param.kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: '{param.name}' must be true or false, got {value!r}.")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: '{param.name}' must be a number, got {value!r}.")
+    else:
+        value = param.kind(value)
+    problem = param.check(value) if param.check is not None else None
+    if problem:
+        raise ConfigError(f"{where}: '{param.name}' = {value!r}: {problem}.")
+    return value

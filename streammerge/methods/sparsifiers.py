@@ -1,0 +1,280 @@
+"""Which entries of a task vector (delta = model - base) a task-vector method keeps.
+
+- `NONE`: all of them (task arithmetic);
+- `MAGNITUDE` (TIES): the `density` fraction of largest |delta| over the whole tensor;
+- `OUTLIERS` (Model Breadcrumbs): the same, after dropping the `gamma` fraction of largest as outliers;
+- `RANDOM` (DARE): each entry with probability `density`;
+- `MAGPRUNE` (DELLA): each entry with a probability that rises with its magnitude's rank along dimension 1,
+  density +- epsilon.
+
+The magnitude thresholds are exact whole-tensor order statistics (streaming radix selection, with ties broken
+by position), the random draws come from per-block generators, so what is kept never depends on the chunk size.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+
+from streammerge.errors import StreamMergeError
+from streammerge.methods.method import ChunkContext
+from streammerge.methods.streaming import Groups, GroupSums, RankSelect, TieGate, Uniform, bool_views
+
+RESCALE_EPS = 1e-7  # below this L1 norm a magnitude-pruned delta is left unscaled
+# DELLA ranks at most 1/MAGPRUNE_SHARE of a chunk at once: its temporaries (int64 order and ranks, float
+# probabilities and draws) take about 32 bytes per ranked element, which the two buffers it reserves cover.
+MAGPRUNE_SHARE = 8
+MAGPRUNE_BUFFERS = 2
+
+
+class Sparsifier(enum.Enum):
+    NONE = "none"
+    MAGNITUDE = "magnitude"
+    OUTLIERS = "outliers"
+    RANDOM = "random"
+    MAGPRUNE = "magprune"
+
+    @property
+    def by_magnitude(self) -> bool:
+        """Keeps entries by their magnitude's rank in the whole tensor (needs statistics passes)."""
+        return self in (Sparsifier.MAGNITUDE, Sparsifier.OUTLIERS)
+
+    @property
+    def random(self) -> bool:
+        """Keeps entries by random draws (rescaling divides by the keep probability)."""
+        return self in (Sparsifier.RANDOM, Sparsifier.MAGPRUNE)
+
+
+class Buffers:
+    """Names for a task-vector method's buffers within one chunk: the first `MIN_BUFFERS` are used here."""
+
+    MIN_BUFFERS = 4
+
+    def __init__(self, ctx: ChunkContext):
+        n = ctx.out.numel()
+        buffers = [b[:n] for b in ctx.buffers]
+        self.delta, self.magnitude, counts, masks = buffers[:self.MIN_BUFFERS]
+        self.counts = counts.view({4: torch.int32, 8: torch.int64}[counts.element_size()])
+        self.keep, self.equal, self.other, self.flag = bool_views(masks, n)[:4]
+        self.rest = buffers[self.MIN_BUFFERS:]
+
+
+# -- which elements a magnitude sparsifier keeps -------------------------------------------------------------
+KEEP_ALL, DROP_ALL = "all", "none"
+
+
+def magnitude_ranks(sparsifier: Sparsifier, model: dict, numel: int):
+    """KEEP_ALL, DROP_ALL, or the ascending ranks (first kept, last kept or None for the largest) of a magnitude
+    sparsifier, in the order (|delta|, position)."""
+    density = model["density"]
+    if density >= 1:
+        return KEEP_ALL
+    if sparsifier is Sparsifier.MAGNITUDE:
+        if density <= 0 or numel == 0:
+            return DROP_ALL
+        k = max(1, int(density * numel))
+        return (numel - k, None) if k < numel else KEEP_ALL
+    target, top = int(density * numel), int(model["gamma"] * numel)
+    if target == 0:
+        return DROP_ALL
+    bottom = max(0, numel - target - top)
+    last = bottom + target - 1
+    return (bottom, None if last >= numel - 1 else last) if (bottom or last < numel - 1) else KEEP_ALL
+
+
+@dataclass
+class Bounds:
+    """The kept magnitudes: (low, high) exclusive, plus elements equal to a bound admitted by position."""
+
+    low: float
+    high: float | None
+    gates: list[tuple[float, int, int]]  # (value, first, stop) positions among the equal elements
+
+    def new_gates(self) -> list[TieGate]:
+        return [TieGate(*g) for g in self.gates]
+
+
+def bounds_from(select: RankSelect, has_high: bool) -> Bounds:
+    low, low_before = select.value(0), select.ties_before(0)
+    if not has_high:
+        gates = [(low, low_before, select.count_equal[0])] if low > 0 else []
+        return Bounds(low, None, gates)
+    high, high_before = select.value(1), select.ties_before(1)
+    if high == low:
+        gates = [(low, low_before, high_before + 1)] if low > 0 else []
+    else:
+        gates = ([(low, low_before, select.count_equal[0])] if low > 0 else []) + \
+                ([(high, 0, high_before + 1)] if high > 0 else [])
+    return Bounds(low, high, gates)
+
+
+class MagnitudeStats:
+    """Per model: the radix selection of its thresholds, then (with `rescale`) the L1 norms before and after."""
+
+    def __init__(self):
+        self.ready = False
+
+    def setup(self, sparsifier: Sparsifier, ctx: ChunkContext, dtype: torch.dtype) -> None:
+        self.sparsifier = sparsifier
+        self.ranks = [magnitude_ranks(sparsifier, m, ctx.numel) for m in ctx.model_params]
+        self.selects = [RankSelect([r[0]] + ([r[1]] if r[1] is not None else []), dtype)
+                        if isinstance(r, tuple) else None for r in self.ranks]
+        self.select_passes = RankSelect([0], dtype).passes
+        self.rescale = ctx.params.get("rescale", False)
+        self.bounds: list[Bounds | None] = [None] * len(self.ranks)
+        self.norms = GroupSums(Groups("tensor", ctx.shape), 2 * len(self.ranks))  # (all, kept) per model
+        self.factors = [1.0] * len(self.ranks)
+        self.merge_gates = None
+        self.ready = True
+
+
+def magnitude_passes(sparsifier: Sparsifier, params: dict, model_params: list[dict], dtype: torch.dtype,
+                     numel: int) -> int:
+    if not any(isinstance(magnitude_ranks(sparsifier, m, numel), tuple) for m in model_params):
+        return 0
+    return RankSelect([0], dtype).passes + (1 if params.get("rescale") else 0)
+
+
+def prune_by_magnitude(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats: MagnitudeStats, b: Buffers,
+                       gates: list[TieGate]) -> None:
+    """Zero the entries of b.delta outside model i's kept magnitude range (b.magnitude gets |delta|)."""
+    ranks = magnitude_ranks(sparsifier, ctx.model_params[i], ctx.numel)
+    if ranks == KEEP_ALL:
+        return
+    if ranks == DROP_ALL:
+        b.delta.zero_()
+        return
+    bounds = stats.bounds[i]
+    torch.abs(b.delta, out=b.magnitude)
+    torch.gt(b.magnitude, bounds.low, out=b.keep)
+    if bounds.high is not None:
+        torch.lt(b.magnitude, bounds.high, out=b.other)
+        b.keep.logical_and_(b.other)
+    for gate in gates:
+        gate.apply(b.magnitude, b.keep, b.equal, b.counts, b.other)
+    torch.logical_not(b.keep, out=b.other)
+    b.delta.masked_fill_(b.other, 0)
+
+
+# -- statistics passes for the magnitude sparsifiers ---------------------------------------------------------
+def magnitude_observe(sparsifier: Sparsifier):
+    def observe(stats: MagnitudeStats, pass_index: int, ctx: ChunkContext) -> None:
+        if not stats.ready:
+            stats.setup(sparsifier, ctx, ctx.out.dtype)
+        b = Buffers(ctx)
+        if pass_index < stats.select_passes:
+            for i, select in enumerate(stats.selects):
+                if select is None:
+                    continue
+                torch.sub(ctx.inputs[i], ctx.base, out=b.magnitude).abs_()
+                select.observe(pass_index, b.magnitude, b.counts, b.keep)
+            return
+        # the rescale pass: L1 norm of each pruned delta against that of the whole delta
+        if ctx.offset == 0:
+            stats.rescale_gates = [bd.new_gates() if bd is not None else [] for bd in stats.bounds]
+        for i, select in enumerate(stats.selects):
+            if select is None:
+                continue
+            torch.sub(ctx.inputs[i], ctx.base, out=b.delta)
+            torch.abs(b.delta, out=b.magnitude)
+            stats.norms.add(2 * i, ctx.offset, b.magnitude)
+            prune_by_magnitude(sparsifier, i, ctx, stats, b, stats.rescale_gates[i])
+            stats.norms.add(2 * i + 1, ctx.offset, b.delta.abs_())
+
+    return observe
+
+
+def magnitude_finish(stats: MagnitudeStats, pass_index: int) -> None:
+    if pass_index < stats.select_passes:
+        for i, select in enumerate(stats.selects):
+            if select is not None:
+                select.finish_pass(pass_index)
+                if pass_index == stats.select_passes - 1:
+                    stats.bounds[i] = bounds_from(select, stats.ranks[i][1] is not None)
+        return
+    for i, select in enumerate(stats.selects):
+        if select is None:
+            continue
+        before, after = stats.norms.sums[2 * i, 0].item(), stats.norms.sums[2 * i + 1, 0].item()
+        stats.factors[i] = before / after if before >= RESCALE_EPS and after >= RESCALE_EPS else 1.0
+
+
+# -- random sparsifiers --------------------------------------------------------------------------------------
+def prune_randomly(i: int, ctx: ChunkContext, b: Buffers) -> None:
+    """DARE: keep each entry with probability `density` (rescaled by 1/density with `rescale`)."""
+    density = ctx.model_params[i]["density"]
+    if density >= 1:
+        return
+    if density <= 0:
+        b.delta.zero_()
+        return
+    Uniform(ctx.seed, ctx.name, i).fill(ctx.offset, b.magnitude)
+    torch.ge(b.magnitude, density, out=b.other)  # dropped: u >= density, so P(keep) = density
+    b.delta.masked_fill_(b.other, 0)
+    if ctx.params["rescale"]:
+        b.delta.div_(density)
+
+
+def _magprune_unit(shape: tuple, numel: int) -> tuple[int, int]:
+    """DELLA ranks magnitudes along dimension 1: the contiguous unit holding whole such vectors (a row of a
+    matrix, a [dim1, rest] slab of a larger tensor, all of a 1-D tensor) and the size of `rest`."""
+    if len(shape) < 2:
+        return max(numel, 1), 1
+    return math.prod(shape[1:]), math.prod(shape[2:])
+
+
+def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, i: int, unit: int, inner: int,
+              out: torch.Tensor, uniform: Uniform) -> None:
+    """Prune (and rescale) `delta`, whole units starting at element `start` of the tensor, into `out`."""
+    model = ctx.model_params[i]
+    density, epsilon = model["density"], model["epsilon"]
+    grid = delta.view(-1, unit // inner, inner)  # [units, ranked dimension, rest]
+    order = torch.argsort(grid.abs(), dim=1, stable=True)
+    span = grid.shape[1]
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(span).view(1, -1, 1).expand_as(order))
+    del order
+    rank_norm = ranks.to(delta.dtype).div_(span - 1) if span > 1 else torch.zeros(grid.shape, dtype=delta.dtype)
+    del ranks
+    probability = rank_norm.mul_(2 * epsilon).add_(density - epsilon).view(-1)
+    draws = uniform.fill(start, torch.empty(delta.numel(), dtype=torch.float32)).to(delta.dtype)
+    kept = torch.where(draws < probability, delta, torch.zeros((), dtype=delta.dtype))
+    if ctx.params["rescale"]:
+        kept.div_(probability)
+    out.copy_(kept)
+
+
+def prune_by_magnitude_rank(i: int, ctx: ChunkContext, b: Buffers) -> None:
+    """DELLA: keep each entry with probability density +- epsilon by its magnitude's rank along dimension 1."""
+    model = ctx.model_params[i]
+    if model["density"] >= 1:
+        return
+    if model["density"] <= 0:
+        b.delta.zero_()
+        return
+    unit, inner = _magprune_unit(ctx.shape, ctx.numel)
+    capacity = ctx.buffers[0].numel() // MAGPRUNE_SHARE
+    if unit > capacity:
+        raise StreamMergeError(
+            f"della ranks the magnitudes of '{ctx.name}' in units of {unit} elements, more than its working "
+            f"memory holds ({capacity}); raise max_ram (about {MAGPRUNE_SHARE * unit * 40 // 2**20 + 64} MiB "
+            "would do).")
+    uniform = Uniform(ctx.seed, ctx.name, i)
+    start, stop = ctx.offset, ctx.offset + b.delta.numel()
+    # Units straddling the chunk's edges are read whole and ranked; only this chunk's part is kept.
+    edges = {start // unit * unit if start % unit else None, stop // unit * unit if stop % unit else None}
+    for unit_start in sorted(u for u in edges if u is not None):
+        unit_stop = unit_start + unit
+        whole = ctx.read_input(i, unit_start, unit_stop).sub_(ctx.read_base(unit_start, unit_stop))
+        _magprune(whole, unit_start, ctx, i, unit, inner, whole, uniform)
+        a, z = max(unit_start, start), min(unit_stop, stop)
+        b.delta[a - start:z - start].copy_(whole[a - unit_start:z - unit_start])
+    first_full, last_full = -(-start // unit) * unit, stop // unit * unit
+    batch = max(unit, capacity // unit * unit)
+    for a in range(first_full, last_full, batch):
+        z = min(last_full, a + batch)
+        part = b.delta[a - start:z - start]
+        _magprune(part, a, ctx, i, unit, inner, part, uniform)

@@ -1,0 +1,165 @@
+"""The streaming statistics on their own, against plain torch on whole tensors: exact order statistics
+(`RankSelect` vs torch.kthvalue), tie admission by position (`TieGate`), per-group float64 sums (`GroupSums`)
+and the seeded uniform draws (`Uniform`), on random data with many ties, fed in chunks of several sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streammerge.methods.method import GRID
+from streammerge.methods.streaming import Groups, GroupSums, RankSelect, TieGate, Uniform, block_seed
+
+
+def tied_magnitudes(n: int, seed: int, dtype=torch.float32, distinct: int = 50) -> torch.Tensor:
+    """Non-negative numbers with few distinct values (every value tied many times), a few zeros and a spread
+    of exponents, so radix digits differ in high and low bits."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.rand(distinct, generator=g, dtype=torch.float64) * torch.logspace(-6, 3, distinct, dtype=torch.float64)
+    values[0] = 0
+    return values[torch.randint(0, distinct, (n,), generator=g)].to(dtype)
+
+
+def chunked(n: int, chunk: int):
+    for start in range(0, n, chunk):
+        yield start, min(n, start + chunk)
+
+
+def select(x: torch.Tensor, ranks: list[int], chunk: int) -> RankSelect:
+    s = RankSelect(ranks, x.dtype)
+    digits, mask = torch.empty(chunk, dtype=x.dtype), torch.empty(chunk, dtype=torch.bool)
+    for p in range(s.passes):
+        for a, b in chunked(x.numel(), chunk):
+            s.observe(p, x[a:b], digits[:b - a], mask[:b - a])
+        s.finish_pass(p)
+    return s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk", [1000, GRID, 3 * GRID + 17])
+def test_rank_select_matches_kthvalue(dtype, chunk):
+    n = 2 * GRID + 12345
+    for seed, distinct in ((0, 50), (1, 100000)):
+        x = tied_magnitudes(n, seed, dtype, distinct)
+        ranks = [0, 1, n // 3, n // 2, n - 2, n - 1]
+        s = select(x, ranks, chunk)
+        for j, rank in enumerate(ranks):
+            expected = torch.kthvalue(x, rank + 1).values
+            assert s.value(j) == expected.item(), (rank, s.value(j), expected)
+            below = int((x < expected).sum())
+            assert s.ties_before(j) == rank - below
+            assert s.count_equal[j] == int((x == expected).sum())
+
+
+def test_rank_select_all_equal_and_single_element():
+    x = torch.full((GRID + 3,), 0.25)
+    s = select(x, [0, GRID + 2], GRID)
+    assert (s.value(0), s.value(1)) == (0.25, 0.25)
+    assert (s.ties_before(0), s.ties_before(1)) == (0, GRID + 2)
+    s = select(torch.tensor([7.0]), [0], 4)
+    assert s.value(0) == 7.0 and s.ties_before(0) == 0 and s.count_equal[0] == 1
+
+
+@pytest.mark.parametrize("chunk", [777, GRID, 2 * GRID])
+def test_tie_gate_admits_positions_in_tensor_order(chunk):
+    n = 3 * GRID + 5
+    x = tied_magnitudes(n, 3, distinct=7)
+    value = x[10].item()
+    equal_positions = torch.nonzero(x == value).flatten()
+    count = equal_positions.numel()
+    for first, stop in ((0, count), (0, count // 3), (count // 4, count // 2), (count - 1, count), (5, 5)):
+        gate = TieGate(value, first, stop)
+        keep = torch.zeros(n, dtype=torch.bool)
+        for a, b in chunked(n, chunk):
+            k = b - a
+            part = keep[a:b]
+            gate.apply(x[a:b], part, torch.empty(k, dtype=torch.bool), torch.empty(k, dtype=torch.int64),
+                       torch.empty(k, dtype=torch.bool))
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[equal_positions[first:stop]] = True
+        assert torch.equal(keep, expected), (first, stop)
+
+
+def test_tie_gate_keeps_what_was_already_kept():
+    x = torch.tensor([1.0, 2.0, 1.0, 1.0])
+    keep = torch.tensor([False, True, False, False])
+    TieGate(1.0, 1, 2).apply(x, keep, torch.empty(4, dtype=torch.bool), torch.empty(4, dtype=torch.int64),
+                             torch.empty(4, dtype=torch.bool))
+    assert keep.tolist() == [False, True, True, False]
+
+
+SHAPES = [(5 * GRID + 99,), (300, 1001), (GRID // 2 + 3, 5), (7, 3, GRID // 4 + 1)]
+
+
+@pytest.mark.parametrize("kind", ["tensor", "rows", "columns"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_group_sums_match_torch_and_are_chunk_invariant(kind, shape):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=g)
+    groups = Groups(kind, shape)
+    results = []
+    for chunk in (GRID, 2 * GRID, 5 * GRID, 6 * GRID):
+        sums = GroupSums(groups, 2)
+        flat = x.flatten()
+        for a, b in chunked(flat.numel(), chunk):
+            sums.add(0, a, flat[a:b])
+            sums.add(1, a, flat[a:b].square())
+        results.append(sums.sums)
+    for other in results[1:]:
+        assert torch.equal(results[0], other)  # the same bits whatever the chunking
+    d, s = x.double(), x.square().double()  # the quantities as summed: float32 values, float64 sums
+    if groups.kind == "tensor":
+        expected = torch.stack([d.sum().view(1), s.sum().view(1)])
+    elif kind == "rows":
+        expected = torch.stack([d.reshape(-1, shape[-1]).sum(1), s.reshape(-1, shape[-1]).sum(1)])
+    else:
+        expected = torch.stack([d.reshape(shape[0], -1).sum(0), s.reshape(shape[0], -1).sum(0)])
+    torch.testing.assert_close(results[0], expected, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "rows", "columns"])
+def test_groups_expand_is_the_inverse_view(kind):
+    shape = (300, 1001)
+    groups = Groups(kind, shape)
+    values = torch.arange(groups.count, dtype=torch.float64)
+    whole = torch.empty(300 * 1001, dtype=torch.float64)
+    for a, b in chunked(whole.numel(), GRID):
+        groups.expand(values, a, whole[a:b])
+    grid = whole.view(shape)
+    if kind == "tensor":
+        assert torch.equal(grid, torch.zeros(shape, dtype=torch.float64))
+    elif kind == "rows":
+        assert torch.equal(grid, values[:, None].expand(shape))
+    else:
+        assert torch.equal(grid, values[None, :].expand(shape))
+
+
+def reference_uniform(seed: int, name: str, stream: int, start: int, stop: int) -> torch.Tensor:
+    """The documented draws: block b of the grid is torch.rand(GRID) from a generator seeded by
+    block_seed(seed, name, stream, b)."""
+    blocks = []
+    for block in range(start // GRID, (stop - 1) // GRID + 1):
+        generator = torch.Generator().manual_seed(block_seed(seed, name, stream, block))
+        blocks.append(torch.rand(GRID, generator=generator))
+    return torch.cat(blocks)[start - start // GRID * GRID:stop - start // GRID * GRID]
+
+
+@pytest.mark.parametrize("start, stop", [(0, GRID), (0, 3 * GRID + 5), (GRID - 3, GRID + 4), (5 * GRID + 7, 7 * GRID),
+                                         (12, 13)])
+def test_uniform_draws_match_reference_and_any_split(start, stop):
+    uniform = Uniform(7, "layer.weight", 2)
+    whole = uniform.fill(start, torch.empty(stop - start))
+    assert torch.equal(whole, reference_uniform(7, "layer.weight", 2, start, stop))
+    middle = (start + stop) // 2
+    parts = torch.cat([Uniform(7, "layer.weight", 2).fill(start, torch.empty(middle - start)),
+                       Uniform(7, "layer.weight", 2).fill(middle, torch.empty(stop - middle))])
+    assert torch.equal(whole, parts)
+    assert float(whole.min()) >= 0 and float(whole.max()) < 1
+
+
+def test_uniform_streams_differ():
+    draws = [Uniform(s, n, k).fill(0, torch.empty(1000)) for s, n, k in ((0, "a", 0), (1, "a", 0), (0, "b", 0),
+                                                                          (0, "a", 1))]
+    for i in range(len(draws)):
+        for j in range(i + 1, len(draws)):
+            assert not torch.equal(draws[i], draws[j])
