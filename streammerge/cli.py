@@ -14,14 +14,7 @@ from streammerge.errors import StreamMergeError
 from streammerge.inspect import add_inspect_parser
 from streammerge.interrupts import Terminated, exit_status, install_handlers
 from streammerge.methods.registry import methods
-from streammerge.units import parse_size
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text, "size")
-    except StreamMergeError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+from streammerge.units import size_argument
 
 
 def _methods_epilog() -> str:
@@ -40,7 +33,7 @@ def add_merge_parser(subparsers) -> None:
     p.add_argument("config", type=Path, help="merge config (YAML, or JSON)")
     p.add_argument("--output", "-o", type=Path, help="output path (overrides the config's `output`): "
                    "a .safetensors file, a .pth/.pt checkpoint, or a directory for sharded safetensors")
-    p.add_argument("--max-ram", type=_size, metavar="SIZE",
+    p.add_argument("--max-ram", type=size_argument, metavar="SIZE",
                    help="peak anonymous RAM budget, e.g. 512MiB or 2GB (overrides `max_ram`; default 1GiB, "
                    "capped so that half of the free memory is left to others)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (tensors per rule, output size, shards, "
@@ -67,7 +60,7 @@ def run_merge(args) -> int:
             print(describe_plan(prepared))
             return 0
         if args.report:
-            check_output_is_not_an_input([], args.report, prepared.checkpoints + [prepared.base] * bool(prepared.base),
+            check_output_is_not_an_input([], args.report, prepared.inputs,
                                          also=(args.config,), what="report")
         report = Engine(prepared, quiet=args.quiet, allow_nonfinite=args.allow_nonfinite or None,
                         resume=args.resume).run()

@@ -14,7 +14,6 @@ not stop the batch, but makes the exit status non-zero.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -27,7 +26,8 @@ from streammerge.engine import Engine, prepare
 from streammerge.errors import ConfigError, NoWeightsError, StreamMergeError
 from streammerge.io import Checkpoint, open_checkpoint
 from streammerge.io.containers import is_training_state
-from streammerge.units import format_size, parse_size
+from streammerge.io.sharded import read_weight_map
+from streammerge.units import format_size, size_argument
 
 # What a directory walk picks up (a single file named on the command line is taken whatever its name).
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -56,11 +56,8 @@ def target_stem(source: Path) -> str:
 
 
 def _shards_of_index(index: Path) -> set[Path]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        return {index.parent / name for name in weight_map.values() if isinstance(name, str)}
-    except (OSError, ValueError, AttributeError):
-        return set()  # not a readable index: it is listed, and fails with the reader's message
+    # An unreadable index gives no shards: it is listed, and fails with the reader's message.
+    return {index.parent / name for name in read_weight_map(index).values() if isinstance(name, str)}
 
 
 def find_checkpoints(root: Path, exclude: Path | None = None) -> list[Path]:
@@ -135,11 +132,6 @@ def converted_metadata(checkpoint: Checkpoint) -> dict[str, str]:
     return meta
 
 
-class ConvertEngine(Engine):
-    def output_metadata(self) -> dict[str, str]:
-        return converted_metadata(self.p.checkpoints[0])
-
-
 def tensor_signature(checkpoint: Checkpoint) -> dict:
     return {name: (tuple(info.shape), info.dtype) for name, info in checkpoint.tensors.items()}
 
@@ -185,7 +177,8 @@ def convert_one(job: Job, shard_size: int | None = None, max_ram: int | None = N
             if not force and is_complete(job.target, prepared.checkpoints[0]):
                 return Outcome(job, "skipped", f"{job.target} is already complete")
             started = time.perf_counter()
-            report = ConvertEngine(prepared, quiet=quiet, allow_nonfinite=True).run()
+            report = Engine(prepared, quiet=quiet, allow_nonfinite=True,
+                            metadata=converted_metadata(prepared.checkpoints[0])).run()
         finally:
             prepared.close()
     except NoWeightsError as exc:
@@ -229,13 +222,6 @@ def convert(sources: list[Path], output: Path, shard_size: int | None = None, ma
 
 
 # -- command line --------------------------------------------------------------------------------------------
-def _size(text: str) -> int:
-    try:
-        return parse_size(text, "size")
-    except StreamMergeError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def add_convert_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "convert", help="convert checkpoints (.pth, .bin, .ckpt, shards) to safetensors",
@@ -245,10 +231,10 @@ def add_convert_parser(subparsers) -> None:
     p.add_argument("sources", nargs="+", type=Path, metavar="SRC", help="checkpoint file or directory tree")
     p.add_argument("--output", "-o", type=Path, required=True, metavar="DIR_OR_FILE",
                    help="a .safetensors file (one source file), or a directory")
-    p.add_argument("--shard-size", type=_size, metavar="SIZE",
+    p.add_argument("--shard-size", type=size_argument, metavar="SIZE",
                    help="write Hugging Face shards of at most SIZE (e.g. 5GB) into a directory per checkpoint "
                    "(--output itself for one source file)")
-    p.add_argument("--max-ram", type=_size, metavar="SIZE",
+    p.add_argument("--max-ram", type=size_argument, metavar="SIZE",
                    help="peak anonymous RAM budget, e.g. 256MiB (default 1GiB, capped at half the available memory)")
     p.add_argument("--force", action="store_true", help="convert even where the output is already complete")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (the per-file lines remain)")

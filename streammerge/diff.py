@@ -20,6 +20,7 @@ from streammerge.config import DEFAULT_MAX_RAM
 from streammerge.errors import StreamMergeError
 from streammerge.io import open_checkpoint
 from streammerge.memory import Budget
+from streammerge.units import size_argument
 
 LAYER_PREFIX = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
 BYTES_PER_ELEMENT = 3 * 8  # two float64 chunks and their difference
@@ -174,8 +175,6 @@ def plot(comparisons: list[Comparison], path: Path) -> None:
 
 
 def add_diff_parser(subparsers) -> None:
-    from streammerge.cli import _size
-
     p = subparsers.add_parser(
         "diff", help="relative L2 distance and cosine similarity between checkpoints, per tensor and layer",
         description="Compare checkpoints tensor by tensor, streamed chunk by chunk under a RAM budget: relative "
@@ -188,7 +187,7 @@ def add_diff_parser(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw the per-layer figures (needs "
                    "matplotlib: the `plot` extra)")
-    p.add_argument("--max-ram", type=_size, metavar="SIZE", help="peak RAM budget (default 1GiB, capped at half "
+    p.add_argument("--max-ram", type=size_argument, metavar="SIZE", help="peak RAM budget (default 1GiB, capped at half "
                    "of the available memory)")
     p.set_defaults(handler=run_diff)
 

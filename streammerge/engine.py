@@ -23,8 +23,9 @@ from streammerge.config import DEFAULT_MAX_RAM, MergeConfig
 from streammerge.errors import OutputError, PlanError, StreamMergeError
 from streammerge.interrupts import uninterruptible
 from streammerge.io import Checkpoint, TensorInfo, open_checkpoint
-from streammerge.io.output_safety import check_output_is_not_an_input
-from streammerge.io.outputs import check_disk_space, make_output
+from streammerge.io.output_safety import check_output_is_not_an_input, input_paths
+from streammerge.io.output_spec import Output, OutputSpec, ResumeInputs, TorchContainer
+from streammerge.io.outputs import check_disk_space, make_output, output_kind, output_spec
 from streammerge.memory import Budget, MemoryGuard, bytes_per_element
 from streammerge.methods.method import ChunkContext
 from streammerge.plan import COPY, Plan, TensorTask, build_plan
@@ -75,8 +76,13 @@ class Prepared:
     plan: Plan
     budget: Budget
 
+    @property
+    def inputs(self) -> list[Checkpoint]:
+        """Every checkpoint read: the models, then the base if there is one."""
+        return self.checkpoints + ([self.base] if self.base is not None else [])
+
     def close(self) -> None:
-        for c in self.checkpoints + ([self.base] if self.base else []):
+        for c in self.inputs:
             c.close()
 
 
@@ -192,10 +198,31 @@ def _chunks(numel: int, chunk: int):
         yield start, min(numel, start + chunk)
 
 
+def recipe_metadata(config: MergeConfig) -> dict[str, str]:
+    """The safetensors `__metadata__` of a merge: `format: pt` and the recipe."""
+    return {"format": "pt", "streammerge": json.dumps(config.recipe(), sort_keys=True)}
+
+
+def build_output_spec(prepared: Prepared, metadata: dict[str, str] | None = None) -> OutputSpec:
+    """What the output will hold and where each tensor's bytes go; `metadata` defaults to the recipe's."""
+    config, plan = prepared.config, prepared.plan
+    container = TorchContainer(
+        key=next((c.container for c in prepared.checkpoints if c.container), ""),
+        model_metadata=tuple(c.metadata or {} for c in prepared.checkpoints),
+        model_weights=tuple(spec.params.get("weight") for spec in config.models))
+    return output_spec(prepared.output, plan.entries, recipe_metadata(config) if metadata is None else metadata,
+                       aliases={alias: task.name for task in plan.tasks for alias in task.aliases},
+                       shard_size=config.shard_size, container=container,
+                       resume=ResumeInputs(tuple(input_paths(prepared.inputs)), config.seed))
+
+
 class Engine:
+    """Runs a prepared merge into its output. `metadata` replaces the recipe as the safetensors
+    `__metadata__` (convert keeps the source's)."""
+
     def __init__(self, prepared: Prepared, quiet: bool = False, allow_nonfinite: bool | None = None,
-                 resume: bool = False):
-        self.p = prepared
+                 resume: bool = False, metadata: dict[str, str] | None = None):
+        self.prepared = prepared
         self.resume = resume
         self.config = prepared.config
         self.method = self.config.method
@@ -203,11 +230,12 @@ class Engine:
         self.allow_nonfinite = (self.config.nan_policy == "allow") if allow_nonfinite is None else allow_nonfinite
         self.nonfinite: list[str] = []
         self.show_progress = not quiet and sys.stderr.isatty()
-        self.quiet = quiet
+        self.spec = build_output_spec(prepared, metadata)
 
     # -- checks before any output exists ------------------------------------------------------------------
     def verify_non_float(self, plan: Plan) -> None:
         """Int and bool tensors are copied, so every model must hold the same values."""
+        checkpoints = self.prepared.checkpoints
         for task in plan.tasks:
             if not task.must_equal:
                 continue
@@ -216,32 +244,25 @@ class Engine:
                 a = first.read(start, stop)
                 for other in task.must_equal:
                     if not torch.equal(a, other.read(start, stop)):
-                        model = next(i for i, c in enumerate(self.p.checkpoints) if other.file in c.files)
+                        model = next(i for i, c in enumerate(checkpoints) if other.file in c.files)
                         raise PlanError(
                             f"'{task.name}' is a {str(first.dtype).removeprefix('torch.')} tensor, which is never "
-                            f"averaged, and its values differ between {self.p.checkpoints[0].path} and "
-                            f"{self.p.checkpoints[model].path}. Add a rule such as "
+                            f"averaged, and its values differ between {checkpoints[0].path} and "
+                            f"{checkpoints[model].path}. Add a rule such as "
                             f"{{match: \"{task.name}\", take: 0}} to choose which model's values to keep.")
                     other.release(start, stop)
                 first.release(start, stop)
 
     # -- the run -------------------------------------------------------------------------------------------
-    def output_metadata(self) -> dict[str, str]:
-        """The safetensors `__metadata__` of the output."""
-        return {"format": "pt", "streammerge": json.dumps(self.config.recipe(), sort_keys=True)}
-
     def run(self) -> Report:
-        plan, budget = self.p.plan, self.p.budget
-        output = make_output(self.p.output, plan.entries, self.output_metadata(), shard_size=self.config.shard_size,
-                             prepared=self.p, resume=self.resume)
+        prepared = self.prepared
+        plan, budget = prepared.plan, prepared.budget
+        output: Output = make_output(self.spec, resume=self.resume)
         # Before anything is created or removed at the output:
-        check_output_is_not_an_input(output.files, self.p.output,
-                                     self.p.checkpoints + ([self.p.base] if self.p.base else []),
-                                     also=(self.config.source,))
-        n_inputs = len(self.p.checkpoints) + (1 if self.p.base else 0)
+        check_output_is_not_an_input(output.files, prepared.output, prepared.inputs, also=(self.config.source,))
         started = time.perf_counter()
         with MemoryGuard(budget.limit) as guard:
-            workspace = Workspace(self.chunk, n_inputs, self.config.dtype, self.method.buffers)
+            workspace = Workspace(self.chunk, len(prepared.inputs), self.config.dtype, self.method.buffers)
             self.verify_non_float(plan)
             progress = tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                             desc="merging", disable=not self.show_progress, dynamic_ncols=True)
@@ -249,15 +270,14 @@ class Engine:
             skipped_bytes = 0  # inputs of tensors an interrupted run already wrote (--resume)
             try:
                 output.open()  # removes an interrupted run's debris, or verifies what it completed (resume)
-                check_disk_space(self.p.output, getattr(output, "space_needed", output.total_size))
-                reused = getattr(output, "reused", lambda name: False)
+                check_disk_space(prepared.output, output.space_needed)
                 for task in plan.tasks:
-                    if reused(task.name):
+                    if output.reused(task.name):
                         progress.update(task.read_bytes)
                         skipped_bytes += task.read_bytes
                     else:
                         self.run_task(task, workspace, output, progress, guard)
-                    aliases = [a for a in task.aliases if not reused(a)]
+                    aliases = [a for a in task.aliases if not output.reused(a)]
                     if aliases:
                         self.writer.drain()
                         for alias in aliases:
@@ -272,12 +292,12 @@ class Engine:
             finally:
                 progress.close()
         return Report(
-            output=str(self.p.output), files=[str(f) for f in output.files],
+            output=str(prepared.output), files=[str(f) for f in output.files],
             tensors=len(plan.entries), read_bytes=plan.read_bytes - skipped_bytes,
             written_bytes=output.total_size,
             seconds=time.perf_counter() - started, peak_anon_bytes=guard.peak, max_ram_bytes=budget.limit,
             chunk_elements=self.chunk, nonfinite_tensors=list(self.nonfinite),
-            reused_files=list(getattr(output, "reused_files", [])), notes=list(getattr(output, "notes", [])))
+            reused_files=list(output.reused_files), notes=list(output.notes))
 
     def run_task(self, task: TensorTask, ws: Workspace, output, progress, guard: MemoryGuard) -> None:
         inputs = task.sources + ([task.base] if task.base is not None else [])
@@ -367,8 +387,6 @@ def merge(config: MergeConfig, output: Path | None = None, max_ram: int | None =
 
 def describe_plan(prepared: Prepared) -> str:
     """The --dry-run view: tensors per rule, output size, shards, estimated peak RAM."""
-    from streammerge.io.outputs import assign_shards, output_kind
-
     plan, budget, config = prepared.plan, prepared.budget, prepared.config
     lines = [f"method: {config.method.name} over {len(prepared.checkpoints)} model(s)"
              + (f", base {config.base.path}" if config.base else "")]
@@ -384,12 +402,11 @@ def describe_plan(prepared: Prepared) -> str:
     tied = sum(len(t.aliases) for t in plan.tasks)
     if tied:
         lines.append(f"tied tensors computed once: {tied}")
-    kind = output_kind(prepared.output)
-    lines.append(f"output: {prepared.output} ({kind.name}), {len(plan.entries)} tensors, "
+    spec = build_output_spec(prepared)
+    lines.append(f"output: {prepared.output} ({spec.kind}), {len(plan.entries)} tensors, "
                  f"{plan.output_bytes / 1e9:.2f} GB")
-    if prepared.output.suffix == "":
-        shards = assign_shards(plan.entries, config.shard_size)
-        lines.append(f"shards: {len(shards)} of at most {config.shard_size / 1e9:.2f} GB")
+    if output_kind(prepared.output).sharded:
+        lines.append(f"shards: {len(spec.files)} of at most {config.shard_size / 1e9:.2f} GB")
     lines.append(f"reads: {plan.read_bytes / 1e9:.2f} GB; chunk: {budget.chunk_elements} elements "
                  f"({math.ceil(budget.chunk_elements * budget.per_element / 2**20)} MiB of buffers)")
     lines.append(f"estimated peak anonymous RAM: {budget.estimated_peak / 2**20:.0f} MiB "

@@ -1,8 +1,9 @@
 """Byte sizes: parse `512MiB`, `2GB`, `1.5GiB`, plain bytes; format for humans."""
 
+import argparse
 import re
 
-from streammerge.errors import ConfigError
+from streammerge.errors import ConfigError, StreamMergeError
 
 _UNITS = {
     "": 1, "b": 1,
@@ -29,6 +30,14 @@ def parse_size(value, what="size") -> int:
     if size <= 0:
         raise ConfigError(f"{what}: must be positive, got {value!r}.")
     return size
+
+
+def size_argument(text: str) -> int:
+    """An argparse `type=` for sizes: a bad size is reported as a usage error."""
+    try:
+        return parse_size(text, "size")
+    except StreamMergeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def format_size(nbytes: float) -> str:

@@ -15,8 +15,8 @@ from safety_support import (done_shards, freeze, in_progress, inode, listing, ru
 import synth
 from streammerge.config import load_config
 from streammerge.engine import merge
-from streammerge.io import outputs
-from streammerge.io.partial import MANIFEST
+from streammerge.io import sharded_output
+from streammerge.io.resume import MANIFEST
 
 SHARD_SIZE = "300KB"
 
@@ -59,7 +59,7 @@ class Killed(Exception):
 def killed_run(monkeypatch, config: Path, complete: int) -> None:
     """Run in this process and stop dead once `complete` shards are done and the next one is fully written but
     not renamed: what kill -9 leaves (finished shards, the manifest, an unlocked temporary file)."""
-    real_finish, finished = outputs.ShardedOutput._finish, [0]
+    real_finish, finished = sharded_output.ShardedOutput._finish, [0]
 
     def finish(self, shard):
         if finished[0] == complete:
@@ -75,8 +75,8 @@ def killed_run(monkeypatch, config: Path, complete: int) -> None:
         self._unlock()
 
     with monkeypatch.context() as patch:
-        patch.setattr(outputs.ShardedOutput, "_finish", finish)
-        patch.setattr(outputs.ShardedOutput, "abort", abort_like_a_kill)
+        patch.setattr(sharded_output.ShardedOutput, "_finish", finish)
+        patch.setattr(sharded_output.ShardedOutput, "abort", abort_like_a_kill)
         with pytest.raises(Killed):
             merge(load_config(config), quiet=True)
 
@@ -203,7 +203,7 @@ def test_crash_during_the_final_renames(tmp_path, config, reference, monkeypatch
 def test_a_failing_resumed_run_keeps_what_it_reused(tmp_path, config, reference, monkeypatch):
     killed_run(monkeypatch, config, complete=2)
     reused = [p.name for p in done_shards(tmp_path / "out")]
-    real_finish, finished = outputs.ShardedOutput._finish, [0]
+    real_finish, finished = sharded_output.ShardedOutput._finish, [0]
 
     def finish_then_fail(self, shard):
         real_finish(self, shard)
@@ -212,7 +212,7 @@ def test_a_failing_resumed_run_keeps_what_it_reused(tmp_path, config, reference,
             raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr(outputs.ShardedOutput, "_finish", finish_then_fail)
+        patch.setattr(sharded_output.ShardedOutput, "_finish", finish_then_fail)
         result = run_main("merge", config, "--resume")
     assert result.returncode == 1 and "No space left on device" in result.stderr
     assert [p.name for p in done_shards(tmp_path / "out")] == reused  # its own new shards are gone
@@ -227,7 +227,7 @@ def test_a_failed_rerun_leaves_the_previous_output_intact(tmp_path, config, mode
     before = contents(tmp_path / "out")
     other = write_config(tmp_path / "other.yaml", list(zip(models, [0.2, 0.3, 0.5])), tmp_path / "out",
                          shard_size=SHARD_SIZE)
-    real_finish, finished = outputs.ShardedOutput._finish, [0]
+    real_finish, finished = sharded_output.ShardedOutput._finish, [0]
 
     def finish_then_fail(self, shard):
         real_finish(self, shard)
@@ -236,7 +236,7 @@ def test_a_failed_rerun_leaves_the_previous_output_intact(tmp_path, config, mode
             raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(outputs.ShardedOutput, "_finish", finish_then_fail)
+        patch.setattr(sharded_output.ShardedOutput, "_finish", finish_then_fail)
         result = run_main("merge", other, "--quiet")
     assert result.returncode == 130, result.stderr
     assert contents(tmp_path / "out") == before

@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 from streammerge.errors import CheckpointError, NoWeightsError
-from streammerge.io.safe_pickle import InertObject, StorageType, TensorRecord, is_inert_class
+from streammerge.io.checkpoint import Checkpoint
+from streammerge.io.mapped import MappedFile
+from streammerge.io.safe_pickle import InertObject, StorageType, TensorRecord, is_inert_class, tensor_infos
 
 # Never merged, never searched for weights: training state that only looks like a state dict.
 TRAINING_STATE_KEYS = {"optimizer", "optimizer_states", "optimizers", "optimizer_state_dict", "optim",
@@ -367,3 +369,16 @@ def plain_config(value):
 
 def _is_json_scalar(value) -> bool:
     return value is None or type(value) in (bool, int, float, str)
+
+
+def checkpoint_from_pickle(path: Path, fmt: str, obj, storage_offsets: dict[str, int],
+                           state_dict_key: str | None) -> Checkpoint:
+    """A Checkpoint from a restricted-unpickled object whose storages sit at known offsets in `path`."""
+    state_dict, container, rest = find_state_dict(obj, path, state_dict_key)
+    mapped = MappedFile(path)
+    try:
+        tensors = tensor_infos(path, state_dict, storage_offsets, mapped)
+    except Exception:
+        mapped.close()
+        raise
+    return Checkpoint(path, fmt, tensors, to_jsonable(rest), container, [mapped])

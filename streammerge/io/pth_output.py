@@ -20,12 +20,12 @@ import json
 import math
 import pickle
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 
 from streammerge.io.containers import plain_config
-from streammerge.io.outputs import Entry, SingleFileOutput, register_output
+from streammerge.io.output_spec import OutputFile, OutputSpec, TensorPlacement, TorchContainer
+from streammerge.io.single_file_output import SingleFileOutput
 from streammerge.io.torch_zip_writer import TorchZipWriter
 
 # dtypes torch.save pickles with a typed storage class and `_rebuild_tensor_v2`; newer dtypes go through
@@ -139,69 +139,70 @@ def training_summary(metadatas: list[dict], weights: list[float]) -> dict:
     return summary
 
 
-def normalized_model_weights(prepared) -> list[float]:
-    weights = [spec.params.get("weight") for spec in prepared.config.models]
+def normalized_model_weights(weights: tuple) -> list[float]:
+    weights = list(weights)
     if not all(_is_number(w) for w in weights) or sum(weights) <= 0:
         weights = [1.0] * len(weights)
     total = sum(weights)
     return [w / total for w in weights]
 
 
-def checkpoint_object(state_dict: dict, prepared) -> object:
+def checkpoint_object(state_dict: dict, container: TorchContainer) -> object:
     """The object to save: the state dict alone for plain inputs, else the container described above."""
-    if prepared is None:
-        return state_dict
-    metadatas = [c.metadata or {} for c in prepared.checkpoints]
-    summary = training_summary(metadatas, normalized_model_weights(prepared))
-    container = next((c.container for c in prepared.checkpoints if c.container), "")
-    if not container and not summary:
+    metadatas = [m or {} for m in container.model_metadata]
+    summary = training_summary(metadatas, normalized_model_weights(container.model_weights))
+    if not container.key and not summary:
         return state_dict
     node = state_dict
-    for part in reversed((container or "model").split(".")):
+    for part in reversed((container.key or "model").split(".")):
         node = {part: node}
     return {**node, **summary}
 
 
-def tied_aliases(prepared) -> dict[str, str]:
-    """alias name -> the name whose storage it shares."""
-    if prepared is None:
-        return {}
-    return {alias: task.name for task in prepared.plan.tasks for alias in task.aliases}
-
-
 # -- the output kind -----------------------------------------------------------------------------------------
+def torch_checkpoint_writer(spec: OutputSpec) -> tuple[TorchZipWriter, dict[str, int]]:
+    """The writer of `spec`'s .pth file, and the index of the storage record each tensor is written to."""
+    storage_of: dict[str, StorageRef] = {}
+    storages: list[StorageRef] = []
+    state_dict = {}
+    tensors: dict[str, TensorRef] = {}
+    for name, dtype, shape in spec.entries:
+        source = spec.aliases.get(name)
+        if source in tensors:  # share the storage, as torch.save does for tied parameters
+            tensors[name] = tensors[source]
+        else:
+            storage = StorageRef(str(len(storages)), dtype, math.prod(shape))
+            storages.append(storage)
+            tensors[name] = TensorRef(storage, shape)
+        storage_of[name] = tensors[name].storage
+        state_dict[name] = tensors[name]
+    writer = TorchZipWriter(spec.path, pickle_checkpoint(checkpoint_object(state_dict, spec.container)),
+                            [s.nbytes for s in storages])
+    return writer, {name: int(storage.key) for name, storage in storage_of.items()}
+
+
+def torch_checkpoint_layout(spec: OutputSpec):
+    writer, storage_of = torch_checkpoint_writer(spec)
+    placements = {name: TensorPlacement(0, writer.storages[i].data_offset, writer.storages[i].size)
+                  for name, i in storage_of.items()}
+    return (OutputFile(writer.path, writer.tmp_path, writer.total_size),), placements
+
+
 class TorchCheckpointOutput(SingleFileOutput):
-    def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str], prepared=None,
-                 resume: bool = False, **_options):
-        super().__init__(path, resume)
-        aliases = tied_aliases(prepared)
-        self.storage_of: dict[str, StorageRef] = {}
-        storages: list[StorageRef] = []
-        state_dict = {}
-        tensors: dict[str, TensorRef] = {}
-        for name, dtype, shape in entries:
-            source = aliases.get(name)
-            if source in tensors:  # share the storage, as torch.save does for tied parameters
-                tensors[name] = tensors[source]
-            else:
-                storage = StorageRef(str(len(storages)), dtype, math.prod(shape))
-                storages.append(storage)
-                tensors[name] = TensorRef(storage, shape)
-            self.storage_of[name] = tensors[name].storage
-            state_dict[name] = tensors[name]
-        self.writer = TorchZipWriter(self.path, pickle_checkpoint(checkpoint_object(state_dict, prepared)),
-                                     [s.nbytes for s in storages])
+    def __init__(self, spec: OutputSpec, resume: bool = False):
+        writer, self.storage_of = torch_checkpoint_writer(spec)
+        super().__init__(spec, writer, resume)
 
     def write(self, name: str, element_offset: int, chunk: torch.Tensor) -> None:
         if chunk.numel() == 0:
             return
         data = chunk.reshape(-1).contiguous().view(torch.uint8).numpy()
-        self.writer.write(int(self.storage_of[name].key), element_offset * chunk.element_size(), data)
+        self.writer.write(self.storage_of[name], element_offset * chunk.element_size(), data)
+
+    def record_checksum(self, name: str, crc: int) -> None:
+        self.writer.record_crc(self.storage_of[name], crc)
 
     def copy(self, source: str, target: str, chunk_bytes: int) -> None:
         src, dst = self.storage_of[source], self.storage_of[target]
-        if src is not dst:
-            self.writer.copy(int(src.key), int(dst.key), chunk_bytes)
-
-
-register_output("torch checkpoint (.pth)", lambda p: p.suffix in (".pth", ".pt"), TorchCheckpointOutput)
+        if src != dst:
+            self.writer.copy(src, dst, chunk_bytes)

@@ -44,15 +44,13 @@ import io
 import math
 import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
 from streammerge.errors import CheckpointError
 from streammerge.io.mapped import MappedFile, TensorInfo, check_span
 
-if TYPE_CHECKING:
-    from streammerge.io.checkpoint import Checkpoint
 
 # Top-level modules that can run commands, touch files or load code: even naming one refuses the file.
 DANGEROUS_MODULES = {
@@ -513,19 +511,3 @@ def tensor_infos(path: Path, state_dict: dict, storage_offsets: dict[str, int], 
         infos.append(info)
     infos.sort(key=lambda i: i.offset)
     return {i.name: i for i in infos}
-
-
-def checkpoint_from_pickle(path: Path, fmt: str, obj, storage_offsets: dict[str, int],
-                           state_dict_key: str | None) -> Checkpoint:
-    """A Checkpoint from a restricted-unpickled object whose storages sit at known offsets in `path`."""
-    from streammerge.io.checkpoint import Checkpoint
-    from streammerge.io.containers import find_state_dict, to_jsonable
-
-    state_dict, container, rest = find_state_dict(obj, path, state_dict_key)
-    mapped = MappedFile(path)
-    try:
-        tensors = tensor_infos(path, state_dict, storage_offsets, mapped)
-    except Exception:
-        mapped.close()
-        raise
-    return Checkpoint(path, fmt, tensors, to_jsonable(rest), container, [mapped])

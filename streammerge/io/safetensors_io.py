@@ -6,7 +6,6 @@ Layout: u64 little-endian header length N, N bytes of JSON, then the data area. 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -18,11 +17,9 @@ import torch
 from streammerge.errors import CheckpointError
 from streammerge.io.checkpoint import Checkpoint, register_format
 from streammerge.io.mapped import MappedFile, TensorInfo
-from streammerge.io.partial import AtomicFile
+from streammerge.io.files import AtomicFile, start_writeback
 
 MAX_HEADER = 100_000_000
-_libc = ctypes.CDLL(None, use_errno=True)
-_SYNC_FILE_RANGE_WRITE = 2
 MAX_ELEMENTS = 2**63  # torch sizes are int64
 
 DTYPE_NAMES = {
@@ -186,7 +183,7 @@ class SafetensorsWriter(AtomicFile):
         # Largest alignment first, then the given order: every tensor stays aligned to its element size.
         ordered = sorted(entries, key=lambda e: -e[1].itemsize)
         header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-        self.offsets: dict[str, int] = {}
+        self.offsets: dict[str, int] = {}  # of each tensor's bytes, from the start of the data area
         self.sizes: dict[str, int] = {}
         cursor = 0
         for name, dtype, shape in ordered:
@@ -200,6 +197,10 @@ class SafetensorsWriter(AtomicFile):
         self.data_start = len(self.header)
         self.total_size = self.data_start + cursor
 
+    def position(self, name: str) -> int:
+        """Where tensor `name`'s bytes start in the file."""
+        return self.data_start + self.offsets[name]
+
     def open(self) -> None:
         self.create()
         try:
@@ -210,22 +211,20 @@ class SafetensorsWriter(AtomicFile):
 
     def write(self, name: str, element_offset: int, chunk: torch.Tensor) -> None:
         """Write a contiguous chunk of tensor `name`, starting at element `element_offset`."""
-        position = self.data_start + self.offsets[name] + element_offset * chunk.element_size()
         data = chunk.contiguous().view(torch.uint8).numpy() if chunk.numel() else b""
+        self.write_bytes(name, element_offset * chunk.element_size(), data)
+
+    def write_bytes(self, name: str, byte_offset: int, data) -> None:
+        """Write `data` (any buffer) at `byte_offset` within tensor `name`."""
+        position = self.position(name) + byte_offset
         self.write_at(data, position)
         start_writeback(self.fd, position, len(data))
 
     def copy_tensor(self, source: str, target: str, chunk_bytes: int) -> None:
         """Copy the already-written bytes of `source` to `target` (tied tensors), a chunk at a time."""
-        src, dst = self.data_start + self.offsets[source], self.data_start + self.offsets[target]
+        src, dst = self.position(source), self.position(target)
         remaining = self.sizes[source]
         while remaining:
             data = os.pread(self.fd, min(remaining, chunk_bytes), src)
             self.write_at(data, dst)
             src, dst, remaining = src + len(data), dst + len(data), remaining - len(data)
-
-
-def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Start writing these dirty pages to disk now (asynchronously), so the final fsync has little left to do."""
-    if nbytes and hasattr(_libc, "sync_file_range"):
-        _libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(nbytes), _SYNC_FILE_RANGE_WRITE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path, PurePosixPath
 
 from streammerge.errors import CheckpointError
@@ -19,6 +20,16 @@ def _is_local_name(name: str) -> bool:
     """A shard must sit beside its index (or below it): no absolute paths, no '..', no empty names."""
     parts = PurePosixPath(name).parts
     return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts and "\0" not in name
+
+
+def read_weight_map(index: Path) -> dict:
+    """The `weight_map` of a shard index (tensor name -> shard file), unvalidated; {} when it cannot be read.
+    For tidying and walking directories; `open_sharded` is the validating reader."""
+    try:
+        weight_map = json.loads(Path(index).read_text(encoding="utf-8")).get("weight_map", {})
+        return weight_map if isinstance(weight_map, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def open_sharded(path: Path, **options) -> Checkpoint:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from streammerge.errors import CheckpointError
 from streammerge.io.checkpoint import Checkpoint, register_format
-from streammerge.io.safe_pickle import StorageRecord, checkpoint_from_pickle, restricted_load, storage_pid
+from streammerge.io.containers import checkpoint_from_pickle
+from streammerge.io.safe_pickle import StorageRecord, restricted_load, storage_pid
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001

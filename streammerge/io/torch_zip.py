@@ -27,7 +27,8 @@ from streammerge.errors import CheckpointError
 from streammerge.io.checkpoint import Checkpoint, register_format
 from streammerge.io.containers import find_state_dict, to_jsonable
 from streammerge.io.mapped import MappedFile, TensorInfo, check_span
-from streammerge.io.safe_pickle import StorageRecord, checkpoint_from_pickle, restricted_load, storage_pid
+from streammerge.io.containers import checkpoint_from_pickle
+from streammerge.io.safe_pickle import StorageRecord, restricted_load, storage_pid
 from streammerge.io.zip_check import check_storages_match_records, check_tensors_in_records, check_torch_zip
 
 LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # zip local file header, 30 bytes

@@ -24,8 +24,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from streammerge.io.partial import AtomicFile, write_error
-from streammerge.io.safetensors_io import start_writeback
+from streammerge.io.files import AtomicFile, start_writeback, write_error
 
 ALIGNMENT = 64
 ARCHIVE = "archive"  # torch.save names the top-level folder after the file; any name loads, this one is stable
@@ -184,6 +183,11 @@ class TorchZipWriter(AtomicFile):
             record.crc_covered += len(view)
         else:
             record.crc_in_order = False
+
+    def record_crc(self, index: int, crc: int) -> None:
+        """Storage `index` was written whole elsewhere (another process); `crc` is the crc32 of its bytes."""
+        record = self.storages[index]
+        record.crc, record.crc_covered, record.crc_in_order = crc, record.size, True
 
     def copy(self, source: int, target: int, chunk_bytes: int) -> None:
         """Copy the already-written bytes of storage `source` into storage `target` (same size)."""

@@ -1,0 +1,128 @@
+"""The seam between the plan and the writers: what an output will hold (`OutputSpec`, built once from the plan)
+and what every output kind does (`Output`).
+
+A spec says which file each tensor's bytes go to and at which byte offset, so writing is independent of who
+writes: the engine writes through an `Output`; another process could open `OutputFile.temporary` (created by
+`Output.open()`/`Output.create_files()`) and `pwrite` a tensor's bytes at `TensorPlacement.offset`, reporting
+their crc32 back (`Output.record_checksum`) before the owner of the `Output` commits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+Entry = tuple[str, torch.dtype, tuple]  # (name, dtype, shape)
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    path: Path  # final name
+    temporary: Path  # where it is built until commit (`.NAME.tmp-PID`, PID of the process that creates it)
+    size: int  # bytes once complete
+
+
+@dataclass(frozen=True)
+class TensorPlacement:
+    """Where one tensor's bytes go: file `spec.files[file]`, bytes [offset, offset + nbytes). Tied tensors
+    that share storage in the file format (.pth) share one placement."""
+
+    file: int
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TorchContainer:
+    """What a .pth output's content around the state dict is derived from: the inputs' container key (dotted
+    path of their state dict, "" when they are bare state dicts), each model's metadata and its `weight`."""
+
+    key: str = ""
+    model_metadata: tuple[dict, ...] = ()
+    model_weights: tuple = ()
+
+
+@dataclass(frozen=True)
+class ResumeInputs:
+    """What a resumed run must find unchanged besides the recipe: the input files and the seed."""
+
+    files: tuple[Path, ...] = ()
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    kind: str  # the name of an output kind in `outputs.OUTPUT_KINDS`
+    path: Path  # what the user named: a file, or a directory
+    entries: tuple[Entry, ...]  # every output tensor, aliases included, in processing order
+    metadata: dict[str, str]  # safetensors `__metadata__`
+    aliases: dict[str, str]  # tied tensor -> the tensor whose bytes it repeats
+    files: tuple[OutputFile, ...]  # files holding tensor bytes (an index, if any, is not listed)
+    placements: dict[str, TensorPlacement]
+    shard_size: int = 0  # sharded kinds: the most tensor bytes per file
+    container: TorchContainer = TorchContainer()
+    resume: ResumeInputs = ResumeInputs()
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(e[1].itemsize * _numel(e[2]) for e in self.entries)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class Output(Protocol):
+    """An output under construction. Nothing appears at `spec.path` before `commit()`; `abort()` leaves the
+    destination as it was found. Call order: open, (write | copy)*, commit — or abort at any point."""
+
+    spec: OutputSpec
+    notes: list[str]  # what the user should know (debris removed, resume state)
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file the output creates or replaces (final names)."""
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of the complete output."""
+
+    @property
+    def space_needed(self) -> int:
+        """Bytes still to write (after `open`): less than `total_size` when a resume reuses files."""
+
+    @property
+    def reused_files(self) -> list[str]:
+        """Files kept from an interrupted run (after `open`)."""
+
+    def open(self) -> None:
+        """Lock the destination, remove an interrupted run's debris or verify what it completed (resume)."""
+
+    def reused(self, name: str) -> bool:
+        """Whether tensor `name` is already in a file an interrupted run completed (nothing to compute)."""
+
+    def create_files(self) -> None:
+        """Create every temporary file still to be written, with its headers (for writers in other processes;
+        `write` creates files on first use)."""
+
+    def write(self, name: str, element_offset: int, chunk: torch.Tensor) -> None:
+        """Write a contiguous chunk of tensor `name` starting at element `element_offset`."""
+
+    def record_checksum(self, name: str, crc: int) -> None:
+        """Tensor `name` was written whole into its temporary file by someone else; `crc` is the crc32 of its
+        bytes."""
+
+    def copy(self, source: str, target: str, chunk_bytes: int) -> None:
+        """Write tied tensor `target` with the bytes already written for `source`."""
+
+    def commit(self) -> None:
+        """Finish every file and move the output into place."""
+
+    def abort(self) -> None:
+        """Remove everything this run created."""
