@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,18 +18,18 @@ import torch
 from streammerge.config import DEFAULT_MAX_RAM
 from streammerge.errors import StreamMergeError
 from streammerge.io import open_checkpoint
+from streammerge.layers import find_layer
 from streammerge.memory import Budget
 from streammerge.units import size_argument
 
-LAYER_PREFIX = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
 BYTES_PER_ELEMENT = 3 * 8  # two float64 chunks and their difference
 
 
 def group_of(name: str) -> str:
     """The layer a tensor belongs to ("model.layers.3"), else its first two name components."""
-    match = LAYER_PREFIX.match(name)
-    if match:
-        return match.group(1)
+    layer = find_layer(name)
+    if layer is not None:
+        return layer[0]
     parts = name.split(".")
     return ".".join(parts[:2]) if len(parts) > 2 else parts[0]
 

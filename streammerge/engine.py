@@ -90,23 +90,20 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
     output = Path(output) if output is not None else config.output
     if output is None:
         raise OutputError("no output given: set `output:` in the config or pass --output PATH.")
-    checkpoints: list[Checkpoint] = []
-    base = None
+    inputs: list[Checkpoint] = []  # the models, then the base: closed again if anything below fails
     try:
-        for spec in config.models:
-            checkpoints.append(open_checkpoint(spec.path, state_dict_key=spec.state_dict_key))
-        if config.base is not None:
-            base = open_checkpoint(config.base.path, state_dict_key=config.base.state_dict_key)
+        for spec in config.models + ([config.base] if config.base is not None else []):
+            inputs.append(open_checkpoint(spec.path, state_dict_key=spec.state_dict_key))
+        checkpoints, base = inputs[:len(config.models)], (inputs[-1] if config.base is not None else None)
         plan = build_plan(config, checkpoints, base)
-        n_inputs = len(checkpoints) + (1 if base is not None else 0)
         out_itemsize = max(t.out_dtype.itemsize for t in plan.tasks)
-        unaligned = [i.itemsize for t in plan.tasks for i in t.sources + [t.base] if i is not None and not i.aligned]
-        per_element = bytes_per_element(n_inputs, config.dtype.itemsize, out_itemsize,
+        unaligned = [i.itemsize for t in plan.tasks for i in t.inputs if not i.aligned]
+        per_element = bytes_per_element(len(inputs), config.dtype.itemsize, out_itemsize,
                                         config.method.buffers, staging_itemsize=max(unaligned, default=0))
         budget = Budget(max_ram if max_ram is not None else config.max_ram, per_element, DEFAULT_MAX_RAM,
                         largest_tensor=max(t.numel for t in plan.tasks))
     except BaseException:
-        for c in checkpoints + ([base] if base else []):
+        for c in inputs:
             c.close()
         raise
     return Prepared(config, output, checkpoints, base, plan, budget)
@@ -300,7 +297,7 @@ class Engine:
             reused_files=list(output.reused_files), notes=list(output.notes))
 
     def run_task(self, task: TensorTask, ws: Workspace, output, progress, guard: MemoryGuard) -> None:
-        inputs = task.sources + ([task.base] if task.base is not None else [])
+        inputs = task.inputs
         # Leave the page cache as we found it: an input tensor that was wholly cached stays cached; the pages of
         # one the run had to read from disk are dropped again after use. Decided before anything is read, since
         # reading (and the kernel's readahead) caches pages.

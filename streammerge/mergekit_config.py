@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from streammerge.errors import ConfigError
+from streammerge.layers import find_layer
 from streammerge.methods.method import Method
 from streammerge.methods.registry import did_you_mean, methods
 
@@ -30,7 +31,6 @@ REFUSED = {
     "chat_template": "streammerge writes no tokenizer or chat template; remove it",
 }
 HALF_DTYPES = {"bfloat16", "float16", "bf16", "fp16", "half"}
-LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
 def is_mergekit_config(data: dict) -> bool:
@@ -104,7 +104,7 @@ def resolve(key: str, scopes: list[dict | None], name: str, t: float):
 
 def layer_positions(names: list[str]) -> dict[str, float]:
     """mergekit's t per tensor: layer / (layers - 1) inside the stack of layers, 0 outside it."""
-    index = {n: int(m.group(1)) for n in names if (m := LAYER_PATTERN.search(n))}
+    index = {n: layer[1] for n in names if (layer := find_layer(n)) is not None}
     count = max(index.values()) + 1 if index else 0
     return {n: (index[n] / (count - 1) if count > 1 else 1.0) if n in index else 0.0 for n in names}
 
@@ -210,7 +210,7 @@ def translate(data: dict, source: Path | None = None) -> dict:
         first.close()
     positions = layer_positions(names)
     if slice_layers is not None:
-        layers = len({m.group(1) for n in names if (m := LAYER_PATTERN.search(n))})
+        layers = len({layer[1] for n in names if (layer := find_layer(n)) is not None})
         if layers and slice_layers != layers:
             raise ConfigError(f"{where}: slices[0] spans layers [0, {slice_layers}) but the models have {layers} "
                               "layers; only whole models can be merged.")

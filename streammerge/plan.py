@@ -43,9 +43,13 @@ class TensorTask:
         return self.numel * self.out_dtype.itemsize
 
     @property
+    def inputs(self) -> list[TensorInfo]:
+        """What the method reads: the models' tensors, then the base's if there is one."""
+        return self.sources + ([self.base] if self.base is not None else [])
+
+    @property
     def read_bytes(self) -> int:
-        inputs = self.sources + self.must_equal + ([self.base] if self.base is not None else [])
-        return sum(i.nbytes for i in inputs)
+        return sum(i.nbytes for i in self.inputs + self.must_equal)
 
 
 @dataclass

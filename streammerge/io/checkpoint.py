@@ -1,7 +1,8 @@
 """A checkpoint opened for streaming, and the registry of formats that open one.
 
-Formats are recognised from the file's first bytes, never from its name. A directory is resolved to the
-checkpoint file or index inside it.
+Formats are recognised from the file's first bytes, not its name (`x.bin` may be a zip or a legacy torch
+file); the one exception is a shard index, which must also be named `*.json`, since any JSON object starts
+with `{`. A directory is resolved to the checkpoint file or index inside it.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Memory-mapped input files and the tensors that live at byte offsets inside them.
 
 Every reader reduces its format to `TensorInfo` records: a name, a shape, a dtype and where the bytes sit in a
-mapped file. Reading a chunk is then a zero-copy view, and releasing it drops the pages from this process
-(MADV_DONTNEED) and from the page cache (POSIX_FADV_DONTNEED), so mapped inputs never accumulate in RAM.
+mapped file. Reading a chunk is then a zero-copy view, and releasing it unmaps its pages from this process
+(MADV_DONTNEED), so mapped inputs never accumulate in RAM; the caller decides whether the pages also leave the
+page cache (POSIX_FADV_DONTNEED): the engine drops only what it had to read from disk, and keeps pages that a
+later pass reads again.
 """
 
 from __future__ import annotations

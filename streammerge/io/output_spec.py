@@ -9,6 +9,7 @@ their crc32 back (`Output.record_checksum`) before the owner of the `Output` com
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -68,14 +69,7 @@ class OutputSpec:
 
     @property
     def tensor_bytes(self) -> int:
-        return sum(e[1].itemsize * _numel(e[2]) for e in self.entries)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        return sum(dtype.itemsize * math.prod(shape) for _, dtype, shape in self.entries)
 
 
 class Output(Protocol):

@@ -9,6 +9,7 @@ the index last; `abort()` removes everything this run created.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -39,20 +40,13 @@ def assign_shards(entries, shard_size: int) -> list[list[Entry]]:
     shards: list[list[Entry]] = [[]]
     size = 0
     for entry in entries:
-        nbytes = entry[1].itemsize * _numel(entry[2])
+        nbytes = entry[1].itemsize * math.prod(entry[2])
         if shards[-1] and size + nbytes > shard_size:
             shards.append([])
             size = 0
         shards[-1].append(entry)
         size += nbytes
     return shards
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def shard_writers(spec: OutputSpec) -> list[SafetensorsWriter]:

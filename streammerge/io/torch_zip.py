@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import struct
 import zipfile
 from pathlib import Path
 
@@ -25,14 +24,12 @@ import torch
 
 from streammerge.errors import CheckpointError
 from streammerge.io.checkpoint import Checkpoint, register_format
-from streammerge.io.containers import find_state_dict, to_jsonable
+from streammerge.io.containers import checkpoint_from_pickle, find_state_dict, to_jsonable
 from streammerge.io.mapped import MappedFile, TensorInfo, check_span
-from streammerge.io.containers import checkpoint_from_pickle
 from streammerge.io.safe_pickle import StorageRecord, restricted_load, storage_pid
-from streammerge.io.zip_check import check_storages_match_records, check_tensors_in_records, check_torch_zip
+from streammerge.io.zip_check import (check_storages_match_records, check_tensors_in_records, check_torch_zip,
+                                     local_data_start)
 
-LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # zip local file header, 30 bytes
-LOCAL_HEADER_MAGIC = 0x04034B50
 
 
 def _sniff(head: bytes, path: Path) -> bool:
@@ -109,13 +106,10 @@ def member_data_offset(f, info: zipfile.ZipInfo, path: Path) -> int:
     if info.compress_type != zipfile.ZIP_STORED:
         raise CheckpointError(f"{path}: zip member '{info.filename}' is compressed; torch.save never compresses "
                               "tensor data, so the file was repacked. Re-save it with torch.save.")
-    f.seek(info.header_offset)
-    raw = f.read(LOCAL_HEADER.size)
-    if len(raw) != LOCAL_HEADER.size or LOCAL_HEADER.unpack(raw)[0] != LOCAL_HEADER_MAGIC:
+    start = local_data_start(f, info.header_offset)
+    if start is None:
         raise CheckpointError(f"{path}: zip member '{info.filename}' has no valid local header; the file is corrupt.")
-    fields = LOCAL_HEADER.unpack(raw)
-    name_len, extra_len = fields[9], fields[10]
-    return info.header_offset + LOCAL_HEADER.size + name_len + extra_len
+    return start
 
 
 def read_torch_zip_restricted(path: Path) -> tuple[object, dict[str, int]]:

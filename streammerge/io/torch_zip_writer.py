@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streammerge.io.files import AtomicFile, start_writeback, write_error
+from streammerge.io.zip_check import LOCAL_HEADER, LOCAL_HEADER_SIGNATURE
 
 ALIGNMENT = 64
 ARCHIVE = "archive"  # torch.save names the top-level folder after the file; any name loads, this one is stable
@@ -33,7 +34,6 @@ ZIP64_LIMIT = MAX32  # sizes and offsets from here on need ZIP64 fields (tests l
 FORMAT_VERSION = b"1"
 RECORD_VERSION = b"3\n"
 
-LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # 30 bytes
 CENTRAL_HEADER = struct.Struct("<IHHHHHHIIIHHHHHII")  # 46 bytes
 DESCRIPTOR32 = struct.Struct("<IIII")
 DESCRIPTOR64 = struct.Struct("<IIQQ")
@@ -98,7 +98,7 @@ class Record:
         pad = self.padding - 4
         extra = self.zip64_extra + struct.pack("<2sH", b"FB", pad) + b"Z" * pad
         # CRC and sizes are zero here: they follow the data in the descriptor (flag bit 3), as miniz writes them.
-        header = LOCAL_HEADER.pack(0x04034B50, 0, self.flags, 0, 0, DOS_DATE, 0, 0, 0, len(name), len(extra))
+        header = LOCAL_HEADER.pack(LOCAL_HEADER_SIGNATURE, 0, self.flags, 0, 0, DOS_DATE, 0, 0, 0, len(name), len(extra))
         return header + name + extra
 
     def descriptor(self) -> bytes:

@@ -17,9 +17,21 @@ from pathlib import Path
 from streammerge.errors import CheckpointError
 from streammerge.io.mapped import TensorInfo
 
-LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length
+LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # zip local file header, 30 bytes; the last two: name, extra lengths
+LOCAL_HEADER_SIGNATURE = 0x04034B50
 MAX_PICKLE = 256 * 1024**2  # the pickle record is read whole into memory; real ones are a few MB at most
 MAX_CENTRAL_DIRECTORY = 64 * 1024**2  # Python holds ~10x this as objects; real ones are well under 1 MB
+
+
+def local_data_start(f, header_offset: int) -> int | None:
+    """Where the data of the record whose local header is at `header_offset` starts; None if there is no
+    local header there."""
+    f.seek(header_offset)
+    raw = f.read(LOCAL_HEADER.size)
+    if len(raw) != LOCAL_HEADER.size or LOCAL_HEADER.unpack(raw)[0] != LOCAL_HEADER_SIGNATURE:
+        return None
+    *_, name_len, extra_len = LOCAL_HEADER.unpack(raw)
+    return header_offset + LOCAL_HEADER.size + name_len + extra_len
 
 
 def _corrupt(path: Path, what: str) -> CheckpointError:
@@ -61,12 +73,9 @@ def check_torch_zip(path: Path) -> dict[str, tuple[int, int]]:
                     f"{path}: record '{name}' is compressed, so its tensors cannot be memory-mapped. torch.save "
                     "never compresses; the file was re-zipped by another tool. Unzip and re-zip it with "
                     "`zip -0` (stored), or load and re-save it with torch.save.")
-            f.seek(record.header_offset)
-            local = f.read(LOCAL_HEADER.size)
-            if len(local) < LOCAL_HEADER.size or local[:4] != b"PK\x03\x04":
+            start = local_data_start(f, record.header_offset)
+            if start is None:
                 raise _corrupt(path, f"record '{name}' has no local header at offset {record.header_offset}")
-            _, name_len, extra_len = LOCAL_HEADER.unpack(local)
-            start = record.header_offset + LOCAL_HEADER.size + name_len + extra_len
             if start + record.file_size > size:
                 raise _corrupt(path, f"record '{name}' needs bytes {start}..{start + record.file_size} but the file "
                                      f"has {size}")
