@@ -1,6 +1,12 @@
 #!/usr/bin/env python3
-"""Benchmark: three XTTS-v2-shaped checkpoints (1.87 GB each, random weights) merged by streammerge, by the
-naive all-in-RAM approach, and by mergekit-pytorch when it is installed.
+"""Benchmark: every merge method on one or more sets of checkpoints, by streammerge at two RAM budgets, beside
+mergekit-pytorch when it is installed (and the naive all-in-RAM approach for linear). Sets (`--shapes`):
+- `xtts`: three XTTS-v2-shaped checkpoints (1.87 GB each, random weights); methods with a base merge model1 and
+  model2 onto model0;
+- `llama`, `llama-bf16`: a Llama-shaped base and three fine-tunes of it (1.34 GB each in float32, half that in
+  bfloat16); methods with a base merge the three fine-tunes onto it, the others merge the three fine-tunes.
+One table per set: each method's wall time at each budget, their ratio, its peak anonymous RSS, mergekit's time
+and the ratios to mergekit and to linear on the same set.
 
 Wall time is that of the whole command; peak anonymous RSS is sampled every 5 ms from /proc (the process and
 its children); GB/s is input bytes over wall time. "warm" runs read inputs from a warm page cache; "cold" runs
@@ -8,7 +14,8 @@ drop the page cache first (root only) and are compared with the time to read the
 output of the same size. Every run starts with no dirty data pending (sync), so no tool pays for the previous
 one's writeback.
 
-    python scripts/bench.py [--data bench-data] [--methods linear,ties,...] [--cold] [--mergekit PATH]
+    python scripts/bench.py [--data bench-data] [--shapes xtts,llama,llama-bf16|all] [--methods linear,ties,...|all]
+                            [--budgets 4GiB,256MiB] [--cold] [--mergekit PATH] [--repeat N]
 """
 
 from __future__ import annotations
@@ -114,22 +121,22 @@ def io_floor(inputs: list[Path], out_bytes: int, out_dir: Path) -> float:
     return elapsed
 
 
-def streammerge_config(method: str, models: list[Path], output: Path) -> dict:
+def streammerge_config(method: str, models: list[Path], output: Path, base: Path | None = None,
+                       max_ram: str = "256MiB") -> dict:
+    """The merge of `method` on a set: `models` without a `base` (XTTS) give their first as the base of the
+    methods that need one; with a `base` (Llama) those methods merge all of `models` onto it."""
     from streammerge.methods.registry import get_method
 
     declared = get_method(method)
     extra = declared.typical
-    base = None
     if declared.needs_base:
-        base, merged, weights = models[0], models[1:], [0.5, 0.5]
-    elif declared.max_models == 2:
-        merged, weights = models[:2], [0.6, 0.4]
-    elif declared.max_models == 1:
-        merged, weights = models[:1], [1.0]
+        base, merged = (base, models) if base is not None else (models[0], models[1:])
     else:
-        merged, weights = models, WEIGHTS
+        base = None
+        merged = models[:2] if declared.max_models == 2 else models[:1] if declared.max_models == 1 else models
+    weights = {1: [1.0], 2: [0.6, 0.4] if declared.max_models == 2 else [0.5, 0.5]}.get(len(merged), WEIGHTS)
     takes_weight = declared.param("weight") is not None
-    config = {"output": str(output), "method": method, "max_ram": "256MiB",
+    config = {"output": str(output), "method": method, "max_ram": max_ram,
               "models": [{"path": str(p), **({"weight": w} if takes_weight else {}), **extra.get("model", {})}
                          for p, w in zip(merged, weights)]}
     if base is not None:
@@ -139,10 +146,11 @@ def streammerge_config(method: str, models: list[Path], output: Path) -> dict:
     return config
 
 
-def mergekit_config(method: str, models: list[Path]) -> dict:
-    """The same merge as a mergekit YAML (slerp-style methods name their first model as the base)."""
-    config = streammerge_config(method, models, Path("unused"))
-    out = {"merge_method": method, "dtype": "float32",
+def mergekit_config(method: str, models: list[Path], base: Path | None = None, out_dtype: str = "float32") -> dict:
+    """The same merge as a mergekit YAML (slerp-style methods name their first model as the base); mergekit
+    computes in float32 and writes `out_dtype`, as streammerge does."""
+    config = streammerge_config(method, models, Path("unused"), base)
+    out = {"merge_method": method, "dtype": "float32", "out_dtype": out_dtype,
            "models": [{"model": m["path"], "parameters": {k: v for k, v in m.items() if k != "path"}}
                       for m in config["models"]]}
     if "base" in config:
@@ -153,6 +161,26 @@ def mergekit_config(method: str, models: list[Path]) -> dict:
     if "parameters" in config:
         out["parameters"] = config["parameters"]
     return out
+
+
+SHAPES = ("xtts", "llama", "llama-bf16")
+
+
+def bench_set(shape: str, root: Path) -> tuple[list[Path], Path | None, str]:
+    """(models, base, output dtype) of a set, generated on first use."""
+    data = root / shape
+    if shape == "xtts":
+        models = [data / f"model{i}.safetensors" for i in range(3)]
+        if not all(p.exists() for p in models):
+            print(f"generating three XTTS-v2-shaped checkpoints in {data} (5.6 GB, once)...", file=sys.stderr)
+            synth.write_models(data, 3, "safetensors", shrink=1)
+        return models, None, "float32"
+    dtype = "bfloat16" if shape.endswith("bf16") else "float32"
+    paths = [data / f"model{i}.safetensors" for i in range(4)]
+    if not all(p.exists() for p in paths):
+        print(f"generating a Llama-shaped base and three fine-tunes in {data} (once)...", file=sys.stderr)
+        synth.write_llama(data, 4, getattr(__import__("torch"), dtype))
+    return paths[1:], paths[0], dtype
 
 
 def find_mergekit(explicit: str | None) -> str | None:
@@ -166,8 +194,10 @@ def find_mergekit(explicit: str | None) -> str | None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT / "bench-data")
+    parser.add_argument("--shapes", default="xtts", help=f"comma-separated sets ({', '.join(SHAPES)}), or 'all'")
     parser.add_argument("--methods", default="linear", help="comma-separated methods, or 'all'")
-    parser.add_argument("--cold", action="store_true", help="also run streammerge with a cold page cache (root)")
+    parser.add_argument("--budgets", default="4GiB,256MiB", help="streammerge's --max-ram for each row")
+    parser.add_argument("--cold", action="store_true", help="also run linear with a cold page cache (root)")
     parser.add_argument("--no-naive", action="store_true", help="skip the all-in-RAM approach")
     parser.add_argument("--mergekit", help="path to mergekit-pytorch (default: .venv-mergekit, then PATH)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per row; the fastest is reported")
@@ -176,20 +206,21 @@ def main(argv=None) -> int:
     from streammerge.methods.registry import methods as registered
 
     METHODS = {m.name: m for m in registered()}
-
-    data = args.data / "xtts"
-    models = [data / f"model{i}.safetensors" for i in range(3)]
-    if not all(p.exists() for p in models):
-        print(f"generating three XTTS-v2-shaped checkpoints in {data} (5.6 GB, once)...", file=sys.stderr)
-        synth.write_models(data, 3, "safetensors", shrink=1)
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    if "linear" in methods:  # first: the other methods are compared with it
+        methods.remove("linear")
+        methods.insert(0, "linear")
+    shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
+    budgets = args.budgets.split(",")
     mergekit = find_mergekit(args.mergekit)
     streammerge = [sys.executable, "-m", "streammerge"]
     rows = []
+    args.data.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.data, prefix="run-") as tmp:
         tmp = Path(tmp)
 
-        def run(tool: str, method: str, cache: str, command: list[str], inputs: list[Path], output: Path):
+        def run(shape: str, tool: str, method: str, cache: str, command: list[str], inputs: list[Path],
+                output: Path, budget: str = "-"):
             best = None
             for _ in range(args.repeat):
                 if cache == "cold":
@@ -201,52 +232,88 @@ def main(argv=None) -> int:
                 except RuntimeError as exc:
                     print(f"{tool} {method}: {exc}", file=sys.stderr)
                     return
+                finally:
+                    if output.is_dir():
+                        shutil.rmtree(output)
+                    elif output.exists():
+                        output.unlink()
                 best = result if best is None or result["wall_s"] < best["wall_s"] else best
             size = sum(p.stat().st_size for p in inputs)
-            rows.append({"tool": tool, "method": method, "cache": cache, **best, "gb_per_s": size / 1e9 / best["wall_s"]})
-            print(f"{tool:12s} {method:16s} {cache:5s} {best['wall_s']:7.1f} s {best['peak_anon_mib']:8.0f} MiB",
-                  file=sys.stderr)
-            if output.is_dir():
-                shutil.rmtree(output)
-            elif output.exists():
-                output.unlink()
+            rows.append({"shape": shape, "tool": tool, "method": method, "budget": budget, "cache": cache, **best,
+                         "gb_per_s": size / 1e9 / best["wall_s"]})
+            print(f"{shape:10s} {tool:12s} {method:16s} {budget:7s} {cache:5s} {best['wall_s']:7.1f} s "
+                  f"{best['peak_anon_mib']:8.0f} MiB", file=sys.stderr)
 
-        for method in methods:
-            if method not in METHODS:
-                print(f"skipping {method}: not a streammerge method", file=sys.stderr)
-                continue
-            config = streammerge_config(method, models, tmp / "out.safetensors")
-            inputs = [Path(m["path"]) for m in config["models"]] + ([Path(config["base"])] if "base" in config else [])
-            (tmp / "sm.yaml").write_text(yaml.safe_dump(config))
-            run("streammerge", method, "warm", [*streammerge, "merge", str(tmp / "sm.yaml"), "--quiet"], inputs,
-                tmp / "out.safetensors")
-            if args.cold and method == "linear":
-                run("streammerge", method, "cold", [*streammerge, "merge", str(tmp / "sm.yaml"), "--quiet"], inputs,
-                    tmp / "out.safetensors")
-                floor = io_floor(inputs, models[0].stat().st_size, tmp)
-                rows.append({"tool": "read+write floor", "method": "-", "cache": "cold", "wall_s": floor,
-                             "peak_anon_mib": 0.0, "gb_per_s": sum(p.stat().st_size for p in inputs) / 1e9 / floor})
-            if mergekit and METHODS[method].in_mergekit:
-                (tmp / "mk.yaml").write_text(yaml.safe_dump(mergekit_config(method, models)))
-                run("mergekit", method, "warm", [mergekit, str(tmp / "mk.yaml"), str(tmp / "mk-out"), "--quiet"],
-                    inputs, tmp / "mk-out")
-            if method == "linear" and not args.no_naive:
-                run("naive", method, "warm", [sys.executable, str(ROOT / "scripts/naive_merge.py"),
-                                              str(tmp / "naive.safetensors"),
-                                              *(f"{p}:{w}" for p, w in zip(models, WEIGHTS))],
-                    models, tmp / "naive.safetensors")
-    lines = ["| tool | method | page cache | wall time (s) | peak anon RSS (MiB) | GB/s (input) |",
-             "|---|---|---|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['tool']} | {r['method']} | {r['cache']} | {r['wall_s']:.1f} | "
-                     f"{r['peak_anon_mib']:.0f} | {r['gb_per_s']:.2f} |")
-    table = "\n".join(lines)
-    print(table)
-    (args.data / "results.md").write_text(table + "\n")
+        for shape in shapes:
+            models, base, out_dtype = bench_set(shape, args.data)
+            for method in methods:
+                if method not in METHODS:
+                    print(f"skipping {method}: not a streammerge method", file=sys.stderr)
+                    continue
+                out = tmp / "out.safetensors"
+                for budget in budgets:
+                    config = streammerge_config(method, models, out, base, budget)
+                    inputs = [Path(m["path"]) for m in config["models"]] + (
+                        [Path(config["base"])] if "base" in config else [])
+                    (tmp / "sm.yaml").write_text(yaml.safe_dump(config))
+                    command = [*streammerge, "merge", str(tmp / "sm.yaml"), "--quiet"]
+                    run(shape, "streammerge", method, "warm", command, inputs, out, budget)
+                    if args.cold and method == "linear" and budget == budgets[-1]:
+                        run(shape, "streammerge", method, "cold", command, inputs, out, budget)
+                        floor = io_floor(inputs, inputs[0].stat().st_size, tmp)
+                        rows.append({"shape": shape, "tool": "read+write floor", "method": "-", "budget": "-",
+                                     "cache": "cold", "wall_s": floor, "peak_anon_mib": 0.0,
+                                     "gb_per_s": sum(p.stat().st_size for p in inputs) / 1e9 / floor})
+                if mergekit and METHODS[method].in_mergekit:
+                    (tmp / "mk.yaml").write_text(yaml.safe_dump(mergekit_config(method, models, base, out_dtype)))
+                    run(shape, "mergekit", method, "warm", [mergekit, str(tmp / "mk.yaml"), str(tmp / "mk-out"),
+                                                            "--quiet"], inputs, tmp / "mk-out")
+                if method == "linear" and not args.no_naive and shape == "xtts":
+                    run(shape, "naive", method, "warm", [sys.executable, str(ROOT / "scripts/naive_merge.py"),
+                                                         str(tmp / "naive.safetensors"),
+                                                         *(f"{p}:{w}" for p, w in zip(models, WEIGHTS))],
+                        models, tmp / "naive.safetensors")
+    text = tables(rows, budgets)
+    print(text)
+    (args.data / "results.md").write_text(text + "\n")
     (args.data / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     if not mergekit:
         print("\n(mergekit-pytorch not found: `make mergekit` installs it into .venv-mergekit)", file=sys.stderr)
     return 0
+
+
+def tables(rows: list[dict], budgets: list[str]) -> str:
+    """One markdown table per set: a row per method, streammerge at each budget beside mergekit."""
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        mine = [r for r in rows if r["shape"] == shape]
+        find = (lambda tool, method, budget="-", cache="warm": next(
+            (r for r in mine if (r["tool"], r["method"], r["budget"], r["cache"]) == (tool, method, budget, cache)),
+            None))
+        linear = find("streammerge", "linear", budgets[0])
+        head = (["method"] + [f"streammerge {b} (s)" for b in budgets] + ["peak anon RSS (MiB)"]
+                + ([f"{budgets[-1]} / {budgets[0]}"] if len(budgets) > 1 else [])
+                + ["mergekit (s)", f"streammerge {budgets[0]} / mergekit", f"/ linear {budgets[0]}"])
+        lines = [f"**{shape}**", "", "| " + " | ".join(head) + " |",
+                 "|---|" + "---:|" * (len(head) - 1)]
+        for method in dict.fromkeys(r["method"] for r in mine if r["tool"] == "streammerge"):
+            runs = [find("streammerge", method, b) for b in budgets]
+            mk = find("mergekit", method)
+            first = runs[0]
+            cells = [f"`{method}`"] + [f"{r['wall_s']:.1f}" if r else "-" for r in runs]
+            cells.append(" / ".join(f"{r['peak_anon_mib']:.0f}" for r in runs if r))
+            if len(budgets) > 1:
+                cells.append(f"{runs[-1]['wall_s'] / first['wall_s']:.2f}" if first and runs[-1] else "-")
+            cells.append(f"{mk['wall_s']:.1f}" if mk else "-")
+            cells.append(f"{first['wall_s'] / mk['wall_s']:.2f}" if first and mk else "-")
+            cells.append(f"{first['wall_s'] / linear['wall_s']:.2f}" if first and linear else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        others = [r for r in mine if r["tool"] not in ("streammerge", "mergekit") or r["cache"] == "cold"]
+        for r in others:
+            lines.append(f"| {r['tool']} {r['method']} ({r['cache']}) | {r['wall_s']:.1f} s, "
+                         f"{r['peak_anon_mib']:.0f} MiB, {r['gb_per_s']:.2f} GB/s |" + " |" * (len(head) - 2))
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
 
 XTTS-v2-shaped state dicts (every name, shape and dtype of the real `model` state dict, random weights),
 optionally shrunk so tests stay small, written as safetensors (streamed, low RAM), plain torch files or
-Coqui-trainer-style containers.
+Coqui-trainer-style containers; and Llama-shaped models (hidden 2048, 16 layers, grouped-query attention,
+1.34 GB in float32), model 0 a base and the others fine-tunes of it (small random deltas), as task-vector
+methods expect.
 
     python scripts/synth.py xtts OUT_DIR [--count 3] [--shrink 1] [--format safetensors|pth|trainer]
+    python scripts/synth.py llama OUT_DIR [--count 4] [--dtype float32|bfloat16]
     python scripts/synth.py demo OUT_DIR
 """
 
@@ -53,16 +56,48 @@ def state_dict(seed: int, shrink: int = 1, dtype: torch.dtype | None = None) -> 
     return out
 
 
-def write_safetensors(path: Path, seed: int, shrink: int = 1) -> None:
-    """Stream a synthetic XTTS-shaped safetensors file, one tensor in memory at a time."""
+LLAMA = {"vocab": 16384, "hidden": 2048, "layers": 16, "intermediate": 1536, "kv": 256}
+FINETUNE_SCALE = 0.1  # a fine-tune's delta is this fraction of the base's weights, in standard deviation
+
+
+def llama_entries(dtype: torch.dtype = torch.float32, vocab: int = LLAMA["vocab"], hidden: int = LLAMA["hidden"],
+                  layers: int = LLAMA["layers"], intermediate: int = LLAMA["intermediate"],
+                  kv: int = LLAMA["kv"]) -> list[tuple[str, tuple, torch.dtype]]:
+    """(name, shape, dtype) of a Llama-architecture state dict (tied embeddings)."""
+    entries = [("model.embed_tokens.weight", (vocab, hidden), dtype)]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        entries += [(p + "input_layernorm.weight", (hidden,), dtype),
+                    (p + "self_attn.q_proj.weight", (hidden, hidden), dtype),
+                    (p + "self_attn.k_proj.weight", (kv, hidden), dtype),
+                    (p + "self_attn.v_proj.weight", (kv, hidden), dtype),
+                    (p + "self_attn.o_proj.weight", (hidden, hidden), dtype),
+                    (p + "post_attention_layernorm.weight", (hidden,), dtype),
+                    (p + "mlp.gate_proj.weight", (intermediate, hidden), dtype),
+                    (p + "mlp.up_proj.weight", (intermediate, hidden), dtype),
+                    (p + "mlp.down_proj.weight", (hidden, intermediate), dtype)]
+    return entries + [("model.norm.weight", (hidden,), dtype)]
+
+
+def finetuned_tensor(name: str, shape: tuple, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Seed 0 is the base; seed i > 0 is the base plus a small random delta (a fine-tune of it)."""
+    base = random_tensor(name, shape, torch.float32, 0)
+    if seed:
+        base += random_tensor(name, shape, torch.float32, seed) * FINETUNE_SCALE
+    return base.to(dtype)
+
+
+def write_safetensors(path: Path, seed: int, shrink: int = 1, entries=None, make=random_tensor) -> None:
+    """Stream a synthetic safetensors file (XTTS-shaped unless `entries` are given), one tensor in memory at a
+    time; `make(name, shape, dtype, seed)` gives each tensor."""
     from streammerge.io.safetensors_io import SafetensorsWriter
 
-    entries = xtts_entries(shrink)
+    entries = entries if entries is not None else xtts_entries(shrink)
     writer = SafetensorsWriter(path, [(n, d, s) for n, s, d in entries], {"format": "pt"})
     writer.open()
     try:
         for name, shape, dtype in entries:
-            writer.write(name, 0, random_tensor(name, shape, dtype, seed).reshape(-1))
+            writer.write(name, 0, make(name, shape, dtype, seed).reshape(-1))
         writer.commit()
     except BaseException:
         writer.abort()
@@ -104,6 +139,17 @@ def write_models(out_dir: Path, count: int, fmt: str, shrink: int, first_seed: i
     return paths
 
 
+def write_llama(out_dir: Path, count: int, dtype: torch.dtype = torch.float32) -> list[Path]:
+    """model0 (the base) .. model{count-1} (fine-tunes of it), Llama-shaped, as safetensors."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = out_dir / f"model{i}.safetensors"
+        write_safetensors(path, seed=i, entries=llama_entries(dtype), make=finetuned_tensor)
+        paths.append(path)
+    return paths
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -112,11 +158,17 @@ def main(argv=None) -> int:
     x.add_argument("--count", type=int, default=3)
     x.add_argument("--shrink", type=int, default=1, help="divide dimensions by this (1 = real size, 1.87 GB)")
     x.add_argument("--format", choices=["safetensors", "pth", "trainer"], default="safetensors")
+    ll = sub.add_parser("llama", help="a Llama-shaped base and fine-tunes of it")
+    ll.add_argument("out_dir", type=Path)
+    ll.add_argument("--count", type=int, default=4)
+    ll.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     d = sub.add_parser("demo", help="the small demo set that `make merge` uses")
     d.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)
     if args.what == "xtts":
         paths = write_models(args.out_dir, args.count, args.format, args.shrink)
+    elif args.what == "llama":
+        paths = write_llama(args.out_dir, args.count, getattr(torch, args.dtype))
     else:
         paths = write_models(args.out_dir, 2, "safetensors", shrink=16)
         paths += write_models(args.out_dir, 1, "trainer", shrink=16, first_seed=2)

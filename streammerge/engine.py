@@ -218,7 +218,7 @@ class Engine:
     `__metadata__` (convert keeps the source's)."""
 
     def __init__(self, prepared: Prepared, quiet: bool = False, allow_nonfinite: bool | None = None,
-                 resume: bool = False, metadata: dict[str, str] | None = None):
+                 resume: bool = False, metadata: dict[str, str] | None = None, stats_in_memory: bool = True):
         self.prepared = prepared
         self.resume = resume
         self.config = prepared.config
@@ -228,6 +228,9 @@ class Engine:
         self.nonfinite: list[str] = []
         self.show_progress = not quiet and sys.stderr.isatty()
         self.spec = build_output_spec(prepared, metadata)
+        # A tensor that fits in one chunk gets its statistics from the chunk already read (the same computation
+        # on the same values as the streamed passes, so the same result); False streams every pass (tests).
+        self.stats_in_memory = stats_in_memory
 
     # -- checks before any output exists ------------------------------------------------------------------
     def verify_non_float(self, plan: Plan) -> None:
@@ -308,6 +311,12 @@ class Engine:
             return
         stats = None
         passes = self.method.passes_for(task.params, task.model_params, self.config.dtype, task.numel)
+        if passes and self.stats_in_memory and task.numel <= self.chunk:
+            stats = self.method.init_stats(task.numel, len(task.sources))
+            self._stream(task, inputs, ws, output, progress, guard,
+                         lambda s, e: self._observe_and_merge(self._context(task, ws, s, e), stats, passes),
+                         was_cached)
+            return
         if passes:
             stats = self.method.init_stats(task.numel, len(task.sources))
             for pass_index in range(passes):
@@ -320,6 +329,14 @@ class Engine:
                     self.method.finish_pass(stats, pass_index)
         self._stream(task, inputs, ws, output, progress, guard,
                      lambda s, e: self.method.merge(self._context(task, ws, s, e), stats), was_cached)
+
+    def _observe_and_merge(self, ctx: ChunkContext, stats, passes: int) -> torch.Tensor:
+        """Every statistics pass, then the merge, on one chunk holding the whole tensor: one read."""
+        for pass_index in range(passes):
+            self.method.observe(stats, pass_index, ctx)
+            if self.method.finish_pass is not None:
+                self.method.finish_pass(stats, pass_index)
+        return self.method.merge(ctx, stats)
 
     def _stream(self, task, inputs: list[TensorInfo], ws, output, progress, guard, produce, was_cached) -> None:
         for start, stop in _chunks(task.numel, self.chunk):

@@ -18,8 +18,10 @@ def write_models(tmp: Path, models: list[dict], base: dict | None = None) -> tup
 
 
 def run_merge(tmp: Path, method: str, models: list[dict], base: dict | None = None, model_params=None,
-              chunk: int | None = None, output: str = "out.safetensors", **top) -> dict:
-    """Merge with `method`; model_params: one dict per model; top: other config keys (parameters, rules...)."""
+              chunk: int | None = None, output: str = "out.safetensors", engine_options: dict | None = None,
+              **top) -> dict:
+    """Merge with `method`; model_params: one dict per model; top: other config keys (parameters, rules...);
+    engine_options: Engine keyword arguments."""
     tmp.mkdir(parents=True, exist_ok=True)
     paths, base_path = write_models(tmp, models, base)
     model_params = model_params or [{} for _ in models]
@@ -27,5 +29,5 @@ def run_merge(tmp: Path, method: str, models: list[dict], base: dict | None = No
               "output": str(tmp / output), **top}
     if base_path is not None:
         config["base"] = str(base_path)
-    merge_in_process(config, chunk=chunk)
+    merge_in_process(config, chunk=chunk, **(engine_options or {}))
     return load_file(tmp / output)

@@ -420,11 +420,30 @@ def test_results_do_not_depend_on_chunk_size(tmp_path, big_set, method, mp, top)
     base, models = big_set
     n_models = 2 if method in ("slerp", "nuslerp") else 3
     uses_base = method not in ("slerp", "linear")
-    runs = [run_merge(tmp_path / str(chunk), method, models[:n_models], base if uses_base else None, mp,
-                      chunk=chunk, **top)
-            for chunk in (GRID, 64 * GRID)]  # 47 chunks against one
+    # 47 chunks; one chunk with the statistics from the chunk already read; one chunk with streamed passes
+    runs = [run_merge(tmp_path / f"{chunk}-{in_memory}", method, models[:n_models], base if uses_base else None, mp,
+                      chunk=chunk, engine_options={"stats_in_memory": in_memory}, **top)
+            for chunk, in_memory in ((GRID, True), (64 * GRID, True), (64 * GRID, False))]
     assert torch.equal(runs[0]["big"], runs[1]["big"])
+    assert torch.equal(runs[1]["big"], runs[2]["big"])
     assert not torch.equal(runs[0]["big"], base["big"])
+
+
+def test_statistics_of_a_tensor_that_fits_take_one_read(tmp_path, big_set, monkeypatch):
+    """The in-memory path is the one taken when the tensor fits (and only then): its inputs are read once."""
+    from streammerge.engine import Engine
+    base, models = big_set
+    reads = []
+    original = Engine._context
+    monkeypatch.setattr(Engine, "_context", lambda self, task, ws, s, e: reads.append((s, e)) or original(
+        self, task, ws, s, e))
+    mp = [{"density": 0.3}] * 2
+    run_merge(tmp_path / "fits", "ties", models[:2], base, mp, chunk=64 * GRID)
+    assert reads == [(0, base["big"].numel())]
+    reads.clear()
+    run_merge(tmp_path / "streamed", "ties", models[:2], base, mp, chunk=64 * GRID,
+              engine_options={"stats_in_memory": False})
+    assert len(reads) == 3  # two radix-selection passes and the merge pass
 
 
 def test_chunks_are_aligned_to_the_grid():

@@ -4,11 +4,12 @@ and the seeded uniform draws (`Uniform`), on random data with many ties, fed in 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from streammerge.methods.method import GRID
-from streammerge.methods.streaming import Groups, GroupSums, RankSelect, TieGate, Uniform, block_seed
+from streammerge.methods.streaming import Groups, GroupSums, RankSelect, TieGate, Uniform, stream_key
 
 
 def tied_magnitudes(n: int, seed: int, dtype=torch.float32, distinct: int = 50) -> torch.Tensor:
@@ -135,17 +136,16 @@ def test_groups_expand_is_the_inverse_view(kind):
 
 
 def reference_uniform(seed: int, name: str, stream: int, start: int, stop: int) -> torch.Tensor:
-    """The documented draws: block b of the grid is torch.rand(GRID) from a generator seeded by
-    block_seed(seed, name, stream, b)."""
-    blocks = []
-    for block in range(start // GRID, (stop - 1) // GRID + 1):
-        generator = torch.Generator().manual_seed(block_seed(seed, name, stream, block))
-        blocks.append(torch.rand(GRID, generator=generator))
-    return torch.cat(blocks)[start - start // GRID * GRID:stop - start // GRID * GRID]
+    """The documented draws from the raw Philox4x64 stream (whose outputs numpy keeps stable across versions):
+    element i is the i-th 32-bit word u (each 64-bit output gives its low half, then its high half) as
+    (u >> 8) / 2**24."""
+    raw = np.random.Philox(key=stream_key(seed, name, stream)).random_raw((stop + 1) // 2)
+    words = np.stack([raw & 0xFFFFFFFF, raw >> 32], axis=1).reshape(-1)[start:stop]
+    return torch.from_numpy((words >> 8).astype(np.float32) * np.float32(2.0**-24))
 
 
 @pytest.mark.parametrize("start, stop", [(0, GRID), (0, 3 * GRID + 5), (GRID - 3, GRID + 4), (5 * GRID + 7, 7 * GRID),
-                                         (12, 13)])
+                                         (12, 13), (3, 9), (8, 16)])
 def test_uniform_draws_match_reference_and_any_split(start, stop):
     uniform = Uniform(7, "layer.weight", 2)
     whole = uniform.fill(start, torch.empty(stop - start))
@@ -155,6 +155,13 @@ def test_uniform_draws_match_reference_and_any_split(start, stop):
                        Uniform(7, "layer.weight", 2).fill(middle, torch.empty(stop - middle))])
     assert torch.equal(whole, parts)
     assert float(whole.min()) >= 0 and float(whole.max()) < 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_uniform_into_other_dtypes_converts_the_same_draws(dtype):
+    start, stop = GRID - 5, 3 * (1 << 20) + 11  # several conversion batches
+    expected = reference_uniform(1, "w", 0, start, stop).to(dtype)
+    assert torch.equal(Uniform(1, "w", 0).fill(start, torch.empty(stop - start, dtype=dtype)), expected)
 
 
 def test_uniform_streams_differ():

@@ -3,7 +3,8 @@
 Everything here is computed per block of a fixed grid (`GRID` elements, aligned to the start of the tensor)
 and combined in block order, so results depend on the data alone, never on where chunks begin and end:
 - `GroupSums`: float64 sums of per-element quantities over the whole tensor, its rows or its columns;
-- `uniform`: uniform random numbers drawn per block from a generator seeded by (seed, tensor, stream, block);
+- `Uniform`: uniform random numbers from a counter-based generator (Philox) keyed by (seed, tensor, stream),
+  element i taking the stream's i-th number;
 - `RankSelect`: exact order statistics of magnitudes by radix selection over their bit patterns, a histogram of
   16 bits per pass (2 passes for float32, 4 for float64), instead of sorting the whole tensor;
 - `TieGate`: which of the elements equal to a selected value are kept, by their order of appearance.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 
+import numpy as np
 import torch
 
 from streammerge.methods.method import GRID
@@ -107,49 +109,108 @@ class Groups:
         return out
 
 
+SUM_BATCH = 8  # grid blocks summed per call (their float64 temporaries take 8 bytes per element / 2)
+
+
+def pairwise_sums(values: torch.Tensor) -> torch.Tensor:
+    """Float64 sums along dimension 1 of a [k, m, p] view (m a power of two) by a fixed pairwise tree of
+    element-wise additions: the same bits whatever k, the thread count or the machine (torch's own reductions
+    split work between threads differently as those change)."""
+    half = values.shape[1] // 2
+    if half == 0:
+        return values[:, 0].to(torch.float64)
+    acc = values[:, :half].to(torch.float64, copy=True)
+    acc += values[:, half:]
+    while acc.shape[1] > 1:
+        half = acc.shape[1] // 2
+        acc = acc[:, :half].add_(acc[:, half:])
+    return acc[:, 0]
+
+
 class GroupSums:
-    """Float64 sums of several per-element quantities over the groups of a tensor, accumulated per grid block in
-    index order (so the sums are the same whatever the chunking)."""
+    """Float64 sums of several per-element quantities over the groups of a tensor. Each grid block is summed on
+    its own (`pairwise_sums`) and the block sums are added in block order, so the sums depend on the data alone,
+    never on the chunking. A chunk's blocks are summed a few at a time in one call where the groups allow (the
+    whole tensor; rows or column periods that divide the grid), else block by block."""
 
     def __init__(self, groups: Groups, quantities: int):
         self.groups = groups
         self.sums = torch.zeros(quantities, groups.count, dtype=torch.float64)
+        self._padded: torch.Tensor | None = None
 
     def add(self, quantity: int, offset: int, values: torch.Tensor) -> None:
-        for a, b in grid_blocks(offset, values.numel()):
-            self.groups.accumulate(self.sums[quantity], offset + a, values[a:b])
+        if offset % GRID:
+            raise RuntimeError(f"chunk offset {offset} is not on the {GRID}-element grid")
+        groups, sums = self.groups, self.sums[quantity]
+        p = groups.period
+        if groups.kind == "tensor" or GRID % p == 0:
+            for a in range(0, values.numel(), SUM_BATCH * GRID):
+                self._add_blocks(sums, offset + a, values[a:a + SUM_BATCH * GRID])
+        else:
+            for a, b in grid_blocks(offset, values.numel()):
+                groups.accumulate(sums, offset + a, values[a:b])
+
+    def _add_blocks(self, sums: torch.Tensor, offset: int, values: torch.Tensor) -> None:
+        """Whole grid blocks; a last, shorter block (the end of the tensor) counts as padded with zeros."""
+        n = values.numel()
+        if n % GRID:
+            if self._padded is None:
+                self._padded = torch.zeros(GRID, dtype=values.dtype)
+            whole = n // GRID * GRID
+            if whole:
+                self._add_blocks(sums, offset, values[:whole])
+            tail = self._padded[:GRID].zero_()
+            tail[:n - whole].copy_(values[whole:])
+            return self._add_blocks(sums, offset + whole, tail)
+        kind, p = self.groups.kind, self.groups.period
+        if kind == "tensor":
+            total = sums[0].item()
+            for block_sum in pairwise_sums(values.view(-1, GRID, 1)).flatten().tolist():
+                total += block_sum
+            sums[0] = total
+        elif kind == "rows":  # rows divide the grid: each row lies in one block
+            first, count = offset // p, min(n, self.groups.count * p - offset) // p
+            sums[first:first + count] += pairwise_sums(values[:count * p].view(-1, p, 1)).flatten()
+        else:  # column periods divide the grid: each block adds to every column, in block order
+            per_block = pairwise_sums(values.view(-1, GRID // p, p))
+            sums.copy_(torch.cat([sums[None], per_block]).cumsum(0)[-1])
 
 
 # -- randomness ----------------------------------------------------------------------------------------------
-def block_seed(seed: int, name: str, stream: int, block: int) -> int:
-    digest = hashlib.blake2b(f"{seed}\0{name}\0{stream}\0{block}".encode(), digest_size=8).digest()
+PHILOX_WORDS = 8  # 32-bit outputs per step of the Philox4x64 counter (four 64-bit words, low half first)
+DRAW_BATCH = 1 << 20  # draws converted at a time when the output is not float32
+
+
+def stream_key(seed: int, name: str, stream: int) -> int:
+    """The 128-bit Philox key of one random stream: (seed, tensor name, stream) hashed."""
+    digest = hashlib.blake2b(f"{seed}\0{name}\0{stream}".encode(), digest_size=16).digest()
     return int.from_bytes(digest, "little")
 
 
 class Uniform:
-    """U[0, 1) float32 numbers for any element range of a tensor: each grid block has its own generator seeded by
-    (seed, tensor name, stream, block index), so a number depends on its element alone."""
+    """U[0, 1) float32 numbers for any element range of a tensor, counter-based: element i gets the i-th 32-bit
+    output u of the Philox4x64 stream keyed by `stream_key(seed, name, stream)` (numpy's `Philox`), as
+    (u >> 8) / 2**24. A number depends on its element alone (so on no chunking), and a chunk's numbers come from
+    one generator call started at its first element's counter."""
 
     def __init__(self, seed: int, name: str, stream: int):
-        self.seed, self.name, self.stream = seed, name, stream
-        self._block = torch.empty(GRID, dtype=torch.float32)
-        self._cached = -1
+        self.key = stream_key(seed, name, stream)
 
-    def _fill(self, block: int) -> torch.Tensor:
-        if block != self._cached:
-            generator = torch.Generator().manual_seed(block_seed(self.seed, self.name, self.stream, block))
-            torch.rand(GRID, generator=generator, out=self._block)
-            self._cached = block
-        return self._block
+    def _generator(self, start: int) -> np.random.Generator:
+        generator = np.random.Generator(np.random.Philox(key=self.key, counter=start // PHILOX_WORDS))
+        generator.random(start % PHILOX_WORDS, dtype=np.float32)  # one output each: now at element `start`
+        return generator
 
     def fill(self, start: int, out: torch.Tensor) -> torch.Tensor:
-        stop = start + out.numel()
-        position = start
-        while position < stop:
-            block = position // GRID
-            end = min(stop, (block + 1) * GRID)
-            out[position - start:end - start].copy_(self._fill(block)[position - block * GRID:end - block * GRID])
-            position = end
+        generator = self._generator(start)
+        if out.dtype == torch.float32 and out.is_contiguous():
+            generator.random(dtype=np.float32, out=out.numpy())
+            return out
+        batch = np.empty(min(DRAW_BATCH, out.numel()), dtype=np.float32)
+        for a in range(0, out.numel(), DRAW_BATCH):
+            part = out[a:a + DRAW_BATCH]
+            generator.random(dtype=np.float32, out=batch[:part.numel()])
+            part.copy_(torch.from_numpy(batch[:part.numel()]))
         return out
 
 
