@@ -33,7 +33,7 @@ import synth  # noqa: E402
 WEIGHTS = [0.5, 0.3, 0.2]
 MIB = 1024**2
 # Each method runs on the three models as its declaration says: methods that need a base merge model1 and
-# model2 onto model0; two-model methods take model0 and model1; with the parameters of its `typical` use.
+# model2 (only model1 if they take one) onto model0; two-model methods take model0 and model1; with the parameters of its `typical` use.
 
 
 def anon_rss_tree(pid: int) -> int:
@@ -121,7 +121,7 @@ def streammerge_config(method: str, models: list[Path], output: Path) -> dict:
     extra = declared.typical
     base = None
     if declared.needs_base:
-        base, merged, weights = models[0], models[1:], [0.5, 0.5]
+        base, merged, weights = models[0], models[1:1 + (declared.max_models or 2)], [0.5, 0.5]
     elif declared.max_models == 2:
         merged, weights = models[:2], [0.6, 0.4]
     elif declared.max_models == 1:

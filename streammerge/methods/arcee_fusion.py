@@ -139,8 +139,8 @@ def arcee_fusion(ctx: ChunkContext, stats: FusionStats) -> torch.Tensor:
 
 ARCEE_FUSION = Method(
     name="arcee_fusion",
-    help="Arcee Fusion: take the model's values where |model - base| times the row's softmax KL divergence is "
-         "an upper outlier (above median + 1.5 IQR)",
+    help="Arcee Fusion: take the model's values where their distance to the base times the row's softmax KL "
+         "divergence is an upper outlier (above median + 1.5 IQR)",
     merge=arcee_fusion,
     needs_base=True, stat_passes=fusion_passes, init_stats=FusionStats, observe=fusion_observe,
     finish_pass=fusion_finish, buffers=3, min_models=1, max_models=1,

@@ -34,7 +34,8 @@ def _check(params: dict, model_params: list[dict]) -> str | None:
 
 NEARSWAP = Method(
     name="nearswap",
-    help="per element: the model's value where |model - base| <= t, else base moved towards it by t/|diff|",
+    help="per element: the model's value where it is within t of the base, else the base moved towards it by "
+         "t / distance",
     merge=nearswap,
     params=(Param("t", None, "distance to the base below which the model's value is taken (required)",
                   check=lambda v: None if v >= 0 else "must be 0 or more"),),
