@@ -40,7 +40,7 @@ import synth  # noqa: E402
 WEIGHTS = [0.5, 0.3, 0.2]
 MIB = 1024**2
 # Each method runs on the three models as its declaration says: methods that need a base merge model1 and
-# model2 onto model0; two-model methods take model0 and model1; with the parameters of its `typical` use.
+# model2 (only model1 if they take one) onto model0; two-model methods take model0 and model1; with the parameters of its `typical` use.
 
 
 def anon_rss_tree(pid: int) -> int:
@@ -131,6 +131,7 @@ def streammerge_config(method: str, models: list[Path], output: Path, base: Path
     extra = declared.typical
     if declared.needs_base:
         base, merged = (base, models) if base is not None else (models[0], models[1:])
+        merged = merged[:declared.max_models] if declared.max_models else merged
     else:
         base = None
         merged = models[:2] if declared.max_models == 2 else models[:1] if declared.max_models == 1 else models

@@ -106,6 +106,23 @@ def configs(paths: dict[str, Path]) -> dict[str, dict]:
                         "models": [{"model": a}, {"model": b}, {"model": c}]},
         "nuslerp": {"merge_method": "nuslerp", "base_model": base, "dtype": "float32", "models": [
             {"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 2.0}}]},
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": base, "dtype": "float32",
+                         "models": [{"model": base}, {"model": a}]},
+        "sce": {"merge_method": "sce", "base_model": base, "dtype": "float32",
+                "parameters": {"select_topk": [{"filter": "mlp", "value": 0.3}, {"value": [0.5, 1.0]}]},
+                "models": [{"model": a}, {"model": b}, {"model": c}]},
+        "karcher": {"merge_method": "karcher", "dtype": "float32", "parameters": {"max_iter": 10},
+                    "models": [{"model": a}, {"model": b}, {"model": c}]},
+        "multislerp": {"merge_method": "multislerp", "base_model": base, "dtype": "float32", "models": [
+            {"model": a, "parameters": {"weight": 0.5}}, {"model": b, "parameters": {"weight": [0.2, 0.8]}},
+            {"model": c, "parameters": {"weight": 0.3}}]},
+        "nearswap": {"merge_method": "nearswap", "base_model": base, "dtype": "float32",
+                     "parameters": {"t": [0.002, 0.006]}, "models": [{"model": base}, {"model": a}]},
+        "ram": {"merge_method": "ram", "base_model": base, "dtype": "float32", "parameters": {"epsilon": 0.004},
+                "models": [{"model": a}, {"model": b}, {"model": c}]},
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": base, "dtype": "float32",
+                       "parameters": {"epsilon": 0.004, "r": 0.5, "alpha": 0.6},
+                       "models": [{"model": a}, {"model": b}, {"model": c}]},
     }
 
 
@@ -120,7 +137,8 @@ def tensor_files(directory: Path) -> dict[str, Path]:
     return files
 
 
-STAT_METHODS = {"slerp", "nuslerp", "model_stock"}  # whole-tensor norms/dots: mergekit sums them in its dtype
+# whole-tensor norms, dots and KL divergences: mergekit computes them in its dtype
+STAT_METHODS = {"slerp", "nuslerp", "model_stock", "karcher", "multislerp", "sce", "arcee_fusion"}
 MAGNITUDE_METHODS = {"ties": "magnitude", "breadcrumbs": "outliers", "breadcrumbs_ties": "outliers"}
 
 
@@ -161,6 +179,44 @@ def threshold_ties(config_path: Path, kind: str):
                 if int((magnitude == bound).sum()) > 1:
                     hit |= magnitude[indices] == bound
         return int(hit.sum())
+
+    return explained
+
+
+FUSION_SAMPLE = 1_000_000  # mergekit's arcee_fusion sorts this many sampled importances in larger tensors
+SAMPLING_SIGMAS = 5
+
+
+def fusion_sampling(config_path: Path):
+    """(tensor name, flat indices) -> how many of those elements have an importance between the lowest and the
+    highest threshold mergekit's sampled quantiles give with any sample within SAMPLING_SIGMAS standard
+    deviations of the quantiles' ranks (tensors above FUSION_SAMPLE elements; exact quantiles below)."""
+    config = yaml.safe_load(config_path.read_text())
+    base_dir = Path(config["base_model"])
+    model_dir = next(Path(m["model"]) for m in config["models"] if Path(m["model"]) != base_dir)
+
+    def load(directory: Path, name: str) -> torch.Tensor:
+        with safe_open(tensor_files(directory)[name], "pt") as f:
+            return f.get_tensor(name).double()
+
+    def explained(name: str, indices: torch.Tensor) -> int:
+        base, x = load(base_dir, name), load(model_dir, name)
+        if base.numel() <= FUSION_SAMPLE:
+            return 0
+        p = torch.softmax(x, -1) + 1e-8
+        q = torch.softmax(base, -1) + 1e-8
+        importance = ((x - base).abs() * (p * torch.log(p / q)).sum(-1, keepdim=True)).flatten()
+        ordered = importance.sort().values
+        n = ordered.numel()
+
+        def quantile(fraction: float) -> float:
+            return ordered[min(n - 1, max(0, int(fraction * (n - 1))))].item()
+
+        spread = {f: SAMPLING_SIGMAS * (f * (1 - f) / FUSION_SAMPLE) ** 0.5 for f in (0.25, 0.5, 0.75)}
+        low = quantile(0.5 - spread[0.5]) + 1.5 * (quantile(0.75 - spread[0.75]) - quantile(0.25 + spread[0.25]))
+        high = quantile(0.5 + spread[0.5]) + 1.5 * (quantile(0.75 + spread[0.75]) - quantile(0.25 - spread[0.25]))
+        values = importance[indices]
+        return int(((values >= low) & (values <= high)).sum())
 
     return explained
 
@@ -255,13 +311,16 @@ def main(argv=None) -> int:
                            "--max-ram", budget, "--quiet"], args.workdir / f"{method}-ours-{budget}.log")
             outputs.append((ours, seconds))
         explain = threshold_ties(cfg, MAGNITUDE_METHODS[method]) if method in MAGNITUDE_METHODS else None
+        explain64 = fusion_sampling(cfg) if method == "arcee_fusion" else None
         result = compare_dirs(outputs[0][0], theirs, explain)
-        result64 = compare_dirs(outputs[0][0], theirs64) if theirs64 else None
+        result64 = compare_dirs(outputs[0][0], theirs64, explain64) if theirs64 else None
         identical = same_files(outputs[0][0], outputs[1][0])
-        unexplained = (result64 or result)["mismatched"] - (0 if result64 else result["ties"])
+        unexplained = (result64 or result)["mismatched"] - (result64 or result)["ties"]
         ok = identical and unexplained == 0 and not result["only_ours"]
         failures += not ok
         f64 = (f"{result64['max_abs']:15.3e} {result64['mismatched']:10d}" if result64 else f"{'-':>15s} {'-':>10s}")
+        if explain64:
+            f64 += f" ({result64['ties']} sampled)"
         print(f"{method:16s} {result['max_abs']:23.3e} {result['max_rel']:9.2e} "
               f"{result['mismatched']:>8d}/{result['elements']:<8d}{result['ties'] if explain else '-':>7}  {f64}  "
               f"{'yes' if identical else 'NO':>11s} {mk_seconds:10.1f} {outputs[0][1]:6.1f}"
@@ -271,7 +330,9 @@ def main(argv=None) -> int:
         shutil.rmtree(args.workdir / "out", ignore_errors=True)
     print("mismatched: elements where rtol 1e-5 / atol 1e-6 x max|tensor| fails; on ties: of those, elements whose "
           "|delta| ties at a pruning threshold (mergekit orders equal magnitudes arbitrarily, streammerge by "
-          "position); vs mergekit f64: against mergekit computing in float64 (methods with whole-tensor sums).")
+          "position); vs mergekit f64: against mergekit computing in float64 (methods with whole-tensor sums); "
+          "sampled: of those, arcee_fusion elements between the thresholds mergekit's sampled quantiles can give "
+          f"({SAMPLING_SIGMAS} sigma) in tensors over {FUSION_SAMPLE} elements.")
     print("all methods agree" if not failures else f"{failures} method(s) disagree")
     return 1 if failures else 0
 

@@ -23,7 +23,8 @@ def table() -> str:
         count = (f"{m.min_models}" if m.max_models == m.min_models else
                  f"{m.min_models}+" if m.max_models is None else f"{m.min_models}-{m.max_models}")
         inputs = count + (" + base" if m.needs_base else " (+ base)" if m.accepts_base else "")
-        fmt = (lambda p: f"`{p.name}`={str(p.default).lower() if isinstance(p.default, bool) else p.default}")
+        fmt = (lambda p: f"`{p.name}`" + (" (required)" if p.default is None else
+                                          f"={str(p.default).lower() if isinstance(p.default, bool) else p.default}"))
         per_model = ", ".join(fmt(p) for p in m.model_params) or "-"
         method = ", ".join(fmt(p) for p in m.method_params) or "-"
         lines.append(f"| `{m.name}` | {inputs} | {per_model} | {method} | {m.help.replace('|', '/')} |")

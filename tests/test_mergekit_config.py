@@ -96,7 +96,7 @@ def test_single_whole_model_slice_is_accepted(tmp_path, hf_models):
 @pytest.mark.parametrize("change, message", [
     ({"tokenizer_source": "base"}, "tokenizer_source"),
     ({"slices": [{"sources": []}, {"sources": []}], "models": None}, "slices"),
-    ({"merge_method": "sce"}, "'sce' is not available"),
+    ({"merge_method": "add_difference"}, "'add_difference' is not available"),  # streammerge's own
     ({"chat_template": "chatml"}, "chat_template"),
     ({"frobnicate": 1}, "frobnicate"),
     ({"parameters": {"t": 0.5}}, "'t' is not a parameter"),

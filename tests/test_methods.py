@@ -401,7 +401,16 @@ INVARIANCE = [
     ("nuslerp", [{"weight": 1.0}, {"weight": 2.0}], {"parameters": {"nuslerp_flatten": False}}),
     ("slerp", None, {"parameters": {"t": 0.4}}),
     ("linear", [{"weight": 0.3}, {"weight": 0.5}, {"weight": 0.2}], {}),
+    ("arcee_fusion", None, {}),
+    ("sce", None, {"parameters": {"select_topk": 0.3}}),
+    ("karcher", None, {}),
+    ("multislerp", [{"weight": 0.2}, {"weight": 0.5}, {"weight": 0.3}], {}),
+    ("nearswap", None, {"parameters": {"t": 0.005}}),
+    ("ram", None, {"parameters": {"epsilon": 0.005}}),
+    ("ramplus_tl", None, {"parameters": {"epsilon": 0.005, "r": 0.5, "alpha": 1.0}}),
 ]
+SINGLE_MODEL = ("arcee_fusion", "nearswap")
+NO_BASE = ("slerp", "linear", "karcher")
 
 
 @pytest.fixture(scope="module")
@@ -418,8 +427,8 @@ def big_set():
 @pytest.mark.parametrize("method, mp, top", INVARIANCE, ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(INVARIANCE)])
 def test_results_do_not_depend_on_chunk_size(tmp_path, big_set, method, mp, top):
     base, models = big_set
-    n_models = 2 if method in ("slerp", "nuslerp") else 3
-    uses_base = method not in ("slerp", "linear")
+    n_models = 2 if method in ("slerp", "nuslerp") else 1 if method in SINGLE_MODEL else 3
+    uses_base = method not in NO_BASE
     # 47 chunks; one chunk with the statistics from the chunk already read; one chunk with streamed passes
     runs = [run_merge(tmp_path / f"{chunk}-{in_memory}", method, models[:n_models], base if uses_base else None, mp,
                       chunk=chunk, engine_options={"stats_in_memory": in_memory}, **top)

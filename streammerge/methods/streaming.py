@@ -251,6 +251,11 @@ class RankSelect:
             digits.bitwise_and_(BINS - 1).masked_fill_(mask, BINS)  # other prefixes go to an ignored bin
             hist += torch.bincount(digits, minlength=BINS + 1)[:BINS]
 
+    def set_rank(self, j: int, rank: int) -> None:
+        """Choose rank j after the first pass has been observed, before `finish_pass(0)` (that pass's histogram
+        does not depend on the ranks): for ranks that depend on a count made during the same pass."""
+        self.ranks[j] = self.remaining[j] = rank
+
     def finish_pass(self, pass_index: int) -> None:
         for j, hist in enumerate(self.hist):
             cumulative = hist.cumsum(0)

@@ -1,0 +1,149 @@
+"""arcee_fusion: take the model's value only where its change from the base is unusually important.
+
+mergekit 0.1.5's definition, x the model, b the base, rows along the last dimension (a 1-D tensor is one row):
+- importance = |x - b| * KL_row, KL_row = sum_j p_j log(p_j / q_j) with p = softmax(x) + 1e-8 and
+  q = softmax(b) + 1e-8 over the row;
+- threshold = Q(0.5) + 1.5 * (Q(0.75) - Q(0.25)), Q(q) the element of rank int(q * (n - 1)) of the sorted
+  importances;
+- result = b + (x - b) * [importance >= threshold].
+
+Streaming: pass 1 gathers each row's log-sum-exp of x and of b (max and rescaled sum, combined per grid block in
+float64), pass 2 each row's KL (float64 sums per grid block), passes 3-4 (float32; 6 for float64) the three
+quantiles by exact radix selection over the importances, then the merge pass. mergekit sorts a random sample of
+10^6 importances (with replacement) instead of all of them for tensors larger than that, so its thresholds
+vary from run to run there; streammerge uses the exact quantiles (see the README for the difference).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from streammerge.methods.method import ChunkContext, Method
+from streammerge.methods.streaming import Groups, GroupSums, RankSelect, bool_views, grid_blocks
+
+SOFTMAX_EPS = 1e-8
+QUANTILES = (1, 4), (2, 4), (3, 4)  # 0.25, 0.5, 0.75 as fractions
+IQR_FACTOR = 1.5
+
+
+class RowLogSumExp:
+    """log sum_j exp(v_j) per group of a tensor, accumulated per grid block in index order (a running max and a
+    sum rescaled to it, in float64), so the result does not depend on the chunking."""
+
+    def __init__(self, groups: Groups):
+        self.groups = groups
+        self.max = torch.full((groups.count,), -torch.inf, dtype=torch.float64)
+        self.sum = torch.zeros(groups.count, dtype=torch.float64)
+
+    def _combine(self, rows: slice, block_max: torch.Tensor, block_sum: torch.Tensor) -> None:
+        new_max = torch.maximum(self.max[rows], block_max)
+        self.sum[rows] = (self.sum[rows] * torch.exp(self.max[rows] - new_max).nan_to_num_(0.0)
+                          + block_sum * torch.exp(block_max - new_max).nan_to_num_(0.0))
+        self.max[rows] = new_max
+
+    def add(self, offset: int, values: torch.Tensor) -> None:
+        p = self.groups.period
+        for a, b in grid_blocks(offset, values.numel()):
+            for start, stop, full in self.groups.pieces(offset + a, offset + b):
+                part = values[start - offset:stop - offset].to(torch.float64)
+                if full and self.groups.kind != "tensor":
+                    part = part.view(-1, p)
+                    rows = slice(start // p, stop // p)
+                else:
+                    part = part.view(1, -1)
+                    row = start // p if self.groups.kind != "tensor" else 0
+                    rows = slice(row, row + 1)
+                block_max = part.max(1).values
+                block_sum = torch.exp(part - block_max[:, None]).sum(1)
+                self._combine(rows, block_max, block_sum)
+
+    def value(self) -> torch.Tensor:
+        return self.max + torch.log(self.sum)
+
+
+def quantile_ranks(numel: int) -> list[int]:
+    return [(numel - 1) * num // den for num, den in QUANTILES]
+
+
+class FusionStats:
+    def __init__(self, numel: int, n_models: int):
+        self.numel = numel
+        self.groups: Groups | None = None
+
+    def setup(self, ctx: ChunkContext) -> None:
+        self.groups = Groups("rows", ctx.shape)
+        self.lse = [RowLogSumExp(self.groups), RowLogSumExp(self.groups)]  # model, base
+        self.kl_sums = GroupSums(self.groups, 1)
+        self.select = RankSelect(quantile_ranks(self.numel), ctx.out.dtype)
+        self.threshold = None
+
+
+def _kl_terms(stats: FusionStats, offset: int, x: torch.Tensor, base: torch.Tensor) -> None:
+    """Add sum_j p_j log(p_j / q_j) of this chunk's elements to their rows' sums (float64, per grid block)."""
+    log_z = [lse.value() for lse in stats.lse]
+    for a, b in grid_blocks(offset, x.numel()):
+        expanded = torch.empty(b - a, dtype=torch.float64)
+        p = x[a:b].to(torch.float64).sub_(stats.groups.expand(log_z[0], offset + a, expanded)).exp_().add_(SOFTMAX_EPS)
+        q = base[a:b].to(torch.float64).sub_(stats.groups.expand(log_z[1], offset + a, expanded))
+        q.exp_().add_(SOFTMAX_EPS)
+        stats.kl_sums.add(0, offset + a, p.mul_(torch.log(p / q)))
+
+
+def _importance(stats: FusionStats, ctx: ChunkContext, out: torch.Tensor) -> torch.Tensor:
+    """|x - b| * KL of the element's row, in the accumulation dtype (as mergekit multiplies them)."""
+    torch.sub(ctx.inputs[0], ctx.base, out=out).abs_()
+    return out.mul_(stats.groups.expand(stats.kl, ctx.offset, ctx.buffers[1][:out.numel()]))
+
+
+def fusion_observe(stats: FusionStats, pass_index: int, ctx: ChunkContext) -> None:
+    if stats.groups is None:
+        stats.setup(ctx)
+    x, base = ctx.inputs[0], ctx.base
+    if pass_index == 0:
+        stats.lse[0].add(ctx.offset, x)
+        stats.lse[1].add(ctx.offset, base)
+    elif pass_index == 1:
+        _kl_terms(stats, ctx.offset, x, base)
+    else:
+        n = ctx.out.numel()
+        importance = _importance(stats, ctx, ctx.buffers[0][:n])
+        mask = bool_views(ctx.buffers[2], n)[0]
+        stats.select.observe(pass_index - 2, importance, ctx.buffers[1][:n], mask)
+
+
+def fusion_finish(stats: FusionStats, pass_index: int) -> None:
+    if pass_index == 1:
+        kl = stats.kl_sums.sums[0]
+        # KL between equal-mass vectors is >= 0; a rounding-level negative value is taken as 0, which keeps
+        # the importances non-negative (as the radix selection needs)
+        stats.kl = torch.where(kl > 0, kl, 0.0).to(stats.select.float_dtype)
+    elif pass_index >= 2:
+        stats.select.finish_pass(pass_index - 2)
+        if pass_index - 2 == stats.select.passes - 1:
+            q1, median, q3 = (torch.tensor(stats.select.value(j), dtype=stats.select.float_dtype) for j in range(3))
+            stats.threshold = float(median + IQR_FACTOR * (q3 - q1))
+
+
+def fusion_passes(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int) -> int:
+    return 2 + RankSelect([0], dtype).passes
+
+
+def arcee_fusion(ctx: ChunkContext, stats: FusionStats) -> torch.Tensor:
+    n = ctx.out.numel()
+    importance = _importance(stats, ctx, ctx.buffers[0][:n])
+    keep = bool_views(ctx.buffers[2], n)[0]
+    torch.ge(importance, stats.threshold, out=keep)
+    delta = torch.sub(ctx.inputs[0], ctx.base, out=ctx.buffers[1][:n])
+    return torch.mul(delta, keep, out=ctx.out).add_(ctx.base)
+
+
+ARCEE_FUSION = Method(
+    name="arcee_fusion",
+    help="Arcee Fusion: take the model's values where their distance to the base times the row's softmax KL "
+         "divergence is an upper outlier (above median + 1.5 IQR)",
+    merge=arcee_fusion,
+    needs_base=True, stat_passes=fusion_passes, init_stats=FusionStats, observe=fusion_observe,
+    finish_pass=fusion_finish, buffers=3, min_models=1, max_models=1,
+)
+
+METHODS = (ARCEE_FUSION,)

@@ -1,0 +1,102 @@
+"""karcher: the Karcher (Riemannian) mean of the models' directions on the unit sphere, scaled by their mean norm.
+
+mergekit 0.1.5's definition: equal weights 1/N; directions u_i = x_i / |x_i| of the models whose norm exceeds
+`tol`; start from the normalized Euclidean mean of those directions; then up to `max_iter` gradient steps on the
+sphere (log map: theta_i / sin(theta_i) * (u_i - cos(theta_i) * mean) summed with the weights, skipping
+directions within `tol` of the mean; exp map back; stop when the step is shorter than `tol`); the result is
+that direction times sum_i |x_i| / N.
+
+Every vector the iteration forms is a linear combination of the u_i, so it runs on coefficients: one statistics
+pass gathers the Gram matrix of the models (float64, per grid block), the iteration works on that N x N matrix,
+and the merge pass adds the models with one coefficient each.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from streammerge.methods.method import ChunkContext, Method, Param
+from streammerge.methods.gram import Gram, quadratic_norm
+
+
+def karcher_coefficients(gram: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:
+    """c such that sum_i c_i x_i is the scaled Karcher mean, from the Gram matrix of the x_i."""
+    n = gram.shape[0]
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    coefficients = torch.zeros(n, dtype=torch.float64)
+    valid = [i for i in range(n) if norms[i] > tol]
+    if not valid:
+        return coefficients
+    valid_norms = norms[valid]
+    units = gram[valid][:, valid] / (valid_norms[:, None] * valid_norms[None, :])  # Gram matrix of the u_i
+    alpha = 1.0 / len(valid)
+    identity = torch.eye(len(valid), dtype=torch.float64)
+    mean = torch.full((len(valid),), alpha, dtype=torch.float64)  # coefficients over the u_i
+    mean_norm = quadratic_norm(units, mean)
+    mean = identity[0].clone() if mean_norm < tol else mean / mean_norm
+    for _ in range(max_iter):
+        dots = (units @ mean).clamp(-1.0, 1.0)
+        tangent = torch.zeros_like(mean)
+        for k in range(len(valid)):
+            theta = math.acos(float(dots[k]))
+            if theta < tol:
+                continue
+            tangent += alpha * (theta / math.sin(theta)) * (identity[k] - dots[k] * mean)
+        tangent_norm = quadratic_norm(units, tangent)
+        if tangent_norm < tol:
+            break
+        mean = math.cos(tangent_norm) * mean + math.sin(tangent_norm) * (tangent / tangent_norm)
+        unit_norm = quadratic_norm(units, mean)
+        if unit_norm > tol:
+            mean = mean / unit_norm
+    scale = float(norms.sum()) / n  # every model's norm, as mergekit weighs them (1/N each)
+    coefficients[valid] = scale * mean / valid_norms
+    return coefficients
+
+
+class KarcherStats:
+    def __init__(self):
+        self.gram: Gram | None = None
+        self.coefficients: list[float] = []
+
+
+def karcher_observe(stats: KarcherStats, pass_index: int, ctx: ChunkContext) -> None:
+    if stats.gram is None:
+        stats.gram = Gram(len(ctx.inputs), ctx.shape)
+        stats.params = ctx.params
+    stats.gram.observe(lambda i, buffer: ctx.inputs[i], ctx.offset, ctx.buffers[0])
+
+
+def karcher_finish(stats: KarcherStats, pass_index: int) -> None:
+    stats.coefficients = karcher_coefficients(stats.gram.matrix(), stats.params["max_iter"],
+                                              stats.params["tol"]).tolist()
+
+
+def karcher(ctx: ChunkContext, stats: KarcherStats | None) -> torch.Tensor:
+    if stats is None:  # a single model is its own mean
+        return ctx.out.copy_(ctx.inputs[0])
+    out = torch.mul(ctx.inputs[0], stats.coefficients[0], out=ctx.out)
+    for x, c in zip(ctx.inputs[1:], stats.coefficients[1:]):
+        out.add_(x, alpha=c)
+    return out
+
+
+def _positive_int(value: int) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
+KARCHER = Method(
+    name="karcher",
+    help="Karcher mean: the models' average direction on the unit sphere (iterated), times their mean norm",
+    merge=karcher,
+    params=(Param("max_iter", 10, "most iterations of the Riemannian mean", kind=int, check=_positive_int),
+            Param("tol", 1e-5, "convergence tolerance (also the smallest norm that counts as a direction)",
+                  check=lambda v: None if v >= 0 else "must be 0 or more")),
+    stat_passes=lambda params, model_params, dtype, numel: 1 if len(model_params) > 1 else 0,
+    init_stats=lambda numel, n: KarcherStats(), observe=karcher_observe, finish_pass=karcher_finish,
+    buffers=1, min_models=1,
+)
+
+METHODS = (KARCHER,)

@@ -1,0 +1,111 @@
+"""multislerp: weighted interpolation of any number of models on the hypersphere (of task vectors with a base).
+
+mergekit 0.1.5's definition, v_i the models (minus the base when one is given) flattened, w the weights (divided
+by their sum with `normalize_weights`): u_i = v_i / (|v_i| + eps); the weighted mean of the u_i, normalized, is
+the point of tangency m; the tangent vectors u_i - <u_i, m> m are averaged with the weights into t; the result
+is exp_m(t) = m cos|t| + t sin|t| / |t| (|t| taken + eps), times sum_i w_i |v_i|, plus the base. One model is
+returned as it is; when the weighted mean of the directions vanishes, two models are averaged linearly and
+more are an error.
+
+All of it is linear in the v_i, so one statistics pass gathers their Gram matrix (float64, per grid block) and
+the merge pass adds the v_i with one coefficient each.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from streammerge.errors import StreamMergeError
+from streammerge.methods.method import ChunkContext, Method, Param
+from streammerge.methods.gram import Gram, quadratic_norm
+
+
+def multislerp_coefficients(gram: torch.Tensor, weights: list[float], normalize: bool, eps: float,
+                            name: str = "") -> torch.Tensor:
+    """c such that sum_i c_i v_i is the interpolated vector, from the Gram matrix of the v_i."""
+    w = torch.tensor(weights, dtype=torch.float64)
+    if normalize:
+        w = w / w.sum()
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    scale = 1.0 / (norms + eps)  # v_i -> u_i
+    units = gram * scale[:, None] * scale[None, :]  # Gram matrix of the u_i
+    mean_norm = quadratic_norm(units, w)
+    if mean_norm < eps:
+        if len(weights) == 2:
+            return w.clone()
+        raise StreamMergeError(
+            f"multislerp: the weighted mean of the models' directions is zero for '{name}' (models pointing in "
+            "opposite directions with weights that balance out); change the weights, or merge that tensor with "
+            "another method through a rule.")
+    mean = w / mean_norm  # coefficients over the u_i
+    dots = units @ mean
+    tangent = w - float(w @ dots) * mean
+    tangent_norm = quadratic_norm(units, tangent) + eps
+    result = mean * math.cos(tangent_norm) + tangent * (math.sin(tangent_norm) / tangent_norm)
+    average_norm = float(norms @ w)
+    return result * average_norm * scale
+
+
+class MultislerpStats:
+    def __init__(self):
+        self.gram: Gram | None = None
+        self.coefficients: list[float] = []
+
+
+def _vector(ctx: ChunkContext):
+    """This chunk of v_i: the model, or its difference to the base."""
+    n = ctx.out.numel()
+    if ctx.base is None:
+        return lambda i, buffer: ctx.inputs[i]
+    return lambda i, buffer: torch.sub(ctx.inputs[i], ctx.base, out=buffer[:n])
+
+
+def multislerp_observe(stats: MultislerpStats, pass_index: int, ctx: ChunkContext) -> None:
+    if stats.gram is None:
+        stats.gram = Gram(len(ctx.inputs), ctx.shape)
+        stats.params, stats.model_params, stats.name = ctx.params, ctx.model_params, ctx.name
+    stats.gram.observe(_vector(ctx), ctx.offset, *ctx.buffers[:3])
+
+
+def multislerp_finish(stats: MultislerpStats, pass_index: int) -> None:
+    stats.coefficients = multislerp_coefficients(
+        stats.gram.matrix(), [m["weight"] for m in stats.model_params], stats.params["normalize_weights"],
+        stats.params["eps"], stats.name).tolist()
+
+
+def multislerp(ctx: ChunkContext, stats: MultislerpStats | None) -> torch.Tensor:
+    if stats is None:  # one model is returned as it is
+        return ctx.out.copy_(ctx.inputs[0])
+    n = ctx.out.numel()
+    out = ctx.out.zero_()
+    for x, c in zip(ctx.inputs, stats.coefficients):
+        v = x if ctx.base is None else torch.sub(x, ctx.base, out=ctx.buffers[0][:n])
+        out.add_(v, alpha=c)
+    return out if ctx.base is None else out.add_(ctx.base)
+
+
+def _check(params: dict, model_params: list[dict]) -> str | None:
+    if params["normalize_weights"] and len(model_params) > 1 and abs(sum(m["weight"] for m in model_params)) < 1e-12:
+        return "multislerp: the weights sum to zero, so they cannot be normalized; change a weight or set " \
+               "normalize_weights: false"
+    return None
+
+
+MULTISLERP = Method(
+    name="multislerp",
+    help="spherical interpolation of any number of models with weights (barycentric, via the tangent space at "
+         "their mean direction); of task vectors when a base is given",
+    merge=multislerp,
+    params=(Param("weight", 1.0, "this model's weight", per_model=True),
+            Param("normalize_weights", True, "divide the weights by their sum", kind=bool),
+            Param("eps", 1e-8, "small constant added to norms", check=lambda v: None if v >= 0 else "must be 0 or "
+                  "more")),
+    accepts_base=True,
+    stat_passes=lambda params, model_params, dtype, numel: 1 if len(model_params) > 1 else 0,
+    init_stats=lambda numel, n: MultislerpStats(), observe=multislerp_observe, finish_pass=multislerp_finish,
+    buffers=3, check=_check, min_models=1,
+)
+
+METHODS = (MULTISLERP,)

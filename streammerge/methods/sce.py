@@ -1,0 +1,193 @@
+"""sce (Select, Calculate, Erase; arXiv 2408.07990): merge task vectors weighted by their energy, with a TIES-like
+sign election.
+
+mergekit 0.1.5's definition, delta_i = model_i - base:
+- select: with `select_topk` < 1, keep only the entries where the models disagree most: the
+  k = int(select_topk * (number of entries of nonzero variance)) largest variances across the models (population
+  variance of the delta_i per entry), in every delta_i;
+- calculate: each model's weight is the mean square of its (selected) delta over the whole tensor, divided by
+  the sum of them (equal weights when that sum is below 1e-6);
+- erase: per entry the elected sign is that of sum_i delta_i (zero counts as +); only deltas of that sign count;
+- result = base + sum_i w_i delta_i [agrees] / max(1e-6, sum_i w_i [agrees]).
+
+Streaming: the k-th largest variance is found by exact radix selection (2 histogram passes for float32, 4 for
+float64; the count of nonzero variances comes with the first), equal variances at the threshold are ranked by
+position (mergekit's topk picks among them arbitrarily); then one pass sums each model's squares (float64, per
+grid block); then the merge pass. Without selection only the squares pass is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from streammerge.methods.method import GRID, ChunkContext, Method, Param
+from streammerge.methods.streaming import Groups, GroupSums, RankSelect, bool_views
+from streammerge.methods.sparsifiers import Bounds, bounds_from
+from streammerge.methods.task_vectors import INT8_MASK
+
+MIN_WEIGHT_SUM = 1e-6  # below this sum of mean squares the models get equal weights (mergekit)
+MIN_DIVISOR = 1e-6
+VARIANCE_BLOCK = 4 * GRID  # elements per block of the per-entry variance (stacked temporaries of n_models x this)
+
+
+def _select_all(params: dict) -> bool:
+    return params["select_topk"] >= 1
+
+
+def _select_none(params: dict) -> bool:
+    return params["select_topk"] <= 0
+
+
+def sce_passes(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int) -> int:
+    if _select_none(params):
+        return 0  # nothing selected: the result is the base
+    return 1 + (0 if _select_all(params) else RankSelect([0], dtype).passes)
+
+
+class Buffers:
+    def __init__(self, ctx: ChunkContext):
+        n = ctx.out.numel()
+        scratch = [b[:n] for b in ctx.buffers]
+        self.variance, counts, masks, self.delta, self.total = scratch[:5]
+        self.counts = counts.view({4: torch.int32, 8: torch.int64}[counts.element_size()])
+        self.keep, self.equal, self.other, self.positive = bool_views(masks, n)[:4]
+
+
+def variance(ctx: ChunkContext, out: torch.Tensor) -> torch.Tensor:
+    """Population variance across the models of delta_i per entry, computed as mergekit does (torch.var over the
+    stacked task vectors), a block at a time."""
+    n = out.numel()
+    for a in range(0, n, VARIANCE_BLOCK):
+        b = min(n, a + VARIANCE_BLOCK)
+        deltas = torch.stack([x[a:b] - ctx.base[a:b] for x in ctx.inputs])
+        torch.var(deltas, dim=0, unbiased=False, out=out[a:b])
+    return out
+
+
+class SceStats:
+    def __init__(self, numel: int, n_models: int):
+        self.numel, self.n_models = numel, n_models
+        self.select: RankSelect | None = None
+        self.zeros = 0
+        self.nothing = False  # no entry selected
+        self.bounds: Bounds | None = None
+        self.gates = None
+        self.squares: GroupSums | None = None
+        self.weights: list[float] = []
+
+    def setup(self, ctx: ChunkContext) -> None:
+        self.params = ctx.params
+        self.squares = GroupSums(Groups("tensor", ctx.shape), self.n_models)
+        if not _select_all(ctx.params):
+            self.select = RankSelect([0], ctx.out.dtype)
+        self.select_passes = self.select.passes if self.select is not None else 0
+
+    def new_gates(self) -> None:
+        self.gates = self.bounds.new_gates() if self.bounds is not None else []
+
+
+def _keep(stats: SceStats, ctx: ChunkContext, b: Buffers) -> torch.Tensor | None:
+    """The selected entries of this chunk (None: all)."""
+    if stats.select is None:
+        return None
+    if stats.nothing:
+        b.keep.zero_()
+        return b.keep
+    variance(ctx, b.variance)
+    torch.gt(b.variance, stats.bounds.low, out=b.keep)
+    for gate in stats.gates:
+        gate.apply(b.variance, b.keep, b.equal, b.counts, b.other)
+    return b.keep
+
+
+def _delta(ctx: ChunkContext, i: int, keep: torch.Tensor | None, b: Buffers) -> torch.Tensor:
+    torch.sub(ctx.inputs[i], ctx.base, out=b.delta)
+    if keep is not None:
+        torch.logical_not(keep, out=b.other)
+        b.delta.masked_fill_(b.other, 0)
+    return b.delta
+
+
+def sce_observe(stats: SceStats, pass_index: int, ctx: ChunkContext) -> None:
+    if stats.squares is None:
+        stats.setup(ctx)
+    b = Buffers(ctx)
+    if pass_index < stats.select_passes:
+        if stats.nothing:
+            return
+        variance(ctx, b.variance)
+        if pass_index == 0:
+            stats.zeros += b.variance.numel() - int(b.variance.count_nonzero())
+        stats.select.observe(pass_index, b.variance, b.counts, b.keep)
+        return
+    if stats.nothing:
+        return
+    if ctx.offset == 0:
+        stats.new_gates()
+    keep = _keep(stats, ctx, b)
+    for i in range(len(ctx.inputs)):
+        delta = _delta(ctx, i, keep, b)
+        stats.squares.add(i, ctx.offset, torch.mul(delta, delta, out=b.total))
+
+
+def sce_finish(stats: SceStats, pass_index: int) -> None:
+    if pass_index < stats.select_passes:
+        if stats.nothing:
+            return
+        if pass_index == 0:
+            nonzero = stats.numel - stats.zeros
+            # int(nonzero * density) as mergekit evaluates it (an int64 tensor times a float gives float32)
+            k = int(torch.tensor(nonzero) * stats.params["select_topk"])
+            if k == 0:
+                stats.nothing = True
+                return
+            stats.select.set_rank(0, stats.numel - k)
+        stats.select.finish_pass(pass_index)
+        if pass_index == stats.select_passes - 1:
+            stats.bounds = bounds_from(stats.select, False)
+        return
+    means = stats.squares.sums[:, 0] / max(stats.numel, 1)
+    total = float(means.sum())
+    if abs(total) < MIN_WEIGHT_SUM:
+        stats.weights = [1.0 / stats.n_models] * stats.n_models
+    else:
+        stats.weights = (means / total).tolist()
+
+
+def sce(ctx: ChunkContext, stats: SceStats | None) -> torch.Tensor:
+    if stats is None or stats.nothing:  # nothing selected
+        return ctx.out.copy_(ctx.base)
+    b = Buffers(ctx)
+    if ctx.offset == 0:
+        stats.new_gates()
+    keep = _keep(stats, ctx, b)
+    b.total.zero_()
+    for i in range(len(ctx.inputs)):
+        b.total.add_(_delta(ctx, i, keep, b))
+    torch.ge(b.total, 0, out=b.positive)  # the elected sign: + where the sum is >= 0
+    mixed, divisor = ctx.out.zero_(), b.total.zero_()
+    agree = b.equal
+    for i, weight in enumerate(stats.weights):
+        delta = _delta(ctx, i, keep, b)
+        torch.gt(delta, 0, out=agree)
+        torch.lt(delta, 0, out=b.other)
+        torch.where(b.positive, agree, b.other, out=agree)
+        mixed.add_(delta.mul_(agree).mul_(weight))
+        divisor.add_(torch.mul(agree, weight, out=b.delta))
+    mixed.div_(divisor.clamp_(min=MIN_DIVISOR))
+    return mixed.add_(ctx.base)
+
+
+SCE = Method(
+    name="sce",
+    help="SCE: keep the entries of largest variance across the models (select_topk), weight each task vector by "
+         "its mean square, TIES sign election",
+    merge=sce,
+    params=(Param("select_topk", 1.0, "fraction of the entries of nonzero variance to keep (largest variance)",
+                  check=lambda v: None if 0.0 <= v <= 1.0 else "must be between 0 and 1"),
+            INT8_MASK),
+    needs_base=True, stat_passes=sce_passes, init_stats=SceStats, observe=sce_observe, finish_pass=sce_finish,
+    buffers=5, min_models=1, typical={"parameters": {"select_topk": 0.5}},
+)
+
+METHODS = (SCE,)

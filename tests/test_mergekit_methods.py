@@ -1,0 +1,355 @@
+"""arcee_fusion, sce, karcher, multislerp, nearswap, ram, ramplus_tl against in-memory references written here from
+mergekit 0.1.5's definitions (whole tensors, plain torch, float64 where the method sums over a tensor), plus edge
+cases and mergekit configs. Chunk invariance is tested with the other methods in test_methods.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+
+from merge_helpers import run_merge
+from test_methods import close, dyadic
+from streammerge.errors import ConfigError, PlanError, StreamMergeError
+
+
+def make_models(n_models=3, shape=(96, 130), seed=0, scale=0.003, dyadic_data=False):
+    """A base plus fine-tunes that share a direction (as real fine-tunes do), with a 1-D tensor too."""
+    g = torch.Generator().manual_seed(seed)
+    if dyadic_data:
+        base = {"w": dyadic(shape, g), "b": dyadic((shape[-1],), g)}
+        return base, [{k: v + dyadic(v.shape, g, spread=3) for k, v in base.items()} for _ in range(n_models)]
+    base = {"w": torch.randn(shape, generator=g) * 0.02, "b": 1 + torch.randn(shape[-1], generator=g) * 0.02}
+    shared = {k: torch.randn(v.shape, generator=g) * scale for k, v in base.items()}
+    return base, [{k: v + shared[k] + torch.randn(v.shape, generator=g) * scale for k, v in base.items()}
+                  for _ in range(n_models)]
+
+
+# -- references ----------------------------------------------------------------------------------------------
+def ref_nearswap(t, base, x):
+    weight = (t / (base - x).abs().clamp(min=1e-6)).clamp(0, 1)
+    return weight * x + (1 - weight) * base
+
+
+def ref_ram(base, xs, epsilon, r=None, alpha=None):
+    deltas = torch.stack([(x - base).double() for x in xs])
+    changed = deltas.abs() > epsilon
+    count = changed.sum(0)
+    kept = deltas * changed
+    if r is None:
+        return base.double() + kept.sum(0) / count.clamp(min=1)
+    unique, shared = count == 1, count > 1
+    scales = []
+    for i in range(len(xs)):
+        rho = (changed[i] & shared).sum().item() / max((changed[i] & unique).sum().item(), epsilon)
+        scales.append(1 + r * min(max(rho, 0.0), alpha))
+    scale = torch.tensor(scales, dtype=torch.float64).view(-1, *[1] * base.dim())
+    return base.double() + (kept * unique * scale).sum(0) + (kept * shared).sum(0) / count.clamp(min=1)
+
+
+def ref_sce(base, xs, select_topk):
+    deltas = torch.stack([x - base for x in xs])
+    if select_topk <= 0:
+        return base.double()
+    if select_topk < 1:
+        variance = torch.var(deltas, dim=0, unbiased=False).flatten()
+        k = int(int(variance.count_nonzero()) * select_topk)
+        order = torch.sort(variance, stable=True).indices  # ascending (variance, position)
+        keep = torch.zeros(variance.numel(), dtype=torch.bool)
+        keep[order[variance.numel() - k:]] = True
+        deltas = deltas * keep.view(base.shape)
+    deltas = deltas.double()
+    means = deltas.square().flatten(1).mean(1)
+    weights = means / means.sum() if abs(means.sum().item()) >= 1e-6 else torch.full_like(means, 1 / len(xs))
+    weights = weights.view(-1, *[1] * base.dim())
+    majority = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
+    agree = (torch.sign(deltas) == majority).double()
+    return base.double() + (deltas * weights * agree).sum(0) / (weights * agree).sum(0).clamp(min=1e-6)
+
+
+def ref_fusion_importance(base, x):
+    x64, b64 = x.double(), base.double()
+    p = torch.softmax(x64, dim=-1) + 1e-8
+    q = torch.softmax(b64, dim=-1) + 1e-8
+    kl = (p * torch.log(p / q)).sum(-1, keepdim=True).clamp(min=0)
+    return (x - base).abs() * kl.float()
+
+
+def ref_arcee_fusion(base, x):
+    importance = ref_fusion_importance(base, x)
+    ordered = importance.flatten().sort().values
+    n = ordered.numel()
+    q1, median, q3 = ordered[(n - 1) // 4], ordered[(n - 1) // 2], ordered[3 * (n - 1) // 4]
+    return base + (x - base) * (importance >= median + 1.5 * (q3 - q1))
+
+
+def ref_karcher(xs, max_iter=10, tol=1e-5):
+    """mergekit's iteration on the full vectors, in float64."""
+    if len(xs) == 1:
+        return xs[0].double()
+    vs = [x.double().flatten() for x in xs]
+    norms = [v.norm().item() for v in vs]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    if not valid:
+        return torch.zeros_like(xs[0], dtype=torch.float64)
+    units = [vs[i] / norms[i] for i in valid]
+    alpha = 1 / len(valid)
+    mean = sum(alpha * u for u in units)
+    mean = units[0].clone() if mean.norm().item() < tol else mean / mean.norm()
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for u in units:
+            dot = torch.clamp(mean @ u, -1, 1)
+            theta = torch.arccos(dot).item()
+            if theta < tol:
+                continue
+            tangent += alpha * (theta / math.sin(theta)) * (u - dot * mean)
+        tangent_norm = tangent.norm().item()
+        if tangent_norm < tol:
+            break
+        mean = math.cos(tangent_norm) * mean + math.sin(tangent_norm) * tangent / tangent_norm
+        if mean.norm().item() > tol:
+            mean = mean / mean.norm()
+    return (sum(norms) / len(xs) * mean).view(xs[0].shape)
+
+
+def ref_multislerp(xs, weights, base=None, normalize=True, eps=1e-8):
+    """mergekit's definition on the full vectors, in float64."""
+    if len(xs) == 1:
+        return xs[0].double()
+    vs = torch.stack([(x - base if base is not None else x).double().flatten() for x in xs])
+    w = torch.tensor(weights, dtype=torch.float64)
+    if normalize:
+        w = w / w.sum()
+    norms = vs.norm(dim=-1, keepdim=True)
+    units = vs / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean = mean / mean.norm()
+    dots = (units * mean).sum(-1, keepdim=True)
+    tangent = ((units - dots * mean) * w.view(-1, 1)).sum(0)
+    tangent_norm = tangent.norm() + eps
+    result = (mean * torch.cos(tangent_norm) + tangent * torch.sin(tangent_norm) / tangent_norm)
+    result = (result * (norms.squeeze(-1) * w).sum()).view(xs[0].shape)
+    return result + base.double() if base is not None else result
+
+
+# -- the methods against the references ----------------------------------------------------------------------
+def test_nearswap_matches_reference_bit_for_bit(tmp_path):
+    base, models = make_models(1)
+    for t in (0.0, 0.002, 0.01, 1.0):
+        out = run_merge(tmp_path / str(t), "nearswap", models, base, parameters={"t": t})
+        for name in base:
+            assert torch.equal(out[name], ref_nearswap(t, base[name], models[0][name])), (t, name)
+    assert torch.equal(out["w"], models[0]["w"])  # t = 1 is far above every difference: the model itself
+
+
+def test_nearswap_needs_t(tmp_path):
+    base, models = make_models(1)
+    with pytest.raises(PlanError, match="nearswap needs `t`"):
+        run_merge(tmp_path, "nearswap", models, base)
+
+
+@pytest.mark.parametrize("epsilon", [1e-5, 0.004])
+def test_ram_matches_reference(tmp_path, epsilon):
+    base, models = make_models(3)
+    models[0]["w"][:30] = base["w"][:30]  # entries models leave unchanged: shared by fewer models, or none
+    models[1]["w"][20:40] = base["w"][20:40]
+    models[2]["w"][25:35] = base["w"][25:35]
+    out = run_merge(tmp_path, "ram", models, base, parameters={"epsilon": epsilon})
+    for name in base:
+        close(out[name], ref_ram(base[name], [m[name] for m in models], epsilon), rtol=1e-6, atol=1e-7)
+    assert torch.equal(out["w"][25:30], base["w"][25:30])  # no model changed them
+
+
+def test_ramplus_tl_matches_reference(tmp_path):
+    base, models = make_models(3)
+    models[0]["w"][:30] = base["w"][:30]
+    models[1]["w"][20:60] = base["w"][20:60]
+    models[2]["w"][10:90:2] = base["w"][10:90:2]
+    for r, alpha, epsilon in ((0.1, 0.2, 1e-5), (0.7, 5.0, 1e-3)):
+        params = {"r": r, "alpha": alpha, "epsilon": epsilon}
+        out = run_merge(tmp_path / str(r), "ramplus_tl", models, base, parameters=params)
+        for name in base:
+            close(out[name], ref_ram(base[name], [m[name] for m in models], epsilon, r, alpha), rtol=1e-6, atol=1e-7)
+    plain = run_merge(tmp_path / "ram", "ram", models, base)
+    assert not torch.equal(out["w"], plain["w"])  # the unique entries were rescaled
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.3, 0.0])
+def test_sce_matches_reference(tmp_path, select_topk):
+    base, models = make_models(3, dyadic_data=True)  # dyadic: many equal variances at the threshold
+    out = run_merge(tmp_path, "sce", models, base, parameters={"select_topk": select_topk})
+    for name in base:
+        close(out[name], ref_sce(base[name], [m[name] for m in models], select_topk), rtol=1e-6, atol=1e-6)
+        if select_topk == 0.0:
+            assert torch.equal(out[name], base[name])
+
+
+def test_sce_on_random_floats_and_a_single_model(tmp_path):
+    base, models = make_models(3, seed=4)
+    out = run_merge(tmp_path / "r", "sce", models, base, parameters={"select_topk": 0.5})
+    for name in base:
+        close(out[name], ref_sce(base[name], [m[name] for m in models], 0.5), rtol=1e-6, atol=1e-7)
+    out = run_merge(tmp_path / "one", "sce", models[:1], base)  # one model: its own task vector, weight 1
+    for name in base:
+        close(out[name], models[0][name], rtol=1e-6, atol=1e-7)
+
+
+def test_arcee_fusion_matches_reference(tmp_path):
+    base, models = make_models(1, shape=(200, 333), seed=2)
+    models[0]["w"][:40] += torch.randn(40, 333, generator=torch.Generator().manual_seed(3)) * 0.05  # rows of large KL
+    out = run_merge(tmp_path, "arcee_fusion", models, base)
+    for name in base:
+        expected = ref_arcee_fusion(base[name], models[0][name])
+        assert torch.equal(out[name], expected), name
+        taken = out[name] != base[name]
+        assert 0 < taken.float().mean() < 0.5, name  # a minority of entries: the upper outliers
+    assert (out["w"][:40] != base["w"][:40]).float().mean() > (out["w"][40:] != base["w"][40:]).float().mean()
+
+
+def test_arcee_fusion_of_an_unchanged_model_is_the_base(tmp_path):
+    base, _ = make_models(1)
+    out = run_merge(tmp_path, "arcee_fusion", [dict(base)], base)
+    for name in base:
+        assert torch.equal(out[name], base[name])
+
+
+def test_karcher_matches_reference(tmp_path):
+    _, models = make_models(3, seed=5, scale=0.01)
+    out = run_merge(tmp_path, "karcher", models)
+    for name in models[0]:
+        close(out[name], ref_karcher([m[name] for m in models]), rtol=1e-5, atol=1e-7)
+    # far-apart directions take several iterations; max_iter and tol are honoured
+    g = torch.Generator().manual_seed(6)
+    spread = [{"v": torch.randn(5000, generator=g) + 0.5} for _ in range(4)]
+    for max_iter, tol in ((10, 1e-5), (1, 1e-5), (0, 1e-5), (10, 0.5)):
+        out = run_merge(tmp_path / f"{max_iter}-{tol}", "karcher", spread,
+                        parameters={"max_iter": max_iter, "tol": tol})
+        close(out["v"], ref_karcher([m["v"] for m in spread], max_iter, tol), rtol=1e-5, atol=1e-6)
+
+
+def test_karcher_edge_cases(tmp_path):
+    _, models = make_models(2, seed=7)
+    out = run_merge(tmp_path / "one", "karcher", models[:1])
+    assert all(torch.equal(out[k], models[0][k]) for k in models[0])
+    out = run_merge(tmp_path / "same", "karcher", [models[0]] * 3)
+    for name in models[0]:
+        close(out[name], models[0][name], rtol=1e-6, atol=1e-7)
+    zero = {k: torch.zeros_like(v) for k, v in models[0].items()}
+    out = run_merge(tmp_path / "zero", "karcher", [models[0], zero, models[1]])  # no direction, but counts in the norm
+    for name in models[0]:
+        close(out[name], ref_karcher([models[0][name], zero[name], models[1][name]]), rtol=1e-5, atol=1e-7)
+    out = run_merge(tmp_path / "zeros", "karcher", [zero, zero])
+    assert all(torch.equal(out[k], zero[k]) for k in zero)
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_multislerp_matches_reference(tmp_path, with_base, normalize):
+    base, models = make_models(3, seed=8, scale=0.01)
+    weights = [0.2, 0.5, 0.3] if normalize else [0.4, 0.9, 0.3]
+    out = run_merge(tmp_path, "multislerp", models, base if with_base else None, [{"weight": w} for w in weights],
+                    parameters={"normalize_weights": normalize})
+    for name in base:
+        expected = ref_multislerp([m[name] for m in models], weights, base[name] if with_base else None, normalize)
+        close(out[name], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_multislerp_edge_cases(tmp_path):
+    base, models = make_models(2, seed=9)
+    out = run_merge(tmp_path / "one", "multislerp", models[:1], base)
+    assert all(torch.equal(out[k], models[0][k]) for k in base)  # one model is returned as it is
+    a = {"v": torch.randn(1000, generator=torch.Generator().manual_seed(1))}
+    minus_a = {"v": -a["v"]}
+    out = run_merge(tmp_path / "two", "multislerp", [a, minus_a], model_params=[{"weight": 1.0}, {"weight": 1.0}])
+    assert torch.equal(out["v"], a["v"] * 0.5 + minus_a["v"] * 0.5)  # opposite, balanced: linear
+    with pytest.raises(StreamMergeError, match="weighted mean of the models' directions is zero for 'v'"):
+        run_merge(tmp_path / "three", "multislerp", [a, minus_a, a, minus_a])
+    with pytest.raises(PlanError, match="sum to zero"):
+        run_merge(tmp_path / "zero", "multislerp", models, base, [{"weight": 1.0}, {"weight": -1.0}])
+
+
+def test_parameters_are_checked(tmp_path):
+    base, models = make_models(2)
+    with pytest.raises(ConfigError, match="select_topk"):
+        run_merge(tmp_path / "s", "sce", models, base, parameters={"select_topk": 1.5})
+    with pytest.raises(ConfigError, match="exactly 1"):
+        run_merge(tmp_path / "a", "arcee_fusion", models, base)
+    with pytest.raises(ConfigError, match="needs a base"):
+        run_merge(tmp_path / "r", "ram", models)
+    with pytest.raises(ConfigError, match="does not use a base"):
+        run_merge(tmp_path / "k", "karcher", models, base)
+
+
+# -- mergekit configs ----------------------------------------------------------------------------------------
+MERGEKIT_CASES = {
+    "arcee_fusion": ({}, [{}]),
+    "nearswap": ({"t": [0.001, 0.01]}, [{}]),
+    "sce": ({"select_topk": 0.5}, [{}, {}]),
+    "ram": ({"epsilon": 1e-4}, [{}, {}]),
+    "ramplus_tl": ({"r": 0.3, "alpha": 0.5}, [{}, {}]),
+    "multislerp": ({"normalize_weights": True}, [{"weight": 0.3}, {"weight": [0.2, 0.9]}]),
+    "karcher": ({"max_iter": 5}, [{}, {}]),
+}
+
+
+@pytest.mark.parametrize("method", list(MERGEKIT_CASES))
+def test_mergekit_configs_run_as_streammerge_configs(tmp_path, method, cli):
+    from compare_mergekit import build_models, tensor_files
+    from safetensors import safe_open
+    from streammerge.mergekit_config import layer_positions
+
+    models = build_models(tmp_path / "hf", vocab=64, hidden=16, inter=24, layers=3)
+    top, per_model = MERGEKIT_CASES[method]
+    names = ["a", "b"][:len(per_model)]
+    config = {"merge_method": method, "dtype": "float32", "parameters": top,
+              "models": [{"model": str(models[n]), "parameters": p} for n, p in zip(names, per_model)]}
+    if method != "karcher":
+        config["base_model"] = str(models["base"])
+        config["models"].insert(0, {"model": str(models["base"])})  # mergekit configs often list the base too
+    (tmp_path / "mk.yml").write_text(yaml.safe_dump(config))
+    result = cli("merge", tmp_path / "mk.yml", "--output", tmp_path / "out", "--quiet")
+    assert result.returncode == 0, result.stderr
+
+    def load(directory):
+        out = {}
+        for name, path in tensor_files(directory).items():
+            with safe_open(path, "pt") as f:
+                out[name] = f.get_tensor(name)
+        return out
+
+    got, base = load(tmp_path / "out"), load(models["base"])
+    inputs = [load(models[n]) for n in names]
+    positions = layer_positions(list(got))
+    for name, value in got.items():
+        t = positions[name]
+        xs = [m[name] for m in inputs]
+        if method == "arcee_fusion":
+            expected = ref_arcee_fusion(base[name], xs[0])
+        elif method == "nearswap":
+            expected = ref_nearswap(0.001 + t * 0.009, base[name], xs[0])
+        elif method == "sce":
+            expected = ref_sce(base[name], xs, 0.5)
+        elif method == "ram":
+            expected = ref_ram(base[name], xs, 1e-4)
+        elif method == "ramplus_tl":
+            expected = ref_ram(base[name], xs, 1e-5, 0.3, 0.5)
+        elif method == "multislerp":
+            expected = ref_multislerp(xs, [0.3, 0.2 + t * 0.7], base[name])
+        else:
+            expected = ref_karcher(xs, max_iter=5)
+        close(value, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mergekit_config_refuses_parameters_a_method_does_not_take(tmp_path):
+    from compare_mergekit import build_models
+    from streammerge.config import load_config
+
+    models = build_models(tmp_path / "hf", vocab=64, hidden=16, inter=24, layers=3)
+    config = {"merge_method": "sce", "base_model": str(models["base"]),
+              "models": [{"model": str(models["a"]), "parameters": {"weight": 0.5}}]}
+    (tmp_path / "mk.yml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match="'weight' is not a parameter of method 'sce'"):
+        load_config(tmp_path / "mk.yml")
