@@ -221,7 +221,7 @@ def _parse_rule(entry, n_models: int, method: Method, where: str) -> Rule:
     if weights is not None:
         if (not isinstance(weights, list) or len(weights) != n_models
                 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and _finite(w) for w in weights)):
-            raise ConfigError(f"{where}: weights must be a list of {n_models} finite numbers, one per model, got "
+            raise ConfigError(f"{where}: weights must be a list of {n_models} numbers (finite), one per model, got "
                               f"{short(weights)}.")
         weights = [float(w) for w in weights]
     drop = entry.get("drop", False)

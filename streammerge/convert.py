@@ -25,8 +25,10 @@ from pathlib import Path
 from streammerge.config import parse_config
 from streammerge.engine import Engine, prepare
 from streammerge.errors import ConfigError, NoWeightsError, StreamMergeError
+from streammerge.files import read_regular_file
 from streammerge.io import Checkpoint, open_checkpoint
 from streammerge.io.containers import is_training_state
+from streammerge.io.sharded import MAX_INDEX
 from streammerge.units import format_size, parse_size
 
 # What a directory walk picks up (a single file named on the command line is taken whatever its name).
@@ -56,10 +58,13 @@ def target_stem(source: Path) -> str:
 
 
 def _shards_of_index(index: Path) -> set[Path]:
+    """The shard files an index stands for. Names that are indexes themselves are not shards (an index
+    listing itself or another index stays listed, and fails with the reader's message)."""
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        return {index.parent / name for name in weight_map.values() if isinstance(name, str)}
-    except (OSError, ValueError, AttributeError):
+        weight_map = json.loads(read_regular_file(index, MAX_INDEX, "shard index").decode("utf-8")).get("weight_map", {})
+        return {index.parent / name for name in weight_map.values()
+                if isinstance(name, str) and not name.endswith(".json")}
+    except (StreamMergeError, ValueError, AttributeError, RecursionError):
         return set()  # not a readable index: it is listed, and fails with the reader's message
 
 

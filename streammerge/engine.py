@@ -86,11 +86,12 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
         raise OutputError("no output given: set `output:` in the config or pass --output PATH.")
     checkpoints: list[Checkpoint] = []
     base = None
+    requested = max_ram if max_ram is not None else config.max_ram  # bounds the parsing of headers, too
     try:
         for spec in config.models:
-            checkpoints.append(open_checkpoint(spec.path, state_dict_key=spec.state_dict_key))
+            checkpoints.append(open_checkpoint(spec.path, state_dict_key=spec.state_dict_key, max_ram=requested))
         if config.base is not None:
-            base = open_checkpoint(config.base.path, state_dict_key=config.base.state_dict_key)
+            base = open_checkpoint(config.base.path, state_dict_key=config.base.state_dict_key, max_ram=requested)
         plan = build_plan(config, checkpoints, base)
         n_inputs = len(checkpoints) + (1 if base is not None else 0)
         out_itemsize = max(t.out_dtype.itemsize for t in plan.tasks)
