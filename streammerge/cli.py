@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -52,6 +51,7 @@ def run_merge(args) -> int:
     from streammerge.config import load_config
     from streammerge.engine import Engine, describe_plan, prepare
     from streammerge.io.output_safety import check_output_is_not_an_input
+    from streammerge.report_file import check_report_path, write_report
 
     config = load_config(args.config)
     prepared = prepare(config, args.output, args.max_ram)
@@ -62,12 +62,13 @@ def run_merge(args) -> int:
         if args.report:
             check_output_is_not_an_input([], args.report, prepared.inputs,
                                          also=(args.config,), what="report")
+            check_report_path(args.report, prepared.output)
         report = Engine(prepared, quiet=args.quiet, allow_nonfinite=args.allow_nonfinite or None,
                         resume=args.resume).run()
     finally:
         prepared.close()
     if args.report:
-        args.report.write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
+        write_report(args.report, report.as_dict(), prepared.output)
     if not args.quiet:
         print(report.summary(), file=sys.stderr)
     return 0

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import fnmatch
-import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from streammerge.errors import ConfigError
+from streammerge.config_file import read_config_file
+from streammerge.errors import ConfigError, short
 from streammerge.methods.method import Method, coerce_param
 from streammerge.methods.registry import did_you_mean, get_method
 from streammerge.units import parse_size
@@ -24,6 +24,8 @@ OUTPUT_DTYPES = {
 }
 DEFAULT_MAX_RAM = 1024**3
 DEFAULT_SHARD_SIZE = 5 * 1000**3
+NAN_POLICIES = ("error", "allow")  # what a NaN/Inf in a merged tensor does: stop the run, or write and list it
+MAX_SEED = 2**63 - 1
 TOP_LEVEL_KEYS = {"output", "models", "method", "rules", "dtype", "out_dtype", "max_ram", "shard_size", "base",
                   "parameters", "seed", "rename", "nan_policy"}
 MODEL_KEYS = {"path", "state_dict_key", "rename", "parameters"}
@@ -106,21 +108,6 @@ class MergeConfig:
         }
 
 
-def read_config_file(path: Path) -> dict:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config ({exc.strerror}).") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the config must be a mapping with at least 'models' (and usually 'output').")
-    return data
-
-
 def load_config(path: Path) -> MergeConfig:
     data = read_config_file(path)
     from streammerge import mergekit_config
@@ -133,7 +120,29 @@ def load_config(path: Path) -> MergeConfig:
 def _check_keys(data: dict, allowed: set, where: str, extra: set = frozenset()) -> None:
     unknown = [k for k in data if k not in allowed and k not in extra]
     if unknown:
-        raise ConfigError(f"{where}: unknown key '{unknown[0]}'. Allowed here: {', '.join(sorted(allowed | extra))}.")
+        raise ConfigError(f"{where}: unknown key {short(unknown[0])}. Allowed here: "
+                          f"{', '.join(sorted(allowed | extra))}.")
+
+
+def _text(value, what: str, hint: str = "a string") -> str:
+    """A value that must be a string (a path, a name, a pattern); numbers are taken as written."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ConfigError(f"{what}: expected {hint}, got {short(value)}.")
+    return value
+
+
+def _seed(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{where}: seed must be a whole number from 0 to {MAX_SEED}, got {short(value)}.")
+    return value
+
+
+def _choice(value, choices: tuple, what: str) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{what}: must be one of {', '.join(choices)}, got {short(value)}.")
+    return value
 
 
 def _parse_rename(items, where: str) -> list[Rename]:
@@ -145,10 +154,21 @@ def _parse_rename(items, where: str) -> list[Rename]:
     for i, item in enumerate(items):
         if not isinstance(item, dict) or set(item) - {"pattern", "replace"} or "pattern" not in item:
             raise ConfigError(f"{where}: rename[{i}] must be {{pattern: REGEX, replace: STR}}.")
+        pattern_text = _text(item["pattern"], f"{where}: rename[{i}] pattern", "a regular expression")
+        replace = item.get("replace", "")
+        if not isinstance(replace, str):
+            raise ConfigError(f"{where}: rename[{i}] replace must be a string, got {short(replace)}.")
         try:
-            out.append(Rename(re.compile(str(item["pattern"])), str(item.get("replace", ""))))
+            pattern = re.compile(pattern_text)
         except re.error as exc:
             raise ConfigError(f"{where}: rename[{i}] pattern is not a valid regular expression ({exc}).") from None
+        try:  # the replacement template is parsed (group references checked) even when nothing matches
+            pattern.sub(replace, "")
+        except (re.error, IndexError) as exc:
+            raise ConfigError(f"{where}: rename[{i}] replace {short(replace)} is not a valid replacement for "
+                              f"pattern {short(pattern_text)} ({exc}); refer to groups as \\1 or \\g<name>, "
+                              "and write a literal backslash as \\\\.") from None
+        out.append(Rename(pattern, replace))
     return out
 
 
@@ -179,7 +199,9 @@ def _parse_model(entry, method: Method, where: str) -> ModelSpec:
     params = {p.name: p.default for p in method.model_params}
     params.update(_parse_params({**nested, **inline}, method, True, where))
     key = entry.get("state_dict_key")
-    return ModelSpec(Path(str(entry["path"])), params, str(key) if key is not None else None,
+    path = _text(entry["path"], f"{where}: path", "a file or directory path")
+    key = _text(key, f"{where}: state_dict_key", "a (dotted) key") if key is not None else None
+    return ModelSpec(Path(path), params, key,
                      _parse_rename(entry.get("rename"), where))
 
 
@@ -194,12 +216,13 @@ def _parse_rule(entry, n_models: int, method: Method, where: str) -> Rule:
         raise ConfigError(f"{where}: use only one of take / weights / drop in a rule (found {', '.join(actions)}).")
     take = entry.get("take")
     if take is not None and (isinstance(take, bool) or not isinstance(take, int) or not 0 <= take < n_models):
-        raise ConfigError(f"{where}: take: {take!r} is not a model index; models are numbered 0..{n_models - 1}.")
+        raise ConfigError(f"{where}: take: {short(take)} is not a model index; models are numbered 0..{n_models - 1}.")
     weights = entry.get("weights")
     if weights is not None:
         if (not isinstance(weights, list) or len(weights) != n_models
-                or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)):
-            raise ConfigError(f"{where}: weights must be a list of {n_models} numbers, one per model.")
+                or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and _finite(w) for w in weights)):
+            raise ConfigError(f"{where}: weights must be a list of {n_models} numbers (finite), one per model, got "
+                              f"{short(weights)}.")
         weights = [float(w) for w in weights]
     drop = entry.get("drop", False)
     if not isinstance(drop, bool):
@@ -221,19 +244,27 @@ def _parse_rule(entry, n_models: int, method: Method, where: str) -> Rule:
                              for i, v in enumerate(values)]
     if not actions and not params and not model_params:
         raise ConfigError(f"{where}: a rule needs one of take, weights, drop, or method parameters.")
-    return Rule(str(entry["match"]), take, drop, weights, params, model_params)
+    match = _text(entry["match"], f"{where}: match", "a glob, or 're:' + a regular expression")
+    return Rule(match, take, drop, weights, params, model_params)
+
+
+def _finite(number) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _dtype(value, table: dict, what: str) -> torch.dtype:
-    try:
-        return table[str(value).removeprefix("torch.")]
-    except KeyError:
-        raise ConfigError(f"{what}: unknown dtype {value!r}; use one of {', '.join(table)}.") from None
+    dtype = table.get(value.removeprefix("torch.")) if isinstance(value, str) else None
+    if dtype is None:
+        raise ConfigError(f"{what}: unknown dtype {short(value)}; use one of {', '.join(table)}.")
+    return dtype
 
 
 def parse_config(data: dict, source: Path | None = None) -> MergeConfig:
     where = str(source) if source else "config"
-    method = get_method(str(data.get("method", "linear")))
+    method = get_method(_text(data.get("method", "linear"), f"{where}: method", "a method name"))
     method_param_names = {p.name for p in method.method_params}
     _check_keys(data, TOP_LEVEL_KEYS, where, method_param_names)
     models = data.get("models")
@@ -264,7 +295,7 @@ def parse_config(data: dict, source: Path | None = None) -> MergeConfig:
         raise ConfigError(f"{where}: method '{method.name}' takes {wanted} model(s) in 'models'"
                           f"{' (besides the base)' if method.uses_base else ''}, but {len(specs)} are given.")
     config = MergeConfig(
-        output=Path(str(data["output"])) if data.get("output") is not None else None,
+        output=Path(_text(data["output"], f"{where}: output", "a path")) if data.get("output") is not None else None,
         models=specs,
         method=method,
         params=params,
@@ -274,9 +305,9 @@ def parse_config(data: dict, source: Path | None = None) -> MergeConfig:
         max_ram=parse_size(data["max_ram"], f"{where}: max_ram") if data.get("max_ram") is not None else None,
         shard_size=parse_size(data.get("shard_size", DEFAULT_SHARD_SIZE), f"{where}: shard_size"),
         base=_parse_model(base, method, f"{where}: base") if base is not None else None,
-        seed=int(data.get("seed", 0)),
+        seed=_seed(data.get("seed", 0), where),
         rename=_parse_rename(data.get("rename"), where),
-        nan_policy=str(data.get("nan_policy", "error")),
+        nan_policy=_choice(data.get("nan_policy", "error"), NAN_POLICIES, f"{where}: nan_policy"),
         source=source,
     )
     check_weights(config, where)

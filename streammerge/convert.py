@@ -24,6 +24,7 @@ from pathlib import Path
 from streammerge.config import parse_config
 from streammerge.engine import Engine, prepare
 from streammerge.errors import ConfigError, NoWeightsError, StreamMergeError
+from streammerge.files import read_regular_file
 from streammerge.io import Checkpoint, open_checkpoint
 from streammerge.io.containers import is_training_state
 from streammerge.io.sharded import read_weight_map
@@ -56,8 +57,10 @@ def target_stem(source: Path) -> str:
 
 
 def _shards_of_index(index: Path) -> set[Path]:
-    # An unreadable index gives no shards: it is listed, and fails with the reader's message.
-    return {index.parent / name for name in read_weight_map(index).values() if isinstance(name, str)}
+    """The shard files an index stands for. Names that are indexes themselves are not shards (an index listing
+    itself or another index stays listed, and fails with the reader's message); an unreadable index gives none."""
+    return {index.parent / name for name in read_weight_map(index).values()
+            if isinstance(name, str) and not name.endswith(".json")}
 
 
 def find_checkpoints(root: Path, exclude: Path | None = None) -> list[Path]:

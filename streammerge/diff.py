@@ -7,7 +7,6 @@ the RAM budget with float64 sums, so checkpoints far larger than memory can be c
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from streammerge import strict_json
 from streammerge.config import DEFAULT_MAX_RAM
 from streammerge.errors import StreamMergeError
 from streammerge.io import open_checkpoint
@@ -199,7 +199,7 @@ def run_diff(args) -> int:
     opened = []
     try:
         for path in args.inputs + ([args.base] if args.base else []):
-            opened.append(open_checkpoint(path))
+            opened.append(open_checkpoint(path, max_ram=args.max_ram))
         if args.base is None:
             pairs = [(opened[0], opened[1], f"{args.inputs[0]} vs {args.inputs[1]}")]
         else:
@@ -209,7 +209,7 @@ def run_diff(args) -> int:
         for c in opened:
             c.close()
     if args.json:
-        print(json.dumps(as_json(comparisons), indent=2))
+        print(strict_json.dumps(as_json(comparisons), indent=2))
     else:
         print("\n\n".join(format_table(c, args.tensors) for c in comparisons))
     if args.plot:

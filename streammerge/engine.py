@@ -91,22 +91,43 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
     if output is None:
         raise OutputError("no output given: set `output:` in the config or pass --output PATH.")
     inputs: list[Checkpoint] = []  # the models, then the base: closed again if anything below fails
+    requested = max_ram if max_ram is not None else config.max_ram  # bounds the parsing of headers, too
     try:
         for spec in config.models + ([config.base] if config.base is not None else []):
-            inputs.append(open_checkpoint(spec.path, state_dict_key=spec.state_dict_key))
+            inputs.append(open_checkpoint(spec.path, state_dict_key=spec.state_dict_key, max_ram=requested))
         checkpoints, base = inputs[:len(config.models)], (inputs[-1] if config.base is not None else None)
         plan = build_plan(config, checkpoints, base)
         out_itemsize = max(t.out_dtype.itemsize for t in plan.tasks)
         unaligned = [i.itemsize for t in plan.tasks for i in t.inputs if not i.aligned]
         per_element = bytes_per_element(len(inputs), config.dtype.itemsize, out_itemsize,
                                         config.method.buffers, staging_itemsize=max(unaligned, default=0))
-        budget = Budget(max_ram if max_ram is not None else config.max_ram, per_element, DEFAULT_MAX_RAM,
+        budget = Budget(requested, per_element, DEFAULT_MAX_RAM,
                         largest_tensor=max(t.numel for t in plan.tasks))
     except BaseException:
         for c in inputs:
             c.close()
         raise
     return Prepared(config, output, checkpoints, base, plan, budget)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a chunk holds no NaN or Inf; true for integer and bool chunks. float8 chunks are checked on their
+    bits (torch has no sum or isfinite for them on CPU): an all-ones exponent is Inf or NaN."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    bits = FLOAT8_NONFINITE.get(t.dtype)
+    if bits is not None:
+        mask, value = bits
+        return not bool(((t.view(torch.uint8) & mask) == value).any())
+    if math.isfinite(float(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())  # the sum can overflow; confirm element-wise
+
+
+# float8 dtype -> (mask, value) of the bits of a non-finite element
+FLOAT8_NONFINITE = {getattr(torch, name): bits for name, bits in (
+    ("float8_e4m3fn", (0x7F, 0x7F)), ("float8_e5m2", (0x7C, 0x7C)),
+    ("float8_e4m3fnuz", (0xFF, 0x80)), ("float8_e5m2fnuz", (0xFF, 0x80))) if hasattr(torch, name)}
 
 
 class Workspace:
@@ -345,11 +366,10 @@ class Engine:
                     info.prefetch(stop, min(task.numel, stop + self.chunk))
             ws.next_slot()
             result = produce(start, stop)
-            if result.is_floating_point() and not math.isfinite(float(result.sum())):
-                if not bool(torch.isfinite(result).all()):  # the sum can overflow; confirm element-wise
-                    self._nonfinite(task, inputs, start, stop)
             if result.dtype != task.out_dtype:
                 result = ws.out_buffer(task.out_dtype, stop - start).copy_(result)
+            if not all_finite(result):  # what is written: a cast to out_dtype can overflow to Inf
+                self._nonfinite(task, inputs, start, stop)
             self.writer.submit(functools.partial(_write_and_release, output, task.name, start, stop, result,
                                                  inputs, was_cached))
             progress.update(sum(i.itemsize for i in inputs) * (stop - start))
@@ -360,10 +380,12 @@ class Engine:
             if task.name not in self.nonfinite:
                 self.nonfinite.append(task.name)
             return
-        culprits = [str(info.file.path) for info in inputs
-                    if info.is_float and not bool(torch.isfinite(info.read(start, stop)).all())]
+        culprits = [str(info.file.path) for info in inputs if not all_finite(info.read(start, stop))]
+        out_dtype = str(task.out_dtype).removeprefix("torch.")
         where = (f"the input(s) {', '.join(culprits)} hold NaN/Inf there" if culprits else
-                 "the inputs are finite, so the merge itself overflowed (try dtype: float64 or other weights)")
+                 f"the inputs are finite, so the merge overflowed or its values do not fit the output dtype "
+                 f"{out_dtype} (largest finite value {torch.finfo(task.out_dtype).max:g}); try another out_dtype, "
+                 "dtype: float64 or other weights")
         raise StreamMergeError(
             f"the merged tensor '{task.name}' has NaN or Inf values: {where}. Stopped without writing the "
             "output; rerun with --allow-nonfinite to write it anyway and list such tensors in the summary.")

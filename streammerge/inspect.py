@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
+from streammerge import strict_json
 from streammerge.units import format_size
 
 SCALAR_FIELDS_SHOWN = 6
@@ -36,7 +37,7 @@ def add_inspect_parser(subparsers) -> None:
 def run_inspect(args) -> int:
     report = inspect_checkpoint(args.path, args.state_dict_key)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(strict_json.dumps(report, indent=2))
     else:
         print(format_report(report))
     return 0

@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from streammerge.errors import ConfigError
+from streammerge.errors import ConfigError, short
 from streammerge.layers import find_layer
 from streammerge.methods.method import Method
 from streammerge.methods.registry import did_you_mean, methods
@@ -84,13 +84,37 @@ def evaluate(setting, name: str, t: float):
             return (1 - frac) * setting[i0] + frac * setting[i1]
         for condition in setting:
             if not isinstance(condition, dict) or "value" not in condition:
-                raise ConfigError(f"parameter setting {setting!r}: a list must hold either values (a gradient) or "
-                                  "{filter, value} conditions.")
+                raise ConfigError(f"parameter setting {short(setting)}: a list must hold either values (a gradient) "
+                                  "or {filter, value} conditions.")
             pattern = condition.get("filter")
+            if pattern is not None and not isinstance(pattern, str):
+                raise ConfigError(f"parameter setting {short(setting)}: filter {short(pattern)} must be a string (a "
+                                  "part of tensor names).")
             if pattern is None or pattern == "*" or (name and pattern in name):
                 return evaluate(condition["value"], name, t)
         return None
-    raise ConfigError(f"parameter setting {setting!r} is neither a value, a gradient list nor filter conditions.")
+    raise ConfigError(f"parameter setting {short(setting)} is neither a value, a gradient list nor filter conditions.")
+
+
+def check_setting(setting, where: str) -> None:
+    """Refuse a parameter setting `evaluate` could not use for some tensor, before any tensor is looked at."""
+    if isinstance(setting, dict) and "value" in setting:
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return
+    if isinstance(setting, list):
+        if all(isinstance(e, (bool, int, float, str)) for e in setting):
+            return
+        for condition in setting:
+            if not isinstance(condition, dict) or "value" not in condition or set(condition) - {"filter", "value"}:
+                raise ConfigError(f"{where}: {short(setting)}: a list must hold either values (a gradient) or "
+                                  "{filter, value} conditions.")
+            pattern = condition.get("filter")
+            if pattern is not None and not isinstance(pattern, str):
+                raise ConfigError(f"{where}: filter {short(pattern)} must be a string (a part of tensor names).")
+            check_setting(condition["value"], where)
+        return
+    raise ConfigError(f"{where}: {short(setting)} is neither a value, a gradient list nor filter conditions.")
 
 
 def resolve(key: str, scopes: list[dict | None], name: str, t: float):
@@ -119,8 +143,9 @@ def _check_parameters(scope, method: Method, where: str, allow_method_params: bo
         param = method.param(key)
         if param is None:
             known = ", ".join(p.name for p in method.params) or "none"
-            raise ConfigError(f"{where}: '{key}' is not a parameter of method '{method.name}' (those are: {known}); "
+            raise ConfigError(f"{where}: {short(key)} is not a parameter of method '{method.name}' (those are: {known}); "
                               "streammerge refuses parameters it would not use.")
+        check_setting(scope[key], f"{where}: {key}")
         if not param.per_model and not allow_method_params:
             raise ConfigError(f"{where}: '{key}' is a parameter of the whole merge, which mergekit reads only from "
                               "the top-level 'parameters'; move it there.")
@@ -138,7 +163,15 @@ def _models_from_slices(data: dict, where: str) -> tuple[list, dict | None, int]
     if unknown:
         raise ConfigError(f"{where}: slices[0]: '{sorted(unknown)[0]}' is not supported.")
     sources = the_slice.get("sources") or []
-    ranges = {tuple(s.get("layer_range") or ()) for s in sources if isinstance(s, dict)}
+    if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
+        raise ConfigError(f"{where}: slices[0].sources must be a list of {{model: PATH, layer_range: [0, N]}}.")
+    for i, s in enumerate(sources):
+        layer_range = s.get("layer_range")
+        if (not isinstance(layer_range, list) or len(layer_range) != 2
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in layer_range)):
+            raise ConfigError(f"{where}: slices[0].sources[{i}].layer_range must be [START, END], two whole numbers; "
+                              f"got {short(layer_range)}.")
+    ranges = {tuple(s["layer_range"]) for s in sources}
     if len(ranges) != 1 or len(next(iter(ranges))) != 2 or next(iter(ranges))[0] != 0:
         raise ConfigError(f"{where}: slices[0]: every source must have the same layer_range starting at 0 (a whole "
                           "model); other layer ranges are not supported.")
@@ -157,10 +190,12 @@ def translate(data: dict, source: Path | None = None) -> dict:
                               f"{', '.join(sorted(STREAMMERGE_KEYS))}).")
         if key in REFUSED and data[key] is not None:
             raise ConfigError(f"{where}: '{key}' is not supported: {REFUSED[key]}.")
-    name = str(data["merge_method"])
+    name = data["merge_method"]
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: merge_method must be a method name, got {short(name)}.")
     available = [m.name for m in methods() if m.in_mergekit]
     if name not in available:
-        raise ConfigError(f"{where}: mergekit merge_method '{name}' is not available in streammerge"
+        raise ConfigError(f"{where}: mergekit merge_method {short(name)} is not available in streammerge"
                           f"{did_you_mean(name, available)}; available: {', '.join(available)}.")
     method = methods().get(name)
     slice_parameters, slice_layers = None, None
@@ -263,7 +298,9 @@ def translate(data: dict, source: Path | None = None) -> dict:
         config["base"] = base_path
     dtype, out_dtype = data.get("dtype"), data.get("out_dtype")
     if dtype is not None:
-        dtype = str(dtype).removeprefix("torch.")
+        if not isinstance(dtype, str):
+            raise ConfigError(f"{where}: dtype must be a dtype name such as bfloat16, got {short(dtype)}.")
+        dtype = dtype.removeprefix("torch.")
         if dtype in HALF_DTYPES:  # accumulate in float32 (more precise), write what mergekit would
             out_dtype = out_dtype or dtype
             dtype = "float32"

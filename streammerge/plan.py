@@ -109,6 +109,10 @@ def _describe(info: TensorInfo) -> str:
 
 
 def build_plan(config: MergeConfig, checkpoints: list[Checkpoint], base: Checkpoint | None = None) -> Plan:
+    empty = [c for c in checkpoints + ([base] if base is not None else []) if not c.tensors]
+    if empty:
+        raise PlanError(f"{empty[0].path}: holds no tensors (its {empty[0].format} header lists none), so there is "
+                        "nothing to merge from it. Check that this is the checkpoint you meant.")
     models = [renamed_tensors(c, config.rename + spec.rename) for c, spec in zip(checkpoints, config.models)]
     base_tensors = renamed_tensors(base, config.rename + config.base.rename) if base is not None else None
     names = list(dict.fromkeys(n for m in models for n in m))

@@ -79,3 +79,41 @@ def oom_killed(cgroup: Path, result: subprocess.CompletedProcess) -> bool:
     if events.exists():
         return any(line.startswith("oom_kill ") and line.split()[1] != "0" for line in events.read_text().splitlines())
     return False
+
+
+@contextlib.contextmanager
+def confine_this_process(limit_bytes: int):
+    """Run the body with this process in a fresh memory cgroup of `limit_bytes` (what it allocates from now on
+    counts against the limit; going beyond it is an OOM kill, a loud failure). Yields False, and confines
+    nothing, where no memory cgroup can be made or joined."""
+    found = _own_memory_cgroup()
+    if found is None:
+        yield False
+        return
+    parent, version = found
+    for stale in parent.glob("streammerge-confine-*"):  # left by a process the limit killed
+        with contextlib.suppress(OSError):
+            if not (stale / "cgroup.procs").read_text().strip():
+                stale.rmdir()
+    path = parent / f"streammerge-confine-{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir()
+    except OSError:
+        yield False
+        return
+    joined = False
+    try:
+        try:
+            limit_file = "memory.limit_in_bytes" if version == "v1" else "memory.max"
+            (path / limit_file).write_text(str(limit_bytes))
+            (path / "cgroup.procs").write_text(str(os.getpid()))
+            joined = True
+        except OSError:
+            pass
+        yield joined
+    finally:
+        if joined:
+            with contextlib.suppress(OSError):
+                (parent / "cgroup.procs").write_text(str(os.getpid()))
+        with contextlib.suppress(OSError):
+            path.rmdir()

@@ -46,10 +46,14 @@ def test_two_finetunes(run, tmp_path):
     coqui_load(tmp_path / "merged" / "xtts_news_audiobook.pth", xtts_module())
 
 
+def kept_encoder(name: str) -> bool:
+    return "gpt.conditioning_encoder." in name or "hifigan_decoder.speaker_encoder." in name
+
+
 def test_keep_encoder(run, tmp_path):
     paths = two_finetunes(tmp_path)
     got = run_example(run, tmp_path, "xtts_keep_encoder.yaml", paths)
-    expected = seed_merge(paths, [0.6, 0.4], take_first=lambda name: "encoder" in name)
+    expected = seed_merge(paths, [0.6, 0.4], take_first=kept_encoder)
     assert {k: v for k, v in got.items() if k != "model"} == {k: v for k, v in expected.items() if k != "model"}
     assert_same_state(got["model"], expected["model"])
     first = torch.load(paths[0], weights_only=True)["model"]
@@ -72,3 +76,29 @@ def test_trainer_plus_plain(run, tmp_path):
                 for k, v in b.items()}
     assert_same_state(got["model"], expected)
     coqui_load(tmp_path / "merged" / "xtts_trainer_plus_base.pth", xtts_module())
+
+
+@pytest.mark.parametrize("example", ["xtts_keep_encoder.yaml", "xtts_two_finetunes.yaml"])
+def test_examples_on_trainer_checkpoints(run, tmp_path, example):
+    """Trainer checkpoints (names under `xtts.`, plus the trainer's dvae and mel modules): every rule of the
+    example matches something, and the result is what the example says."""
+    paths = [tmp_path / "news.pth", tmp_path / "audiobook.pth"]
+    for i, path in enumerate(paths):
+        write_trainer(path, i, 4000 + i, 8 - i, (0.9, 1.1), prefix="xtts.", extras=True, optimizer=True,
+                      config={"model": "xtts"})
+    config = yaml.safe_load((EXAMPLES / example).read_text())
+    for model, path in zip(config["models"], paths):
+        model["path"] = str(path)
+    config["output"] = str(tmp_path / "out.pth")
+    config_path = tmp_path / example
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    plan = run("merge", config_path, "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert "matches no tensor" not in plan.stdout, plan.stdout
+    got = run_example(run, tmp_path, example, paths)
+    take = kept_encoder if example == "xtts_keep_encoder.yaml" else (lambda name: False)
+    expected = seed_merge(paths, [0.6, 0.4], take_first=take)
+    assert_same_state(got["model"], expected["model"])
+    assert any("dvae." in k for k in got["model"])  # as the example's comment says: kept unless dropped
+    output_name = Path(yaml.safe_load((EXAMPLES / example).read_text())["output"]).name
+    coqui_load(tmp_path / "merged" / output_name, xtts_module())

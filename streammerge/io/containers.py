@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from streammerge.errors import CheckpointError, NoWeightsError
-from streammerge.io.checkpoint import Checkpoint
+from streammerge.errors import CheckpointError, NoWeightsError, short
+from streammerge.io.checkpoint import Checkpoint, clean_text
 from streammerge.io.mapped import MappedFile
 from streammerge.io.safe_pickle import InertObject, StorageType, TensorRecord, is_inert_class, tensor_infos
 
@@ -36,6 +36,16 @@ TRAINING_STATE_KEYS = {"optimizer", "optimizer_states", "optimizers", "optimizer
 OPTIMIZER_STATE_FIELDS = frozenset({"state", "param_groups"})
 MARKERS = ("__class__", "__global__", "__args__", "__state__", "__items__", "__list__", "__summary__")
 MAX_LISTED = 12
+# Attributes that code sets on a config object besides its declared fields (so a pickled instance holds them but
+# the class's to_dict() does not give them), for classes whose fields cannot be read without importing them.
+NOT_FIELDS = {
+    "TTS.tts.configs.xtts_config.XttsConfig": {"num_chars"},  # set by BaseTTS._set_model_args
+}
+# Bounds of the JSON view of a checkpoint's non-tensor content (its metadata), however the pickle is built.
+MAX_METADATA_VALUES = 100_000
+MAX_METADATA_CHARS = 16 * 1024**2
+MAX_METADATA_DEPTH = 64
+OMITTED = f"... (omitted: metadata beyond {MAX_METADATA_VALUES} values or {MAX_METADATA_CHARS} characters)"
 MAX_ARRAY_ELEMENTS = 64
 
 
@@ -75,21 +85,32 @@ def _tensor_bytes(tensors) -> int:
 def _candidates(obj) -> list[tuple[list, Mapping, int]]:
     """(key path, mapping, tensor bytes) of every mapping holding named tensors, shallowest first."""
     found, seen = [], set()
-    level = [([], obj)]
+    # Each node is (parent node, key, mapping): the key path is spelled out only for the mappings found, so
+    # the search stays linear however deeply the mappings nest.
+    level = [(None, None, obj)]
     while level:
         nxt = []
-        for parts, node in level:
+        for entry in level:
+            node = entry[2]
             if not isinstance(node, Mapping) or id(node) in seen:
                 continue
             seen.add(id(node))
             tensors = _tensor_items(node)
             if tensors:
-                found.append((parts, node, _tensor_bytes(tensors.values())))
+                found.append((_key_path(entry), node, _tensor_bytes(tensors.values())))
             for k, v in node.items():
                 if isinstance(k, str) and isinstance(v, Mapping) and not is_training_state(k, v):
-                    nxt.append((parts + [k], v))
+                    nxt.append((entry, k, v))
         level = nxt
     return found
+
+
+def _key_path(entry) -> list:
+    parts = []
+    while entry[0] is not None:
+        parts.append(entry[1])
+        entry = entry[0]
+    return parts[::-1]
 
 
 def _signature(node: Mapping) -> frozenset:
@@ -240,10 +261,38 @@ def summarize_training_state(value) -> dict:
     return out
 
 
-def to_jsonable(obj, depth: int = 0, _path: frozenset = frozenset()):
-    """A JSON-safe view of non-tensor content; training state is summarised (see safe_pickle for records)."""
+class _Budget:
+    """What is left of the size allowed for one JSON view (see MAX_METADATA_VALUES, MAX_METADATA_CHARS)."""
+
+    __slots__ = ("values", "chars", "exhausted")
+
+    def __init__(self):
+        self.values, self.chars, self.exhausted = MAX_METADATA_VALUES, MAX_METADATA_CHARS, False
+
+    def take(self, chars: int = 0) -> bool:
+        self.values -= 1
+        self.chars -= chars
+        if self.values < 0 or self.chars < 0:
+            self.exhausted = True
+        return not self.exhausted
+
+
+def to_jsonable(obj, depth: int = 0, _path: frozenset = frozenset(), _budget: _Budget | None = None):
+    """A JSON-safe view of non-tensor content; training state is summarised (see safe_pickle for records).
+
+    The view is bounded however the pickle is built: a value shared by many references (a pickle memo bomb:
+    40 levels of `[x, x]` in 2 KB, one long string referenced a thousand times) costs its size at every place
+    it appears, and once MAX_METADATA_VALUES values or MAX_METADATA_CHARS characters have been produced the
+    rest is replaced by OMITTED. Nesting beyond MAX_METADATA_DEPTH and cycles become null."""
+    budget = _Budget() if _budget is None else _budget
+    if not budget.take(len(obj) if isinstance(obj, str) else 0):
+        return OMITTED
     if is_tensor(obj):
         return {"tensor": list(obj.shape), "dtype": str(obj.dtype).removeprefix("torch.")}
+    if type(obj) is str:
+        return clean_text(obj)
+    if type(obj) is int and not -2**63 <= obj < 2**64:
+        return short(obj, 200)  # beyond any JSON reader's integers (and beyond float for metadata arithmetic)
     if _is_json_scalar(obj):
         return obj
     if isinstance(obj, torch.dtype):
@@ -256,22 +305,38 @@ def to_jsonable(obj, depth: int = 0, _path: frozenset = frozenset()):
         return repr(obj)
     if is_inert_class(obj):
         return {"__global__": obj._global_name}
-    numpy_view = _numpy_jsonable(obj)
+    numpy_view = _numpy_jsonable(obj, budget)
     if numpy_view is not None:
         return numpy_view
     if isinstance(obj, (bool, int, float, str)):  # subclasses: IntEnum members and the like
-        return _scalar(obj)
-    if depth > 64 or id(obj) in _path:  # cycles (e.g. a config node pointing at its parent)
+        return to_jsonable(_scalar(obj), depth, _path, budget)
+    if depth > MAX_METADATA_DEPTH or id(obj) in _path:  # cycles (e.g. a config node pointing at its parent)
         return None
     inner = _path | {id(obj)}
     if isinstance(obj, Mapping):
-        return {str(k): (summarize_training_state(v) if is_training_state(k, v) and _has_tensors(v)
-                         else to_jsonable(v, depth + 1, inner)) for k, v in obj.items()}
+        out = {}
+        for k, v in obj.items():
+            if budget.exhausted:
+                out["..."] = OMITTED
+                break
+            out[_key(k)] = (summarize_training_state(v) if is_training_state(k, v) and _has_tensors(v)
+                            else to_jsonable(v, depth + 1, inner, budget))
+        return out
     if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_jsonable(v, depth + 1, inner) for v in obj]
+        out = []
+        for v in obj:
+            if budget.exhausted:
+                out.append(OMITTED)
+                break
+            out.append(to_jsonable(v, depth + 1, inner, budget))
+        return out
     if isinstance(obj, InertObject):
-        return _inert_jsonable(obj, depth, inner)
-    return repr(obj)[:200]
+        return _inert_jsonable(obj, depth, inner, budget)
+    return short(obj, 200)
+
+
+def _key(key) -> str:
+    return clean_text(key) if isinstance(key, str) else short(key, 200)
 
 
 def _scalar(obj):
@@ -282,19 +347,20 @@ def _scalar(obj):
     return obj
 
 
-def _numpy_jsonable(obj):
+def _numpy_jsonable(obj, budget: _Budget):
     try:
         import numpy as np
     except ImportError:  # pragma: no cover
         return None
     if isinstance(obj, np.generic):
         value = obj.item()
-        return value if isinstance(value, (bool, int, float, str)) or value is None else repr(value)[:200]
+        return (to_jsonable(value, _budget=budget) if isinstance(value, (bool, int, float, str)) or value is None
+                else short(value, 200))
     if isinstance(obj, np.dtype):
         return str(obj)
     if isinstance(obj, np.ndarray):
         if obj.size <= MAX_ARRAY_ELEMENTS and obj.dtype.kind in "biufcUS":
-            return to_jsonable(obj.tolist())
+            return to_jsonable(obj.tolist(), _budget=budget)
         return {"__class__": "numpy.ndarray", "shape": list(obj.shape), "dtype": str(obj.dtype)}
     return None
 
@@ -303,43 +369,47 @@ def _has_tensors(value) -> bool:
     return summarize_training_state(value)["tensors"] > 0 if isinstance(value, (Mapping, list, tuple)) else False
 
 
-def _inert_jsonable(obj: InertObject, depth: int, path: frozenset) -> dict:
+def _inert_jsonable(obj: InertObject, depth: int, path: frozenset, budget: _Budget) -> dict:
     name = obj.class_name
     if name.startswith("omegaconf."):
         content = obj.fields.get("_content") if "_content" in obj.fields else obj.fields.get("_val")
         if name.startswith("omegaconf.nodes."):
-            return to_jsonable(content, depth + 1, path)
+            return to_jsonable(content, depth + 1, path, budget)
         out = {"__class__": name}
         if isinstance(content, Mapping):
-            out.update({str(k): to_jsonable(v, depth + 1, path) for k, v in content.items()})
+            out.update({_key(k): to_jsonable(v, depth + 1, path, budget) for k, v in content.items()})
         elif isinstance(content, (list, tuple)):
-            out["__list__"] = [to_jsonable(v, depth + 1, path) for v in content]
+            out["__list__"] = [to_jsonable(v, depth + 1, path, budget) for v in content]
         elif content is not None:
-            out["__state__"] = to_jsonable(content, depth + 1, path)
+            out["__state__"] = to_jsonable(content, depth + 1, path, budget)
         return out
     if name.startswith("pathlib.") and name.endswith("Path") and obj.args and not obj.fields \
             and all(isinstance(a, str) for a in obj.args):  # a path: its string (our own pure path, no I/O)
         pure = pathlib.PureWindowsPath if "Windows" in name else pathlib.PurePosixPath
         return str(pure(*obj.args))
     out = {"__class__": name}
-    out.update({str(k): to_jsonable(v, depth + 1, path) for k, v in obj.fields.items() if str(k) not in MARKERS})
+    out.update({_key(k): to_jsonable(v, depth + 1, path, budget) for k, v in obj.fields.items()
+                if _key(k) not in MARKERS})
     if obj.args or obj.kwargs:
-        out["__args__"] = [to_jsonable(a, depth + 1, path) for a in obj.args]
+        out["__args__"] = [to_jsonable(a, depth + 1, path, budget) for a in obj.args]
         if obj.kwargs:
-            out["__args__"].append(to_jsonable(obj.kwargs, depth + 1, path))
+            out["__args__"].append(to_jsonable(obj.kwargs, depth + 1, path, budget))
     if obj.state is not None:
-        out["__state__"] = to_jsonable(obj.state, depth + 1, path)
+        out["__state__"] = to_jsonable(obj.state, depth + 1, path, budget)
     if obj.items:
-        out["__items__"] = to_jsonable(obj.items, depth + 1, path)
+        out["__items__"] = to_jsonable(obj.items, depth + 1, path, budget)
     if obj.listitems:
-        out["__list__"] = to_jsonable(obj.listitems, depth + 1, path)
+        out["__list__"] = to_jsonable(obj.listitems, depth + 1, path, budget)
     return out
 
 
 def plain_config(value):
     """A metadata value (e.g. a pickled XttsConfig record) as plain dicts, lists and scalars.
 
-    Inert records lose their markers: their fields (and dict-subclass items) become a dict; a record with
+    Inert records lose their markers: their fields (and dict-subclass items) become a dict, as the class's own
+    `to_dict()` would give them: attributes set outside the declared fields are left out (private ones,
+    `_initialized` of Coqpit configs; those in NOT_FIELDS, e.g. the `num_chars` Coqui's model code sets on an
+    XttsConfig); a record with
     no fields stands for its single constructor argument (enum members, paths, decimals), its argument list,
     its list items or its non-dict state; a global reference becomes its dotted name.
     """
@@ -347,7 +417,9 @@ def plain_config(value):
         if "__global__" in value and len(value) == 1:
             return value["__global__"]
         if "__class__" in value or "__summary__" in value:
-            fields = {k: plain_config(v) for k, v in value.items() if k not in MARKERS}
+            leftovers = NOT_FIELDS.get(value.get("__class__"), ())
+            fields = {k: plain_config(v) for k, v in value.items()
+                      if k not in MARKERS and not (k.startswith("_") and "__class__" in value) and k not in leftovers}
             if "__items__" in value and isinstance(value["__items__"], Mapping):
                 fields.update({k: plain_config(v) for k, v in value["__items__"].items()})
             if fields:

@@ -162,9 +162,16 @@ class TensorInfo:
             return raw.view(self.dtype)
         base, nbytes = self.span
         raw = self.file.bytes_view(base, nbytes)
-        if base % self.itemsize:
-            raw = raw.clone()
-        return flat_slice(raw.view(self.dtype).as_strided(self.shape, self.stride), start, stop)
+        if base % self.itemsize == 0:
+            return flat_slice(raw.view(self.dtype).as_strided(self.shape, self.stride), start, stop)
+        # Unaligned and strided (legacy files): the same strides over bytes, with each element's bytes as a last
+        # dimension, need no alignment; only this chunk's elements are then copied, never the whole tensor.
+        size = self.itemsize
+        as_bytes = raw.as_strided(self.shape + (size,), tuple(s * size for s in self.stride) + (1,))
+        part = flat_slice(as_bytes, start * size, stop * size)
+        copy = (staging[:part.numel()].copy_(part) if staging is not None
+                else part.clone(memory_format=torch.contiguous_format))
+        return copy.view(self.dtype)
 
     def prefetch(self, start: int, stop: int) -> None:
         if self.stride is None:
@@ -184,16 +191,23 @@ class TensorInfo:
 
 
 def flat_slice(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Elements [start, stop) of t in row-major order, copying only the rows involved."""
+    """Elements [start, stop) of t in row-major order, copying only those elements (a strided tensor's rows
+    can be far larger than a chunk, so whole rows are never copied for a part of them)."""
     if t.is_contiguous():
         return t.reshape(-1)[start:stop]
+    if stop <= start:
+        return t.new_empty(0)
     if t.dim() == 0:
         return t.reshape(1)[start:stop]
     row = math.prod(t.shape[1:]) or 1
     first, last = start // row, (stop - 1) // row
     if first == last:
         return flat_slice(t[first], start - first * row, stop - first * row)
-    return t[first:last + 1].reshape(-1)[start - first * row:stop - first * row]
+    parts = [flat_slice(t[first], start - first * row, row)]
+    if last > first + 1:
+        parts.append(t[first + 1:last].reshape(-1))
+    parts.append(flat_slice(t[last], 0, stop - last * row))
+    return torch.cat(parts)
 
 
 def check_span(info: TensorInfo) -> None:

@@ -7,7 +7,8 @@ from the file:
 
 * Allow-list. Only constructors known to be harmless run: `collections.OrderedDict`/`Counter`, torch dtypes,
   `torch.Size`, `torch.device`, the tensor rebuild functions (`torch._utils._rebuild_tensor[_v2|_v3]`,
-  `_rebuild_parameter[_with_state]`, `torch._tensor._rebuild_from_type_v2`), numpy scalar/array/dtype
+  `_rebuild_parameter[_with_state]`, `torch._tensor._rebuild_from_type_v2`, `torch.nn.Parameter(tensor)`
+  (it is its tensor), numpy scalar/array/dtype
   reconstruction (numpy's own parsers on bytes), `datetime`, `set`, `frozenset`, `complex`, `bytearray`,
   `_codecs.encode(str, "latin1")`, `copyreg._reconstructor`/`__newobj__` over inert classes.
 * Tensors are never built. A tensor rebuild yields a `TensorRecord` (storage key, element offset, shape,
@@ -289,6 +290,10 @@ class RestrictedUnpickler(pickle.Unpickler):
             "torch._utils._rebuild_parameter": self._rebuild_parameter,
             "torch._utils._rebuild_parameter_with_state": self._rebuild_parameter_with_state,
             "torch._tensor._rebuild_from_type_v2": self._rebuild_from_type_v2,
+            # A Parameter built by REDUCE (`Parameter(tensor, requires_grad)`) is its tensor, as torch.load
+            # returns it; only a tensor record is accepted as its data.
+            "torch.nn.parameter.Parameter": self._parameter,
+            "torch.nn.Parameter": self._parameter,
             "datetime.datetime": datetime.datetime,
             "datetime.date": datetime.date,
             "datetime.time": datetime.time,
@@ -359,6 +364,12 @@ class RestrictedUnpickler(pickle.Unpickler):
     def _rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
                            metadata=None):
         return self._tensor(storage, storage_offset, size, stride, dtype)
+
+    def _parameter(self, data=None, requires_grad=True):
+        if not isinstance(data, TensorRecord):
+            raise CheckpointError(f"{self.path}: the pickle builds a torch Parameter from {type(data).__name__}, "
+                                  "not from a tensor; the file is corrupt or not a torch checkpoint.")
+        return data
 
     def _rebuild_parameter(self, data, requires_grad=True, backward_hooks=None):
         return data

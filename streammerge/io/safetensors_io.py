@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from streammerge.errors import CheckpointError
-from streammerge.io.checkpoint import Checkpoint, register_format
+from streammerge.errors import CheckpointError, short
+from streammerge.io.checkpoint import Checkpoint, is_valid_text, register_format
 from streammerge.io.mapped import MappedFile, TensorInfo
 from streammerge.io.files import AtomicFile, start_writeback
+from streammerge.memory import check_parse_room
 
 MAX_HEADER = 100_000_000
 MAX_ELEMENTS = 2**63  # torch sizes are int64
@@ -41,11 +42,16 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors.") from None
 
 
+JSON_WHITESPACE = b" \t\n\r"
+
+
 def _sniff(head: bytes, path: Path) -> bool:
+    """A plausible header length, then a JSON object (the safetensors library allows whitespace before it)."""
     if len(head) < 9:
         return False
     (n,) = struct.unpack("<Q", head[:8])
-    return n > 1 and head[8:9] == b"{"
+    start = head[8:8 + n].lstrip(JSON_WHITESPACE)
+    return n > 1 and (start[:1] == b"{" or (not start and len(head) >= 64))
 
 
 class DuplicateKeyError(ValueError):
@@ -53,11 +59,13 @@ class DuplicateKeyError(ValueError):
 
 
 def _refuse_duplicate_keys(pairs: list) -> dict:
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise DuplicateKeyError(key)
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):  # rare: find the repeated key for the message
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKeyError(key)
+            seen.add(key)
     return out
 
 
@@ -79,15 +87,10 @@ def _numel_capped(shape: list[int]) -> int:
     return numel
 
 
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def read_header(path: Path, size: int, fd: int) -> tuple[dict, int]:
+def read_header(path: Path, size: int, fd: int, max_ram: int | None = None) -> tuple[dict, int]:
     """Parse and validate the header; returns (header dict, start of the data area)."""
     def bad(what: str, tensor: str | None = None):
-        where = f"tensor {_short(tensor)}: " if tensor is not None else ""
+        where = f"tensor {short(tensor)}: " if tensor is not None else ""
         return CheckpointError(f"{path}: not a valid safetensors file: {where}{what}. "
                                "The file is truncated or corrupt; re-download or re-export it.")
 
@@ -98,43 +101,49 @@ def read_header(path: Path, size: int, fd: int) -> tuple[dict, int]:
         raise bad(f"header length {n} exceeds the {MAX_HEADER}-byte limit")
     if 8 + n > size:
         raise bad(f"header length {n} runs past the end of the file ({size} bytes)")
+    check_parse_room(path, "header", n, max_ram)
     raw = os.pread(fd, n, 8)
     if len(raw) != n:
         raise bad(f"the header is {n} bytes but only {len(raw)} could be read")
     try:
         header = loads_strict(raw.decode("utf-8"))
     except DuplicateKeyError as exc:
-        raise bad(f"the header names {_short(exc.args[0])} twice") from None
+        raise bad(f"the header names {short(exc.args[0])} twice") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise bad(f"header is not valid UTF-8 JSON ({detail})") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    meta = header.get("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise bad("__metadata__ must map strings to strings")
+    meta = header.get("__metadata__")  # absent or null: no metadata, as the safetensors library reads it
+    if meta is None:
+        header.pop("__metadata__", None)
+    elif not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) and is_valid_text(k)
+                                               and is_valid_text(v) for k, v in meta.items()):
+        raise bad("__metadata__ must map strings to strings (valid Unicode)")
     data_start = 8 + n
     data_size = size - data_start
     spans = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
+        if not is_valid_text(name):
+            raise bad("the tensor name is not valid Unicode (a lone surrogate)", name)
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise bad("entry must have exactly dtype, shape and data_offsets", name)
         if not isinstance(entry["dtype"], str) or entry["dtype"] not in DTYPE_NAMES:
-            raise bad(f"unknown dtype {_short(entry['dtype'])}", name)
+            raise bad(f"unknown dtype {short(entry['dtype'])}", name)
         shape, offsets = entry["shape"], entry["data_offsets"]
         if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < MAX_ELEMENTS for d in shape):
-            raise bad(f"shape {_short(shape)} is not a list of non-negative integers below 2**63", name)
+            raise bad(f"shape {short(shape)} is not a list of non-negative integers below 2**63", name)
         numel = _numel_capped(shape)
         if numel >= MAX_ELEMENTS:
-            raise bad(f"shape {_short(shape)} has more than 2**63 elements", name)
+            raise bad(f"shape {short(shape)} has more than 2**63 elements", name)
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
-            raise bad(f"data_offsets {_short(offsets)} is not [begin, end]", name)
+            raise bad(f"data_offsets {short(offsets)} is not [begin, end]", name)
         expected = numel * DTYPE_NAMES[entry["dtype"]].itemsize
         if offsets[1] - offsets[0] != expected:
-            raise bad(f"holds {offsets[1] - offsets[0]} bytes but shape {_short(shape)} of {entry['dtype']} needs "
+            raise bad(f"holds {offsets[1] - offsets[0]} bytes but shape {short(shape)} of {entry['dtype']} needs "
                       f"{expected}", name)
         if offsets[1] > data_size:
             raise bad(f"data_offsets {offsets} run past the end of the file ({data_size} bytes of data)", name)
@@ -150,10 +159,10 @@ def read_header(path: Path, size: int, fd: int) -> tuple[dict, int]:
     return header, data_start
 
 
-def open_safetensors(path: Path, **_options) -> Checkpoint:
+def open_safetensors(path: Path, max_ram: int | None = None, **_options) -> Checkpoint:
     mapped = MappedFile(path)
     try:
-        header, data_start = read_header(path, mapped.size, mapped.fd)
+        header, data_start = read_header(path, mapped.size, mapped.fd, max_ram)
     except Exception:
         mapped.close()
         raise

@@ -13,12 +13,13 @@ therefore give bit-identical results whatever the chunk size is.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from streammerge.errors import ConfigError
+from streammerge.errors import ConfigError, short
 from streammerge.memory import CHUNK_ALIGN
 
 GRID = CHUNK_ALIGN  # elements per block of the fixed grid for statistics and random draws
@@ -101,15 +102,20 @@ class Method:
 
 
 def coerce_param(param: Param, value, where: str):
-    """Check a parameter value against its declaration."""
+    """Check a parameter value against its declaration (numbers must be finite)."""
     if param.kind is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: '{param.name}' must be true or false, got {value!r}.")
+            raise ConfigError(f"{where}: '{param.name}' must be true or false, got {short(value)}.")
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}: '{param.name}' must be a number, got {value!r}.")
+        raise ConfigError(f"{where}: '{param.name}' must be a number, got {short(value)}.")
     else:
-        value = param.kind(value)
+        try:
+            value = param.kind(value)
+        except OverflowError:
+            value = math.inf
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: '{param.name}' must be a finite number, got {short(value)}.")
     problem = param.check(value) if param.check is not None else None
     if problem:
-        raise ConfigError(f"{where}: '{param.name}' = {value!r}: {problem}.")
+        raise ConfigError(f"{where}: '{param.name}' = {short(value)}: {problem}.")
     return value
