@@ -92,6 +92,7 @@ class MergeConfig:
     rename: list[Rename] = field(default_factory=list)
     nan_policy: str = "error"
     source: Path | None = None
+    warnings: list[str] = field(default_factory=list)  # what the config asks for that is ignored, and why
 
     def recipe(self) -> dict:
         """A JSON-able description of the merge, stored in the output's metadata."""
@@ -125,9 +126,13 @@ def load_config(path: Path) -> MergeConfig:
     data = read_config_file(path)
     from streammerge import mergekit_config
 
+    mergekit_config.check_not_moe(data, str(path))
+    warnings: list[str] = []
     if mergekit_config.is_mergekit_config(data):  # a mergekit YAML, run as it is
-        data = mergekit_config.translate(data, Path(path))
-    return parse_config(data, Path(path))
+        data = mergekit_config.translate(data, Path(path), warnings)
+    config = parse_config(data, Path(path))
+    config.warnings = warnings
+    return config
 
 
 def _check_keys(data: dict, allowed: set, where: str, extra: set = frozenset()) -> None:

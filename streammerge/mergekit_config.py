@@ -37,6 +37,19 @@ def is_mergekit_config(data: dict) -> bool:
     return isinstance(data, dict) and "merge_method" in data
 
 
+MOE_KEYS = {"experts", "gate_mode", "experts_per_token", "shared_experts"}
+
+
+def check_not_moe(data: dict, where: str) -> None:
+    """mergekit-moe configs build a mixture-of-experts model, which is not a merge streammerge can run."""
+    if isinstance(data, dict) and "merge_method" not in data and MOE_KEYS & set(data):
+        raise ConfigError(
+            f"{where}: this is a mergekit-moe config (base_model + experts + gate_mode, for `mergekit-moe`), which "
+            "builds a mixture-of-experts model with a trained or prompted router; streammerge does not build MoE "
+            "models. It runs mergekit-yaml configs (merge_method: linear, slerp, ties, ... with models or slices) "
+            "and its own configs; see `streammerge merge --help`.")
+
+
 def _model_path(ref, where: str) -> str:
     """A mergekit model reference as a local path; LoRA, revisions and Hub ids are refused."""
     if isinstance(ref, dict):
@@ -110,21 +123,26 @@ def layer_positions(names: list[str]) -> dict[str, float]:
 
 
 # -- translation ---------------------------------------------------------------------------------------------
-def _check_parameters(scope, method: Method, where: str, allow_method_params: bool) -> dict:
+def _check_parameters(scope, method: Method, where: str, allow_method_params: bool, warnings: list[str]) -> dict:
+    """The parameters streammerge uses from one scope. Those mergekit would ignore are dropped with a warning
+    (a mergekit config that runs in mergekit runs here too); those it would use are kept."""
     if scope is None:
         return {}
     if not isinstance(scope, dict):
         raise ConfigError(f"{where}: 'parameters' must be a mapping.")
-    for key in scope:
+    used = {}
+    for key, value in scope.items():
         param = method.param(key)
         if param is None:
             known = ", ".join(p.name for p in method.params) or "none"
-            raise ConfigError(f"{where}: '{key}' is not a parameter of method '{method.name}' (those are: {known}); "
-                              "streammerge refuses parameters it would not use.")
-        if not param.per_model and not allow_method_params:
-            raise ConfigError(f"{where}: '{key}' is a parameter of the whole merge, which mergekit reads only from "
-                              "the top-level 'parameters'; move it there.")
-    return scope
+            warnings.append(f"{where}: '{key}' is ignored: it is not a parameter of method '{method.name}' "
+                            f"(those are: {known}), and mergekit ignores it too.")
+        elif not param.per_model and not allow_method_params:
+            warnings.append(f"{where}: '{key}' is ignored: it is a parameter of the whole merge, which mergekit "
+                            "reads only from the top-level 'parameters'; move it there to use it.")
+        else:
+            used[key] = value
+    return used
 
 
 def _models_from_slices(data: dict, where: str) -> tuple[list, dict | None, int]:
@@ -146,11 +164,13 @@ def _models_from_slices(data: dict, where: str) -> tuple[list, dict | None, int]
     return models, the_slice.get("parameters"), next(iter(ranges))[1]
 
 
-def translate(data: dict, source: Path | None = None) -> dict:
-    """A mergekit config as a streammerge config dict (for config.parse_config)."""
+def translate(data: dict, source: Path | None = None, warnings: list[str] | None = None) -> dict:
+    """A mergekit config as a streammerge config dict (for config.parse_config); what mergekit would ignore is
+    appended to `warnings`."""
     from streammerge.io import open_checkpoint
 
     where = f"{source}" if source else "mergekit config"
+    warnings = [] if warnings is None else warnings
     for key in data:
         if key not in MERGEKIT_KEYS | STREAMMERGE_KEYS:
             raise ConfigError(f"{where}: unknown key '{key}' in a mergekit config (streammerge also accepts "
@@ -172,8 +192,9 @@ def translate(data: dict, source: Path | None = None) -> dict:
         entries = data.get("models")
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: ...}}.")
-    global_scope = _check_parameters(data.get("parameters"), method, f"{where}: parameters", True)
-    slice_scope = _check_parameters(slice_parameters, method, f"{where}: slices[0].parameters", True)
+    global_scope = _check_parameters(data.get("parameters"), method, f"{where}: parameters", True, warnings)
+    slice_scope = _check_parameters(slice_parameters, method, f"{where}: slices[0].parameters", True,
+                                    warnings)
 
     models = []  # (path, own parameters)
     for i, entry in enumerate(entries):
@@ -182,7 +203,8 @@ def translate(data: dict, source: Path | None = None) -> dict:
         if extra:
             raise ConfigError(f"{where}: models[{i}]: '{sorted(extra)[0]}' is not supported.")
         path = _model_path(entry.get("model"), f"{where}: models[{i}]")
-        models.append((path, _check_parameters(entry.get("parameters"), method, f"{where}: models[{i}]", False)))
+        models.append((path, _check_parameters(entry.get("parameters"), method, f"{where}: models[{i}]", False,
+                                                    warnings)))
     base = _model_path(data["base_model"], f"{where}: base_model") if data.get("base_model") else None
 
     # Which entries are merged, and which one is the base, the way mergekit's methods take them.
