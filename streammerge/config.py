@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from streammerge.errors import ConfigError
+from streammerge.hf.tokenizer import TokenizerSpec, parse_tokenizer
 from streammerge.methods.method import Method, coerce_param
 from streammerge.methods.registry import did_you_mean, get_method
 from streammerge.units import parse_size
@@ -25,7 +26,7 @@ OUTPUT_DTYPES = {
 DEFAULT_MAX_RAM = 1024**3
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 TOP_LEVEL_KEYS = {"output", "models", "method", "rules", "dtype", "out_dtype", "max_ram", "shard_size", "base",
-                  "parameters", "seed", "rename", "nan_policy"}
+                  "parameters", "seed", "rename", "nan_policy", "tokenizer", "chat_template", "donor"}
 MODEL_KEYS = {"path", "state_dict_key", "rename", "parameters"}
 RULE_KEYS = {"match", "take", "weights", "drop", "parameters"}
 
@@ -92,6 +93,9 @@ class MergeConfig:
     rename: list[Rename] = field(default_factory=list)
     nan_policy: str = "error"
     source: Path | None = None
+    tokenizer: TokenizerSpec | None = None  # the output vocabulary (Hugging Face models)
+    chat_template: str | None = None  # a built-in name, "auto" or a Jinja template
+    donor: Path | None = None  # the output's config.json and tokenizer come from it (default: base, else models[0])
     warnings: list[str] = field(default_factory=list)  # what the config asks for that is ignored, and why
 
     def recipe(self) -> dict:
@@ -283,9 +287,28 @@ def parse_config(data: dict, source: Path | None = None) -> MergeConfig:
         rename=_parse_rename(data.get("rename"), where),
         nan_policy=str(data.get("nan_policy", "error")),
         source=source,
+        tokenizer=(parse_tokenizer(data["tokenizer"], where, _local_model) if data.get("tokenizer") is not None
+                   else None),
+        chat_template=_chat_template(data.get("chat_template"), where),
+        donor=_local_model(str(data["donor"]), f"{where}: donor") if data.get("donor") is not None else None,
     )
     check_weights(config, where)
     return config
+
+
+def _local_model(reference: str, where: str) -> Path:
+    from streammerge.hf import hub
+
+    return hub.resolve(reference, where)
+
+
+def _chat_template(value, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: chat_template must be a built-in name (chatml, llama3, ...), auto, or a Jinja "
+                          "template.")
+    return value
 
 
 def check_weights(config: MergeConfig, where: str) -> None:

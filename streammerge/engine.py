@@ -21,6 +21,9 @@ from tqdm import tqdm
 
 from streammerge.config import DEFAULT_MAX_RAM, MergeConfig
 from streammerge.errors import OutputError, PlanError, StreamMergeError
+from streammerge.hf.inputs import HFInputs, prepare_inputs
+from streammerge.hf.model_files import model_files
+from streammerge.io.partial import write_atomically
 from streammerge.interrupts import uninterruptible
 from streammerge.io import Checkpoint, TensorInfo, open_checkpoint
 from streammerge.io.output_safety import check_output_is_not_an_input
@@ -74,6 +77,7 @@ class Prepared:
     base: Checkpoint | None
     plan: Plan
     budget: Budget
+    hf: HFInputs | None = None  # the inputs as Hugging Face models (config.json, tokenizer), when they are
 
     def close(self) -> None:
         for c in self.checkpoints + ([self.base] if self.base else []):
@@ -91,6 +95,7 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
             checkpoints.append(open_checkpoint(spec.path, state_dict_key=spec.state_dict_key))
         if config.base is not None:
             base = open_checkpoint(config.base.path, state_dict_key=config.base.state_dict_key)
+        hf = prepare_inputs(config, checkpoints, base)
         plan = build_plan(config, checkpoints, base)
         n_inputs = len(checkpoints) + (1 if base is not None else 0)
         out_itemsize = max(t.out_dtype.itemsize for t in plan.tasks)
@@ -103,7 +108,7 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
         for c in checkpoints + ([base] if base else []):
             c.close()
         raise
-    return Prepared(config, output, checkpoints, base, plan, budget)
+    return Prepared(config, output, checkpoints, base, plan, budget, hf)
 
 
 class Workspace:
@@ -239,6 +244,7 @@ class Engine:
                                      self.p.checkpoints + ([self.p.base] if self.p.base else []),
                                      also=(self.config.source,))
         n_inputs = len(self.p.checkpoints) + (1 if self.p.base else 0)
+        companion = model_files(self.p)
         started = time.perf_counter()
         with MemoryGuard(budget.limit) as guard:
             workspace = Workspace(self.chunk, n_inputs, self.config.dtype, self.method.buffers)
@@ -264,6 +270,9 @@ class Engine:
                             output.copy(task.name, alias, self.chunk * task.out_dtype.itemsize)
                 self.writer.close()
                 output.commit()
+                if self.p.output.suffix == "" or self.p.output.is_dir():  # a model directory: its other files
+                    for name, data in companion.items():
+                        write_atomically(self.p.output / name, data.decode("utf-8"))
             except BaseException:
                 with uninterruptible():  # a second Ctrl-C must not cut the cleanup short
                     self.writer.close_quietly()

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from streammerge.errors import ConfigError
+from streammerge.hf import hub
 from streammerge.methods.method import Method
 from streammerge.methods.registry import did_you_mean, methods
 
@@ -23,11 +24,6 @@ MERGEKIT_KEYS = {"merge_method", "models", "slices", "modules", "base_model", "p
 STREAMMERGE_KEYS = {"output", "max_ram", "seed", "shard_size"}  # ours, allowed beside mergekit's keys
 REFUSED = {
     "modules": "per-module merges (multimodal models) are not supported; merge each part separately",
-    "tokenizer_source": "streammerge merges weights only and writes no tokenizer; remove it and copy the "
-                        "tokenizer files you want into the output directory",
-    "tokenizer": "streammerge merges weights only and writes no tokenizer; remove it and copy the tokenizer "
-                 "files you want into the output directory",
-    "chat_template": "streammerge writes no tokenizer or chat template; remove it",
 }
 HALF_DTYPES = {"bfloat16", "float16", "bf16", "fp16", "half"}
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
@@ -51,7 +47,9 @@ def check_not_moe(data: dict, where: str) -> None:
 
 
 def _model_path(ref, where: str) -> str:
-    """A mergekit model reference as a local path; LoRA, revisions and Hub ids are refused."""
+    """A mergekit model reference as a local path: a path as it is, a Hub id (`org/name[@revision]`) from the
+    local Hugging Face cache or downloaded; LoRA references are refused."""
+    revision = None
     if isinstance(ref, dict):
         for key in ("lora", "override_architecture"):
             if ref.get(key):
@@ -59,22 +57,14 @@ def _model_path(ref, where: str) -> str:
                                   "on disk (merge the LoRA into its model first).")
         ref = ref.get("model")
         if isinstance(ref, dict):
-            if ref.get("revision"):
-                raise ConfigError(f"{where}: 'revision' is not supported; give a local directory.")
+            revision = ref.get("revision")
             ref = ref.get("path")
     if not isinstance(ref, str) or not ref:
         raise ConfigError(f"{where}: 'model' must be a path.")
     if "+" in ref and not Path(ref).exists():
         raise ConfigError(f"{where}: '{ref}' uses mergekit's 'model+lora' syntax, which is not supported: merge the "
                           "LoRA into its model first and give the merged directory.")
-    if "@" in ref and not Path(ref).exists():
-        raise ConfigError(f"{where}: '{ref}' names a Hub revision ('@'); streammerge reads local files only: "
-                          "download that revision and give its directory.")
-    if not Path(ref).exists():
-        raise ConfigError(f"{where}: '{ref}' is not a local file or directory. mergekit would download a Hub "
-                          "model of that name; streammerge reads local files only: download it (e.g. "
-                          "`huggingface-cli download ...`) and give the local directory.")
-    return ref
+    return str(hub.resolve(ref, where, revision))
 
 
 # -- parameter settings --------------------------------------------------------------------------------------
@@ -292,6 +282,15 @@ def translate(data: dict, source: Path | None = None, warnings: list[str] | None
         config["dtype"] = dtype
     if out_dtype is not None:
         config["out_dtype"] = out_dtype
+    if data.get("tokenizer_source") is not None and data.get("tokenizer") is not None:
+        raise ConfigError(f"{where}: give either 'tokenizer_source' or 'tokenizer', not both (as in mergekit).")
+    tokenizer = data.get("tokenizer") if data.get("tokenizer") is not None else data.get("tokenizer_source")
+    if tokenizer is not None:
+        config["tokenizer"] = tokenizer
+    if data.get("chat_template") is not None:
+        config["chat_template"] = data["chat_template"]
+    if base is not None:
+        config["donor"] = base  # mergekit takes the output's config and tokenizer from base_model
     for key in STREAMMERGE_KEYS:
         if data.get(key) is not None:
             config[key] = data[key]

@@ -62,6 +62,7 @@ def save_model(path: Path, state: dict[str, torch.Tensor], config, tokenizer=Non
     if config.tie_word_embeddings:
         model.tie_weights()
     if fmt == "bin":
+        config.architectures = ["LlamaForCausalLM"]
         config.save_pretrained(path)
         torch.save(model.state_dict(), path / "pytorch_model.bin")
     else:
@@ -124,7 +125,7 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
         state.update(load_file(f))
     for f in sorted(path.glob("pytorch_model*.bin")):
         state.update(torch.load(f, weights_only=True, map_location="cpu"))
-    config = json.loads((path / "config.json").read_text())
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
     if "lm_head.weight" not in state and config.get("tie_word_embeddings"):
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state
@@ -139,9 +140,9 @@ def logits(path_or_state, config=None, prompts: list[str] = PROMPTS, tokenizer_p
         model = AutoModelForCausalLM.from_pretrained(path_or_state, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path_or_state)
     else:
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-        model.load_state_dict({k: v.float() for k, v in path_or_state.items()}, assign=True, strict=False)
+        model = LlamaForCausalLM(config)
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in path_or_state.items()}, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
         if config.tie_word_embeddings:
             model.tie_weights()
         model = model.float()
@@ -153,3 +154,34 @@ def logits(path_or_state, config=None, prompts: list[str] = PROMPTS, tokenizer_p
             ids = tokenizer(prompt, return_tensors="pt").input_ids
             out.append(model(ids).logits[0])
     return out
+
+
+def put_in_hub_cache(model_dir: Path, hf_home: Path, repo_id: str, revision: str = "main",
+                     commit: str | None = None) -> Path:
+    """Lay out `model_dir` in a Hugging Face cache under `hf_home` as huggingface_hub does: content-addressed
+    blobs, a snapshot directory per commit of symlinks to them, and refs/REVISION naming the commit."""
+    import hashlib
+
+    repo = Path(hf_home) / "hub" / f"models--{repo_id.replace('/', '--')}"
+    commit = commit or hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(model_dir).iterdir()):
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / f.name).symlink_to(Path("../../blobs") / blob.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return snapshot
+
+
+def rows_by_token(state: dict[str, torch.Tensor], tokenizer_dir: Path,
+                  names=("model.embed_tokens.weight", "lm_head.weight")) -> dict[str, dict[str, torch.Tensor]]:
+    """Vocabulary-indexed rows keyed by token text: outputs whose tokenizers number added tokens differently
+    compare token by token."""
+    from transformers import AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(tokenizer_dir).get_vocab()
+    return {n: {t: state[n][i] for t, i in vocab.items() if i < state[n].shape[0]} for n in names if n in state}

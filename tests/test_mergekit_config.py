@@ -110,8 +110,7 @@ def test_unsupported_keys_are_refused_by_name(tmp_path, hf_models, change, messa
 
 @pytest.mark.parametrize("model, message", [
     ("{a}+adapters/lora", "LoRA"),
-    ("meta-llama/Llama-3-8B", "not a local file"),
-    ("{a}@main", "revision"),
+    ("no/such/dir", "neither a local file or directory nor a Hugging Face Hub id"),
 ])
 def test_model_references_streammerge_cannot_read_are_refused(tmp_path, hf_models, model, message):
     config = {"merge_method": "linear", "models": [{"model": model.format(a=hf_models["a"])},
