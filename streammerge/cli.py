@@ -68,6 +68,8 @@ def run_merge(args) -> int:
     for warning in config.warnings:
         print(f"streammerge: warning: {warning}", file=sys.stderr)
     prepared = prepare(config, args.output or args.output_path, args.max_ram)
+    for warning in prepared.hf.warnings if prepared.hf is not None else ():
+        print(f"streammerge: warning: {warning}", file=sys.stderr)
     try:
         if args.dry_run:
             print(describe_plan(prepared))

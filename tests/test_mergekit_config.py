@@ -94,10 +94,8 @@ def test_single_whole_model_slice_is_accepted(tmp_path, hf_models):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"tokenizer_source": "base"}, "tokenizer_source"),
     ({"slices": [{"sources": []}, {"sources": []}], "models": None}, "slices"),
     ({"merge_method": "sce"}, "'sce' is not available"),
-    ({"chat_template": "chatml"}, "chat_template"),
     ({"frobnicate": 1}, "frobnicate"),
 ])
 def test_unsupported_keys_are_refused_by_name(tmp_path, hf_models, change, message):

@@ -102,20 +102,15 @@ def _vocab_size(checkpoint: Checkpoint, config: dict | None) -> int | None:
 
 
 def _chat_template(value: str, hf: HFInputs, where: str) -> str | None:
-    from streammerge.hf.tokenizer import chat_template_text, load_tokenizer
+    from streammerge.hf.tokenizer import FastTokenizer, chat_template_text
 
     if value != "auto":
         return chat_template_text(value, where)
     found = []  # the most common template among the models' tokenizers, as mergekit's "auto"
     for directory in hf.directories:
-        if directory is None:
+        if directory is None or not (Path(directory) / "tokenizer.json").is_file():
             continue
-        try:
-            template = load_tokenizer(directory, where).chat_template
-        except Exception:  # a model without a usable tokenizer has no vote
-            continue
-        if isinstance(template, dict):
-            template = template.get("default")
+        template = FastTokenizer.load(directory, where).chat_template
         if template:
             found.append(template.strip())
     return Counter(found).most_common(1)[0][0] if found else None

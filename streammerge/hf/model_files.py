@@ -5,8 +5,8 @@
   the donor uses), `vocab_size` for a tokenizer merge, `tie_word_embeddings`, and whatever the plan changes
   (`Plan.config_updates`, e.g. `num_hidden_layers` when layers are stacked or cut).
 - `generation_config.json`: the donor's, when it has one.
-- The tokenizer: the one built for a tokenizer merge; else the donor's tokenizer files as they are (re-saved
-  through transformers only to set a `chat_template`).
+- The tokenizer: the one built for a tokenizer merge; else the donor's tokenizer files as they are (its
+  tokenizer_config.json rewritten only to set a `chat_template`).
 - `README.md`: a model card stating the recipe, the inputs and the config as run.
 Only files an input has are written (no config.json is invented for inputs that have none).
 """
@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from streammerge import __version__
-from streammerge.errors import ConfigError
 
-TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 GENERATION_CONFIG = "generation_config.json"
 DTYPE_KEYS = ("torch_dtype", "dtype")
 HUB_CACHE_PATH = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<commit>[0-9a-f]+)/?$")
@@ -71,22 +67,15 @@ def model_files(prepared) -> dict[str, bytes]:
 
 
 def tokenizer_files(hf, donor: Path, where: str) -> dict[str, bytes]:
-    if hf.vocabulary is None and hf.chat_template is None:
-        return {name: (donor / name).read_bytes() for name in TOKENIZER_FILES if (donor / name).is_file()}
-    if hf.vocabulary is not None:
-        tokenizer = hf.vocabulary.tokenizer
-    else:
-        from streammerge.hf.tokenizer import load_tokenizer
+    """The tokenizer built for the merge, else the donor's files as they are (its tokenizer_config.json
+    rewritten only to set a chat template)."""
+    from streammerge.hf.tokenizer import TOKENIZER_FILES, FastTokenizer
 
-        tokenizer = load_tokenizer(donor, where)
-    if hf.chat_template is not None:
-        tokenizer.chat_template = hf.chat_template
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            tokenizer.save_pretrained(tmp)
-        except Exception as exc:  # transformers' serialisation errors have no common base
-            raise ConfigError(f"{where}: the output tokenizer cannot be saved ({type(exc).__name__}: {exc}).") from None
-        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+    if hf.vocabulary is not None:
+        return hf.vocabulary.tokenizer.files(hf.chat_template)
+    if hf.chat_template is not None and (donor / "tokenizer.json").is_file():
+        return FastTokenizer.load(donor, where).files(hf.chat_template)
+    return {name: (donor / name).read_bytes() for name in TOKENIZER_FILES if (donor / name).is_file()}
 
 
 def describe_input(path: Path) -> str:

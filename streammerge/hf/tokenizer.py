@@ -11,13 +11,12 @@
   have it; a `tokens` entry can name a model, a model's token (`kind: model_token`) or zeros (`kind: zero`).
   Merging these rows with the method gives, for a token one model has, that model's row (with normalized
   weights: the weights renormalized over the models that have it).
-Tokens are matched by their text. transformers and tokenizers are needed only when a tokenizer is asked for.
+Tokens are matched by their text. Only the `tokenizers` package is needed, and only when a tokenizer is asked for.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,6 +141,84 @@ def chat_template_text(value: str, where: str) -> str:
     return value
 
 
+# -- tokenizers -------------------------------------------------------------------------------------------
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+
+
+class FastTokenizer:
+    """A model's fast tokenizer: `tokenizer.json` through the `tokenizers` library, and `tokenizer_config.json`
+    as JSON. (transformers would do the same but costs about 90 MiB of RAM, most of a small merge budget.)"""
+
+    def __init__(self, directory: Path, backend, config: dict):
+        self.directory = Path(directory)
+        self.backend = backend
+        self.config = config
+
+    @staticmethod
+    def load(directory: Path, where: str) -> "FastTokenizer":
+        directory = Path(directory)
+        if not (directory / "tokenizer.json").is_file():
+            raise ConfigError(f"{where}: '{directory}' has no tokenizer.json; a tokenizer merge reads fast tokenizers. "
+                              "Save one with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR).")
+        try:
+            import tokenizers
+        except ImportError:
+            raise ConfigError(f"{where}: a tokenizer merge needs the tokenizers package: pip install "
+                              "'streammerge[hf]'.") from None
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+            config_path = directory / "tokenizer_config.json"
+            config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        except Exception as exc:  # tokenizers raises plain Exceptions for unreadable files
+            raise ConfigError(f"{where}: cannot read the tokenizer in '{directory}' ({exc}).") from None
+        return FastTokenizer(directory, backend, config if isinstance(config, dict) else {})
+
+    def copy(self) -> "FastTokenizer":
+        import tokenizers
+
+        return FastTokenizer(self.directory, tokenizers.Tokenizer.from_str(self.backend.to_str()), dict(self.config))
+
+    def vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def added(self) -> dict[int, object]:
+        return dict(sorted(self.backend.get_added_tokens_decoder().items()))
+
+    def add(self, token) -> None:
+        """Add a token (text, or an AddedToken keeping its settings) at the end of the vocabulary, as
+        transformers' add_tokens does; a token already there keeps its id."""
+        import tokenizers
+
+        if isinstance(token, str):
+            token = tokenizers.AddedToken(token, normalized=True, special=False)
+        (self.backend.add_special_tokens if token.special else self.backend.add_tokens)([token])
+
+    @property
+    def chat_template(self) -> str | None:
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # named templates: [{name, template}]
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        jinja = self.directory / "chat_template.jinja"
+        return jinja.read_text(encoding="utf-8") if jinja.is_file() else template
+
+    def files(self, chat_template: str | None = None) -> dict[str, bytes]:
+        """The tokenizer's files: tokenizer.json and tokenizer_config.json as they now are, the others copied."""
+        out = {n: (self.directory / n).read_bytes() for n in TOKENIZER_FILES if (self.directory / n).is_file()}
+        out["tokenizer.json"] = self.backend.to_str(pretty=True).encode()
+        config = dict(self.config)
+        if isinstance(config.get("added_tokens_decoder"), dict):  # transformers 4 lists added tokens here too
+            config["added_tokens_decoder"] = {
+                str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                         "single_word": t.single_word, "special": t.special} for i, t in self.added().items()}
+        if chat_template is not None:
+            config["chat_template"] = chat_template
+            out["chat_template.jinja"] = chat_template.encode()
+            out.pop("chat_template.json", None)
+        out["tokenizer_config.json"] = (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
+        return out
+
+
 # -- building the vocabulary -------------------------------------------------------------------------------
 @dataclass
 class RowSources:
@@ -155,57 +232,25 @@ class RowSources:
 
 @dataclass
 class Vocabulary:
-    tokenizer: object  # the output tokenizer (transformers)
+    tokenizer: FastTokenizer  # the output tokenizer
     size: int  # rows of the output embedding, padded
     rows: list[RowSources]  # per model
     model_vocab_sizes: list[int]
     warnings: list[str] = field(default_factory=list)
 
-    def save(self, directory: Path) -> list[Path]:
-        """The output tokenizer's files written into `directory`."""
-        before = set(Path(directory).iterdir())
-        self.tokenizer.save_pretrained(str(directory))
-        return sorted(set(Path(directory).iterdir()) - before)
 
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ConfigError("a tokenizer merge needs transformers: pip install 'streammerge[hf]'.") from None
-    return transformers
-
-
-def load_tokenizer(directory: Path, where: str):
-    transformers = _transformers()
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(directory))
-    except Exception as exc:  # transformers raises many kinds for a missing or unreadable tokenizer
-        raise ConfigError(f"{where}: cannot load a tokenizer from '{directory}' ({type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}). A tokenizer merge "
-                          "needs each model's tokenizer files (tokenizer.json / tokenizer_config.json).") from None
-
-
-def _reloaded(tokenizer):
-    """A copy of a tokenizer (save and load), so adding tokens never changes the donor's."""
-    transformers = _transformers()
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        return transformers.AutoTokenizer.from_pretrained(tmp)
-
-
-def _stripped(tokenizer, vocab_size: int, where: str):
-    """The tokenizer without tokens whose id is beyond the model's embedding (mergekit: BPE models only)."""
-    unused = [t for t, i in tokenizer.get_vocab().items() if i >= vocab_size]
+def _stripped(tokenizer: FastTokenizer, vocab_size: int, where: str) -> FastTokenizer:
+    """The tokenizer without tokens whose id is beyond the model's embedding (BPE and word-level models)."""
+    unused = [t for t, i in tokenizer.vocab().items() if i >= vocab_size]
     if not unused:
         return tokenizer
     import tokenizers
 
-    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    data = json.loads(tokenizer.backend.to_str())
     if data["model"]["type"] not in ("BPE", "WordLevel"):
-        raise ConfigError(f"{where}: the donor's tokenizer has {len(unused)} token(s) beyond its vocab_size "
-                          f"({vocab_size}) and is a {data['model']['type']} model, which cannot be trimmed; "
-                          "use another tokenizer source.")
+        raise ConfigError(f"{where}: the tokenizer of '{tokenizer.directory}' has {len(unused)} token(s) beyond its "
+                          f"vocab_size ({vocab_size}) and is a {data['model']['type']} model, which cannot be "
+                          "trimmed; use another tokenizer source.")
     unused_set = set(unused)
     data["added_tokens"] = [e for e in data.get("added_tokens", []) if e["id"] < vocab_size]
     for token in unused:
@@ -213,33 +258,31 @@ def _stripped(tokenizer, vocab_size: int, where: str):
     if data["model"]["type"] == "BPE":
         data["model"]["merges"] = [m for m in data["model"]["merges"]
                                    if not set(m.split(" ") if isinstance(m, str) else m) & unused_set]
-    out = _reloaded(tokenizer)
-    out._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(data))
-    return out
+    return FastTokenizer(tokenizer.directory, tokenizers.Tokenizer.from_str(json.dumps(data)), dict(tokenizer.config))
 
 
-def _union(donor, tokenizers: list, vocab_sizes: list[int]):
+def _union(donor: FastTokenizer, tokenizers: list[FastTokenizer], vocab_sizes: list[int]) -> FastTokenizer:
     """The donor's tokenizer plus every other model's tokens it lacks: plain tokens in model order and, within a
     model, id order (mergekit takes them in hash order, which changes from run to run), then added tokens
     (first settings win)."""
     plain: dict[str, None] = {}
     added: dict[str, object] = {}
     for tokenizer, size in zip(tokenizers, vocab_sizes):
-        added_here = tokenizer.added_tokens_decoder
+        added_here = tokenizer.added()
         added_text = {info.content for info in added_here.values()}
-        for token, index in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        for token, index in sorted(tokenizer.vocab().items(), key=lambda item: item[1]):
             if index < size and token not in added_text:
                 plain.setdefault(token, None)
-        for index, info in sorted(added_here.items()):
+        for index, info in added_here.items():
             if index < size:
                 added.setdefault(info.content, info)
-    out = _reloaded(donor)
-    donor_vocab = donor.get_vocab()
+    out = donor.copy()
+    donor_vocab = donor.vocab()
     for token in plain:
         if token not in added and token not in donor_vocab:
-            out.add_tokens(token)
+            out.add(token)
     for info in added.values():
-        out.add_tokens(info)
+        out.add(info)
     return out
 
 
@@ -248,8 +291,8 @@ def build_vocabulary(spec: TokenizerSpec, model_dirs: list[Path], vocab_sizes: l
     """The output tokenizer and every model's row sources. `donor`: index of the model whose tokenizer `base`
     means; `base`: index of the merge's base model (its rows are preferred defaults), if any."""
     warnings: list[str] = []
-    tokenizers = [load_tokenizer(d, where) for d in model_dirs]
-    sizes = [size if size is not None else len(t.get_vocab()) for t, size in zip(tokenizers, vocab_sizes)]
+    tokenizers = [FastTokenizer.load(d, where) for d in model_dirs]
+    sizes = [size if size is not None else len(t.vocab()) for t, size in zip(tokenizers, vocab_sizes)]
     tokenizers[donor] = _stripped(tokenizers[donor], sizes[donor], where)
     if spec.source == "base":
         out = tokenizers[donor]
@@ -257,19 +300,19 @@ def build_vocabulary(spec: TokenizerSpec, model_dirs: list[Path], vocab_sizes: l
         order = [donor] + [i for i in range(len(tokenizers)) if i != donor]
         out = _union(tokenizers[donor], [tokenizers[i] for i in order], [sizes[i] for i in order])
     else:
-        out = load_tokenizer(Path(spec.source), where)
-    out = _reloaded(out) if out is tokenizers[donor] else out
-    existing = set(out.get_vocab())
+        out = FastTokenizer.load(Path(spec.source), where)
+    out = out.copy()
+    existing = set(out.vocab())
     for token in spec.tokens:
         if token not in existing:
-            out.add_tokens(token)
+            out.add(token)
             existing.add(token)
-    vocab = out.get_vocab()
+    vocab = out.vocab()
     size = len(vocab)
     if spec.pad_to_multiple_of and size % spec.pad_to_multiple_of:
         size += spec.pad_to_multiple_of - size % spec.pad_to_multiple_of
 
-    model_vocabs = [t.get_vocab() for t in tokenizers]
+    model_vocabs = [t.vocab() for t in tokenizers]
     perms = []  # output row -> model row or -1
     for model_vocab, model_size in zip(model_vocabs, sizes):
         perm = np.full(len(vocab), -1, dtype=np.int64)
