@@ -264,6 +264,69 @@ def run(command: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
+HF_CASES = ("union", "tied", "tied_bin")
+
+
+def hf_cases(workdir: Path, mergekit: str, vocab: int) -> int:
+    """Tokenizer and tied-embedding cases on transformers-saved Llama models (tests/hf_models.py): a union
+    tokenizer over a base and a fine-tune with added tokens, a tied model with an untied one, and a tied .bin
+    (lm_head stored, shared with the embedding) with a tied safetensors model (lm_head absent). Rows of
+    vocabulary tensors are compared token by token (mergekit numbers the tokens a union adds in hash order,
+    which changes from run to run); every other tensor as it is. Returns the number of cases that disagree."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hf_models import build_llama, read_state, rows_by_token
+
+    root = workdir / "hf-models"
+    shutil.rmtree(root, ignore_errors=True)
+    base = build_llama(root / "base", seed=0, vocab_size=vocab)
+    added = build_llama(root / "added", seed=1, like=base, vocab_size=vocab, dtype=torch.bfloat16, fmt="bin",
+                        added_tokens=[f"<tool{i}>" for i in range(8)])
+    tied = build_llama(root / "tied", seed=2, vocab_size=vocab, tie=True)
+    tied_bin = build_llama(root / "tied-bin", seed=3, vocab_size=vocab, tie=True, like=tied, fmt="bin")
+
+    def linear(models, **extra):
+        return {"merge_method": "linear", "dtype": "float32", **extra,
+                "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, (0.6, 0.4))]}
+
+    cases = {"union": linear([base, added], base_model=str(base), tokenizer_source="union"),
+             "tied": linear([tied, base]), "tied_bin": linear([tied, tied_bin])}
+    print(f"\nHugging Face cases (vocabulary {vocab}, hidden 64)")
+    print(f"{'case':10s} {'max |diff|':>10s} {'mismatched':>17s}  {'only in one':19s}  config.json tie, vocab_size "
+          "(ours vs mergekit)")
+    failures = 0
+    for name, config in cases.items():
+        cfg = workdir / f"hf-{name}.yml"
+        cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+        outputs = []
+        for tool, command in (("mergekit", [mergekit, str(cfg)]),
+                              ("ours", [sys.executable, "-m", "streammerge", "merge", str(cfg)])):
+            out = workdir / "out" / f"hf-{name}-{tool}"
+            shutil.rmtree(out, ignore_errors=True)
+            run(command + [str(out)], workdir / f"hf-{name}-{tool}.log")
+            outputs.append(out)
+        ours, theirs = (read_state(o) for o in outputs)
+        rows = [rows_by_token(state, out) for state, out in zip((ours, theirs), outputs)]
+        worst, bad, total = 0.0, 0, 0
+        pairs = [(a[t], b[t]) for n in rows[0] for a, b in [(rows[0][n], rows[1].get(n, {}))] for t in a if t in b]
+        pairs += [(ours[n], theirs[n]) for n in ours if n in theirs and n not in rows[0]]
+        for x, y in pairs:
+            x, y = x.double(), y.double()
+            worst = max(worst, (x - y).abs().max().item())
+            bad += int((~torch.isclose(x, y, rtol=1e-5, atol=1e-6)).sum())
+            total += y.numel()
+        only = sorted(set(ours) ^ set(theirs))
+        token_sets_differ = any(rows[0][n].keys() != rows[1].get(n, {}).keys() for n in rows[0])
+        configs_out = [json.loads((o / "config.json").read_text()) for o in outputs]
+        described = " vs ".join(f"({c.get('tie_word_embeddings')}, {c.get('vocab_size')})" for c in configs_out)
+        # mergekit writes lm_head even when it copies the tied embedding; streammerge leaves a tied output tied
+        explained = [n for n in only if n == "lm_head.weight" and configs_out[0].get("tie_word_embeddings")]
+        ok = bad == 0 and not token_sets_differ and only == explained
+        failures += not ok
+        print(f"{name:10s} {worst:10.3e} {bad:>8d}/{total:<8d}  {', '.join(only) or '-':19s}  {described}"
+              + ("" if ok else "  <- DISAGREE"))
+    return failures
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/streammerge-vs-mergekit"))
@@ -326,6 +389,8 @@ def main(argv=None) -> int:
               f"{'yes' if identical else 'NO':>11s} {mk_seconds:10.1f} {outputs[0][1]:6.1f}"
               + (f"  (only ours: {result['only_ours']})" if result["only_ours"] else "")
               + (f"  (only mergekit: {result['only_mergekit']})" if result["only_mergekit"] else ""))
+    if not args.methods or set(args.methods) & set(HF_CASES):
+        failures += hf_cases(args.workdir, mergekit, 1000 if args.small else 32000)
     if not args.keep:
         shutil.rmtree(args.workdir / "out", ignore_errors=True)
     print("mismatched: elements where rtol 1e-5 / atol 1e-6 x max|tensor| fails; on ties: of those, elements whose "

@@ -9,7 +9,7 @@ from pathlib import Path
 from streammerge import __version__
 from streammerge.convert import add_convert_parser
 from streammerge.diff import add_diff_parser
-from streammerge.errors import StreamMergeError
+from streammerge.errors import ConfigError, StreamMergeError
 from streammerge.inspect import add_inspect_parser
 from streammerge.interrupts import Terminated, exit_status, install_handlers
 from streammerge.methods.registry import methods
@@ -30,6 +30,8 @@ def add_merge_parser(subparsers) -> None:
         description="Merge checkpoints chunk by chunk under a RAM budget, as CONFIG describes.",
         epilog=_methods_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path, help="merge config (YAML, or JSON)")
+    p.add_argument("output_path", type=Path, nargs="?", metavar="OUTPUT",
+                   help="output path, as mergekit-yaml takes it (same as --output)")
     p.add_argument("--output", "-o", type=Path, help="output path (overrides the config's `output`): "
                    "a .safetensors file, a .pth/.pt checkpoint, or a directory for sharded safetensors")
     p.add_argument("--max-ram", type=size_argument, metavar="SIZE",
@@ -53,8 +55,14 @@ def run_merge(args) -> int:
     from streammerge.io.output_safety import check_output_is_not_an_input
     from streammerge.report_file import check_report_path, write_report
 
+    if args.output_path is not None and args.output is not None and args.output_path != args.output:
+        raise ConfigError(f"two outputs given: '{args.output_path}' and --output '{args.output}'; give one.")
     config = load_config(args.config)
-    prepared = prepare(config, args.output, args.max_ram)
+    for warning in config.warnings:
+        print(f"streammerge: warning: {warning}", file=sys.stderr)
+    prepared = prepare(config, args.output or args.output_path, args.max_ram)
+    for warning in prepared.hf.warnings if prepared.hf is not None else ():
+        print(f"streammerge: warning: {warning}", file=sys.stderr)
     try:
         if args.dry_run:
             print(describe_plan(prepared))

@@ -12,6 +12,7 @@ import torch
 
 from streammerge.config_file import read_config_file
 from streammerge.errors import ConfigError, short
+from streammerge.hf.tokenizer import TokenizerSpec, parse_tokenizer
 from streammerge.methods.method import Method, coerce_param
 from streammerge.methods.registry import did_you_mean, get_method
 from streammerge.units import parse_size
@@ -27,7 +28,7 @@ DEFAULT_SHARD_SIZE = 5 * 1000**3
 NAN_POLICIES = ("error", "allow")  # what a NaN/Inf in a merged tensor does: stop the run, or write and list it
 MAX_SEED = 2**63 - 1
 TOP_LEVEL_KEYS = {"output", "models", "method", "rules", "dtype", "out_dtype", "max_ram", "shard_size", "base",
-                  "parameters", "seed", "rename", "nan_policy"}
+                  "parameters", "seed", "rename", "nan_policy", "tokenizer", "chat_template", "donor"}
 MODEL_KEYS = {"path", "state_dict_key", "rename", "parameters"}
 RULE_KEYS = {"match", "take", "weights", "drop", "parameters"}
 
@@ -94,6 +95,10 @@ class MergeConfig:
     rename: list[Rename] = field(default_factory=list)
     nan_policy: str = "error"
     source: Path | None = None
+    tokenizer: TokenizerSpec | None = None  # the output vocabulary (Hugging Face models)
+    chat_template: str | None = None  # a built-in name, "auto" or a Jinja template
+    donor: Path | None = None  # the output's config.json and tokenizer come from it (default: base, else models[0])
+    warnings: list[str] = field(default_factory=list)  # what the config asks for that is ignored, and why
 
     def recipe(self) -> dict:
         """A JSON-able description of the merge, stored in the output's metadata."""
@@ -112,9 +117,13 @@ def load_config(path: Path) -> MergeConfig:
     data = read_config_file(path)
     from streammerge import mergekit_config
 
+    mergekit_config.check_not_moe(data, str(path))
+    warnings: list[str] = []
     if mergekit_config.is_mergekit_config(data):  # a mergekit YAML, run as it is
-        data = mergekit_config.translate(data, Path(path))
-    return parse_config(data, Path(path))
+        data = mergekit_config.translate(data, Path(path), warnings)
+    config = parse_config(data, Path(path))
+    config.warnings = warnings
+    return config
 
 
 def _check_keys(data: dict, allowed: set, where: str, extra: set = frozenset()) -> None:
@@ -309,9 +318,28 @@ def parse_config(data: dict, source: Path | None = None) -> MergeConfig:
         rename=_parse_rename(data.get("rename"), where),
         nan_policy=_choice(data.get("nan_policy", "error"), NAN_POLICIES, f"{where}: nan_policy"),
         source=source,
+        tokenizer=(parse_tokenizer(data["tokenizer"], where, _local_model) if data.get("tokenizer") is not None
+                   else None),
+        chat_template=_chat_template(data.get("chat_template"), where),
+        donor=_local_model(str(data["donor"]), f"{where}: donor") if data.get("donor") is not None else None,
     )
     check_weights(config, where)
     return config
+
+
+def _local_model(reference: str, where: str) -> Path:
+    from streammerge.hf import hub
+
+    return hub.resolve(reference, where)
+
+
+def _chat_template(value, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: chat_template must be a built-in name (chatml, llama3, ...), auto, or a Jinja "
+                          "template.")
+    return value
 
 
 def check_weights(config: MergeConfig, where: str) -> None:

@@ -21,6 +21,9 @@ from tqdm import tqdm
 
 from streammerge.config import DEFAULT_MAX_RAM, MergeConfig
 from streammerge.errors import OutputError, PlanError, StreamMergeError
+from streammerge.hf.inputs import HFInputs, prepare_inputs
+from streammerge.hf.model_files import model_files
+from streammerge.io.files import write_atomically
 from streammerge.interrupts import uninterruptible
 from streammerge.io import Checkpoint, TensorInfo, open_checkpoint
 from streammerge.io.output_safety import check_output_is_not_an_input, input_paths
@@ -75,6 +78,7 @@ class Prepared:
     base: Checkpoint | None
     plan: Plan
     budget: Budget
+    hf: HFInputs | None = None  # the inputs as Hugging Face models (config.json, tokenizer), when they are
 
     @property
     def inputs(self) -> list[Checkpoint]:
@@ -96,6 +100,7 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
         for spec in config.models + ([config.base] if config.base is not None else []):
             inputs.append(open_checkpoint(spec.path, state_dict_key=spec.state_dict_key, max_ram=requested))
         checkpoints, base = inputs[:len(config.models)], (inputs[-1] if config.base is not None else None)
+        hf = prepare_inputs(config, checkpoints, base)
         plan = build_plan(config, checkpoints, base)
         out_itemsize = max(t.out_dtype.itemsize for t in plan.tasks)
         unaligned = [i.itemsize for t in plan.tasks for i in t.inputs if not i.aligned]
@@ -107,7 +112,7 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
         for c in inputs:
             c.close()
         raise
-    return Prepared(config, output, checkpoints, base, plan, budget)
+    return Prepared(config, output, checkpoints, base, plan, budget, hf)
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -281,6 +286,7 @@ class Engine:
         output: Output = make_output(self.spec, resume=self.resume)
         # Before anything is created or removed at the output:
         check_output_is_not_an_input(output.files, prepared.output, prepared.inputs, also=(self.config.source,))
+        companion = model_files(prepared)
         started = time.perf_counter()
         with MemoryGuard(budget.limit) as guard:
             workspace = Workspace(self.chunk, len(prepared.inputs), self.config.dtype, self.method.buffers)
@@ -305,6 +311,9 @@ class Engine:
                             output.copy(task.name, alias, self.chunk * task.out_dtype.itemsize)
                 self.writer.close()
                 output.commit()
+                if prepared.output.suffix == "" or prepared.output.is_dir():  # a model directory: its other files
+                    for name, data in companion.items():
+                        write_atomically(prepared.output / name, data.decode("utf-8"))
             except BaseException:
                 with uninterruptible():  # a second Ctrl-C must not cut the cleanup short
                     self.writer.close_quietly()

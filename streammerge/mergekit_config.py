@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from streammerge.errors import ConfigError, short
+from streammerge.hf import hub
 from streammerge.layers import find_layer
 from streammerge.methods.method import Method
 from streammerge.methods.registry import did_you_mean, methods
@@ -24,11 +25,6 @@ MERGEKIT_KEYS = {"merge_method", "models", "slices", "modules", "base_model", "p
 STREAMMERGE_KEYS = {"output", "max_ram", "seed", "shard_size"}  # ours, allowed beside mergekit's keys
 REFUSED = {
     "modules": "per-module merges (multimodal models) are not supported; merge each part separately",
-    "tokenizer_source": "streammerge merges weights only and writes no tokenizer; remove it and copy the "
-                        "tokenizer files you want into the output directory",
-    "tokenizer": "streammerge merges weights only and writes no tokenizer; remove it and copy the tokenizer "
-                 "files you want into the output directory",
-    "chat_template": "streammerge writes no tokenizer or chat template; remove it",
 }
 HALF_DTYPES = {"bfloat16", "float16", "bf16", "fp16", "half"}
 
@@ -37,8 +33,23 @@ def is_mergekit_config(data: dict) -> bool:
     return isinstance(data, dict) and "merge_method" in data
 
 
+MOE_KEYS = {"experts", "gate_mode", "experts_per_token", "shared_experts"}
+
+
+def check_not_moe(data: dict, where: str) -> None:
+    """mergekit-moe configs build a mixture-of-experts model, which is not a merge streammerge can run."""
+    if isinstance(data, dict) and "merge_method" not in data and MOE_KEYS & set(data):
+        raise ConfigError(
+            f"{where}: this is a mergekit-moe config (base_model + experts + gate_mode, for `mergekit-moe`), which "
+            "builds a mixture-of-experts model with a trained or prompted router; streammerge does not build MoE "
+            "models. It runs mergekit-yaml configs (merge_method: linear, slerp, ties, ... with models or slices) "
+            "and its own configs; see `streammerge merge --help`.")
+
+
 def _model_path(ref, where: str) -> str:
-    """A mergekit model reference as a local path; LoRA, revisions and Hub ids are refused."""
+    """A mergekit model reference as a local path: a path as it is, a Hub id (`org/name[@revision]`) from the
+    local Hugging Face cache or downloaded; LoRA references are refused."""
+    revision = None
     if isinstance(ref, dict):
         for key in ("lora", "override_architecture"):
             if ref.get(key):
@@ -46,22 +57,14 @@ def _model_path(ref, where: str) -> str:
                                   "on disk (merge the LoRA into its model first).")
         ref = ref.get("model")
         if isinstance(ref, dict):
-            if ref.get("revision"):
-                raise ConfigError(f"{where}: 'revision' is not supported; give a local directory.")
+            revision = ref.get("revision")
             ref = ref.get("path")
     if not isinstance(ref, str) or not ref:
         raise ConfigError(f"{where}: 'model' must be a path.")
     if "+" in ref and not Path(ref).exists():
         raise ConfigError(f"{where}: '{ref}' uses mergekit's 'model+lora' syntax, which is not supported: merge the "
                           "LoRA into its model first and give the merged directory.")
-    if "@" in ref and not Path(ref).exists():
-        raise ConfigError(f"{where}: '{ref}' names a Hub revision ('@'); streammerge reads local files only: "
-                          "download that revision and give its directory.")
-    if not Path(ref).exists():
-        raise ConfigError(f"{where}: '{ref}' is not a local file or directory. mergekit would download a Hub "
-                          "model of that name; streammerge reads local files only: download it (e.g. "
-                          "`huggingface-cli download ...`) and give the local directory.")
-    return ref
+    return str(hub.resolve(ref, where, revision))
 
 
 # -- parameter settings --------------------------------------------------------------------------------------
@@ -134,22 +137,27 @@ def layer_positions(names: list[str]) -> dict[str, float]:
 
 
 # -- translation ---------------------------------------------------------------------------------------------
-def _check_parameters(scope, method: Method, where: str, allow_method_params: bool) -> dict:
+def _check_parameters(scope, method: Method, where: str, allow_method_params: bool, warnings: list[str]) -> dict:
+    """The parameters streammerge uses from one scope. Those mergekit would ignore are dropped with a warning
+    (a mergekit config that runs in mergekit runs here too); those it would use are kept."""
     if scope is None:
         return {}
     if not isinstance(scope, dict):
         raise ConfigError(f"{where}: 'parameters' must be a mapping.")
-    for key in scope:
+    used = {}
+    for key, value in scope.items():
         param = method.param(key)
         if param is None:
             known = ", ".join(p.name for p in method.params) or "none"
-            raise ConfigError(f"{where}: {short(key)} is not a parameter of method '{method.name}' (those are: {known}); "
-                              "streammerge refuses parameters it would not use.")
-        check_setting(scope[key], f"{where}: {key}")
-        if not param.per_model and not allow_method_params:
-            raise ConfigError(f"{where}: '{key}' is a parameter of the whole merge, which mergekit reads only from "
-                              "the top-level 'parameters'; move it there.")
-    return scope
+            warnings.append(f"{where}: {short(key)} is ignored: it is not a parameter of method '{method.name}' "
+                            f"(those are: {known}), and mergekit ignores it too.")
+        elif not param.per_model and not allow_method_params:
+            warnings.append(f"{where}: '{key}' is ignored: it is a parameter of the whole merge, which mergekit "
+                            "reads only from the top-level 'parameters'; move it there to use it.")
+        else:
+            check_setting(value, f"{where}: {key}")
+            used[key] = value
+    return used
 
 
 def _models_from_slices(data: dict, where: str) -> tuple[list, dict | None, int]:
@@ -179,11 +187,13 @@ def _models_from_slices(data: dict, where: str) -> tuple[list, dict | None, int]
     return models, the_slice.get("parameters"), next(iter(ranges))[1]
 
 
-def translate(data: dict, source: Path | None = None) -> dict:
-    """A mergekit config as a streammerge config dict (for config.parse_config)."""
+def translate(data: dict, source: Path | None = None, warnings: list[str] | None = None) -> dict:
+    """A mergekit config as a streammerge config dict (for config.parse_config); what mergekit would ignore is
+    appended to `warnings`."""
     from streammerge.io import open_checkpoint
 
     where = f"{source}" if source else "mergekit config"
+    warnings = [] if warnings is None else warnings
     for key in data:
         if key not in MERGEKIT_KEYS | STREAMMERGE_KEYS:
             raise ConfigError(f"{where}: unknown key '{key}' in a mergekit config (streammerge also accepts "
@@ -207,8 +217,9 @@ def translate(data: dict, source: Path | None = None) -> dict:
         entries = data.get("models")
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: ...}}.")
-    global_scope = _check_parameters(data.get("parameters"), method, f"{where}: parameters", True)
-    slice_scope = _check_parameters(slice_parameters, method, f"{where}: slices[0].parameters", True)
+    global_scope = _check_parameters(data.get("parameters"), method, f"{where}: parameters", True, warnings)
+    slice_scope = _check_parameters(slice_parameters, method, f"{where}: slices[0].parameters", True,
+                                    warnings)
 
     models = []  # (path, own parameters)
     for i, entry in enumerate(entries):
@@ -217,7 +228,8 @@ def translate(data: dict, source: Path | None = None) -> dict:
         if extra:
             raise ConfigError(f"{where}: models[{i}]: '{sorted(extra)[0]}' is not supported.")
         path = _model_path(entry.get("model"), f"{where}: models[{i}]")
-        models.append((path, _check_parameters(entry.get("parameters"), method, f"{where}: models[{i}]", False)))
+        models.append((path, _check_parameters(entry.get("parameters"), method, f"{where}: models[{i}]", False,
+                                                    warnings)))
     base = _model_path(data["base_model"], f"{where}: base_model") if data.get("base_model") else None
 
     # Which entries are merged, and which one is the base, the way mergekit's methods take them.
@@ -307,6 +319,15 @@ def translate(data: dict, source: Path | None = None) -> dict:
         config["dtype"] = dtype
     if out_dtype is not None:
         config["out_dtype"] = out_dtype
+    if data.get("tokenizer_source") is not None and data.get("tokenizer") is not None:
+        raise ConfigError(f"{where}: give either 'tokenizer_source' or 'tokenizer', not both (as in mergekit).")
+    tokenizer = data.get("tokenizer") if data.get("tokenizer") is not None else data.get("tokenizer_source")
+    if tokenizer is not None:
+        config["tokenizer"] = tokenizer
+    if data.get("chat_template") is not None:
+        config["chat_template"] = data["chat_template"]
+    if base is not None:
+        config["donor"] = base  # mergekit takes the output's config and tokenizer from base_model
     for key in STREAMMERGE_KEYS:
         if data.get(key) is not None:
             config[key] = data[key]

@@ -56,6 +56,7 @@ class TensorTask:
 class Plan:
     tasks: list[TensorTask]
     dropped: dict[str, str]  # name -> label of the rule that dropped it
+    config_updates: dict = field(default_factory=dict)  # config.json fields the plan changes (num_hidden_layers)
 
     @property
     def entries(self) -> list[tuple[str, torch.dtype, tuple]]:

@@ -94,12 +94,9 @@ def test_single_whole_model_slice_is_accepted(tmp_path, hf_models):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"tokenizer_source": "base"}, "tokenizer_source"),
     ({"slices": [{"sources": []}, {"sources": []}], "models": None}, "slices"),
     ({"merge_method": "add_difference"}, "'add_difference' is not available"),  # streammerge's own
-    ({"chat_template": "chatml"}, "chat_template"),
     ({"frobnicate": 1}, "frobnicate"),
-    ({"parameters": {"t": 0.5}}, "'t' is not a parameter"),
 ])
 def test_unsupported_keys_are_refused_by_name(tmp_path, hf_models, change, message):
     config = {"merge_method": "linear", "models": [{"model": str(hf_models["a"])}, {"model": str(hf_models["b"])}]}
@@ -111,8 +108,7 @@ def test_unsupported_keys_are_refused_by_name(tmp_path, hf_models, change, messa
 
 @pytest.mark.parametrize("model, message", [
     ("{a}+adapters/lora", "LoRA"),
-    ("meta-llama/Llama-3-8B", "not a local file"),
-    ("{a}@main", "revision"),
+    ("no/such/dir", "neither a local file or directory nor a Hugging Face Hub id"),
 ])
 def test_model_references_streammerge_cannot_read_are_refused(tmp_path, hf_models, model, message):
     config = {"merge_method": "linear", "models": [{"model": model.format(a=hf_models["a"])},
@@ -121,11 +117,20 @@ def test_model_references_streammerge_cannot_read_are_refused(tmp_path, hf_model
         load_config(write(tmp_path, config))
 
 
-def test_method_parameter_on_a_model_is_refused(tmp_path, hf_models):
+@pytest.mark.parametrize("change, warning", [
+    ({"parameters": {"normalize": True, "t": 0.5}},
+     "parameters: 't' is ignored: it is not a parameter of method 'ties'"),
+    ({"models": [{"model": "{a}", "parameters": {"normalize": False, "weight": 0.3}}]},
+     "models[0]: 'normalize' is ignored: it is a parameter of the whole merge"),
+])
+def test_parameters_mergekit_ignores_are_warnings(tmp_path, hf_models, change, warning):
     config = {"merge_method": "ties", "base_model": str(hf_models["base"]),
-              "models": [{"model": str(hf_models["a"]), "parameters": {"normalize": False}}]}
-    with pytest.raises(ConfigError, match="top-level 'parameters'"):
-        load_config(write(tmp_path, config))
+              "models": [{"model": str(hf_models["a"]), "parameters": {"weight": 0.3}}]}
+    config.update(change)
+    config["models"][0]["model"] = config["models"][0]["model"].format(a=hf_models["a"])
+    merge = load_config(write(tmp_path, config))
+    assert len(merge.warnings) == 1 and warning in merge.warnings[0], merge.warnings
+    assert merge.params["normalize"] is True and merge.models[0].params["weight"] == 0.3
 
 
 @pytest.mark.skipif(not os.environ.get("MERGEKIT_YAML"), reason="set MERGEKIT_YAML to a mergekit-yaml executable")
