@@ -25,6 +25,7 @@ from streammerge.interrupts import uninterruptible
 from streammerge.io import Checkpoint, TensorInfo, open_checkpoint
 from streammerge.io.output_safety import check_output_is_not_an_input
 from streammerge.io.outputs import check_disk_space, make_output
+from streammerge.lora import apply_adapter
 from streammerge.memory import Budget, MemoryGuard, bytes_per_element
 from streammerge.methods.method import ChunkContext
 from streammerge.plan import COPY, Plan, TensorTask, build_plan
@@ -89,14 +90,21 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
     try:
         for spec in config.models:
             checkpoints.append(open_checkpoint(spec.path, state_dict_key=spec.state_dict_key))
+            if spec.lora is not None:
+                apply_adapter(checkpoints[-1], spec.lora)
         if config.base is not None:
             base = open_checkpoint(config.base.path, state_dict_key=config.base.state_dict_key)
+            if config.base.lora is not None:
+                apply_adapter(base, config.base.lora)
         plan = build_plan(config, checkpoints, base)
-        n_inputs = len(checkpoints) + (1 if base is not None else 0)
+        n_inputs = plan.max_inputs
         out_itemsize = max(t.out_dtype.itemsize for t in plan.tasks)
         unaligned = [i.itemsize for t in plan.tasks for i in t.sources + [t.base] if i is not None and not i.aligned]
+        # one scratch buffer for LoRA updates
+        low_rank = any(s.lora is not None for s in config.models + ([config.base] if config.base else []))
         per_element = bytes_per_element(n_inputs, config.dtype.itemsize, out_itemsize,
-                                        config.method.buffers, staging_itemsize=max(unaligned, default=0))
+                                        config.method.buffers + low_rank,
+                                        staging_itemsize=max(unaligned, default=0))
         budget = Budget(max_ram if max_ram is not None else config.max_ram, per_element, DEFAULT_MAX_RAM,
                         largest_tensor=max(t.numel for t in plan.tasks))
     except BaseException:
@@ -119,6 +127,7 @@ class Workspace:
         self.outs: dict[torch.dtype, list[torch.Tensor]] = {}
         self.staging: torch.Tensor | None = None
         self.extra = [torch.empty(chunk, dtype=acc_dtype) for _ in range(extra_buffers)]  # the method's own
+        self.low_rank: torch.Tensor | None = None  # for LoRA updates, allocated on first use
 
     def next_slot(self) -> None:
         self.slot ^= 1
@@ -144,11 +153,19 @@ class Workspace:
         in this input's scratch buffer."""
         scratch = self.scratch[slot][:stop - start]
         if info.dtype == self.acc_dtype and not info.aligned and info.stride is None:
-            return info.read(start, stop, staging=scratch.view(torch.uint8))
-        chunk = info.read(start, stop, staging=self.staging_for(info))
-        if chunk.dtype == self.acc_dtype and chunk.is_contiguous():
-            return chunk
-        return scratch.copy_(chunk)
+            chunk = info.read(start, stop, staging=scratch.view(torch.uint8))
+        else:
+            chunk = info.read(start, stop, staging=self.staging_for(info))
+            if chunk.dtype != self.acc_dtype or not chunk.is_contiguous() or info.delta is not None:
+                chunk = scratch.copy_(chunk)  # never write into the mapping
+        if info.delta is not None:
+            info.delta.add_to(chunk, start, stop, self.delta_scratch())
+        return chunk
+
+    def delta_scratch(self) -> torch.Tensor:
+        if self.low_rank is None:
+            self.low_rank = torch.empty(self.chunk, dtype=self.acc_dtype)
+        return self.low_rank
 
     def read_for_copy(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         """A chunk copied unchanged to the output; unaligned bytes are staged in this slot's output buffer."""
@@ -238,7 +255,7 @@ class Engine:
         check_output_is_not_an_input(output.files, self.p.output,
                                      self.p.checkpoints + ([self.p.base] if self.p.base else []),
                                      also=(self.config.source,))
-        n_inputs = len(self.p.checkpoints) + (1 if self.p.base else 0)
+        n_inputs = plan.max_inputs
         started = time.perf_counter()
         with MemoryGuard(budget.limit) as guard:
             workspace = Workspace(self.chunk, n_inputs, self.config.dtype, self.method.buffers)
@@ -286,8 +303,10 @@ class Engine:
         # reading (and the kernel's readahead) caches pages.
         was_cached = [info.is_cached(0, info.numel) for info in inputs]
         if task.kind == COPY:
-            self._stream(task, inputs, ws, output, progress, guard,
-                         lambda s, e: ws.read_for_copy(task.sources[0], s, e), was_cached)
+            source = task.sources[0]
+            read = ((lambda s, e: ws.read_as_acc(source, s, e, 0)) if source.delta is not None
+                    else (lambda s, e: ws.read_for_copy(source, s, e)))
+            self._stream(task, inputs, ws, output, progress, guard, read, was_cached)
             return
         stats = None
         passes = self.method.passes_for(task.params, task.model_params, self.config.dtype, task.numel)
@@ -339,11 +358,17 @@ class Engine:
         base = ws.read_as_acc(task.base, start, stop, len(task.sources)) if task.base is not None else None
         acc_dtype = self.config.dtype
 
+        def with_delta(info: TensorInfo, a: int, b: int) -> torch.Tensor:
+            chunk = info.read(a, b).to(acc_dtype, copy=True)
+            if info.delta is not None:
+                info.delta.add_to(chunk, a, b, ws.delta_scratch())
+            return chunk
+
         def read_input(index: int, a: int, b: int) -> torch.Tensor:
-            return task.sources[index].read(a, b).to(acc_dtype, copy=True)
+            return with_delta(task.sources[index], a, b)
 
         def read_base(a: int, b: int) -> torch.Tensor:
-            return task.base.read(a, b).to(acc_dtype, copy=True)
+            return with_delta(task.base, a, b)
 
         return ChunkContext(task.name, start, task.numel, inputs, base, task.model_params, task.params,
                             ws.acc(stop - start), self.config.seed, task.shape, ws.extra, read_input,

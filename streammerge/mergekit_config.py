@@ -131,9 +131,14 @@ def _check_parameters(scope, method: Method, where: str, allow_method_params: bo
     return scope
 
 
+def _split(ref: str) -> tuple[str, str]:
+    """(model path, adapter path or "") of a reference `_model_path` returned."""
+    return (ref, "") if Path(ref).exists() else tuple(ref.split("+", 1))
+
+
 def _same(a: str, b: str) -> bool:
-    return Path(a.split("+")[0]).resolve() == Path(b.split("+")[0]).resolve() and (
-        a.partition("+")[2] == b.partition("+")[2])
+    (model_a, lora_a), (model_b, lora_b) = _split(a), _split(b)
+    return Path(model_a).resolve() == Path(model_b).resolve() and lora_a == lora_b
 
 
 def _translate_slices(data: dict, method: Method, global_scope: dict, where: str) -> dict:
@@ -201,7 +206,7 @@ def _translate_slices(data: dict, method: Method, global_scope: dict, where: str
 
     names = {}
     for i, path in enumerate(paths):
-        checkpoint = open_checkpoint(Path(path.split("+")[0]))  # headers only: the tensor names
+        checkpoint = open_checkpoint(Path(_split(path)[0]))  # headers only: the tensor names
         try:
             names[i] = list(checkpoint.tensors)
         finally:
@@ -311,7 +316,7 @@ def _translate_models(data: dict, method: Method, global_scope: dict, where: str
 
     if not inputs:
         raise ConfigError(f"{where}: 'models' lists no model besides base_model; nothing to merge.")
-    first = open_checkpoint(Path(inputs[0][0]))  # headers only: the tensor names
+    first = open_checkpoint(Path(_split(inputs[0][0])[0]))  # headers only: the tensor names
     try:
         names = list(first.tensors)
     finally:

@@ -64,6 +64,11 @@ class Plan:
         return out
 
     @property
+    def max_inputs(self) -> int:
+        """The most tensors one output tensor is read from (each needs a scratch buffer)."""
+        return max(len(t.sources) + (t.base is not None) for t in self.tasks)
+
+    @property
     def output_bytes(self) -> int:
         return sum(t.out_bytes * (1 + len(t.aliases)) for t in self.tasks)
 
