@@ -228,7 +228,7 @@ def _parse_rule(entry, n_models: int | None, method: Method, where: str) -> Rule
     if weights is not None:
         if (not isinstance(weights, list) or (n_models is not None and len(weights) != n_models)
                 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)):
-            raise ConfigError(f"{where}: weights must be a list of numbers, one per model.")
+            raise ConfigError(f"{where}: weights must be a list of {f'{n_models} ' if n_models else ''}numbers, one per model.")
         weights = [float(w) for w in weights]
     drop = entry.get("drop", False)
     if not isinstance(drop, bool):
@@ -244,8 +244,9 @@ def _parse_rule(entry, n_models: int | None, method: Method, where: str) -> Rule
         if weights is not None and key == "weight":
             raise ConfigError(f"{where}: give the weights either as 'weights' or as 'weight', not both.")
         if not isinstance(values, list) or (n_models is not None and len(values) != n_models):
-            raise ConfigError(f"{where}: '{key}' is a per-model parameter: give a list of values, one per model "
-                              "(null keeps that model's own value).")
+            raise ConfigError(f"{where}: '{key}' is a per-model parameter: give a list of "
+                              f"{f'{n_models} ' if n_models else ''}values, "
+                              "one per model (null keeps that model's own value).")
         model_params[key] = [None if v is None else coerce_param(method.param(key), v, f"{where}: {key}[{i}]")
                              for i, v in enumerate(values)]
     if not actions and not params and not model_params:
