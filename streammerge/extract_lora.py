@@ -82,9 +82,8 @@ def _orthonormal(m: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(m, mode="reduced").Q
 
 
-def truncated_svd(reader: DeltaReader, target: Target, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                           float]:
-    """(U_r S_r, V_r^T, S, squared Frobenius norm of delta) by a streamed randomized SVD."""
+def truncated_svd(reader: DeltaReader, target: Target, seed: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """(U_r S_r, V_r^T, squared Frobenius norms of the residual and of delta) by a streamed randomized SVD."""
     rows, cols = target.shape
     k = min(rows, cols, target.rank + OVERSAMPLE)
     generator = torch.Generator().manual_seed(seed)
@@ -111,9 +110,12 @@ def truncated_svd(reader: DeltaReader, target: Target, seed: int) -> tuple[torch
     bt, norm2 = transposed_times(q)  # (Q^T delta)^T: cols x k
     u_small, s, vh_small = torch.linalg.svd(bt.double(), full_matrices=False)  # bt = U' S V'^T
     r = target.rank
-    left = (q.double() @ vh_small.t()[:, :r]) * s[:r]  # Q V' S: rows x r
-    right = u_small[:, :r].t()  # U'^T: r x cols
-    return left.float(), right.float().contiguous(), s, norm2
+    left = ((q.double() @ vh_small.t()[:, :r]) * s[:r]).float()  # Q V' S: rows x r
+    right = u_small[:, :r].t().float().contiguous()  # U'^T: r x cols
+    residual2 = 0.0  # measured, not derived from the norms (which cancel when the error is small)
+    for r0, r1, block in reader.blocks(target):
+        residual2 += float(block.addmm_(left[r0:r1], right, alpha=-1).norm()) ** 2
+    return left, right, residual2, norm2
 
 
 def choose_targets(finetuned, base, rank: int) -> tuple[list[Target], list[str], list[str]]:
@@ -192,15 +194,14 @@ def extract_lora(finetuned_path: Path, base_path: Path, rank: int, output: Path,
             out = make_output(output / ADAPTER_WEIGHTS, entries, {"format": "pt"}, shard_size=0)
             check_disk_space(output, out.total_size)
             reader = DeltaReader(budget.chunk_elements)
-            kept = total = 0.0
+            residual = total = 0.0
             per_module = {}
             try:
                 out.open()
                 for index, target in enumerate(targets):
-                    left, right, s, norm2 = truncated_svd(reader, target, seed + index)
-                    captured = float((s[:target.rank] ** 2).sum())
-                    kept, total = kept + captured, total + norm2
-                    per_module[target.module] = math.sqrt(max(0.0, norm2 - captured) / norm2) if norm2 else 0.0
+                    left, right, residual2, norm2 = truncated_svd(reader, target, seed + index)
+                    residual, total = residual + residual2, total + norm2
+                    per_module[target.module] = math.sqrt(residual2 / norm2) if norm2 else 0.0
                     (a_name, _, _), (b_name, _, _) = target.entries()
                     if target.embedding:
                         out.write(a_name, 0, left.t().contiguous().reshape(-1))
@@ -229,7 +230,7 @@ def extract_lora(finetuned_path: Path, base_path: Path, rank: int, output: Path,
         write_atomically(output / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
         report = {
             "output": str(output), "rank": rank, "modules": len(targets), "modules_to_save": modules_to_save,
-            "not_representable": dropped, "relative_error": math.sqrt(max(0.0, total - kept) / total) if total else 0.0,
+            "not_representable": dropped, "relative_error": math.sqrt(residual / total) if total else 0.0,
             "relative_error_per_module": per_module, "seconds": time.perf_counter() - started,
             "peak_anon_bytes": guard.peak, "max_ram_bytes": budget.limit,
         }

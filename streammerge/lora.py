@@ -59,8 +59,8 @@ class LowRankDelta:
         return self.right.shape[0]
 
     def add_to(self, out: torch.Tensor, start: int, stop: int, scratch: torch.Tensor) -> None:
-        """out[:] += elements [start, stop) of the flattened update; `scratch` is a chunk-sized buffer of
-        out's dtype that bounds every temporary."""
+        """out[:] += elements [start, stop) of the flattened update; `scratch` (a chunk-sized buffer of out's
+        dtype, more than `rank` elements) bounds every temporary."""
         cols = self.right.shape[1]
         rank = self.rank
         first_row = start // cols
@@ -69,7 +69,7 @@ class LowRankDelta:
         pos = start
         while pos < stop:
             row, c0 = divmod(pos, cols)
-            full = (stop - pos) // cols if c0 == 0 else 0
+            full = min((stop - pos) // cols, scratch.numel() - rank) if c0 == 0 else 0  # whole rows that fit
             n, c1 = (full, cols) if full else (1, min(cols, c0 + stop - pos))
             target = out[pos - start:pos - start + n * (c1 - c0)].view(n, c1 - c0)
             rows = left[row - first_row:row - first_row + n]
