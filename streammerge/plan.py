@@ -15,7 +15,7 @@ import torch
 from streammerge.config import MergeConfig, Rule
 from streammerge.errors import PlanError
 from streammerge.io import Checkpoint, TensorInfo
-from streammerge.slices import place, split_layer_name
+from streammerge.slices import output_layers, place, split_layer_name
 
 MERGE, COPY = "merge", "copy"
 MAX_LISTED = 5
@@ -53,6 +53,7 @@ class TensorTask:
 class Plan:
     tasks: list[TensorTask]
     dropped: dict[str, str]  # name -> label of the rule that dropped it
+    config_updates: dict = field(default_factory=dict)  # model config.json fields the merge changes
 
     @property
     def entries(self) -> list[tuple[str, torch.dtype, tuple]]:
@@ -201,7 +202,8 @@ def build_plan(config: MergeConfig, checkpoints: list[Checkpoint], base: Checkpo
         raise PlanError(_mismatch_message(missing, mismatched, checkpoints))
     if not tasks:
         raise PlanError("nothing to merge: every tensor was dropped by the rules.")
-    return Plan(tasks, dropped)
+    updates = {"num_hidden_layers": output_layers(config.slices)} if config.slices is not None else {}
+    return Plan(tasks, dropped, updates)
 
 
 def _check_rule_fits(rule: Rule | None, wanted: Wanted) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,7 @@ def test_same_layer_used_twice_is_read_twice_not_aliased(tmp_path, models):
         names = [t.name for t in prepared.plan.tasks]
         assert "model.layers.1.mlp.up_proj.weight" in names and "model.layers.2.mlp.up_proj.weight" in names
         assert not any(t.aliases for t in prepared.plan.tasks)
+        assert prepared.plan.config_updates == {"num_hidden_layers": 4}  # for the output's config.json
         assert prepared.config.slices is not None and len(prepared.plan.tasks) == 3 + 4 * len(
             layer_names(state(models["a"])))
     finally:
@@ -248,3 +250,63 @@ def test_slices_match_mergekit(tmp_path, models, cli, case):
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
     assert json.loads((tmp_path / "mk" / "config.json").read_text())["num_hidden_layers"] == len(
         {n.split(".")[2] for n in ours if n.startswith("model.layers.")})
+
+
+@pytest.mark.big
+def test_frankenmerge_of_a_1gb_model_within_256_mib(tmp_path, cli):
+    """mergekit's 44-layer frankenmerge shape on a ~1.07 GB Llama-shaped model: peak anonymous RSS (sampled
+    from outside and by the run's own guard) stays within max_ram = 256 MiB."""
+    import threading
+    import time
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from compare_mergekit import llama_tensors
+    from test_memory_bound import MIB, anon_of
+
+    tensors = llama_tensors(32000, 2048, 5504, 4, torch.Generator().manual_seed(0))
+    (tmp_path / "big").mkdir()
+    save_file(tensors, tmp_path / "big" / "model.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "big" / "model.safetensors").stat().st_size > 1.0e9
+    del tensors
+    config = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(tmp_path / "big"), "layer_range": [0, 3]}]},
+        {"sources": [{"model": str(tmp_path / "big"), "layer_range": [1, 4]}]}]}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([sys.executable, "-m", "streammerge", "merge", str(tmp_path / "c.yml"), "--output",
+                             str(tmp_path / "out"), "--quiet", "--max-ram", "256MiB", "--report",
+                             str(tmp_path / "report.json")], stderr=subprocess.PIPE, text=True)
+    peak, done = 0, threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            try:
+                peak = max(peak, anon_of(proc.pid))
+            except OSError:
+                pass
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    _, stderr = proc.communicate(timeout=900)
+    done.set()
+    sampler.join()
+    assert proc.returncode == 0, stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    print(f"frankenmerge of 1.07 GB: {report['seconds']:.1f} s, peak anonymous RSS {peak / MIB:.0f} MiB sampled, "
+          f"{report['peak_anon_bytes'] / MIB:.0f} MiB by the guard; wrote {report['written_bytes'] / 1e9:.2f} GB")
+    assert peak <= 256 * MIB and report["peak_anon_bytes"] <= 256 * MIB
+    with safe_open(tmp_path / "big" / "model.safetensors", "pt") as src:
+        files = sorted((tmp_path / "out").glob("*.safetensors"))
+        out = {}
+        for f in files:
+            with safe_open(f, "pt") as handle:
+                out.update({k: f for k in handle.keys()})
+        assert len({n.split(".")[2] for n in out if n.startswith("model.layers.")}) == 6
+        for out_name, src_name in [("model.layers.4.mlp.up_proj.weight", "model.layers.2.mlp.up_proj.weight"),
+                                   ("model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"),
+                                   ("model.embed_tokens.weight", "model.embed_tokens.weight")]:
+            with safe_open(out[out_name], "pt") as handle:
+                assert torch.equal(handle.get_tensor(out_name), src.get_tensor(src_name)), out_name
