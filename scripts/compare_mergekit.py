@@ -3,9 +3,9 @@
 
 Builds a small Llama-shaped Hugging Face directory per model (config.json + model.safetensors; by default with
 a 128 MiB float32 embedding so one tensor is far larger than a small RAM budget), writes one mergekit config
-per method (with gradient and filter parameters), runs `mergekit-yaml` and `streammerge merge` on it (at two
-RAM budgets), and prints, per method, the largest differences against mergekit and whether the two budgets
-gave bit-identical files.
+per method (with gradient and filter parameters; two more with `slices`), runs `mergekit-yaml` and `streammerge
+merge` on it (at two RAM budgets), and prints, per method, the largest differences against mergekit and
+whether the two budgets gave bit-identical files.
 
 mergekit is found as --mergekit PATH, $MERGEKIT_YAML, or `mergekit-yaml` on PATH; without it the script says
 so and exits 0. Install it apart from the project, e.g.
@@ -106,6 +106,14 @@ def configs(paths: dict[str, Path]) -> dict[str, dict]:
                         "models": [{"model": a}, {"model": b}, {"model": c}]},
         "nuslerp": {"merge_method": "nuslerp", "base_model": base, "dtype": "float32", "models": [
             {"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 2.0}}]},
+        # slices (layers stacked and renumbered): examples/orcamini-platy-44layer.yml's shape, and slerp per slice
+        "frankenmerge": {"merge_method": "passthrough", "dtype": "float32", "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 2]}]}, {"sources": [{"model": b, "layer_range": [1, 3]}]}]},
+        "slerp_slices": {"merge_method": "slerp", "base_model": a, "dtype": "float32", "parameters": {"t": gradient},
+                         "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 2]}, {"model": b, "layer_range": [0, 2]}]},
+            {"sources": [{"model": a, "layer_range": [1, 3]}, {"model": b, "layer_range": [0, 2]}],
+             "parameters": {"t": 0.3}}]},
     }
 
 
