@@ -398,9 +398,16 @@ def describe_plan(prepared: Prepared) -> str:
     lines = [f"method: {config.method.name} over {len(prepared.checkpoints)} model(s)"
              + (f", base {config.base.path}" if config.base else "")]
     for i, (spec, c) in enumerate(zip(config.models, prepared.checkpoints)):
-        params = ", ".join(f"{k}={v}" for k, v in spec.params.items())
+        params = "" if config.slices else ", ".join(f"{k}={v}" for k, v in spec.params.items())  # slices: per source
         lines.append(f"  models[{i}]: {c.path} ({c.format}{', ' + c.container if c.container else ''}, "
                      f"{len(c.tensors)} tensors, {c.total_bytes / 1e9:.2f} GB){' ' + params if params else ''}")
+    for i, piece in enumerate(config.slices or []):
+        sources = ", ".join(f"models[{s.model}] layers {s.layers[0]}..{s.layers[1] - 1}" for s in piece.sources)
+        lines.append(f"  slices[{i}]: {piece.length} layer(s) from {sources}"
+                     + (f" (base layers {piece.base_layers[0]}..{piece.base_layers[1] - 1})"
+                        if piece.base_layers and config.method.uses_base else ""))
+    if plan.config_updates:
+        lines.append("config.json: " + ", ".join(f"{k} = {v}" for k, v in plan.config_updates.items()))
     lines.append("tensors per rule (first match wins):")
     counts = plan.tensors_per_rule()
     for label in [r.label for r in config.rules] + ["default"]:

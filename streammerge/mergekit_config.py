@@ -218,7 +218,9 @@ def _translate_slices(data: dict, method: Method, global_scope: dict, where: str
     except PlanError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
-    groups: dict[tuple, list[str]] = {}
+    # Each tensor's resolved values; the most common method values become the defaults, and each slice's most
+    # common per-source values its sources' own: only the tensors that differ need a rule.
+    resolved = []
     for p in placements:
         slice_scope, owns = scopes[p.slice_index]
         method_values = tuple(_value(resolve(q.name, [slice_scope, global_scope], p.name, p.t), q)
@@ -226,13 +228,27 @@ def _translate_slices(data: dict, method: Method, global_scope: dict, where: str
         model_values = tuple(tuple(_value(resolve(q.name, [own, slice_scope, global_scope], input_name, p.t), q)
                                    for own, input_name in zip(owns, p.inputs))
                              for q in method.model_params)
-        groups.setdefault((len(p.inputs), method_values, model_values), []).append(p.name)
+        resolved.append((p, method_values, model_values))
+    default = Counter(m for _, m, _ in resolved).most_common(1)[0][0]
+    for index, piece in enumerate(slices):
+        full = [v for p, _, v in resolved if p.slice_index == index and len(p.inputs) == len(piece["sources"])]
+        if full:
+            own = Counter(full).most_common(1)[0][0]
+            for j, source in enumerate(piece["sources"]):
+                source.update({q.name: row[j] for q, row in zip(method.model_params, own)})
+    groups: dict[tuple, list[str]] = {}
+    for p, method_values, model_values in resolved:
+        sources = slices[p.slice_index]["sources"][:len(p.inputs)]
+        own = tuple(tuple(s.get(q.name, q.default) for s in sources) for q in method.model_params)
+        if method_values != default or model_values != own:
+            groups.setdefault((p.slice_index, len(p.inputs), method_values, model_values), []).append(p.name)
     rules = []
-    for (_, method_values, model_values), tensors in groups.items():
+    for (_, _, method_values, model_values), tensors in groups.items():
         params = {q.name: v for q, v in zip(method.method_params, method_values)}
         params.update({q.name: list(row) for q, row in zip(method.model_params, model_values)})
         rules.append({"match": "re:^(?:" + "|".join(re.escape(n) for n in tensors) + ")$", "parameters": params})
-    config = {"method": name, "models": [{"path": p} for p in paths], "slices": slices, "rules": rules}
+    config = {"method": name, "models": [{"path": p} for p in paths], "slices": slices, "rules": rules,
+              "parameters": {q.name: v for q, v in zip(method.method_params, default)}}
     if method.uses_base and name != "slerp" and base is not None:
         config["base"] = base
     return config

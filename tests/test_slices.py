@@ -17,7 +17,7 @@ from helpers import load_output
 from test_methods import ref_slerp
 from streammerge.config import load_config
 from streammerge.errors import ConfigError, PlanError
-from streammerge.engine import prepare
+from streammerge.engine import describe_plan, prepare
 
 transformers = pytest.importorskip("transformers")
 MERGEKIT_YAML = Path(os.environ.get("MERGEKIT_VENV", "/work/main/.venv-mergekit")) / "bin" / "mergekit-yaml"
@@ -108,6 +108,8 @@ def test_same_layer_used_twice_is_read_twice_not_aliased(tmp_path, models):
         assert "model.layers.1.mlp.up_proj.weight" in names and "model.layers.2.mlp.up_proj.weight" in names
         assert not any(t.aliases for t in prepared.plan.tasks)
         assert prepared.plan.config_updates == {"num_hidden_layers": 4}  # for the output's config.json
+        shown = describe_plan(prepared)
+        assert "slices[1]: 2 layer(s) from models[0] layers 1..2" in shown and "num_hidden_layers = 4" in shown
         assert prepared.config.slices is not None and len(prepared.plan.tasks) == 3 + 4 * len(
             layer_names(state(models["a"])))
     finally:
