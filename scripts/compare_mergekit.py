@@ -3,9 +3,9 @@
 
 Builds a small Llama-shaped Hugging Face directory per model (config.json + model.safetensors; by default with
 a 128 MiB float32 embedding so one tensor is far larger than a small RAM budget), writes one mergekit config
-per method (with gradient and filter parameters), runs `mergekit-yaml` and `streammerge merge` on it (at two
-RAM budgets), and prints, per method, the largest differences against mergekit and whether the two budgets
-gave bit-identical files.
+per method (with gradient and filter parameters; two more with `slices`), runs `mergekit-yaml` and `streammerge
+merge` on it (at two RAM budgets), and prints, per method, the largest differences against mergekit and
+whether the two budgets gave bit-identical files.
 
 mergekit is found as --mergekit PATH, $MERGEKIT_YAML, or `mergekit-yaml` on PATH; without it the script says
 so and exits 0. Install it apart from the project, e.g.
@@ -123,6 +123,14 @@ def configs(paths: dict[str, Path]) -> dict[str, dict]:
         "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": base, "dtype": "float32",
                        "parameters": {"epsilon": 0.004, "r": 0.5, "alpha": 0.6},
                        "models": [{"model": a}, {"model": b}, {"model": c}]},
+        # slices (layers stacked and renumbered): examples/orcamini-platy-44layer.yml's shape, and slerp per slice
+        "frankenmerge": {"merge_method": "passthrough", "dtype": "float32", "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 2]}]}, {"sources": [{"model": b, "layer_range": [1, 3]}]}]},
+        "slerp_slices": {"merge_method": "slerp", "base_model": a, "dtype": "float32", "parameters": {"t": gradient},
+                         "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 2]}, {"model": b, "layer_range": [0, 2]}]},
+            {"sources": [{"model": a, "layer_range": [1, 3]}, {"model": b, "layer_range": [0, 2]}],
+             "parameters": {"t": 0.3}}]},
     }
 
 

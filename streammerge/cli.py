@@ -10,6 +10,7 @@ from streammerge import __version__
 from streammerge.convert import add_convert_parser
 from streammerge.diff import add_diff_parser
 from streammerge.errors import ConfigError, StreamMergeError
+from streammerge.extract_lora import add_extract_lora_parser
 from streammerge.inspect import add_inspect_parser
 from streammerge.interrupts import Terminated, exit_status, install_handlers
 from streammerge.methods.registry import methods
@@ -82,7 +83,7 @@ def run_merge(args) -> int:
     return 0
 
 
-PARSERS = [add_merge_parser, add_convert_parser, add_inspect_parser, add_diff_parser]
+PARSERS = [add_merge_parser, add_convert_parser, add_inspect_parser, add_diff_parser, add_extract_lora_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

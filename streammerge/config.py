@@ -15,6 +15,7 @@ from streammerge.errors import ConfigError, short
 from streammerge.hf.tokenizer import TokenizerSpec, parse_tokenizer
 from streammerge.methods.method import Method, coerce_param
 from streammerge.methods.registry import did_you_mean, get_method
+from streammerge.slices import Slice, SliceSource
 from streammerge.units import parse_size
 
 ACCUMULATION_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -28,8 +29,10 @@ DEFAULT_SHARD_SIZE = 5 * 1000**3
 NAN_POLICIES = ("error", "allow")  # what a NaN/Inf in a merged tensor does: stop the run, or write and list it
 MAX_SEED = 2**63 - 1
 TOP_LEVEL_KEYS = {"output", "models", "method", "rules", "dtype", "out_dtype", "max_ram", "shard_size", "base",
-                  "parameters", "seed", "rename", "nan_policy", "tokenizer", "chat_template", "donor"}
-MODEL_KEYS = {"path", "state_dict_key", "rename", "parameters"}
+                  "parameters", "seed", "rename", "nan_policy", "tokenizer", "chat_template", "donor", "slices"}
+MODEL_KEYS = {"path", "state_dict_key", "rename", "parameters", "lora"}
+SLICE_KEYS = {"sources", "base_layer_range"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
 RULE_KEYS = {"match", "take", "weights", "drop", "parameters"}
 
 
@@ -48,6 +51,11 @@ class ModelSpec:
     params: dict = field(default_factory=dict)  # per-model method parameters (weight, density, ...)
     state_dict_key: str | None = None
     rename: list[Rename] = field(default_factory=list)
+    lora: Path | None = None  # a PEFT LoRA adapter directory applied to this model's tensors while reading
+
+    @property
+    def label(self) -> str:
+        return f"{self.path}+{self.lora}" if self.lora is not None else str(self.path)
 
 
 @dataclass
@@ -99,13 +107,18 @@ class MergeConfig:
     chat_template: str | None = None  # a built-in name, "auto" or a Jinja template
     donor: Path | None = None  # the output's config.json and tokenizer come from it (default: base, else models[0])
     warnings: list[str] = field(default_factory=list)  # what the config asks for that is ignored, and why
+    slices: list[Slice] | None = None  # layer slices stacked into the output (None: whole models, name by name)
 
     def recipe(self) -> dict:
         """A JSON-able description of the merge, stored in the output's metadata."""
         return {
             "method": self.method.name,
             "parameters": self.params,
-            "models": [{"path": str(m.path), **m.params} for m in self.models],
+            "models": [{"path": m.label, **m.params} for m in self.models],
+            **({"slices": [{"sources": [{"model": s.model, "layer_range": list(s.layers), **s.params}
+                                        for s in piece.sources],
+                            **({"base_layer_range": list(piece.base_layers)} if piece.base_layers else {})}
+                           for piece in self.slices]} if self.slices else {}),
             **({"base": str(self.base.path)} if self.base else {}),
             "rules": [r.label for r in self.rules],
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -208,13 +221,26 @@ def _parse_model(entry, method: Method, where: str) -> ModelSpec:
     params = {p.name: p.default for p in method.model_params}
     params.update(_parse_params({**nested, **inline}, method, True, where))
     key = entry.get("state_dict_key")
-    path = _text(entry["path"], f"{where}: path", "a file or directory path")
+    path, lora = _split_lora(_text(entry["path"], f"{where}: path", "a file or directory path"), entry.get("lora"),
+                             where)
     key = _text(key, f"{where}: state_dict_key", "a (dotted) key") if key is not None else None
-    return ModelSpec(Path(path), params, key,
-                     _parse_rename(entry.get("rename"), where))
+    return ModelSpec(path, params, key, _parse_rename(entry.get("rename"), where), lora)
 
 
-def _parse_rule(entry, n_models: int, method: Method, where: str) -> Rule:
+def _split_lora(path: str, lora, where: str) -> tuple[Path, Path | None]:
+    """`MODEL+ADAPTER` (mergekit's LoRA reference) or `lora: ADAPTER` beside the path."""
+    if "+" in path and not Path(path).exists():
+        if lora is not None:
+            raise ConfigError(f"{where}: give the LoRA adapter either as 'MODEL+ADAPTER' or as 'lora', not both.")
+        path, lora = path.split("+", 1)
+        if not path or not lora:
+            raise ConfigError(f"{where}: '{path}+{lora}' must be MODEL+ADAPTER, both parts non-empty.")
+    return Path(path), Path(str(lora)) if lora is not None else None
+
+
+def _parse_rule(entry, n_models: int | None, method: Method, where: str) -> Rule:
+    """`n_models` is None with slices: then per-model lists and `take` index the sources of each tensor's slice,
+    and the plan checks their length."""
     if not isinstance(entry, dict) or "match" not in entry:
         raise ConfigError(f"{where}: each rule needs 'match' (a glob, or 're:' + a regular expression).")
     method_param_names = {p.name for p in method.method_params}
@@ -224,14 +250,16 @@ def _parse_rule(entry, n_models: int, method: Method, where: str) -> Rule:
     if len(actions) > 1:
         raise ConfigError(f"{where}: use only one of take / weights / drop in a rule (found {', '.join(actions)}).")
     take = entry.get("take")
-    if take is not None and (isinstance(take, bool) or not isinstance(take, int) or not 0 <= take < n_models):
-        raise ConfigError(f"{where}: take: {short(take)} is not a model index; models are numbered 0..{n_models - 1}.")
+    if take is not None and (isinstance(take, bool) or not isinstance(take, int) or take < 0
+                             or (n_models is not None and take >= n_models)):
+        raise ConfigError(f"{where}: take: {short(take)} is not a model index; models are numbered "
+                          f"0..{(n_models or 1) - 1}.")
     weights = entry.get("weights")
     if weights is not None:
-        if (not isinstance(weights, list) or len(weights) != n_models
+        if (not isinstance(weights, list) or (n_models is not None and len(weights) != n_models)
                 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and _finite(w) for w in weights)):
-            raise ConfigError(f"{where}: weights must be a list of {n_models} numbers (finite), one per model, got "
-                              f"{short(weights)}.")
+            raise ConfigError(f"{where}: weights must be a list of {f'{n_models} ' if n_models else ''}numbers "
+                              f"(finite), one per model, got {short(weights)}.")
         weights = [float(w) for w in weights]
     drop = entry.get("drop", False)
     if not isinstance(drop, bool):
@@ -246,9 +274,10 @@ def _parse_rule(entry, n_models: int, method: Method, where: str) -> Rule:
     for key, values in per_model.items():
         if weights is not None and key == "weight":
             raise ConfigError(f"{where}: give the weights either as 'weights' or as 'weight', not both.")
-        if not isinstance(values, list) or len(values) != n_models:
-            raise ConfigError(f"{where}: '{key}' is a per-model parameter: give a list of {n_models} values, one "
-                              "per model (null keeps that model's own value).")
+        if not isinstance(values, list) or (n_models is not None and len(values) != n_models):
+            raise ConfigError(f"{where}: '{key}' is a per-model parameter: give a list of "
+                              f"{f'{n_models} ' if n_models else ''}values, "
+                              "one per model (null keeps that model's own value).")
         model_params[key] = [None if v is None else coerce_param(method.param(key), v, f"{where}: {key}[{i}]")
                              for i, v in enumerate(values)]
     if not actions and not params and not model_params:
@@ -289,7 +318,9 @@ def parse_config(data: dict, source: Path | None = None) -> MergeConfig:
     rules = data.get("rules") or []
     if not isinstance(rules, list):
         raise ConfigError(f"{where}: 'rules' must be a list.")
-    parsed_rules = [_parse_rule(r, len(specs), method, f"{where}: rules[{i}]") for i, r in enumerate(rules)]
+    slices = _parse_slices(data.get("slices"), specs, method, data.get("base") is not None, where)
+    n_models = len(specs) if slices is None else None
+    parsed_rules = [_parse_rule(r, n_models, method, f"{where}: rules[{i}]") for i, r in enumerate(rules)]
     base = data.get("base")
     if base is not None and not method.uses_base:
         raise ConfigError(f"{where}: method '{method.name}' does not use a base model, but 'base' is set; remove "
@@ -297,11 +328,8 @@ def parse_config(data: dict, source: Path | None = None) -> MergeConfig:
     if base is None and method.needs_base:
         raise ConfigError(f"{where}: method '{method.name}' needs a base model (the model the others were "
                           "fine-tuned from): add `base: PATH`.")
-    if len(specs) < method.min_models or (method.max_models is not None and len(specs) > method.max_models):
-        wanted = (f"exactly {method.min_models}" if method.max_models == method.min_models else
-                  f"at least {method.min_models}" if method.max_models is None else
-                  f"{method.min_models} to {method.max_models}")
-        raise ConfigError(f"{where}: method '{method.name}' takes {wanted} model(s) in 'models'"
+    if slices is None and not _count_fits(method, len(specs)):
+        raise ConfigError(f"{where}: method '{method.name}' takes {_wanted(method)} model(s) in 'models'"
                           f"{' (besides the base)' if method.uses_base else ''}, but {len(specs)} are given.")
     config = MergeConfig(
         output=Path(_text(data["output"], f"{where}: output", "a path")) if data.get("output") is not None else None,
@@ -322,6 +350,7 @@ def parse_config(data: dict, source: Path | None = None) -> MergeConfig:
                    else None),
         chat_template=_chat_template(data.get("chat_template"), where),
         donor=_local_model(str(data["donor"]), f"{where}: donor") if data.get("donor") is not None else None,
+        slices=slices,
     )
     check_weights(config, where)
     return config
@@ -340,6 +369,76 @@ def _chat_template(value, where: str) -> str | None:
         raise ConfigError(f"{where}: chat_template must be a built-in name (chatml, llama3, ...), auto, or a Jinja "
                           "template.")
     return value
+
+
+def _wanted(method: Method) -> str:
+    return (f"exactly {method.min_models}" if method.max_models == method.min_models else
+            f"at least {method.min_models}" if method.max_models is None else
+            f"{method.min_models} to {method.max_models}")
+
+
+def _count_fits(method: Method, n: int) -> bool:
+    return n >= method.min_models and (method.max_models is None or n <= method.max_models)
+
+
+def _layer_range(value, where: str) -> tuple[int, int]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value) or not 0 <= value[0] < value[1]):
+        raise ConfigError(f"{where}: layer_range must be [START, STOP] with 0 <= START < STOP (STOP exclusive), "
+                          f"got {value!r}.")
+    return int(value[0]), int(value[1])
+
+
+def _parse_slices(items, specs: list[ModelSpec], method: Method, has_base: bool, where: str) -> list[Slice] | None:
+    """`slices: [{sources: [{model: INDEX, layer_range: [A, B], <per-model parameters>}], base_layer_range}]`."""
+    if items is None:
+        return None
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{where}: 'slices' must be a non-empty list of {{sources: [...]}}.")
+    model_param_names = {p.name for p in method.model_params}
+    slices = []
+    for i, item in enumerate(items):
+        at = f"{where}: slices[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("sources"), list) or not item["sources"]:
+            raise ConfigError(f"{at}: a slice needs 'sources', a non-empty list of {{model: INDEX, layer_range: "
+                              "[START, STOP]}.")
+        _check_keys(item, SLICE_KEYS, at)
+        sources = []
+        for j, src in enumerate(item["sources"]):
+            sat = f"{at}.sources[{j}]"
+            if not isinstance(src, dict):
+                raise ConfigError(f"{sat}: must be {{model: INDEX, layer_range: [START, STOP]}}.")
+            _check_keys(src, SOURCE_KEYS, sat, model_param_names)
+            model = src.get("model")
+            if isinstance(model, bool) or not isinstance(model, int) or not 0 <= model < len(specs):
+                raise ConfigError(f"{sat}: model: {model!r} is not a model index; models are numbered "
+                                  f"0..{len(specs) - 1}.")
+            nested = src.get("parameters") or {}
+            if not isinstance(nested, dict):
+                raise ConfigError(f"{sat}: 'parameters' must be a mapping.")
+            params = dict(specs[model].params)
+            params.update(_parse_params({**nested, **{k: v for k, v in src.items() if k in model_param_names}},
+                                        method, True, sat))
+            sources.append(SliceSource(model, _layer_range(src.get("layer_range"), f"{sat}"), params))
+        lengths = {s.layers[1] - s.layers[0] for s in sources}
+        if len(lengths) != 1:
+            raise ConfigError(f"{at}: every source of a slice must span the same number of layers (got "
+                              f"{', '.join(str(list(s.layers)) for s in sources)}).")
+        if not _count_fits(method, len(sources)):
+            raise ConfigError(f"{at}: method '{method.name}' takes {_wanted(method)} source(s) in a slice"
+                              f"{' (besides the base)' if method.uses_base else ''}, but {len(sources)} are given.")
+        base_layers = item.get("base_layer_range")
+        if base_layers is not None:
+            if not has_base:
+                raise ConfigError(f"{at}: base_layer_range needs a `base` model.")
+            base_layers = _layer_range(base_layers, f"{at}.base_layer_range")
+            if base_layers[1] - base_layers[0] != next(iter(lengths)):
+                raise ConfigError(f"{at}: base_layer_range spans {base_layers[1] - base_layers[0]} layers, the "
+                                  f"sources {next(iter(lengths))}.")
+        elif has_base:
+            base_layers = sources[0].layers
+        slices.append(Slice(tuple(sources), base_layers))
+    return slices
 
 
 def check_weights(config: MergeConfig, where: str) -> None:

@@ -29,6 +29,7 @@ from streammerge.io import Checkpoint, TensorInfo, open_checkpoint
 from streammerge.io.output_safety import check_output_is_not_an_input, input_paths
 from streammerge.io.output_spec import Output, OutputSpec, ResumeInputs, TorchContainer
 from streammerge.io.outputs import check_disk_space, make_output, output_kind, output_spec
+from streammerge.lora import apply_adapter
 from streammerge.memory import Budget, MemoryGuard, bytes_per_element
 from streammerge.methods.method import ChunkContext
 from streammerge.plan import COPY, Plan, TensorTask, build_plan
@@ -99,13 +100,17 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
     try:
         for spec in config.models + ([config.base] if config.base is not None else []):
             inputs.append(open_checkpoint(spec.path, state_dict_key=spec.state_dict_key, max_ram=requested))
+            if spec.lora is not None:
+                apply_adapter(inputs[-1], spec.lora)
         checkpoints, base = inputs[:len(config.models)], (inputs[-1] if config.base is not None else None)
         hf = prepare_inputs(config, checkpoints, base)
         plan = build_plan(config, checkpoints, base)
         out_itemsize = max(t.out_dtype.itemsize for t in plan.tasks)
         unaligned = [i.itemsize for t in plan.tasks for i in t.inputs if not i.aligned]
-        per_element = bytes_per_element(len(inputs), config.dtype.itemsize, out_itemsize,
-                                        config.method.buffers, staging_itemsize=max(unaligned, default=0))
+        low_rank = any(s.lora is not None for s in config.models + ([config.base] if config.base else []))
+        per_element = bytes_per_element(plan.max_inputs, config.dtype.itemsize, out_itemsize,
+                                        config.method.buffers + low_rank,  # one scratch buffer for LoRA updates
+                                        staging_itemsize=max(unaligned, default=0))
         budget = Budget(requested, per_element, DEFAULT_MAX_RAM,
                         largest_tensor=max(t.numel for t in plan.tasks))
     except BaseException:
@@ -148,6 +153,7 @@ class Workspace:
         self.outs: dict[torch.dtype, list[torch.Tensor]] = {}
         self.staging: torch.Tensor | None = None
         self.extra = [torch.empty(chunk, dtype=acc_dtype) for _ in range(extra_buffers)]  # the method's own
+        self.low_rank: torch.Tensor | None = None  # for LoRA updates, allocated on first use
 
     def next_slot(self) -> None:
         self.slot ^= 1
@@ -173,11 +179,19 @@ class Workspace:
         in this input's scratch buffer."""
         scratch = self.scratch[slot][:stop - start]
         if info.dtype == self.acc_dtype and not info.aligned and info.stride is None:
-            return info.read(start, stop, staging=scratch.view(torch.uint8))
-        chunk = info.read(start, stop, staging=self.staging_for(info))
-        if chunk.dtype == self.acc_dtype and chunk.is_contiguous():
-            return chunk
-        return scratch.copy_(chunk)
+            chunk = info.read(start, stop, staging=scratch.view(torch.uint8))
+        else:
+            chunk = info.read(start, stop, staging=self.staging_for(info))
+            if chunk.dtype != self.acc_dtype or not chunk.is_contiguous() or info.delta is not None:
+                chunk = scratch.copy_(chunk)  # never write into the mapping
+        if info.delta is not None:
+            info.delta.add_to(chunk, start, stop, self.delta_scratch())
+        return chunk
+
+    def delta_scratch(self) -> torch.Tensor:
+        if self.low_rank is None:
+            self.low_rank = torch.empty(self.chunk, dtype=self.acc_dtype)
+        return self.low_rank
 
     def read_for_copy(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         """A chunk copied unchanged to the output; unaligned bytes are staged in this slot's output buffer."""
@@ -289,7 +303,7 @@ class Engine:
         companion = model_files(prepared)
         started = time.perf_counter()
         with MemoryGuard(budget.limit) as guard:
-            workspace = Workspace(self.chunk, len(prepared.inputs), self.config.dtype, self.method.buffers)
+            workspace = Workspace(self.chunk, plan.max_inputs, self.config.dtype, self.method.buffers)
             self.verify_non_float(plan)
             progress = tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                             desc="merging", disable=not self.show_progress, dynamic_ncols=True)
@@ -336,8 +350,10 @@ class Engine:
         # reading (and the kernel's readahead) caches pages.
         was_cached = [info.is_cached(0, info.numel) for info in inputs]
         if task.kind == COPY:
-            self._stream(task, inputs, ws, output, progress, guard,
-                         lambda s, e: ws.read_for_copy(task.sources[0], s, e), was_cached)
+            source = task.sources[0]
+            read = ((lambda s, e: ws.read_as_acc(source, s, e, 0)) if source.delta is not None
+                    else (lambda s, e: ws.read_for_copy(source, s, e)))
+            self._stream(task, inputs, ws, output, progress, guard, read, was_cached)
             return
         stats = None
         passes = self.method.passes_for(task.params, task.model_params, self.config.dtype, task.numel)
@@ -404,11 +420,17 @@ class Engine:
         base = ws.read_as_acc(task.base, start, stop, len(task.sources)) if task.base is not None else None
         acc_dtype = self.config.dtype
 
+        def with_delta(info: TensorInfo, a: int, b: int) -> torch.Tensor:
+            chunk = info.read(a, b).to(acc_dtype, copy=True)
+            if info.delta is not None:
+                info.delta.add_to(chunk, a, b, ws.delta_scratch())
+            return chunk
+
         def read_input(index: int, a: int, b: int) -> torch.Tensor:
-            return task.sources[index].read(a, b).to(acc_dtype, copy=True)
+            return with_delta(task.sources[index], a, b)
 
         def read_base(a: int, b: int) -> torch.Tensor:
-            return task.base.read(a, b).to(acc_dtype, copy=True)
+            return with_delta(task.base, a, b)
 
         return ChunkContext(task.name, start, task.numel, inputs, base, task.model_params, task.params,
                             ws.acc(stop - start), self.config.seed, task.shape, ws.extra, read_input,
@@ -436,9 +458,16 @@ def describe_plan(prepared: Prepared) -> str:
     lines = [f"method: {config.method.name} over {len(prepared.checkpoints)} model(s)"
              + (f", base {config.base.path}" if config.base else "")]
     for i, (spec, c) in enumerate(zip(config.models, prepared.checkpoints)):
-        params = ", ".join(f"{k}={v}" for k, v in spec.params.items())
+        params = "" if config.slices else ", ".join(f"{k}={v}" for k, v in spec.params.items())  # slices: per source
         lines.append(f"  models[{i}]: {c.path} ({c.format}{', ' + c.container if c.container else ''}, "
                      f"{len(c.tensors)} tensors, {c.total_bytes / 1e9:.2f} GB){' ' + params if params else ''}")
+    for i, piece in enumerate(config.slices or []):
+        sources = ", ".join(f"models[{s.model}] layers {s.layers[0]}..{s.layers[1] - 1}" for s in piece.sources)
+        lines.append(f"  slices[{i}]: {piece.length} layer(s) from {sources}"
+                     + (f" (base layers {piece.base_layers[0]}..{piece.base_layers[1] - 1})"
+                        if piece.base_layers and config.method.uses_base else ""))
+    if plan.config_updates:
+        lines.append("config.json: " + ", ".join(f"{k} = {v}" for k, v in plan.config_updates.items()))
     lines.append("tensors per rule (first match wins):")
     counts = plan.tensors_per_rule()
     for label in [r.label for r in config.rules] + ["default"]:

@@ -14,3 +14,12 @@ def find_layer(name: str) -> tuple[str, int] | None:
     if match is None:
         return None
     return name[:match.end() - 1], int(match.group(1))
+
+
+def split_layer_name(name: str) -> tuple[str, int, str] | None:
+    """(prefix, layer number, suffix) of a layer tensor's name ("model.layers.", 3, ".mlp.up_proj.weight"), or
+    None outside the layers."""
+    match = LAYER.search(name)
+    if match is None:
+        return None
+    return name[:match.start(1)], int(match.group(1)), name[match.end(1):]

@@ -15,6 +15,8 @@ import torch
 from streammerge.config import MergeConfig, Rule
 from streammerge.errors import PlanError
 from streammerge.io import Checkpoint, TensorInfo
+from streammerge.layers import split_layer_name
+from streammerge.slices import output_layers, place
 
 MERGE, COPY = "merge", "copy"
 MAX_LISTED = 5
@@ -68,6 +70,11 @@ class Plan:
         return out
 
     @property
+    def max_inputs(self) -> int:
+        """The most tensors one output tensor is read from (each needs a scratch buffer)."""
+        return max(len(t.sources) + (t.base is not None) for t in self.tasks)
+
+    @property
     def output_bytes(self) -> int:
         return sum(t.out_bytes * (1 + len(t.aliases)) for t in self.tasks)
 
@@ -109,6 +116,31 @@ def _describe(info: TensorInfo) -> str:
     return f"{list(info.shape)} {str(info.dtype).removeprefix('torch.')}"
 
 
+@dataclass(frozen=True)
+class Wanted:
+    """One output tensor: the input tensor it is made from in each merged model, and their parameters."""
+
+    name: str
+    inputs: list[tuple[int, str]]  # (model index, input tensor name), one per merged input
+    model_params: list[dict]
+    base_input: str | None
+
+
+def wanted_tensors(config: MergeConfig, models: list[dict[str, TensorInfo]]) -> list[Wanted]:
+    """Whole models: the union of the names, each read under its own name from every model. Slices: the
+    stacked, renumbered layers and the tensors around them."""
+    if config.slices is None:
+        names = list(dict.fromkeys(n for m in models for n in m))
+        everyone = [dict(spec.params) for spec in config.models]
+        return [Wanted(n, [(i, n) for i in range(len(models))], everyone, n) for n in names]
+    out = []
+    for p in place(config.slices, lambda i: list(models[i]), lambda i: str(config.models[i].label)):
+        sources = config.slices[p.slice_index].sources[:len(p.inputs)]
+        out.append(Wanted(p.name, [(s.model, n) for s, n in zip(sources, p.inputs)],
+                          [dict(s.params) for s in sources], p.base_input))
+    return out
+
+
 def build_plan(config: MergeConfig, checkpoints: list[Checkpoint], base: Checkpoint | None = None) -> Plan:
     empty = [c for c in checkpoints + ([base] if base is not None else []) if not c.tensors]
     if empty:
@@ -116,41 +148,43 @@ def build_plan(config: MergeConfig, checkpoints: list[Checkpoint], base: Checkpo
                         "nothing to merge from it. Check that this is the checkpoint you meant.")
     models = [renamed_tensors(c, config.rename + spec.rename) for c, spec in zip(checkpoints, config.models)]
     base_tensors = renamed_tensors(base, config.rename + config.base.rename) if base is not None else None
-    names = list(dict.fromkeys(n for m in models for n in m))
     tasks: list[TensorTask] = []
     dropped: dict[str, str] = {}
     missing, mismatched = [], []
     by_signature: dict[tuple, TensorTask] = {}
-    for name in names:
+    for wanted in wanted_tensors(config, models):
+        name = wanted.name
         rule_index, rule = _first_rule(config.rules, name)
         if rule is not None and rule.drop:
             dropped[name] = rule.label
             continue
         label = rule.label if rule is not None else "default"
+        _check_rule_fits(rule, wanted)
+        present = [models[i].get(n) for i, n in wanted.inputs]
         if rule is not None and rule.take is not None:
-            source = models[rule.take].get(name)
+            source = present[rule.take]
             if source is None:
-                raise PlanError(f"rule '{rule.match}' takes '{name}' from models[{rule.take}] "
-                                f"({checkpoints[rule.take].path}), which has no tensor of that name.")
+                model, source_name = wanted.inputs[rule.take]
+                raise PlanError(f"rule '{rule.match}' takes '{name}' from models[{model}] "
+                                f"({checkpoints[model].path}), which has no tensor '{source_name}'.")
             task = TensorTask(name, source.shape, _out_dtype(config, source), COPY, [source], label)
         else:
-            present = [m.get(name) for m in models]
             absent = [i for i, info in enumerate(present) if info is None]
             if absent:
-                missing.append((name, absent))
+                missing.append((name, [wanted.inputs[i][0] for i in absent]))
                 continue
             first = present[0]
             odd = next((i for i, info in enumerate(present)
                         if info.shape != first.shape or info.is_float != first.is_float
                         or (not first.is_float and info.dtype != first.dtype)), None)
             if odd is not None:
-                mismatched.append((name, 0, first, odd, present[odd]))
+                mismatched.append((name, wanted.inputs[0][0], first, wanted.inputs[odd][0], present[odd]))
                 continue
             if not first.is_float:
                 task = TensorTask(name, first.shape, first.dtype, COPY, [first], label, must_equal=present[1:])
             else:
                 task = TensorTask(name, first.shape, _out_dtype(config, first), MERGE, present, label)
-                task.model_params = [dict(spec.params) for spec in config.models]
+                task.model_params = [dict(params) for params in wanted.model_params]
                 if rule is not None and rule.weights is not None:
                     for params, weight in zip(task.model_params, rule.weights):
                         params["weight"] = weight
@@ -160,12 +194,14 @@ def build_plan(config: MergeConfig, checkpoints: list[Checkpoint], base: Checkpo
                             params[key] = value
                 task.params = {**config.params, **(rule.params if rule is not None else {})}
                 if config.method.needs_base or (config.method.accepts_base and base_tensors is not None):
-                    task.base = _base_tensor(base_tensors, base, name, first)
+                    task.base = _base_tensor(base_tensors, base, wanted.base_input, first)
                 problem = config.method.check(task.params, task.model_params) if config.method.check else None
                 if problem:
                     raise PlanError(f"'{name}' (rule {label}): {problem}.")
         signature = (rule_index, task.kind, tuple(s.storage_key for s in task.sources + task.must_equal),
                      task.base.storage_key if task.base is not None else None, task.out_dtype)
+        if config.slices is not None:  # a layer used twice is read twice, each output tensor from the mapping
+            signature += (split_layer_name(name)[1] if split_layer_name(name) else None,)
         if signature in by_signature:
             by_signature[signature].aliases.append(name)
             continue
@@ -175,11 +211,26 @@ def build_plan(config: MergeConfig, checkpoints: list[Checkpoint], base: Checkpo
         raise PlanError(_mismatch_message(missing, mismatched, checkpoints))
     if not tasks:
         raise PlanError("nothing to merge: every tensor was dropped by the rules.")
-    return Plan(tasks, dropped)
+    updates = {"num_hidden_layers": output_layers(config.slices)} if config.slices is not None else {}
+    return Plan(tasks, dropped, updates)
 
 
-def _base_tensor(base_tensors, base: Checkpoint | None, name: str, like: TensorInfo) -> TensorInfo:
-    if base_tensors is None:
+def _check_rule_fits(rule: Rule | None, wanted: Wanted) -> None:
+    """With slices, a rule's per-model lists index the sources of the tensor's slice: check they fit."""
+    if rule is None:
+        return
+    n = len(wanted.inputs)
+    lists = ([("weights", rule.weights)] if rule.weights is not None else []) + list(rule.model_params.items())
+    for key, values in lists:
+        if len(values) != n:
+            raise PlanError(f"rule '{rule.match}': '{key}' gives {len(values)} value(s) but '{wanted.name}' is "
+                            f"merged from {n} model(s); give one value per model.")
+    if rule.take is not None and rule.take >= n:
+        raise PlanError(f"rule '{rule.match}': take: {rule.take} but '{wanted.name}' is merged from {n} model(s).")
+
+
+def _base_tensor(base_tensors, base: Checkpoint | None, name: str | None, like: TensorInfo) -> TensorInfo:
+    if base_tensors is None or name is None:
         raise PlanError("this merge method needs a base model: add `base: PATH` to the config.")
     info = base_tensors.get(name)
     if info is None or info.shape != like.shape or not info.is_float:

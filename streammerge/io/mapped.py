@@ -116,6 +116,7 @@ class TensorInfo:
     file: MappedFile
     offset: int  # byte offset of element 0 (storage start + storage_offset * itemsize)
     stride: tuple | None = None  # None: contiguous
+    delta: object | None = None  # a low-rank update added when read for merging (a LoRA adapter's)
 
     @property
     def numel(self) -> int:
@@ -144,7 +145,7 @@ class TensorInfo:
     @property
     def storage_key(self) -> tuple:
         """Tensors with equal keys in one file are the same bytes (tied weights)."""
-        return (id(self.file), self.offset, self.shape, self.stride, self.dtype)
+        return (id(self.file), self.offset, self.shape, self.stride, self.dtype, id(self.delta))
 
     @property
     def aligned(self) -> bool:
