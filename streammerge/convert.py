@@ -24,7 +24,6 @@ from pathlib import Path
 from streammerge.config import parse_config
 from streammerge.engine import Engine, prepare
 from streammerge.errors import ConfigError, NoWeightsError, StreamMergeError
-from streammerge.files import read_regular_file
 from streammerge.io import Checkpoint, open_checkpoint
 from streammerge.io.containers import is_training_state
 from streammerge.io.sharded import read_weight_map
