@@ -83,7 +83,7 @@ def karcher(ctx: ChunkContext, stats: KarcherStats | None) -> torch.Tensor:
     return out
 
 
-def _positive_int(value: int) -> str | None:
+def _non_negative(value) -> str | None:
     return None if value >= 0 else "must be 0 or more"
 
 
@@ -91,9 +91,9 @@ KARCHER = Method(
     name="karcher",
     help="Karcher mean: the models' average direction on the unit sphere (iterated), times their mean norm",
     merge=karcher,
-    params=(Param("max_iter", 10, "most iterations of the Riemannian mean", kind=int, check=_positive_int),
+    params=(Param("max_iter", 10, "most iterations of the Riemannian mean", kind=int, check=_non_negative),
             Param("tol", 1e-5, "convergence tolerance (also the smallest norm that counts as a direction)",
-                  check=lambda v: None if v >= 0 else "must be 0 or more")),
+                  check=_non_negative)),
     stat_passes=lambda params, model_params, dtype, numel: 1 if len(model_params) > 1 else 0,
     init_stats=lambda numel, n: KarcherStats(), observe=karcher_observe, finish_pass=karcher_finish,
     buffers=1, min_models=1,
