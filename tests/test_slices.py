@@ -62,6 +62,13 @@ def logits(tensors: dict[str, torch.Tensor], layers: int) -> torch.Tensor:
         return model(PROMPT).logits
 
 
+def loaded_logits(directory: Path) -> torch.Tensor:
+    """The output directory loaded as transformers loads a model (its config.json says how many layers)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with torch.no_grad():
+        return model(PROMPT).logits
+
+
 def layer(name: str, index: int) -> str:
     return name.replace("model.layers.0.", f"model.layers.{index}.")
 
@@ -84,7 +91,8 @@ def test_two_slice_frankenmerge_stacks_and_renumbers_layers(tmp_path, models, cl
     config = {"merge_method": "passthrough", "dtype": "float32", "slices": [
         {"sources": [{"model": str(models["a"]), "layer_range": [0, 3]}]},
         {"sources": [{"model": str(models["b"]), "layer_range": [1, 4]}]}]}
-    out = load_output(run_mergekit_config(tmp_path, config, cli))
+    out_dir = run_mergekit_config(tmp_path, config, cli)
+    out = load_output(out_dir)
     # reference: a's layers 0-2 then b's layers 1-3, embeddings from the first slice, norm and head from the last
     expected = {"model.embed_tokens.weight": a["model.embed_tokens.weight"], "model.norm.weight": b["model.norm.weight"],
                 "lm_head.weight": b["lm_head.weight"]}
@@ -94,7 +102,7 @@ def test_two_slice_frankenmerge_stacks_and_renumbers_layers(tmp_path, models, cl
     assert set(out) == set(expected)
     for name, value in expected.items():
         assert torch.equal(out[name], value), name
-    torch.testing.assert_close(logits(out, 6), logits(expected, 6), rtol=0, atol=0)
+    torch.testing.assert_close(loaded_logits(out_dir), logits(expected, 6), rtol=0, atol=0)
 
 
 def test_same_layer_used_twice_is_read_twice_not_aliased(tmp_path, models):
@@ -126,7 +134,8 @@ def test_slerp_over_slices_uses_gradients_over_each_slice(tmp_path, models, cli)
                          {"model": str(models["b"]), "layer_range": [0, 3]}]},
             {"sources": [{"model": str(models["b"]), "layer_range": [2, 4]},
                          {"model": str(models["a"]), "layer_range": [1, 3]}], "parameters": {"t": 0.25}}]}
-    out = load_output(run_mergekit_config(tmp_path, config, cli))
+    out_dir = run_mergekit_config(tmp_path, config, cli)
+    out = load_output(out_dir)
 
     def gradient(values, t):  # mergekit: interpolate the list at t in [0, 1]
         scaled = t * (len(values) - 1)
@@ -153,7 +162,7 @@ def test_slerp_over_slices_uses_gradients_over_each_slice(tmp_path, models, cli)
     assert set(out) == set(expected)
     for name, value in expected.items():
         torch.testing.assert_close(out[name], value, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(logits(out, 5), logits(expected, 5), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loaded_logits(out_dir), logits(expected, 5), rtol=1e-4, atol=1e-5)
 
 
 def test_native_slices_config_with_task_vectors(tmp_path, models):
