@@ -307,3 +307,9 @@ def test_mergekit_wrongly_typed_top_level(tmp_path, models, extra):
 def test_mergekit_method_must_be_a_name(tmp_path, models):
     refused(tmp_path, mergekit_text(models).replace("merge_method: linear", "merge_method: [linear]"),
             "merge_method", name="mk.yml")
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "1.0e+400", "9" * 400])
+def test_integer_method_parameters_must_be_finite(tmp_path, models, value):
+    text = config_text(models, f"method: karcher\nmax_iter: {value}\n").replace("    weight: 0.5\n", "")
+    refused(tmp_path, text, "max_iter")

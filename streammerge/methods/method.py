@@ -110,10 +110,11 @@ def coerce_param(param: Param, value, where: str):
         raise ConfigError(f"{where}: '{param.name}' must be a number, got {short(value)}.")
     else:
         try:
-            value = param.kind(value)
-        except OverflowError:
-            value = math.inf
-        if isinstance(value, float) and not math.isfinite(value):
+            finite = math.isfinite(value)
+            value = param.kind(value) if finite else value
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
             raise ConfigError(f"{where}: '{param.name}' must be a finite number, got {short(value)}.")
     problem = param.check(value) if param.check is not None else None
     if problem:
