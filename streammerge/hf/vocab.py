@@ -37,7 +37,7 @@ class VocabRows(TensorInfo):
     @staticmethod
     def of(source: TensorInfo, rows: RowSources, others: list) -> "VocabRows":
         return VocabRows(source.name, (rows.padded_rows, source.shape[1]), source.dtype, source.file, source.offset,
-                         None, source, rows, others)
+                         source=source, rows=rows, others=others)
 
     @property
     def aligned(self) -> bool:
