@@ -23,7 +23,6 @@ from streammerge.config import DEFAULT_MAX_RAM, MergeConfig
 from streammerge.errors import OutputError, PlanError, StreamMergeError
 from streammerge.hf.inputs import HFInputs, prepare_inputs
 from streammerge.hf.model_files import model_files
-from streammerge.io.files import write_atomically
 from streammerge.interrupts import uninterruptible
 from streammerge.io import Checkpoint, TensorInfo, open_checkpoint
 from streammerge.io.output_safety import check_output_is_not_an_input, input_paths
@@ -250,7 +249,8 @@ def build_output_spec(prepared: Prepared, metadata: dict[str, str] | None = None
     return output_spec(prepared.output, plan.entries, recipe_metadata(config) if metadata is None else metadata,
                        aliases={alias: task.name for task in plan.tasks for alias in task.aliases},
                        shard_size=config.shard_size, container=container,
-                       resume=ResumeInputs(tuple(input_paths(prepared.inputs)), config.seed))
+                       resume=ResumeInputs(tuple(input_paths(prepared.inputs)), config.seed),
+                       companions=model_files(prepared) if output_kind(prepared.output).sharded else None)
 
 
 class Engine:
@@ -300,7 +300,6 @@ class Engine:
         output: Output = make_output(self.spec, resume=self.resume)
         # Before anything is created or removed at the output:
         check_output_is_not_an_input(output.files, prepared.output, prepared.inputs, also=(self.config.source,))
-        companion = model_files(prepared)
         started = time.perf_counter()
         with MemoryGuard(budget.limit) as guard:
             workspace = Workspace(self.chunk, plan.max_inputs, self.config.dtype, self.method.buffers)
@@ -325,9 +324,6 @@ class Engine:
                             output.copy(task.name, alias, self.chunk * task.out_dtype.itemsize)
                 self.writer.close()
                 output.commit()
-                if prepared.output.suffix == "" or prepared.output.is_dir():  # a model directory: its other files
-                    for name, data in companion.items():
-                        write_atomically(prepared.output / name, data.decode("utf-8"))
             except BaseException:
                 with uninterruptible():  # a second Ctrl-C must not cut the cleanup short
                     self.writer.close_quietly()

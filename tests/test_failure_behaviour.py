@@ -171,7 +171,7 @@ def test_output_directory_reached_through_a_symlink(tmp_path, local_models):
 def test_output_shard_name_hard_linked_to_an_input(tmp_path, local_models):
     out = tmp_path / "out"
     out.mkdir()
-    os.link(local_models[1], out / "model-00001-of-00001.safetensors")
+    os.link(local_models[1], out / "model.safetensors")
     _refused_output(run_main, tmp_path, local_models, out, "is the same file as", str(local_models[1]))
 
 

@@ -234,3 +234,42 @@ def test_no_config_is_invented_for_plain_checkpoints(tmp_path, cli):
     assert not [p.name for p in (tmp_path / "out").iterdir() if not p.name.endswith((".safetensors", ".json"))
                 or p.name in ("config.json", "tokenizer.json")]
     shutil.rmtree(tmp_path / "out")
+
+
+def test_single_shard_is_model_safetensors_and_stale_weights_are_removed(tmp_path, cli, family):
+    """Another run's files must never shadow the new weights: transformers would load them."""
+    out = tmp_path / "out"
+    shutil.copytree(family["sharded_bf16"], out)  # a previous 5-shard output with its index
+    torch.save({"x": torch.zeros(1)}, out / "pytorch_model.bin")
+    (out / "notes.txt").write_text("mine")
+    models = [family["base"], family["added"]]
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump(linear_config(models, base_model=str(models[0]), tokenizer_source="union")))
+    result = cli("merge", config, out)
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" in names and "model.safetensors.index.json" not in names, names
+    assert not [n for n in names if n.startswith("model-") or n.startswith("pytorch_model")], names
+    assert "notes.txt" in names  # not a weight file: left alone
+    assert "removed" in result.stderr and "pytorch_model.bin" in result.stderr  # listed in the summary
+    assert len(logits(out)[0][0]) == 1008  # the new model, with the union vocabulary
+
+    # Sharded again: the single file from before goes, the index and shards are the new ones.
+    config.write_text(yaml.safe_dump({**linear_config(models, base_model=str(models[0]), tokenizer_source="union"),
+                                      "shard_size": "100KB"}))
+    result = cli("merge", config, out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" not in names and "model.safetensors.index.json" in names, names
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [n for n in names if n.startswith("model-")]
+    assert len(logits(out)[0][0]) == 1008
+
+
+def test_merging_into_an_input_directory_is_refused(tmp_path, cli, family):
+    models = [build_llama(tmp_path / "a", seed=0, fmt="bin"), family["base"]]
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump(linear_config(models)))
+    result = cli("merge", config, models[0])  # its pytorch_model.bin would be removed as stale
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (models[0] / "pytorch_model.bin").exists()

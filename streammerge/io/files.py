@@ -94,14 +94,14 @@ def pwrite_all(fd: int, data, position: int) -> None:
         view, position = view[done:], position + done
 
 
-def write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str | bytes) -> None:
     """Write `path` under a temporary name, fsync it and rename it into place (then fsync the directory)."""
     tmp = temporary_path(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         try:
             lock(fd, tmp)
-            data = text.encode("utf-8")
+            data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
             while data:
                 data = data[os.write(fd, data):]
             os.fsync(fd)

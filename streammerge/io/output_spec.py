@@ -10,7 +10,7 @@ their crc32 back (`Output.record_checksum`) before the owner of the `Output` com
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -66,6 +66,8 @@ class OutputSpec:
     shard_size: int = 0  # sharded kinds: the most tensor bytes per file
     container: TorchContainer = TorchContainer()
     resume: ResumeInputs = ResumeInputs()
+    # Directory kinds: other files placed with the weights at commit (config.json, tokenizer, model card)
+    companions: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def tensor_bytes(self) -> int:

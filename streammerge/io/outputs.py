@@ -57,11 +57,12 @@ def kind_named(name: str) -> OutputKind:
 
 def output_spec(path: Path, entries: list[Entry], metadata: dict[str, str], aliases: dict[str, str] | None = None,
                 shard_size: int = 0, container: TorchContainer = TorchContainer(),
-                resume: ResumeInputs = ResumeInputs()) -> OutputSpec:
-    """The spec of an output at `path`: its kind, and the file and byte offset of every tensor."""
+                resume: ResumeInputs = ResumeInputs(), companions: dict[str, bytes] | None = None) -> OutputSpec:
+    """The spec of an output at `path`: its kind, and the file and byte offset of every tensor. `companions`
+    (name -> content) go beside the weights of a directory output; other kinds have no place for them."""
     kind = output_kind(path)
     spec = OutputSpec(kind.name, Path(path), tuple(entries), dict(metadata), dict(aliases or {}), (), {},
-                      shard_size, container, resume)
+                      shard_size, container, resume, dict(companions or {}) if kind.sharded else {})
     files, placements = kind.layout(spec)
     return dataclasses.replace(spec, files=files, placements=placements)
 

@@ -1,9 +1,13 @@
-"""A directory of Hugging Face shards: `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`.
+"""A directory of Hugging Face shards: `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`,
+or one `model.safetensors` without an index when everything fits in one shard (the transformers convention).
 
 Shards are written in processing order. Each is finished as soon as its last tensor is written: fsynced,
 renamed to a hidden `.NAME.done` and recorded in the resume ledger, so that a run killed half-way can be
-resumed (`resume=True`) without redoing completed shards. `commit()` renames the shards into place and writes
-the index last; `abort()` removes everything this run created.
+resumed (`resume=True`) without redoing completed shards. `commit()` writes the companion files (config.json,
+tokenizer, model card), removes the weight files of another model (another run's `model.safetensors`, shards
+of another count, `pytorch_model*.bin`, their indexes: transformers would load them instead of, or mixed
+with, the new ones), renames the shards into place and writes the index last; `abort()` removes everything
+this run created.
 """
 
 from __future__ import annotations
@@ -23,16 +27,19 @@ from streammerge.io.files import (fsync_directory, lock, make_directories, remov
 from streammerge.io.output_spec import Entry, OutputSpec
 from streammerge.io.resume import MANIFEST, FileChecksum, ResumeLedger, file_digest, fingerprint
 from streammerge.io.safetensors_io import SafetensorsWriter
-from streammerge.io.sharded import read_weight_map
 from streammerge.io.single_file_output import safetensors_placements
 
 INDEX = "model.safetensors.index.json"
-SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+SINGLE = "model.safetensors"
+SHARD_NAME = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+# Weight files transformers looks for in a model directory (and the indexes that name shards).
+WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)$"
+                         r"|^(model\.safetensors|pytorch_model\.bin)\.index\.json$")
 WAITING, WRITING, DONE, REUSED = "waiting", "writing", "done", "reused"
 
 
 def shard_file_name(index: int, count: int) -> str:
-    return f"model-{index:05d}-of-{count:05d}.safetensors"
+    return SINGLE if count == 1 else f"model-{index:05d}-of-{count:05d}.safetensors"
 
 
 def assign_shards(entries, shard_size: int) -> list[list[Entry]]:
@@ -104,15 +111,24 @@ class ShardedOutput:
         self.resume = resume
         self.ledger = ResumeLedger(self.path, fingerprint([s.writer.header for s in self.shards],
                                                           spec.resume.files, spec.resume.seed))
-        self.previous_index: set[str] = set()
         self.created_dirs: list[Path] = []
         self.directory_fd = -1
         self.placed: list[Path] = []  # files this run renamed into their final place
         self.notes: list[str] = []
+        self.indexed = len(self.shards) > 1
 
     @property
     def files(self) -> list[Path]:
-        return [s.writer.path for s in self.shards] + [self.path / INDEX]
+        return ([s.writer.path for s in self.shards] + ([self.path / INDEX] if self.indexed else [])
+                + [self.path / name for name in self.spec.companions])
+
+    def stale_weights(self) -> list[Path]:
+        """Weight files already in the directory that are not part of this output: removed at commit."""
+        ours = {p.name for p in self.files}
+        try:
+            return sorted(e for e in self.path.iterdir() if WEIGHT_FILE.match(e.name) and e.name not in ours)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     @property
     def total_size(self) -> int:
@@ -129,9 +145,8 @@ class ShardedOutput:
     def reused(self, name: str) -> bool:
         return self.shard_of[name].state == REUSED
 
-    @staticmethod
-    def _is_ours(name: str) -> bool:
-        return bool(SHARD_NAME.match(name)) or name in (INDEX, MANIFEST)
+    def _is_ours(self, name: str) -> bool:
+        return bool(SHARD_NAME.match(name)) or name in (INDEX, MANIFEST) or name in self.spec.companions
 
     # -- start: clean up after an interrupted run, or resume it -----------------------------------------------
     def open(self) -> None:
@@ -163,7 +178,6 @@ class ShardedOutput:
             reused = sum(s.state == REUSED for s in self.shards)
             self.notes.append(f"--resume: {reused} of {len(self.shards)} shard(s) already complete and verified; "
                               "merging the rest.")
-        self.previous_index = {n for n in read_weight_map(self.path / INDEX).values() if isinstance(n, str)}
 
     def create_files(self) -> None:
         for shard in self.shards:
@@ -237,7 +251,18 @@ class ShardedOutput:
                 self._finish(shard)
         weight_map = {name: shard.name for name, shard in self.shard_of.items()}
         index = {"metadata": {"total_size": self.spec.tensor_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        stale = self.stale_weights()
         with uninterruptible():  # milliseconds; an interrupt half-way would leave files abort() cannot see
+            for name, data in self.spec.companions.items():
+                try:
+                    write_atomically(self.path / name, data)
+                except OSError as exc:
+                    raise write_error(self.path / name, exc) from None
+                self.placed.append(self.path / name)
+            # Before the new weights appear, so that no old entry point (an index, model.safetensors,
+            # pytorch_model.bin) is ever beside them to be loaded instead.
+            for path in stale:
+                unlink_if_present(path)
             try:
                 for shard in self.shards:
                     final = shard.writer.path
@@ -249,15 +274,15 @@ class ShardedOutput:
                 fsync_directory(self.path)
             except OSError as exc:
                 raise write_error(self.path, exc) from None
-            try:
-                write_atomically(self.path / INDEX, json.dumps(index, indent=2) + "\n")
-            except OSError as exc:
-                raise write_error(self.path / INDEX, exc) from None
-            self.placed.append(self.path / INDEX)
-        # The output is complete. Shards only a replaced index listed are stale; the manifest is done with.
-        for name in sorted(self.previous_index - set(weight_map.values())):
-            if SHARD_NAME.match(name):
-                unlink_if_present(self.path / name)
+            if self.indexed:
+                try:
+                    write_atomically(self.path / INDEX, json.dumps(index, indent=2) + "\n")
+                except OSError as exc:
+                    raise write_error(self.path / INDEX, exc) from None
+                self.placed.append(self.path / INDEX)
+        if stale:
+            self.notes.append(f"removed {len(stale)} weight file(s) of another model from '{self.path}' (they would "
+                              f"have been loaded instead of the new weights): {', '.join(p.name for p in stale)}.")
         self.ledger.finish()
         fsync_directory(self.path)
         self._unlock()
