@@ -47,6 +47,30 @@ def anon_of(pid: int) -> int:
     return 0
 
 
+def run_sampling_peak(args: list[str], timeout: float) -> tuple[int, str, int]:
+    """Run a command; return its exit status, stderr and its peak anonymous RSS sampled every 5 ms."""
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    peak, done = 0, threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            try:
+                peak = max(peak, anon_of(proc.pid))
+            except (OSError, psutil.Error):
+                pass
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    finally:
+        done.set()
+        sampler.join()
+    return proc.returncode, stderr, peak
+
+
 def check_some_tensors(models, output: Path):
     """Spot-check the largest and a few other tensors against an in-memory weighted sum."""
     with safe_open(output, "pt") as out:
@@ -60,26 +84,10 @@ def check_some_tensors(models, output: Path):
 def test_peak_anonymous_rss_within_256_mib(tmp_path, xtts_models):
     output = tmp_path / "merged.safetensors"
     config = write_config(tmp_path, xtts_models, "256MiB", output)
-    proc = subprocess.Popen([sys.executable, "-m", "streammerge", "merge", str(config), "--quiet",
-                             "--report", str(tmp_path / "report.json")], stderr=subprocess.PIPE, text=True)
-    peak = 0
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            try:
-                peak = max(peak, anon_of(proc.pid))
-            except (OSError, psutil.Error):
-                pass
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    _, stderr = proc.communicate(timeout=600)
-    done.set()
-    sampler.join()
-    assert proc.returncode == 0, stderr
+    returncode, stderr, peak = run_sampling_peak(
+        [sys.executable, "-m", "streammerge", "merge", str(config), "--quiet", "--report", str(tmp_path / "report.json")],
+        timeout=600)
+    assert returncode == 0, stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert peak <= 256 * MIB, f"sampled peak {peak / MIB:.0f} MiB"
     assert report["peak_anon_bytes"] <= 256 * MIB

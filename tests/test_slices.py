@@ -267,14 +267,12 @@ def test_slices_match_mergekit(tmp_path, models, cli, case):
 def test_frankenmerge_of_a_1gb_model_within_256_mib(tmp_path, cli):
     """mergekit's 44-layer frankenmerge shape on a ~1.07 GB Llama-shaped model: peak anonymous RSS (sampled
     from outside and by the run's own guard) stays within max_ram = 256 MiB."""
-    import threading
-    import time
 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from compare_mergekit import llama_tensors
-    from test_memory_bound import MIB, anon_of
+    from test_memory_bound import MIB, run_sampling_peak
 
     tensors = llama_tensors(32000, 2048, 5504, 4, torch.Generator().manual_seed(0))
     (tmp_path / "big").mkdir()
@@ -285,26 +283,10 @@ def test_frankenmerge_of_a_1gb_model_within_256_mib(tmp_path, cli):
         {"sources": [{"model": str(tmp_path / "big"), "layer_range": [0, 3]}]},
         {"sources": [{"model": str(tmp_path / "big"), "layer_range": [1, 4]}]}]}
     (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen([sys.executable, "-m", "streammerge", "merge", str(tmp_path / "c.yml"), "--output",
-                             str(tmp_path / "out"), "--quiet", "--max-ram", "256MiB", "--report",
-                             str(tmp_path / "report.json")], stderr=subprocess.PIPE, text=True)
-    peak, done = 0, threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            try:
-                peak = max(peak, anon_of(proc.pid))
-            except OSError:
-                pass
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    _, stderr = proc.communicate(timeout=900)
-    done.set()
-    sampler.join()
-    assert proc.returncode == 0, stderr
+    returncode, stderr, peak = run_sampling_peak(
+        [sys.executable, "-m", "streammerge", "merge", str(tmp_path / "c.yml"), "--output", str(tmp_path / "out"),
+         "--quiet", "--max-ram", "256MiB", "--report", str(tmp_path / "report.json")], timeout=900)
+    assert returncode == 0, stderr
     report = json.loads((tmp_path / "report.json").read_text())
     print(f"frankenmerge of 1.07 GB: {report['seconds']:.1f} s, peak anonymous RSS {peak / MIB:.0f} MiB sampled, "
           f"{report['peak_anon_bytes'] / MIB:.0f} MiB by the guard; wrote {report['written_bytes'] / 1e9:.2f} GB")
