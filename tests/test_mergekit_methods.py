@@ -297,8 +297,8 @@ MERGEKIT_CASES = {
 
 @pytest.mark.parametrize("method", list(MERGEKIT_CASES))
 def test_mergekit_configs_run_as_streammerge_configs(tmp_path, method, cli):
-    from compare_mergekit import build_models, tensor_files
-    from safetensors import safe_open
+    from compare_mergekit import build_models
+    from test_mergekit_config import load_dir as load
     from streammerge.mergekit_config import layer_positions
 
     models = build_models(tmp_path / "hf", vocab=64, hidden=16, inter=24, layers=3)
@@ -312,13 +312,6 @@ def test_mergekit_configs_run_as_streammerge_configs(tmp_path, method, cli):
     (tmp_path / "mk.yml").write_text(yaml.safe_dump(config))
     result = cli("merge", tmp_path / "mk.yml", "--output", tmp_path / "out", "--quiet")
     assert result.returncode == 0, result.stderr
-
-    def load(directory):
-        out = {}
-        for name, path in tensor_files(directory).items():
-            with safe_open(path, "pt") as f:
-                out[name] = f.get_tensor(name)
-        return out
 
     got, base = load(tmp_path / "out"), load(models["base"])
     inputs = [load(models[n]) for n in names]
