@@ -13,6 +13,7 @@ import torch
 from streammerge.config_file import read_config_file
 from streammerge.errors import ConfigError, short
 from streammerge.hf.tokenizer import TokenizerSpec, parse_tokenizer
+from streammerge.io.output_spec import PTH_CONTAINERS
 from streammerge.methods.method import Method, coerce_param
 from streammerge.methods.registry import did_you_mean, get_method
 from streammerge.slices import Slice, SliceSource
@@ -29,7 +30,8 @@ DEFAULT_SHARD_SIZE = 5 * 1000**3
 NAN_POLICIES = ("error", "allow")  # what a NaN/Inf in a merged tensor does: stop the run, or write and list it
 MAX_SEED = 2**63 - 1
 TOP_LEVEL_KEYS = {"output", "models", "method", "rules", "dtype", "out_dtype", "max_ram", "shard_size", "base",
-                  "parameters", "seed", "rename", "nan_policy", "tokenizer", "chat_template", "donor", "slices"}
+                  "parameters", "seed", "rename", "nan_policy", "tokenizer", "chat_template", "donor", "slices",
+                  "pth_container"}
 MODEL_KEYS = {"path", "state_dict_key", "rename", "parameters", "lora"}
 SLICE_KEYS = {"sources", "base_layer_range"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
@@ -102,6 +104,7 @@ class MergeConfig:
     seed: int = 0
     rename: list[Rename] = field(default_factory=list)
     nan_policy: str = "error"
+    pth_container: str = "auto"  # how a .pth output lays out the state dict and the metadata (PTH_CONTAINERS)
     source: Path | None = None
     tokenizer: TokenizerSpec | None = None  # the output vocabulary (Hugging Face models)
     chat_template: str | None = None  # a built-in name, "auto" or a Jinja template
@@ -345,6 +348,7 @@ def parse_config(data: dict, source: Path | None = None) -> MergeConfig:
         seed=_seed(data.get("seed", 0), where),
         rename=_parse_rename(data.get("rename"), where),
         nan_policy=_choice(data.get("nan_policy", "error"), NAN_POLICIES, f"{where}: nan_policy"),
+        pth_container=_choice(data.get("pth_container", "auto"), PTH_CONTAINERS, f"{where}: pth_container"),
         source=source,
         tokenizer=(parse_tokenizer(data["tokenizer"], where, _local_model) if data.get("tokenizer") is not None
                    else None),

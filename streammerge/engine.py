@@ -245,7 +245,8 @@ def build_output_spec(prepared: Prepared, metadata: dict[str, str] | None = None
     container = TorchContainer(
         key=next((c.container for c in prepared.checkpoints if c.container), ""),
         model_metadata=tuple(c.metadata or {} for c in prepared.checkpoints),
-        model_weights=tuple(spec.params.get("weight") for spec in config.models))
+        model_weights=tuple(spec.params.get("weight") for spec in config.models),
+        layout=config.pth_container)
     return output_spec(prepared.output, plan.entries, recipe_metadata(config) if metadata is None else metadata,
                        aliases={alias: task.name for task in plan.tasks for alias in task.aliases},
                        shard_size=config.shard_size, container=container,

@@ -16,13 +16,13 @@ def run(capsys):
     return lambda *args: run_in_process(capsys, *args)
 
 
-def merge(runner, tmp_path, models, output="merged.pth", rules=None, extra=None):
+def merge(runner, tmp_path, models, output="merged.pth", rules=None, extra=None, quiet=True):
     config = {"output": str(tmp_path / output), "models": models, **(extra or {})}
     if rules:
         config["rules"] = rules
     path = tmp_path / "merge.yaml"
     path.write_text(yaml.safe_dump(config))
-    return runner("merge", path, "--quiet")
+    return runner("merge", path, *(["--quiet"] if quiet else []))
 
 
 @pytest.fixture
@@ -167,3 +167,129 @@ def test_dry_run_names_the_output_kind(run, tmp_path, trainers):
     assert result.returncode == 0, result.stderr
     assert "torch checkpoint (.pth)" in result.stdout
     assert not (tmp_path / "x.pth").exists()
+
+
+# -- metadata that cannot be kept as it is ---------------------------------------------------------------------
+
+def _nested_json(depth: int) -> str:
+    return '{"a": ' * depth + '"leaf"' + "}" * depth
+
+
+def _depth(value) -> int:
+    depth = 0
+    while isinstance(value, dict) and value:
+        value = next(iter(value.values()))
+        depth += 1
+    return depth
+
+
+@pytest.mark.parametrize("config_depth", [3, 100, 900, 5000])
+def test_huge_numbers_and_deep_configs_in_safetensors_metadata(run, tmp_path, config_depth):
+    """safetensors metadata is JSON text: a 400-digit step (beyond any float), and a config nested up to
+    thousands of levels (beyond Python's recursion limit) give a loadable .pth; what cannot be kept is left out
+    and named in the summary, the rest is kept."""
+    from safetensors.torch import save_file
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"w": torch.ones(3)}, a, metadata={"step": "9" * 400, "epoch": "7", "config": _nested_json(config_depth)})
+    save_file({"w": torch.zeros(3)}, b, metadata={"step": "12", "epoch": "1e999", "model_loss": "1e400"})
+    result = merge(run, tmp_path, [{"path": str(a)}, {"path": str(b)}], quiet=False)
+    assert result.returncode == 0, result.stderr
+    got = torch.load(tmp_path / "merged.pth", weights_only=True)
+    assert got["step"] == 12 and got["epoch"] == 7 and "model_loss" not in got
+    torch.testing.assert_close(got["model"]["w"], torch.full((3,), 0.5))
+    assert "models[0]'s step ('999" in result.stderr and "models[1]'s epoch" in result.stderr
+    if config_depth <= 64:
+        assert _depth(got["config"]) == config_depth
+    elif config_depth < 1000:  # bounded as pickled metadata is: nesting beyond 64 levels becomes null
+        assert 60 <= _depth(got["config"]) <= 66
+    else:
+        assert "config" not in got and "models[0]'s config" in result.stderr
+
+
+def test_huge_numbers_and_deep_configs_in_pickled_metadata(run, tmp_path):
+    """The same values pickled: step = 10**400, an int beyond 64 bits as epoch, a config nested 300 levels (as
+    deep as torch.save goes)."""
+    deep = "leaf"
+    for _ in range(300):
+        deep = {"a": deep}
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    torch.save({"model": {"w": torch.ones(3)}, "step": 10**400, "epoch": 2**70, "config": deep}, a)
+    torch.save({"model": {"w": torch.zeros(3)}, "step": 5, "epoch": 3}, b)
+    result = merge(run, tmp_path, [{"path": str(a)}, {"path": str(b)}], quiet=False)
+    assert result.returncode == 0, result.stderr
+    got = torch.load(tmp_path / "merged.pth", weights_only=True)
+    assert (got["step"], got["epoch"]) == (5, 3)
+    assert 60 <= _depth(got["config"]) <= 66
+    assert "models[0]'s step" in result.stderr and "models[0]'s epoch" in result.stderr
+
+
+# -- pth_container: the layout of the .pth ---------------------------------------------------------------------
+
+def test_pth_container_coqui_wraps_bare_state_dicts(run, tmp_path):
+    """Two bare state dicts in: `auto` gives a bare state dict (and says how to get Coqui's layout); `coqui`
+    gives {"model": ...}, which Coqui's loader reads."""
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    write_plain(a, 0)
+    write_plain(b, 1)
+    ref_a, ref_b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    expected = {k: (0.5 * v + 0.5 * ref_b[k]) if v.is_floating_point() else v for k, v in ref_a.items()}
+    result = merge(run, tmp_path, [{"path": str(a)}, {"path": str(b)}], output="auto.pth", quiet=False)
+    assert result.returncode == 0, result.stderr
+    assert "bare state dict (pth_container: auto; `pth_container: coqui`" in result.stderr
+    assert set(torch.load(tmp_path / "auto.pth", weights_only=True)) == set(ref_a)
+    result = merge(run, tmp_path, [{"path": str(a)}, {"path": str(b)}], output="coqui.pth",
+                   extra={"pth_container": "coqui"}, quiet=False)
+    assert result.returncode == 0, result.stderr
+    assert "{'model': state dict} (pth_container: coqui)" in result.stderr
+    got = torch.load(tmp_path / "coqui.pth", weights_only=True)
+    assert set(got) == {"model"}
+    assert_same_state(got["model"], expected)
+    assert_same_state(coqui_load(tmp_path / "coqui.pth", xtts_module()), expected)
+
+
+def test_pth_container_coqui_and_plain_on_trainer_checkpoints(run, tmp_path, trainers):
+    """Lightning-style `state_dict` inputs still give Coqui's `model` key; `plain` gives the state dict alone and
+    says what it left out; the summary names the layout in both cases."""
+    a, b = trainers
+    for path in (a, b):
+        ckpt = torch.load(path, weights_only=True)
+        torch.save({"state_dict": ckpt.pop("model"), **ckpt}, path)
+    models = [{"path": str(a), "weight": 3}, {"path": str(b), "weight": 2}]
+    rules = [{"match": "*.num_batches_tracked", "take": 0}]
+    result = merge(run, tmp_path, models, output="coqui.pth", rules=rules, extra={"pth_container": "coqui"}, quiet=False)
+    assert result.returncode == 0, result.stderr
+    assert "{'model': state dict, 'config', 'step', 'epoch', 'model_loss'} (pth_container: coqui)" in result.stderr
+    got = torch.load(tmp_path / "coqui.pth", weights_only=True)
+    assert set(got) == SEED_KEYS and (got["step"], got["epoch"]) == (2500, 3)
+    result = merge(run, tmp_path, models, output="plain.pth", rules=rules, extra={"pth_container": "plain"}, quiet=False)
+    assert result.returncode == 0, result.stderr
+    assert "bare state dict (pth_container: plain)" in result.stderr
+    assert "leaves out the inputs' config, step, epoch, model_loss" in result.stderr
+    plain = torch.load(tmp_path / "plain.pth", weights_only=True)
+    assert set(plain) == set(got["model"])
+    assert_same_state(plain, got["model"])
+    result = merge(run, tmp_path, models, output="auto.pth", rules=rules)
+    assert result.returncode == 0, result.stderr
+    assert set(torch.load(tmp_path / "auto.pth", weights_only=True)) == {"state_dict"} | SEED_KEYS - {"model"}
+
+
+@pytest.mark.parametrize("value", ["Coqui", "model", 1, None, ["coqui"]])
+def test_pth_container_refuses_other_values(run, tmp_path, value):
+    a = tmp_path / "a.pth"
+    write_plain(a, 0)
+    result = merge(run, tmp_path, [{"path": str(a)}], extra={"pth_container": value})
+    assert result.returncode == 1
+    assert "pth_container: must be one of auto, coqui, plain" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pth_container_beside_a_mergekit_config(run, tmp_path):
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    write_plain(a, 0)
+    write_plain(b, 1)
+    config = tmp_path / "mergekit.yml"
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "pth_container": "coqui",
+                                      "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in (a, b)]}))
+    result = run("merge", config, tmp_path / "merged.pth", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert set(torch.load(tmp_path / "merged.pth", weights_only=True)) == {"model"}

@@ -36,14 +36,21 @@ class TensorPlacement:
     nbytes: int
 
 
+# How a .pth output lays out the state dict and the metadata (config key `pth_container`): like the inputs,
+# as Coqui's loader reads it ({"model": ...} beside config/step/epoch/model_loss), or the bare state dict.
+PTH_CONTAINERS = ("auto", "coqui", "plain")
+
+
 @dataclass(frozen=True)
 class TorchContainer:
     """What a .pth output's content around the state dict is derived from: the inputs' container key (dotted
-    path of their state dict, "" when they are bare state dicts), each model's metadata and its `weight`."""
+    path of their state dict, "" when they are bare state dicts), each model's metadata and its `weight`, and
+    the layout asked for (one of PTH_CONTAINERS)."""
 
     key: str = ""
     model_metadata: tuple[dict, ...] = ()
     model_weights: tuple = ()
+    layout: str = "auto"
 
 
 @dataclass(frozen=True)

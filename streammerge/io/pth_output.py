@@ -9,7 +9,8 @@ load-everything merge script wrote:
      "step": max, "epoch": max, "model_loss": {"train_loss": sum w_i*l_i, "eval_loss": sum w_i*l_i}}
 
 with w_i the models' `weight`s normalized to sum 1. Keys no input has are left out; optimizer, scheduler and
-scaler state are dropped. Tied tensors (several names, one storage) are saved as one storage under every name,
+scaler state are dropped. That is `pth_container: auto`; `coqui` always writes `{"model": ...}` beside the
+summary (what Coqui's loader reads, also from bare state dicts), `plain` the state dict alone (LAYOUTS). Tied tensors (several names, one storage) are saved as one storage under every name,
 as `torch.save` does.
 """
 
@@ -23,8 +24,9 @@ from collections import OrderedDict
 
 import torch
 
-from streammerge.io.containers import plain_config
-from streammerge.io.output_spec import OutputFile, OutputSpec, TensorPlacement, TorchContainer
+from streammerge.errors import short
+from streammerge.io.containers import MAX_METADATA_DEPTH, plain_config, to_jsonable
+from streammerge.io.output_spec import PTH_CONTAINERS, OutputFile, OutputSpec, TensorPlacement, TorchContainer
 from streammerge.io.single_file_output import SingleFileOutput
 from streammerge.io.torch_zip_writer import TorchZipWriter
 
@@ -90,11 +92,15 @@ def pickle_checkpoint(obj) -> bytes:
 
 # -- what goes next to the weights ---------------------------------------------------------------------------
 def metadata_value(value):
-    """A metadata value as data: safetensors metadata holds JSON text, torch containers hold the data itself."""
+    """A metadata value as data: safetensors metadata holds JSON text, torch containers hold the data itself.
+    Parsed text gets the bounds of every checkpoint's metadata view (`containers.to_jsonable`: nesting beyond
+    MAX_METADATA_DEPTH becomes null, integers beyond 64 bits become text, the total is capped), so what goes
+    into the .pth pickle is bounded however the text was written; text that is not JSON, or nests too deeply
+    for the parser, stays text."""
     if isinstance(value, str):
         try:
-            return json.loads(value)
-        except ValueError:
+            return to_jsonable(json.loads(value))
+        except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
             return value
     return value
 
@@ -107,7 +113,13 @@ def config_dict(value) -> dict | None:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite number that a float holds (what step, epoch and losses are; the weighted loss is a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def weighted_loss(losses: list, weights: list[float]):
@@ -122,21 +134,32 @@ def weighted_loss(losses: list, weights: list[float]):
     return None
 
 
-def training_summary(metadatas: list[dict], weights: list[float]) -> dict:
-    """config (first model that has one), step and epoch (max), model_loss (weighted), each only if present."""
-    values = {key: [metadata_value(m.get(key)) for m in metadatas] for key in SUMMARY_KEYS}
-    summary = {}
-    config = next((c for c in map(config_dict, values["config"]) if c is not None), None)
+def training_summary(metadatas: list[dict], weights: list[float]) -> tuple[dict, list[str]]:
+    """config (first model that has one), step and epoch (max), model_loss (weighted), each only if present;
+    and a note for each value an input has that cannot be kept (the user should know it was left out)."""
+    raw = {key: [m.get(key) for m in metadatas] for key in SUMMARY_KEYS}
+    values = {key: [metadata_value(v) for v in raw[key]] for key in SUMMARY_KEYS}
+    summary, notes = {}, []
+    configs = [config_dict(v) for v in values["config"]]
+    for i, (given, config) in enumerate(zip(raw["config"], configs)):
+        if given is not None and config is None:
+            notes.append(f"models[{i}]'s config ({short(given, 60)}) is not a mapping of at most "
+                         f"{MAX_METADATA_DEPTH} levels; it is not used as the output's config.")
+    config = next((c for c in configs if c is not None), None)
     if config is not None:
         summary["config"] = config
     for key in ("step", "epoch"):
+        for i, (given, value) in enumerate(zip(raw[key], values[key])):
+            if given is not None and not _is_number(value):
+                notes.append(f"models[{i}]'s {key} ({short(given, 60)}) is not a finite number (integers beyond "
+                             f"64 bits are not kept); left out of the output's {key}.")
         numbers = [v for v in values[key] if _is_number(v)]
         if numbers:
             summary[key] = max(numbers)
     loss = weighted_loss(values["model_loss"], weights)
     if loss is not None:
         summary["model_loss"] = loss
-    return summary
+    return summary, notes
 
 
 def normalized_model_weights(weights: tuple) -> list[float]:
@@ -147,21 +170,41 @@ def normalized_model_weights(weights: tuple) -> list[float]:
     return [w / total for w in weights]
 
 
-def checkpoint_object(state_dict: dict, container: TorchContainer) -> object:
-    """The object to save: the state dict alone for plain inputs, else the container described above."""
+# Each layout names where the state dict goes (a dotted key; "" for a bare state dict, which then holds nothing
+# else) given the inputs' container key and the metadata summary.
+LAYOUTS = {
+    # like the inputs: bare from bare state dicts without metadata, else under the inputs' key (`model` when
+    # only some inputs carry metadata)
+    "auto": lambda key, summary: key or ("model" if summary else ""),
+    "coqui": lambda key, summary: "model",  # what Coqui's load_checkpoint reads, whatever the inputs
+    "plain": lambda key, summary: "",  # model.load_state_dict(torch.load(path)); metadata left out
+}
+assert set(LAYOUTS) == set(PTH_CONTAINERS)
+
+
+def checkpoint_object(state_dict: dict, container: TorchContainer) -> tuple[object, list[str]]:
+    """The object to save, laid out as `container.layout` says, and notes for the summary: the layout written
+    and any input metadata that could not be kept."""
     metadatas = [m or {} for m in container.model_metadata]
-    summary = training_summary(metadatas, normalized_model_weights(container.model_weights))
-    if not container.key and not summary:
-        return state_dict
+    summary, notes = training_summary(metadatas, normalized_model_weights(container.model_weights))
+    key = LAYOUTS[container.layout](container.key, summary)
+    if not key:
+        if summary:
+            notes.append(f"pth_container: {container.layout} leaves out the inputs' {', '.join(summary)}.")
+        hint = ("; `pth_container: coqui` wraps it as {'model': ...}, as Coqui's loader wants"
+                if container.layout == "auto" else "")
+        return state_dict, [f"the .pth holds a bare state dict (pth_container: {container.layout}{hint})."] + notes
     node = state_dict
-    for part in reversed((container.key or "model").split(".")):
+    for part in reversed(key.split(".")):
         node = {part: node}
-    return {**node, **summary}
+    listed = ", ".join([f"'{key}': state dict"] + [f"'{k}'" for k in summary])
+    return {**node, **summary}, [f"the .pth holds {{{listed}}} (pth_container: {container.layout})."] + notes
 
 
 # -- the output kind -----------------------------------------------------------------------------------------
-def torch_checkpoint_writer(spec: OutputSpec) -> tuple[TorchZipWriter, dict[str, int]]:
-    """The writer of `spec`'s .pth file, and the index of the storage record each tensor is written to."""
+def torch_checkpoint_writer(spec: OutputSpec) -> tuple[TorchZipWriter, dict[str, int], list[str]]:
+    """The writer of `spec`'s .pth file, the index of the storage record each tensor is written to, and notes
+    on what the file holds."""
     storage_of: dict[str, StorageRef] = {}
     storages: list[StorageRef] = []
     state_dict = {}
@@ -176,13 +219,13 @@ def torch_checkpoint_writer(spec: OutputSpec) -> tuple[TorchZipWriter, dict[str,
             tensors[name] = TensorRef(storage, shape)
         storage_of[name] = tensors[name].storage
         state_dict[name] = tensors[name]
-    writer = TorchZipWriter(spec.path, pickle_checkpoint(checkpoint_object(state_dict, spec.container)),
-                            [s.nbytes for s in storages])
-    return writer, {name: int(storage.key) for name, storage in storage_of.items()}
+    obj, notes = checkpoint_object(state_dict, spec.container)
+    writer = TorchZipWriter(spec.path, pickle_checkpoint(obj), [s.nbytes for s in storages])
+    return writer, {name: int(storage.key) for name, storage in storage_of.items()}, notes
 
 
 def torch_checkpoint_layout(spec: OutputSpec):
-    writer, storage_of = torch_checkpoint_writer(spec)
+    writer, storage_of, _ = torch_checkpoint_writer(spec)
     placements = {name: TensorPlacement(0, writer.storages[i].data_offset, writer.storages[i].size)
                   for name, i in storage_of.items()}
     return (OutputFile(writer.path, writer.tmp_path, writer.total_size),), placements
@@ -190,8 +233,9 @@ def torch_checkpoint_layout(spec: OutputSpec):
 
 class TorchCheckpointOutput(SingleFileOutput):
     def __init__(self, spec: OutputSpec, resume: bool = False):
-        writer, self.storage_of = torch_checkpoint_writer(spec)
+        writer, self.storage_of, notes = torch_checkpoint_writer(spec)
         super().__init__(spec, writer, resume)
+        self.notes.extend(notes)
 
     def write(self, name: str, element_offset: int, chunk: torch.Tensor) -> None:
         if chunk.numel() == 0:
