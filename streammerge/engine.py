@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from streammerge.config import DEFAULT_MAX_RAM, MergeConfig
+from streammerge.cpu import merge_thread_policy
 from streammerge.errors import OutputError, PlanError, StreamMergeError
 from streammerge.hf.inputs import HFInputs, prepare_inputs
 from streammerge.hf.model_files import model_files
@@ -296,6 +297,10 @@ class Engine:
 
     # -- the run -------------------------------------------------------------------------------------------
     def run(self) -> Report:
+        with merge_thread_policy():
+            return self._run()
+
+    def _run(self) -> Report:
         prepared = self.prepared
         plan, budget = prepared.plan, prepared.budget
         output: Output = make_output(self.spec, resume=self.resume)

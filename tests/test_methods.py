@@ -425,16 +425,23 @@ def big_set():
 
 
 @pytest.mark.parametrize("method, mp, top", INVARIANCE, ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(INVARIANCE)])
-def test_results_do_not_depend_on_chunk_size(tmp_path, big_set, method, mp, top):
+def test_results_do_not_depend_on_chunk_size_or_threads(tmp_path, big_set, method, mp, top, monkeypatch):
+    from streammerge import cpu
     base, models = big_set
     n_models = 2 if method in ("slerp", "nuslerp") else 1 if method in SINGLE_MODEL else 3
     uses_base = method not in NO_BASE
-    # 47 chunks; one chunk with the statistics from the chunk already read; one chunk with streamed passes
-    runs = [run_merge(tmp_path / f"{chunk}-{in_memory}", method, models[:n_models], base if uses_base else None, mp,
-                      chunk=chunk, engine_options={"stats_in_memory": in_memory}, **top)
-            for chunk, in_memory in ((GRID, True), (64 * GRID, True), (64 * GRID, False))]
-    assert torch.equal(runs[0]["big"], runs[1]["big"])
-    assert torch.equal(runs[1]["big"], runs[2]["big"])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    runs = []
+    # 47 chunks; one chunk with the statistics from the chunk already read; one chunk with streamed passes; the
+    # last two again with several intra-op threads (torch splits its work differently then)
+    for chunk, in_memory, threads in ((GRID, True, 1), (64 * GRID, True, 1), (64 * GRID, False, 1),
+                                      (64 * GRID, True, 3), (64 * GRID, False, 2)):
+        monkeypatch.setattr(cpu, "merge_threads", lambda cores, load, n=threads: n)
+        runs.append(run_merge(tmp_path / f"{chunk}-{in_memory}-{threads}", method, models[:n_models],
+                              base if uses_base else None, mp, chunk=chunk,
+                              engine_options={"stats_in_memory": in_memory}, **top))
+    for other in runs[1:]:
+        assert torch.equal(runs[0]["big"], other["big"])
     assert not torch.equal(runs[0]["big"], base["big"])
 
 
@@ -453,6 +460,24 @@ def test_statistics_of_a_tensor_that_fits_take_one_read(tmp_path, big_set, monke
     run_merge(tmp_path / "streamed", "ties", models[:2], base, mp, chunk=64 * GRID,
               engine_options={"stats_in_memory": False})
     assert len(reads) == 3  # two radix-selection passes and the merge pass
+
+
+def test_merge_threads_leave_a_core_for_the_writer_and_one_per_busy_core():
+    from streammerge.cpu import MAX_THREADS, merge_threads
+    assert merge_threads(1, 0.0) == 1
+    assert merge_threads(2, 0.0) == 1  # the writer thread copies output chunks meanwhile
+    assert merge_threads(8, 0.0) == 7
+    assert merge_threads(8, 3.5) == 4  # cores other processes kept busy are not counted on
+    assert merge_threads(8, 20.0) == 1
+    assert merge_threads(64, 0.0) == MAX_THREADS
+
+
+def test_merge_restores_the_thread_count(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    base, models = make_set()
+    run_merge(tmp_path, "ties", models[:2], base, [{"density": 0.5}] * 2)
+    assert torch.get_num_threads() == before
 
 
 def test_chunks_are_aligned_to_the_grid():
