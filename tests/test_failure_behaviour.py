@@ -205,6 +205,56 @@ def test_signal_mid_merge_removes_everything(tmp_path, larger_models, signum, st
     assert snapshot(*larger_models) == before
 
 
+def test_an_interrupted_run_removes_only_what_it_created(tmp_path, larger_models):
+    """The run creates newparent/out/; meanwhile another run finishes newparent/b.safetensors and the user copies
+    notes into newparent/out/. Ctrl-C removes the run's own files and leaves theirs, with their directories."""
+    out = tmp_path / "newparent" / "out"
+    config = write_config(tmp_path / "m.yaml", [(m, 1) for m in larger_models], out, shard_size="1MB")
+    process = start_merge(config, "--quiet")
+    try:
+        assert wait_for(lambda: in_progress(out), process), "the merge ended before it could be interrupted"
+        (tmp_path / "newparent" / "b.safetensors").write_bytes(b"another run's finished output")
+        (out / "notes.txt").write_text("copied here by the user")
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert listing(tmp_path) == ["m.yaml", "newparent", "newparent/b.safetensors", "newparent/out",
+                                 "newparent/out/notes.txt"]
+    assert (tmp_path / "newparent" / "b.safetensors").read_bytes() == b"another run's finished output"
+
+
+@pytest.mark.parametrize("output_name", ["merged.safetensors", "sharded", "merged.pth"])
+def test_a_failed_run_keeps_files_others_put_in_directories_it_created(tmp_path, models, monkeypatch, output_name):
+    """A write fails after others have put files into the directories this run created (beside the output,
+    and inside a directory output): those files and their directories stay; empty ones the run made go."""
+    import streammerge.io.safetensors_io as st
+
+    real_pwrite, calls = os.pwrite, [0]
+    out = tmp_path / "a" / "b" / output_name
+    others = [tmp_path / "a" / "other.safetensors", tmp_path / "a" / "b" / "c" / "kept.txt"]
+    if output_name == "sharded":
+        others.append(out / "README.txt")
+
+    def pwrite_then_fail(fd, data, position):
+        calls[0] += 1
+        if calls[0] == 3:
+            for path in others:
+                path.parent.mkdir(exist_ok=True)
+                path.write_text("someone else's")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwrite(fd, data, position)
+
+    monkeypatch.setattr(st.os, "pwrite", pwrite_then_fail)
+    config = parse_config({"models": [str(m) for m in models[:2]], "output": str(out), "shard_size": "1MB"})
+    with pytest.raises(OutputError, match="No space left on device"):
+        merge(config, quiet=True)
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(others)
+    assert all(p.read_text() == "someone else's" for p in others)
+    assert out.exists() == (output_name == "sharded")
+
+
 def test_signal_while_writing_a_single_file(tmp_path, larger_models):
     out = tmp_path / "merged.safetensors"
     config = write_config(tmp_path / "m.yaml", [(m, 1) for m in larger_models], out)

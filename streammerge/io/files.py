@@ -13,7 +13,6 @@ import errno
 import fcntl
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -135,8 +134,13 @@ def make_directories(path: Path) -> list[Path]:
 
 
 def remove_directories(created: list[Path]) -> None:
+    """Remove the directories a run created (innermost first) once its own files are gone, only while empty:
+    whatever another run or the user put there meanwhile stays, with the directories that hold it."""
     for directory in created:
-        shutil.rmtree(directory, ignore_errors=True)
+        try:
+            os.rmdir(directory)
+        except OSError:  # not empty (someone else's files), or already gone
+            pass
 
 
 def write_error(path: Path, exc: OSError) -> OutputError:
