@@ -10,6 +10,7 @@ STAMP := $(VENV)/.installed
 
 MERGEKIT_VENV ?= .venv-mergekit
 BENCH_ARGS ?= --cold
+SCALE_ARGS ?=
 
 .PHONY: install merge demo test bench mergekit clean
 
@@ -35,6 +36,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+	$(BIN)/python scripts/bench.py --scale $(SCALE_ARGS)
 
 # Optional: mergekit 0.1.5 in a separate venv, for the comparison rows of `make bench`.
 mergekit:

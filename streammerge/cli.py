@@ -47,12 +47,44 @@ def add_merge_parser(subparsers) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted merge into a directory output: shards it completed are verified "
                    "and kept (without --resume, its leftovers are removed and the merge starts over)")
+    add_scale_arguments(p)
     p.set_defaults(handler=run_merge)
+
+
+def _workers(text: str) -> int | str:
+    from streammerge.config import parse_workers
+
+    try:
+        return parse_workers(text, "--workers")
+    except StreamMergeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_scale_arguments(p) -> None:
+    """--workers / --ray, shared by `merge` and `sweep`."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=_workers, metavar="N|auto",
+                       help="merge on N local worker processes (auto: one per usable core), splitting max_ram "
+                       "between them (overrides `workers`; default 1: this process alone)")
+    where.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                       help="run the tasks on a Ray cluster: auto, HOST:PORT or ray://HOST:PORT (without ADDRESS: "
+                       "RAY_ADDRESS, or a local instance); max_ram is then each task's budget. Every node must see "
+                       "the inputs and the output directory at the same paths. Needs pip install 'streammerge[ray]'")
+
+
+def scale_choice(args, config) -> tuple[int | str | None, dict | None]:
+    """(workers, ray) from the command line, else None, None (the config decides)."""
+    if args.ray is not None:
+        return None, {**(config.ray or {}), "address": args.ray or (config.ray or {}).get("address")}
+    if args.workers is not None:
+        return args.workers, None
+    return None, None
 
 
 def run_merge(args) -> int:
     from streammerge.config import load_config
-    from streammerge.engine import Engine, describe_plan, prepare
+    from streammerge.distributed.driver import run_prepared
+    from streammerge.engine import describe_plan, prepare
     from streammerge.io.output_safety import check_output_is_not_an_input
     from streammerge.report_file import check_report_path, write_report
 
@@ -72,8 +104,9 @@ def run_merge(args) -> int:
             check_output_is_not_an_input([], args.report, prepared.inputs,
                                          also=(args.config,), what="report")
             check_report_path(args.report, prepared.output)
-        report = Engine(prepared, quiet=args.quiet, allow_nonfinite=args.allow_nonfinite or None,
-                        resume=args.resume).run()
+        workers, ray = scale_choice(args, config)
+        report = run_prepared(prepared, quiet=args.quiet, allow_nonfinite=args.allow_nonfinite or None,
+                              resume=args.resume, workers=workers, ray=ray)
     finally:
         prepared.close()
     if args.report:
@@ -83,7 +116,30 @@ def run_merge(args) -> int:
     return 0
 
 
-PARSERS = [add_merge_parser, add_convert_parser, add_inspect_parser, add_diff_parser, add_extract_lora_parser]
+def add_sweep_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sweep", help="run many merges of one config with values varied (a grid or variants), and score them",
+        description="Merge every variant of a base config into its own output under output_dir, score each with "
+        "the evaluate command, write sweep.csv and sweep.json and print the variants sorted by score. A rerun "
+        "skips the variants whose output is complete. See the README's \"Many cores, many machines\".")
+    p.add_argument("sweep", type=Path, help="sweep file (YAML or JSON): base_config or config, output_dir, grid "
+                   "and/or variants, evaluate, goal")
+    p.add_argument("--dry-run", action="store_true", help="list the variants (and which are done) without merging")
+    p.add_argument("--max-ram", type=size_argument, metavar="SIZE",
+                   help="RAM budget of each merge (overrides `max_ram`)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no line per variant and no table")
+    add_scale_arguments(p)
+    p.set_defaults(handler=run_sweep)
+
+
+def run_sweep(args) -> int:
+    from streammerge.sweep import run_sweep_command
+
+    return run_sweep_command(args)
+
+
+PARSERS = [add_merge_parser, add_convert_parser, add_inspect_parser, add_diff_parser, add_extract_lora_parser,
+           add_sweep_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

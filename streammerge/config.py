@@ -31,10 +31,11 @@ NAN_POLICIES = ("error", "allow")  # what a NaN/Inf in a merged tensor does: sto
 MAX_SEED = 2**63 - 1
 TOP_LEVEL_KEYS = {"output", "models", "method", "rules", "dtype", "out_dtype", "max_ram", "shard_size", "base",
                   "parameters", "seed", "rename", "nan_policy", "tokenizer", "chat_template", "donor", "slices",
-                  "pth_container"}
+                  "pth_container", "workers", "ray"}
 MODEL_KEYS = {"path", "state_dict_key", "rename", "parameters", "lora"}
 SLICE_KEYS = {"sources", "base_layer_range"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
+RAY_KEYS = {"address", "max_retries"}
 RULE_KEYS = {"match", "take", "weights", "drop", "parameters"}
 
 
@@ -111,6 +112,8 @@ class MergeConfig:
     donor: Path | None = None  # the output's config.json and tokenizer come from it (default: base, else models[0])
     warnings: list[str] = field(default_factory=list)  # what the config asks for that is ignored, and why
     slices: list[Slice] | None = None  # layer slices stacked into the output (None: whole models, name by name)
+    workers: int | str = 1  # local worker processes; "auto": one per usable core
+    ray: dict | None = None  # run on a Ray cluster: {"address": ..., "max_retries": ...}
 
     def recipe(self) -> dict:
         """A JSON-able description of the merge, stored in the output's metadata."""
@@ -130,16 +133,20 @@ class MergeConfig:
 
 
 def load_config(path: Path) -> MergeConfig:
-    data = read_config_file(path)
+    warnings: list[str] = []
+    config = parse_config(native_config_data(read_config_file(path), Path(path), warnings), Path(path))
+    config.warnings = warnings
+    return config
+
+
+def native_config_data(data: dict, path: Path, warnings: list[str]) -> dict:
+    """A config file's data in streammerge's own form: a mergekit YAML is translated (and run as it is)."""
     from streammerge import mergekit_config
 
     mergekit_config.check_not_moe(data, str(path))
-    warnings: list[str] = []
-    if mergekit_config.is_mergekit_config(data):  # a mergekit YAML, run as it is
-        data = mergekit_config.translate(data, Path(path), warnings)
-    config = parse_config(data, Path(path))
-    config.warnings = warnings
-    return config
+    if mergekit_config.is_mergekit_config(data):
+        data = mergekit_config.translate(data, path, warnings)
+    return data
 
 
 def _check_keys(data: dict, allowed: set, where: str, extra: set = frozenset()) -> None:
@@ -355,7 +362,11 @@ def parse_config(data: dict, source: Path | None = None) -> MergeConfig:
         chat_template=_chat_template(data.get("chat_template"), where),
         donor=_local_model(str(data["donor"]), f"{where}: donor") if data.get("donor") is not None else None,
         slices=slices,
+        workers=parse_workers(data.get("workers", 1), f"{where}: workers"),
+        ray=_parse_ray(data.get("ray"), where),
     )
+    if config.ray is not None and config.workers != 1:
+        raise ConfigError(f"{where}: use either 'workers' (processes on this machine) or 'ray' (a cluster), not both.")
     check_weights(config, where)
     return config
 
@@ -443,6 +454,31 @@ def _parse_slices(items, specs: list[ModelSpec], method: Method, has_base: bool,
             base_layers = sources[0].layers
         slices.append(Slice(tuple(sources), base_layers))
     return slices
+
+
+def parse_workers(value, where: str) -> int | str:
+    """A number of worker processes (1 or more), or "auto" (one per usable core)."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: {short(value)} is not a number of worker processes; give 1 or more, or 'auto'.")
+    return value
+
+
+def _parse_ray(value, where: str) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: 'ray' must be a mapping, e.g. {{address: auto}} (or {{}} for RAY_ADDRESS or a "
+                          "local instance).")
+    _check_keys(value, RAY_KEYS, f"{where}: ray")
+    retries = value.get("max_retries", 3)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ConfigError(f"{where}: ray: max_retries must be a whole number, 0 or more.")
+    address = value.get("address")
+    return {"address": None if address is None else str(address), "max_retries": retries}
 
 
 def check_weights(config: MergeConfig, where: str) -> None:

@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -27,7 +28,7 @@ from streammerge.hf.model_files import model_files
 from streammerge.interrupts import uninterruptible
 from streammerge.io import Checkpoint, TensorInfo, open_checkpoint
 from streammerge.io.output_safety import check_output_is_not_an_input, input_paths
-from streammerge.io.output_spec import Output, OutputSpec, ResumeInputs, TorchContainer
+from streammerge.io.output_spec import Output, OutputSpec, TensorSink, ResumeInputs, TorchContainer
 from streammerge.io.outputs import check_disk_space, make_output, output_kind, output_spec
 from streammerge.lora import apply_adapter
 from streammerge.memory import Budget, MemoryGuard, bytes_per_element
@@ -49,6 +50,11 @@ class Report:
     nonfinite_tensors: list[str] = field(default_factory=list)
     reused_files: list[str] = field(default_factory=list)  # complete shards kept from an interrupted run
     notes: list[str] = field(default_factory=list)
+    # A distributed run (--workers, --ray): where its tasks ran, how many, and each task's budget and largest peak.
+    executor: str = ""
+    tasks: int = 0
+    task_ram_bytes: int = 0
+    task_peak_anon_bytes: int = 0
 
     @property
     def gb_per_s(self) -> float:
@@ -61,6 +67,10 @@ class Report:
         line = (f"merged {self.tensors} tensors -> {self.output}: read {self.read_bytes / 1e9:.2f} GB, wrote "
                 f"{self.written_bytes / 1e9:.2f} GB in {self.seconds:.1f} s ({self.gb_per_s:.2f} GB/s), "
                 f"peak anonymous RAM {self.peak_anon_bytes / 2**20:.0f} MiB (budget {self.max_ram_bytes / 2**20:.0f} MiB)")
+        if self.executor:
+            line += (f"\n{self.tasks} task(s) on {self.executor}: largest task peak anonymous RAM "
+                     f"{self.task_peak_anon_bytes / 2**20:.0f} MiB (each task's budget "
+                     f"{self.task_ram_bytes / 2**20:.0f} MiB)")
         for note in self.notes:
             line += f"\nnote: {note}"
         if self.nonfinite_tensors:
@@ -269,16 +279,20 @@ class Engine:
         self.allow_nonfinite = (self.config.nan_policy == "allow") if allow_nonfinite is None else allow_nonfinite
         self.nonfinite: list[str] = []
         self.show_progress = not quiet and sys.stderr.isatty()
-        self.spec = build_output_spec(prepared, metadata)
+        self.metadata = metadata
         # A tensor that fits in one chunk gets its statistics from the chunk already read (the same computation
         # on the same values as the streamed passes, so the same result); False streams every pass (tests).
         self.stats_in_memory = stats_in_memory
 
+    @functools.cached_property
+    def spec(self) -> OutputSpec:
+        return build_output_spec(self.prepared, self.metadata)
+
     # -- checks before any output exists ------------------------------------------------------------------
-    def verify_non_float(self, plan: Plan) -> None:
+    def verify_non_float(self, tasks: list[TensorTask]) -> None:
         """Int and bool tensors are copied, so every model must hold the same values."""
         checkpoints = self.prepared.checkpoints
-        for task in plan.tasks:
+        for task in tasks:
             if not task.must_equal:
                 continue
             first = task.sources[0]
@@ -308,31 +322,16 @@ class Engine:
         check_output_is_not_an_input(output.files, prepared.output, prepared.inputs, also=(self.config.source,))
         started = time.perf_counter()
         with MemoryGuard(budget.limit) as guard:
-            workspace = Workspace(self.chunk, plan.max_inputs, self.config.dtype, self.method.buffers)
-            self.verify_non_float(plan)
+            self.verify_non_float(plan.tasks)
             progress = tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                             desc="merging", disable=not self.show_progress, dynamic_ncols=True)
-            self.writer = BackgroundWriter()
-            skipped_bytes = 0  # inputs of tensors an interrupted run already wrote (--resume)
             try:
                 output.open()  # removes an interrupted run's debris, or verifies what it completed (resume)
                 check_disk_space(prepared.output, output.space_needed)
-                for task in plan.tasks:
-                    if output.reused(task.name):
-                        progress.update(task.read_bytes)
-                        skipped_bytes += task.read_bytes
-                    else:
-                        self.run_task(task, workspace, output, progress, guard)
-                    aliases = [a for a in task.aliases if not output.reused(a)]
-                    if aliases:
-                        self.writer.drain()
-                        for alias in aliases:
-                            output.copy(task.name, alias, self.chunk * task.out_dtype.itemsize)
-                self.writer.close()
+                skipped_bytes = self.process(plan.tasks, output, progress, guard, output.reused)
                 output.commit()
             except BaseException:
                 with uninterruptible():  # a second Ctrl-C must not cut the cleanup short
-                    self.writer.close_quietly()
                     output.abort()
                 raise
             finally:
@@ -344,6 +343,32 @@ class Engine:
             seconds=time.perf_counter() - started, peak_anon_bytes=guard.peak, max_ram_bytes=budget.limit,
             chunk_elements=self.chunk, nonfinite_tensors=list(self.nonfinite),
             reused_files=list(output.reused_files), notes=list(output.notes))
+
+    def process(self, tasks: list[TensorTask], output: TensorSink, progress, guard: MemoryGuard,
+                reused: Callable[[str], bool]) -> int:
+        """Merge `tasks` into `output`; tensors for which `reused(name)` holds are already there (--resume).
+        Returns the input bytes skipped. Also what each task of a distributed merge runs."""
+        workspace = Workspace(self.chunk, self.prepared.plan.max_inputs, self.config.dtype, self.method.buffers)
+        self.writer = BackgroundWriter()
+        skipped_bytes = 0
+        try:
+            for task in tasks:
+                if reused(task.name):
+                    progress.update(task.read_bytes)
+                    skipped_bytes += task.read_bytes
+                else:
+                    self.run_task(task, workspace, output, progress, guard)
+                aliases = [a for a in task.aliases if not reused(a)]
+                if aliases:
+                    self.writer.drain()
+                    for alias in aliases:
+                        output.copy(task.name, alias, self.chunk * task.out_dtype.itemsize)
+            self.writer.close()
+        except BaseException:
+            with uninterruptible():
+                self.writer.close_quietly()
+            raise
+        return skipped_bytes
 
     def run_task(self, task: TensorTask, ws: Workspace, output, progress, guard: MemoryGuard) -> None:
         inputs = task.inputs

@@ -24,7 +24,8 @@ from streammerge.slices import Slice, SliceSource, place
 
 MERGEKIT_KEYS = {"merge_method", "models", "slices", "modules", "base_model", "parameters", "dtype", "out_dtype",
                  "tokenizer_source", "tokenizer", "chat_template"}
-STREAMMERGE_KEYS = {"output", "max_ram", "seed", "shard_size", "pth_container"}  # ours, allowed beside mergekit's keys
+# ours, allowed beside mergekit's keys
+STREAMMERGE_KEYS = {"output", "max_ram", "seed", "shard_size", "pth_container", "workers", "ray"}
 REFUSED = {
     "modules": "per-module merges (multimodal models) are not supported; merge each part separately",
 }

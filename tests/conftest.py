@@ -1,6 +1,12 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+# Ray clusters the tests start live on 127.0.0.1 only. Ray reads this when it is imported and otherwise resolves
+# 127.0.0.1 to the machine's interface address; set here, before any test imports Ray, and inherited by every
+# process the tests start.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import pytest
 

@@ -81,7 +81,18 @@ class OutputSpec:
         return sum(dtype.itemsize * math.prod(shape) for _, dtype, shape in self.entries)
 
 
-class Output(Protocol):
+class TensorSink(Protocol):
+    """Where the engine puts merged tensors: an `Output`, or a task of a distributed merge writing into files
+    another process created."""
+
+    def write(self, name: str, element_offset: int, chunk: torch.Tensor) -> None:
+        """Write a contiguous chunk of tensor `name` starting at element `element_offset`."""
+
+    def copy(self, source: str, target: str, chunk_bytes: int) -> None:
+        """Write tied tensor `target` with the bytes already written for `source`."""
+
+
+class Output(TensorSink, Protocol):
     """An output under construction. Nothing appears at `spec.path` before `commit()`; `abort()` leaves the
     destination as it was found. Call order: open, (write | copy)*, commit — or abort at any point."""
 

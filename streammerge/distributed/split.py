@@ -1,0 +1,47 @@
+"""The work split: the plan's tensors in groups of whole tensors, balanced by the bytes each reads times the
+passes it makes over them. A tensor never spans groups, so its statistics passes stay in one process.
+
+Groups are runs of consecutive tensors (in plan order, which is file order): each task then reads its inputs and
+writes its output front to back, and a shard of a sharded output is complete (and recorded for --resume) as soon
+as the few tasks that hold its tensors are done."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from streammerge.plan import TensorTask
+
+
+def tensor_cost(task: TensorTask, passes: int) -> int:
+    """What merging `task` costs: its input bytes, read once per statistics pass and once more to merge."""
+    return task.read_bytes * (passes + 1)
+
+
+def split_tasks(tasks: Sequence[TensorTask], groups: int, passes: Callable[[TensorTask], int]) -> list[list[int]]:
+    """At most `groups` non-empty runs of consecutive indices into `tasks`, the largest run's cost as small as it
+    can be (the linear partition problem: binary search on that cost, greedy runs under it)."""
+    if groups < 1:
+        raise ValueError("groups must be at least 1")
+    costs = [max(1, tensor_cost(t, passes(t))) for t in tasks]
+    if not costs:
+        return []
+    low, high = max(costs), sum(costs)
+    while low < high:
+        limit = (low + high) // 2
+        if len(_runs(costs, limit)) <= groups:
+            high = limit
+        else:
+            low = limit + 1
+    return _runs(costs, low)
+
+
+def _runs(costs: list[int], limit: int) -> list[list[int]]:
+    runs: list[list[int]] = [[]]
+    load = 0
+    for i, cost in enumerate(costs):
+        if runs[-1] and load + cost > limit:
+            runs.append([])
+            load = 0
+        runs[-1].append(i)
+        load += cost
+    return runs
