@@ -36,7 +36,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
-	$(BIN)/python scripts/bench.py --scale $(SCALE_ARGS)
+	$(BIN)/python scripts/bench_scale.py $(SCALE_ARGS)
 
 # Optional: mergekit 0.1.5 in a separate venv, for the comparison rows of `make bench`.
 mergekit:
