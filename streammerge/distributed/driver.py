@@ -108,7 +108,8 @@ def run_distributed(prepared: Prepared, executor: Executor, quiet: bool = False,
 
 def make_executor(workers: int | str = 1, ray: dict | None = None) -> Executor | None:
     """The executor for `workers` local processes or a Ray cluster; None for the plain single-process run."""
-    from streammerge.distributed.executors import LocalWorkers, RayCluster, usable_cores
+    from streammerge.cpu import usable_cores
+    from streammerge.distributed.executors import LocalWorkers, RayCluster
 
     if ray is not None:
         return RayCluster(ray.get("address"), ray.get("max_retries", 3))

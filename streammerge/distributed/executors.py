@@ -34,13 +34,6 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def _worker_started() -> None:
     # The driver handles Ctrl-C for everyone: it stops the workers, then removes the partial output.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -242,6 +242,9 @@ def run_group(job: MergeJob, group: Group) -> GroupResult:
     from streammerge.engine import Engine
 
     started = time.perf_counter()
+    # A task is given one core (a local worker slot, or Ray's num_cpus=1): more intra-op threads would only
+    # compete with the other tasks.
+    torch.set_num_threads(1)
     check_same_files(job, outputs=False)  # output files are renamed as they complete; each node checked them first
     prepared = _prepared_for(job)
     by_name = {t.name: t for t in prepared.plan.tasks}
