@@ -143,6 +143,46 @@ def local_models(tmp_path, models):
     return copies
 
 
+def _odd_output(tmp_path: Path, case: str) -> tuple[Path, str]:
+    """An output path that cannot hold the output, and the part of it the message must name."""
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_dir.safetensors").mkdir()
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    os.mkfifo(tmp_path / "fifo")
+    return {
+        "dev_null": (Path("/dev/null"), "'/dev/null' is a character device"),
+        "dev_null_parent": (Path("/dev/null/merged.pth"), "'/dev/null' is a character device, not a directory"),
+        "file_as_directory": (tmp_path / "a_file", "is an existing file, not a directory"),
+        "file_as_parent": (tmp_path / "a_file" / "out.safetensors", f"'{tmp_path / 'a_file'}' is a regular file, not a directory"),
+        "file_as_grandparent": (tmp_path / "a_file" / "x" / "out", f"'{tmp_path / 'a_file'}' is a regular file"),
+        "directory_as_file": (tmp_path / "a_dir.safetensors", "is an existing directory; a safetensors file is one file"),
+        "symlink_loop": (tmp_path / "loop1", f"'{tmp_path / 'loop1'}' is a symbolic link loop"),
+        "symlink_loop_parent": (tmp_path / "loop2" / "sub" / "merged.pth", f"'{tmp_path / 'loop2'}' is a symbolic link loop"),
+        "dangling_symlink": (tmp_path / "dangling" / "merged.safetensors", f"'{tmp_path / 'dangling'}' is a symbolic link to"),
+        "fifo": (tmp_path / "fifo", "is a pipe"),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["dev_null", "dev_null_parent", "file_as_directory", "file_as_parent",
+                                  "file_as_grandparent", "directory_as_file", "symlink_loop", "symlink_loop_parent",
+                                  "dangling_symlink", "fifo"])
+def test_unusable_output_paths_are_named(tmp_path, local_models, case):
+    """One paragraph naming the output and the part of its path at fault (never a message about an interrupted
+    merge's manifest), before anything is created; --dry-run checks the same."""
+    out, fragment = _odd_output(tmp_path, case)
+    for dry_run in ([], ["--dry-run"]):
+        config = write_config(tmp_path / "m.yaml", [(m, 1) for m in local_models], out)
+        before = listing(tmp_path)
+        result = run_main("merge", config, *dry_run)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith(f"streammerge: error: output '{out}'") and fragment in result.stderr, \
+            result.stderr
+        assert "manifest" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+        assert listing(tmp_path) == before
+
+
 def test_output_equal_to_an_input(cli, tmp_path, local_models):  # through a real process
     _refused_output(cli, tmp_path, local_models, local_models[1], "is the input", str(local_models[1]))
 

@@ -10,7 +10,10 @@ to OUTPUT_KINDS.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -51,6 +54,67 @@ def output_kind(path: Path) -> OutputKind:
                       "(sharded safetensors).")
 
 
+def check_output_location(path: Path, kind: OutputKind) -> None:
+    """Refuse an output path that cannot hold this kind of output, naming the part of the path at fault: the
+    destination a device, pipe or socket (`/dev/null`), a directory where a file goes or a file where a directory
+    goes; a part of the path that is a file, a symbolic link loop or a link to nothing. Run before anything is
+    created at the output."""
+    path = Path(path)
+    where = "output"
+    node = path
+    while True:
+        try:
+            mode = os.stat(node).st_mode
+        except NotADirectoryError:  # a file further up the path: found on the way up
+            node = node.parent
+            continue
+        except FileNotFoundError:
+            if os.path.islink(node):
+                raise OutputError(f"{where} '{path}': '{node}' is a symbolic link to '{os.readlink(node)}', which "
+                                  "does not exist; fix or remove the link, or choose another output path.") from None
+            node = node.parent
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                while node.parent != node and _stat_errno(node.parent) == errno.ELOOP:  # the link at fault
+                    node = node.parent
+                raise OutputError(f"{where} '{path}': '{node}' is a symbolic link loop (it leads back to itself); "
+                                  "fix or remove the link, or choose another output path.") from None
+            raise OutputError(f"{where} '{path}': cannot use '{node}' ({exc.strerror}); choose another output "
+                              "path.") from None
+        break
+    if node != path:
+        if not stat.S_ISDIR(mode):
+            raise OutputError(f"{where} '{path}': '{node}' is {_file_type(mode)}, not a directory, so nothing can "
+                              "be created inside it; choose another output path.")
+        return
+    if stat.S_ISDIR(mode) and not kind.sharded:
+        raise OutputError(f"{where} '{path}' is an existing directory; a {kind.name} is one file. Give a file path "
+                          "(e.g. inside that directory), or a path without suffix for a directory of shards.")
+    if stat.S_ISREG(mode) and kind.sharded:
+        raise OutputError(f"output '{path}' is an existing file, not a directory; a path without a .safetensors or "
+                          ".pth suffix is written as a directory of shards. Remove the file, or choose another "
+                          "path (ending in .safetensors or .pth for one file).")
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise OutputError(f"{where} '{path}' is {_file_type(mode)}, not a file or directory the merged model can be "
+                          "written to. Give a file or directory path (to try a merge without writing anything, use "
+                          "--dry-run).")
+
+
+def _stat_errno(path: Path) -> int:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+def _file_type(mode: int) -> str:
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a pipe"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"))
+    return next((name for test, name in kinds if test(mode)), "not a file or directory")
+
+
 def kind_named(name: str) -> OutputKind:
     return next(kind for kind in OUTPUT_KINDS if kind.name == name)
 
@@ -61,6 +125,7 @@ def output_spec(path: Path, entries: list[Entry], metadata: dict[str, str], alia
     """The spec of an output at `path`: its kind, and the file and byte offset of every tensor. `companions`
     (name -> content) go beside the weights of a directory output; other kinds have no place for them."""
     kind = output_kind(path)
+    check_output_location(path, kind)
     spec = OutputSpec(kind.name, Path(path), tuple(entries), dict(metadata), dict(aliases or {}), (), {},
                       shard_size, container, resume, dict(companions or {}) if kind.sharded else {})
     files, placements = kind.layout(spec)
