@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import sys
 import time
 import uuid
 import zlib
@@ -103,10 +104,9 @@ class GroupResult:
 
 def node_name() -> str:
     """This machine as messages name it: the Ray node (id and address) when inside Ray, else the host name."""
+    ray = sys.modules.get("ray")  # never imported just to ask: it is slow to import
     try:
-        import ray
-
-        if ray.is_initialized():
+        if ray is not None and ray.is_initialized():
             context = ray.get_runtime_context()
             return f"Ray node {context.get_node_id()[:12]} ({ray.util.get_node_ip_address()}, {socket.gethostname()})"
     except Exception:  # noqa: BLE001 - any failure just means: not inside Ray

@@ -125,7 +125,7 @@ def fusion_finish(stats: FusionStats, pass_index: int) -> None:
 
 
 def fusion_passes(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int) -> int:
-    return 2 + RankSelect([0], dtype).passes
+    return 2 + RankSelect.passes_for(dtype)
 
 
 def arcee_fusion(ctx: ChunkContext, stats: FusionStats) -> torch.Tensor:

@@ -41,7 +41,7 @@ def _select_none(params: dict) -> bool:
 def sce_passes(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int) -> int:
     if _select_none(params):
         return 0  # nothing selected: the result is the base
-    return 1 + (0 if _select_all(params) else RankSelect([0], dtype).passes)
+    return 1 + (0 if _select_all(params) else RankSelect.passes_for(dtype))
 
 
 class Buffers:

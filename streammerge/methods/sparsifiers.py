@@ -122,7 +122,7 @@ class MagnitudeStats:
         self.ranks = [magnitude_ranks(sparsifier, m, ctx.numel) for m in ctx.model_params]
         self.selects = [RankSelect([r[0]] + ([r[1]] if r[1] is not None else []), dtype)
                         if isinstance(r, tuple) else None for r in self.ranks]
-        self.select_passes = RankSelect([0], dtype).passes
+        self.select_passes = RankSelect.passes_for(dtype)
         self.rescale = ctx.params.get("rescale", False)
         self.bounds: list[Bounds | None] = [None] * len(self.ranks)
         self.norms = GroupSums(Groups("tensor", ctx.shape), 2 * len(self.ranks))  # (all, kept) per model
@@ -135,7 +135,7 @@ def magnitude_passes(sparsifier: Sparsifier, params: dict, model_params: list[di
                      numel: int) -> int:
     if not any(isinstance(magnitude_ranks(sparsifier, m, numel), tuple) for m in model_params):
         return 0
-    return RankSelect([0], dtype).passes + (1 if params.get("rescale") else 0)
+    return RankSelect.passes_for(dtype) + (1 if params.get("rescale") else 0)
 
 
 def prune_by_magnitude(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats: MagnitudeStats, b: Buffers,

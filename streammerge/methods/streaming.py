@@ -226,11 +226,16 @@ class RankSelect:
         self.int_dtype = INT_VIEW[dtype]
         self.float_dtype = dtype
         self.bits = dtype.itemsize * 8
-        self.passes = self.bits // DIGIT_BITS
+        self.passes = self.passes_for(dtype)
         self.prefix = [0] * len(ranks)
         self.remaining = list(ranks)
         self.count_equal = [0] * len(ranks)
         self.hist = [torch.zeros(BINS, dtype=torch.int64) for _ in ranks]
+
+    @staticmethod
+    def passes_for(dtype: torch.dtype) -> int:
+        """Histogram passes a selection over values of `dtype` takes (one per digit of the bit pattern)."""
+        return dtype.itemsize * 8 // DIGIT_BITS
 
     def observe(self, pass_index: int, values: torch.Tensor, digits_buffer: torch.Tensor,
                 mask: torch.Tensor) -> None:
