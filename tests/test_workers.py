@@ -224,3 +224,32 @@ def test_resume_after_an_interrupted_distributed_run(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "already complete and verified" in result.stderr, result.stderr
     assert same_bytes(tmp_path / "single", out)
+
+
+def test_hugging_face_model_with_a_union_tokenizer_and_slices(tmp_path):
+    """Everything a task rebuilds from the config (tokenizer union, row sources, layer slices) gives the
+    single-process bytes: weights, config.json and tokenizer."""
+    from hf_models import build_llama
+
+    base = build_llama(tmp_path / "base", seed=0, layers=4)
+    added = build_llama(tmp_path / "added", seed=1, layers=4, like=base, added_tokens=[f"<new{i}>" for i in range(8)])
+    config = {"merge_method": "ties", "base_model": str(base), "tokenizer_source": "union", "dtype": "float32",
+              "slices": [{"sources": [{"model": str(base), "layer_range": [0, 3]},
+                                      {"model": str(added), "layer_range": [0, 3],
+                                       "parameters": {"weight": 0.7, "density": 0.5}}]},
+                         {"sources": [{"model": str(base), "layer_range": [2, 4]},
+                                      {"model": str(added), "layer_range": [2, 4],
+                                       "parameters": {"weight": 0.7, "density": 0.5}}]}]}
+    path = write_yaml(tmp_path / "m.yaml", config)
+    for name, extra in (("single", []), ("spread", ["--workers", "2"])):
+        result = run("merge", path, tmp_path / name, "--quiet", *extra)
+        assert result.returncode == 0, result.stderr
+    files = sorted(os.listdir(tmp_path / "single"))
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(files)
+    assert files == sorted(os.listdir(tmp_path / "spread"))
+    for name in files:
+        if name == "README.md":  # the model card is titled with the output's name
+            card = (tmp_path / "single" / name).read_text().replace("# single", "# spread")
+            assert card == (tmp_path / "spread" / name).read_text()
+        else:
+            assert filecmp.cmp(tmp_path / "single" / name, tmp_path / "spread" / name, shallow=False), name
