@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from helpers import merge_in_process, save
-from safety_support import assert_clean_failure, done_shards, start_merge, wait_for
+from safety_support import assert_clean_failure, done_shards, in_progress, listing, start_merge, wait_for
 
 import synth
 from streammerge.config import parse_config
@@ -253,3 +253,26 @@ def test_hugging_face_model_with_a_union_tokenizer_and_slices(tmp_path):
             assert card == (tmp_path / "spread" / name).read_text()
         else:
             assert filecmp.cmp(tmp_path / "single" / name, tmp_path / "spread" / name, shallow=False), name
+
+
+def test_sigterm_stops_the_workers_and_removes_everything(tmp_path):
+    models = synth.write_models(tmp_path / "models", 3, "safetensors", shrink=16)
+    out = tmp_path / "out"
+    path = write_yaml(tmp_path / "m.yaml", {"models": [str(m) for m in models], "output": str(out),
+                                            "shard_size": "1MB", "method": "ties", "base": str(models[0])})
+    process = start_merge(path, "--quiet", "--workers", "2")
+    try:
+        assert wait_for(lambda: in_progress(out), process), "the merge ended before it could be interrupted"
+        workers = [c for c in psutil.Process(process.pid).children(recursive=True)
+                   if "spawn_main" in " ".join(c.cmdline())]
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr and "SIGTERM" in stderr, stderr
+    assert len(workers) == 2
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert alive == []  # the driver stopped its workers before it exited
+    assert not out.exists(), listing(out)
+    assert sorted(os.listdir(tmp_path)) == ["m.yaml", "models"]
