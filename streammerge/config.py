@@ -245,7 +245,15 @@ def _split_lora(path: str, lora, where: str) -> tuple[Path, Path | None]:
         path, lora = path.split("+", 1)
         if not path or not lora:
             raise ConfigError(f"{where}: '{path}+{lora}' must be MODEL+ADAPTER, both parts non-empty.")
-    return Path(path), Path(str(lora)) if lora is not None else None
+    return _model_path(path, where), _model_path(str(lora), f"{where} (LoRA adapter)") if lora is not None else None
+
+
+def _model_path(reference: str, where: str) -> Path:
+    """A local path as written; a Hub id (`org/name[@revision]`) as its snapshot in the local Hugging Face cache,
+    else downloaded (see streammerge.hf.hub)."""
+    from streammerge.hf import hub
+
+    return hub.resolve(reference, where) if hub.looks_like_hub_id(reference) else Path(reference)
 
 
 def _parse_rule(entry, n_models: int | None, method: Method, where: str) -> Rule:

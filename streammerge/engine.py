@@ -493,8 +493,9 @@ def describe_plan(prepared: Prepared) -> str:
         lines.append(f"  slices[{i}]: {piece.length} layer(s) from {sources}"
                      + (f" (base layers {piece.base_layers[0]}..{piece.base_layers[1] - 1})"
                         if piece.base_layers and config.method.uses_base else ""))
-    if plan.config_updates:
-        lines.append("config.json: " + ", ".join(f"{k} = {v}" for k, v in plan.config_updates.items()))
+    updates = {**(prepared.hf.config_updates if prepared.hf is not None else {}), **plan.config_updates}
+    if updates:
+        lines.append("config.json: " + ", ".join(f"{k} = {v}" for k, v in updates.items()))
     lines.append("tensors per rule (first match wins):")
     counts = plan.tensors_per_rule()
     for label in [r.label for r in config.rules] + ["default"]:
@@ -508,8 +509,29 @@ def describe_plan(prepared: Prepared) -> str:
                  f"{plan.output_bytes / 1e9:.2f} GB")
     if output_kind(prepared.output).sharded:
         lines.append(f"shards: {len(spec.files)} of at most {config.shard_size / 1e9:.2f} GB")
+        lines.extend(describe_directory_files(spec))
     lines.append(f"reads: {plan.read_bytes / 1e9:.2f} GB; chunk: {budget.chunk_elements} elements "
                  f"({math.ceil(budget.chunk_elements * budget.per_element / 2**20)} MiB of buffers)")
     lines.append(f"estimated peak anonymous RAM: {budget.estimated_peak / 2**20:.0f} MiB "
                  f"(budget {budget.limit / 2**20:.0f} MiB)")
     return "\n".join(lines)
+
+
+def describe_directory_files(spec: OutputSpec) -> list[str]:
+    """What a directory output will write beside its tensors, and the other model's weight files it removes."""
+    from streammerge.io.sharded_output import stale_weight_files, weight_file_names
+
+    directory = Path(spec.path)
+    weights = weight_file_names(spec)
+
+    def listed(names) -> str:
+        return ", ".join(n + (" (replaces the one there)" if (directory / n).exists() else "") for n in names)
+
+    lines = [f"weight files: {listed(weights)}"]
+    lines.append(f"model files: {listed(spec.companions)}" if spec.companions
+                 else "model files: none (the inputs are not Hugging Face model directories)")
+    stale = stale_weight_files(directory, set(weights) | set(spec.companions))
+    if stale:
+        lines.append(f"removed at commit (weight files of another model, which would be loaded instead): "
+                     f"{', '.join(p.name for p in stale)}")
+    return lines

@@ -196,6 +196,75 @@ def test_union_of_reordered_vocabularies_matches_by_token(tmp_path, cli, family)
             torch.testing.assert_close(row, expected, msg=f"{name} row of {token!r}")
 
 
+def test_lora_on_vocabulary_tensors_read_through_a_union_vocabulary(tmp_path, cli, family):
+    """A LoRA on embed_tokens / lm_head of the model with added tokens: its own rows (merged) and the rows it
+    gives the base for the tokens the base lacks both carry the update, as peft's merge_and_unload gives them."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    base, added = family["base"], family["added"]
+    torch.manual_seed(7)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(added, dtype=torch.float32), peft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=["embed_tokens", "lm_head", "q_proj"]))
+    model.save_pretrained(tmp_path / "adapter")
+    tuned = {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+    b = read_state(base)
+    assert not torch.allclose(tuned["lm_head.weight"], read_state(added)["lm_head.weight"], atol=1e-3)
+    config = linear_config([base, f"{added}+{tmp_path / 'adapter'}"], base_model=str(base), tokenizer_source="union")
+    out = merge(tmp_path, cli, config)
+    reference = weighted([b, tuned], [n for n in b if "embed" not in n and "lm_head" not in n])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # tokens of both: merged; added ones: the tune's
+        reference[name] = torch.cat([(0.6 * b[name] + 0.4 * tuned[name][:1000]), tuned[name][1000:]])
+    state = read_state(out)
+    for name, value in reference.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    prompts = ["w1 <extra3> w2", "<extra7> w5 w6 <extra0>"]
+    for g, w in zip(logits(out, prompts=prompts), logits(reference, llama_config(1008), prompts, tokenizer_path=added)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_frankenmerge_with_a_union_tokenizer_loads_and_matches(tmp_path, cli, family):
+    """mergekit's two-slice frankenmerge shape with `tokenizer_source: union`: layers stacked and renumbered, the
+    embedding from the first slice's model and the head from the last one's, both through the union vocabulary.
+    A token the first slice's model lacks takes the row of the model that has it (mergekit, looking only at the
+    slice's own sources, gives it zeros); every other tensor equals mergekit's where it is installed."""
+    base, added = family["base"], family["added"]
+    config = {"merge_method": "passthrough", "dtype": "float32", "tokenizer_source": "union", "base_model": str(base),
+              "slices": [{"sources": [{"model": str(base), "layer_range": [0, 2]}]},
+                         {"sources": [{"model": str(added), "layer_range": [1, 2]}]}]}
+    out = merge(tmp_path, cli, config)
+    b, a = read_state(base), read_state(added)
+    reference = {n: b[n] for n in b if n.startswith("model.layers.")}
+    reference.update({n.replace("layers.1.", "layers.2."): a[n] for n in a if n.startswith("model.layers.1.")})
+    reference["model.norm.weight"] = a["model.norm.weight"]
+    reference["lm_head.weight"] = a["lm_head.weight"]
+    embed = "model.embed_tokens.weight"
+    reference[embed] = torch.cat([b[embed], a[embed][1000:]])
+    state = read_state(out)
+    assert state.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=name)
+    written = json.loads((out / "config.json").read_text())
+    assert (written["num_hidden_layers"], written["vocab_size"]) == (3, 1008)
+    prompts = ["w1 <extra3> w2", "<extra7> w5 w6 <extra0>"]
+    want = logits(reference, llama_config(1008, layers=3), prompts, tokenizer_path=added)
+    for g, w in zip(logits(out, prompts=prompts), want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    if mergekit_yaml() is None:
+        return
+    theirs = run_mergekit(tmp_path, config, "mergekit")
+    ours_rows, their_rows = rows_by_token(state, out), rows_by_token(read_state(theirs), theirs)
+    mk = read_state(theirs)
+    for name in state:
+        if name not in ours_rows:
+            torch.testing.assert_close(state[name], mk[name], rtol=0, atol=0, msg=name)
+    for name, rows in ours_rows.items():
+        assert rows.keys() == their_rows[name].keys()
+        for token, row in rows.items():
+            expected = torch.zeros_like(row) if name == embed and token.startswith("<extra") else row
+            torch.testing.assert_close(their_rows[name][token], expected, rtol=0, atol=0, msg=f"{name} {token}")
+
+
 @needs_mergekit
 def test_union_and_tied_cases_match_mergekit(tmp_path, cli, family):
     cases = {
@@ -264,6 +333,74 @@ def test_single_shard_is_model_safetensors_and_stale_weights_are_removed(tmp_pat
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == [n for n in names if n.startswith("model-")]
     assert len(logits(out)[0][0]) == 1008
+
+
+def test_dry_run_lists_the_model_files_and_the_weight_files_it_would_remove(tmp_path, cli, family):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("pytorch_model.bin", "model-00001-of-00002.safetensors", "config.json", "notes.txt"):
+        (out / name).write_text("old")
+    before = {p.name: p.read_text() for p in out.iterdir()}
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump(linear_config([family["base"], family["added"]], base_model=str(family["base"]),
+                                                   tokenizer_source="union")))
+    result = cli("merge", config, out, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in result.stdout.splitlines() if ": " in line}
+    assert lines["weight files"] == "model.safetensors"
+    assert lines["model files"] == ("config.json (replaces the one there), generation_config.json, "
+                                    "tokenizer_config.json, tokenizer.json, README.md")
+    assert lines["removed at commit (weight files of another model, which would be loaded instead)"] == \
+        "model-00001-of-00002.safetensors, pytorch_model.bin"
+    assert "vocab_size = 1008" in lines["config.json"]
+    assert {p.name: p.read_text() for p in out.iterdir()} == before  # a dry run touches nothing
+
+    result = cli("merge", config, out, "--quiet")  # the run does what the dry run said
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(["model.safetensors", "config.json", "notes.txt",
+                                                            "generation_config.json", "tokenizer_config.json",
+                                                            "tokenizer.json", "README.md"])
+
+    config.write_text(yaml.safe_dump({**linear_config([family["base"], family["added"]], base_model=str(
+        family["base"]), tokenizer_source="union"), "shard_size": "100KB"}))
+    result = cli("merge", config, out, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    weights = next(line for line in result.stdout.splitlines() if line.startswith("weight files: "))
+    assert "model-00001-of-" in weights and weights.endswith("model.safetensors.index.json")
+    assert "removed at commit (weight files of another model, which would be loaded instead): model.safetensors" \
+        in result.stdout
+
+
+@pytest.mark.parametrize("slow_files", [["tokenizer.model"], ["vocab.json", "merges.txt"]])
+def test_a_slow_tokenizer_gets_a_clear_error_for_a_tokenizer_merge(tmp_path, cli, family, slow_files):
+    """Only tokenizer.json can be merged; a model with slow tokenizer files only is named, with what to do. A chat
+    template alone needs no fast tokenizer: it goes into the slow tokenizer's config."""
+    def slow_copy(model: Path, name: str) -> Path:
+        shutil.copytree(model, tmp_path / name)
+        (tmp_path / name / "tokenizer.json").unlink()
+        for f in slow_files:
+            (tmp_path / name / f).write_bytes(b"\0slow tokenizer data")
+        return tmp_path / name
+
+    slow = slow_copy(family["added"], "slow")
+    config = linear_config([family["base"], slow], base_model=str(family["base"]), tokenizer_source="union")
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = cli("merge", path, tmp_path / "out")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    message = " ".join(result.stderr.split())
+    assert f"'{slow}' has only a slow tokenizer ({slow_files[0]}" in message and "no tokenizer.json" in message
+    assert "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)" in message
+    assert not (tmp_path / "out").exists()
+
+    slow = slow_copy(family["base"], "slow-base")
+    out = merge(tmp_path, cli, {**linear_config([slow, family["base"]]), "chat_template": "chatml"}, "templated")
+    for name in slow_files:
+        assert (out / name).read_bytes() == (slow / name).read_bytes()
+    assert not (out / "tokenizer.json").exists()
+    template = json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+    assert template.startswith("{% for message in messages %}{{ '<|im_start|>'")
+    assert (out / "chat_template.jinja").read_text() == template
 
 
 def test_merging_into_an_input_directory_is_refused(tmp_path, cli, family):

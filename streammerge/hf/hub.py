@@ -15,10 +15,11 @@ from streammerge.errors import ConfigError
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 METADATA_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
-                  "chat_template.jinja", "chat_template.json", "adapter_config.json"]
+                  "vocab.txt", "spiece.model", "chat_template.jinja", "chat_template.json", "adapter_config.json"]
 SAFETENSORS_FILES = ["*.safetensors", "*.safetensors.index.json"]
 BIN_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json", "adapter_model.bin"]
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".json")
 
 
 def split_reference(reference: str, revision: str | None = None) -> tuple[str, str | None]:
@@ -31,6 +32,14 @@ def split_reference(reference: str, revision: str | None = None) -> tuple[str, s
 
 def is_hub_id(reference: str) -> bool:
     return bool(HUB_ID.match(split_reference(reference)[0])) and not Path(reference).exists()
+
+
+def looks_like_hub_id(reference: str) -> bool:
+    """A path in a streammerge config that is meant as a Hub id: shaped `org/name[@revision]`, not on disk, its
+    `org` not a local directory and its name not a checkpoint file (`ckpts/a.pth` missing stays a missing file)."""
+    repo_id = split_reference(reference)[0]
+    return (is_hub_id(reference) and not Path(repo_id.split("/")[0]).is_dir()
+            and not repo_id.lower().endswith(CHECKPOINT_SUFFIXES))
 
 
 def resolve(reference: str, where: str, revision: str | None = None) -> Path:

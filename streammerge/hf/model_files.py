@@ -75,7 +75,14 @@ def tokenizer_files(hf, donor: Path, where: str) -> dict[str, bytes]:
         return hf.vocabulary.tokenizer.files(hf.chat_template)
     if hf.chat_template is not None and (donor / "tokenizer.json").is_file():
         return FastTokenizer.load(donor, where).files(hf.chat_template)
-    return {name: (donor / name).read_bytes() for name in TOKENIZER_FILES if (donor / name).is_file()}
+    files = {name: (donor / name).read_bytes() for name in TOKENIZER_FILES if (donor / name).is_file()}
+    if hf.chat_template is not None and files:  # a slow tokenizer: the template goes into its config as JSON
+        config = json.loads(files.get("tokenizer_config.json", b"{}"))
+        files["tokenizer_config.json"] = (json.dumps({**config, "chat_template": hf.chat_template}, indent=2,
+                                                     ensure_ascii=False) + "\n").encode()
+        files["chat_template.jinja"] = hf.chat_template.encode()
+        files.pop("chat_template.json", None)
+    return files
 
 
 def describe_input(path: Path) -> str:

@@ -143,7 +143,22 @@ def chat_template_text(value: str, where: str) -> str:
 
 # -- tokenizers -------------------------------------------------------------------------------------------
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "chat_template.jinja",
+                   "chat_template.json")
+# The files of slow (Python) tokenizers, which a tokenizer merge cannot read, and what they are.
+SLOW_TOKENIZER_FILES = {"tokenizer.model": "SentencePiece", "spiece.model": "SentencePiece",
+                        "vocab.json": "byte-level BPE (with merges.txt)", "vocab.txt": "WordPiece"}
+
+
+def _no_fast_tokenizer(directory: Path, where: str) -> str:
+    slow = [f"{name} ({kind})" for name, kind in SLOW_TOKENIZER_FILES.items() if (directory / name).is_file()]
+    has = (f"has only a slow tokenizer ({', '.join(slow)}) and no tokenizer.json" if slow
+           else "has no tokenizer (no tokenizer.json)")
+    return (f"{where}: '{directory}' {has}. A tokenizer merge (tokenizer_source / tokenizer) reads the fast "
+            "tokenizer file tokenizer.json of every model it takes tokens from. Write one once with transformers: "
+            "`AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)` (converting a SentencePiece model needs the "
+            "sentencepiece and protobuf packages); or leave the tokenizer as it is (no tokenizer_source), or take "
+            "it from a model that has tokenizer.json (tokenizer_source: MODEL).")
 
 
 class FastTokenizer:
@@ -159,8 +174,7 @@ class FastTokenizer:
     def load(directory: Path, where: str) -> "FastTokenizer":
         directory = Path(directory)
         if not (directory / "tokenizer.json").is_file():
-            raise ConfigError(f"{where}: '{directory}' has no tokenizer.json; a tokenizer merge reads fast tokenizers. "
-                              "Save one with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR).")
+            raise ConfigError(_no_fast_tokenizer(directory, where))
         try:
             import tokenizers
         except ImportError:

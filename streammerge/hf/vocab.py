@@ -3,7 +3,9 @@
 `VocabRows` is a TensorInfo whose rows are the output tokens: a row the model has is read from its mapped
 tensor; a row it lacks is computed from the rows named by the vocabulary (another model's row, the mean of
 several, zeros); padding rows are the mean of the model's rows. Reads are chunked like any other input and
-go straight into the engine's staging buffer: nothing the size of the tensor is ever held in RAM.
+go straight into the engine's staging buffer: nothing the size of the tensor is ever held in RAM. A model read
+with a LoRA adapter gives its rows with the adapter's update added (as mergekit merges the adapter first), in
+blocks of DELTA_BLOCK elements.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from streammerge.io import TensorInfo
 
 VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|lm_head|embed_in|embed_out|wte|word_embeddings)\.weight$")
 MEAN_BLOCK = 1 << 20  # elements per block when summing rows for the padding mean
+DELTA_BLOCK = 1 << 18  # elements per block when adding a LoRA update to rows (two float32 buffers of this size)
 
 
 def vocabulary_tensors(tensors: dict[str, TensorInfo], vocab_size: int) -> list[str]:
@@ -45,7 +48,7 @@ class VocabRows(TensorInfo):
 
     @property
     def storage_key(self) -> tuple:
-        return ("vocab", id(self.source.file), self.source.offset, self.shape, self.dtype)
+        return ("vocab", id(self.source.file), self.source.offset, self.shape, self.dtype, id(self.source.delta))
 
     @property
     def hidden(self) -> int:
@@ -79,7 +82,7 @@ class VocabRows(TensorInfo):
             h = self.hidden
             for a, b in _runs(own):
                 if own[a] >= 0:  # a run of rows that are consecutive in the model's own tensor
-                    dest[a:b].copy_(self.source.read(int(own[a]) * h, int(own[a] + b - a) * h).view(b - a, h))
+                    copy_rows(self.source, int(own[a]), int(own[a] + b - a), dest[a:b])
                 else:
                     for i in range(a, b):
                         dest[i].copy_(self._default(first + i))
@@ -91,8 +94,9 @@ class VocabRows(TensorInfo):
         if not picks:
             return torch.zeros(self.hidden, dtype=self.dtype)
         total = torch.zeros(self.hidden, dtype=torch.float32)
+        row_buffer = torch.empty((1, self.hidden), dtype=torch.float32)
         for model, source_row in picks:
-            total += self.others[model].read(source_row * self.hidden, (source_row + 1) * self.hidden).float()
+            total += copy_rows(self.others[model], source_row, source_row + 1, row_buffer)[0]
         return (total / len(picks)).to(self.dtype)
 
     def _padding(self) -> torch.Tensor:
@@ -121,6 +125,22 @@ class VocabRows(TensorInfo):
             for other in self.others:
                 if other is not None and other is not self.source:
                     other.release(drop_cache=drop_cache)
+
+
+def copy_rows(info: TensorInfo, first: int, last: int, dest: torch.Tensor) -> torch.Tensor:
+    """Rows [first, last) of a model's 2-D tensor into dest (last - first, hidden), with the model's LoRA update
+    (info.delta) added in float32 before the cast to dest's dtype."""
+    h = info.shape[1]
+    if info.delta is None:
+        return dest.copy_(info.read(first * h, last * h).view(last - first, h))
+    rows = max(1, DELTA_BLOCK // h)
+    scratch = torch.empty(max(info.delta.rank + 1, min(DELTA_BLOCK, (last - first) * h)), dtype=torch.float32)
+    for a in range(first, last, rows):
+        b = min(last, a + rows)
+        block = info.read(a * h, b * h).to(torch.float32, copy=True)
+        info.delta.add_to(block, a * h, b * h, scratch)
+        dest[a - first:b - first].copy_(block.view(b - a, h))
+    return dest
 
 
 def _runs(own: np.ndarray):

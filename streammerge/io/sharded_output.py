@@ -62,6 +62,20 @@ def shard_writers(spec: OutputSpec) -> list[SafetensorsWriter]:
             for i, group in enumerate(groups, 1)]
 
 
+def weight_file_names(spec: OutputSpec) -> list[str]:
+    """The weight files a directory output will hold: its shards, and the index when there are several."""
+    names = [writer.path.name for writer in shard_writers(spec)]
+    return names + ([INDEX] if len(names) > 1 else [])
+
+
+def stale_weight_files(directory: Path, ours: set[str]) -> list[Path]:
+    """Weight files in `directory` that are not among `ours` (names): another model's, removed at commit."""
+    try:
+        return sorted(e for e in Path(directory).iterdir() if WEIGHT_FILE.match(e.name) and e.name not in ours)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 def sharded_layout(spec: OutputSpec):
     files, placements = [], {}
     for i, writer in enumerate(shard_writers(spec)):
@@ -124,11 +138,7 @@ class ShardedOutput:
 
     def stale_weights(self) -> list[Path]:
         """Weight files already in the directory that are not part of this output: removed at commit."""
-        ours = {p.name for p in self.files}
-        try:
-            return sorted(e for e in self.path.iterdir() if WEIGHT_FILE.match(e.name) and e.name not in ours)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
+        return stale_weight_files(self.path, {p.name for p in self.files})
 
     @property
     def total_size(self) -> int:
