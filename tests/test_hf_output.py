@@ -97,6 +97,29 @@ def test_linear_merge_of_mixed_layouts_is_a_loadable_model(tmp_path, cli, family
     assert_same_logits(out, reference, llama_config(1000), models[0])
 
 
+def test_mergekit_ties_config_from_the_command_line_loads_with_the_reference_logits(tmp_path, cli, family):
+    """`streammerge merge CFG OUT` on a mergekit TIES config over a bf16 sharded and an fp16 .bin fine-tune: the
+    output loads with AutoModelForCausalLM / AutoTokenizer and gives the logits of an in-memory TIES merge."""
+    from test_methods import ref_keep, ref_task_vectors
+
+    base, tunes = family["base"], [family["sharded_bf16"], family["bin_fp16"]]
+    config = {"merge_method": "ties", "base_model": str(base), "dtype": "float32", "out_dtype": "float32",
+              "parameters": {"normalize": True}, "models": [
+                  {"model": str(tunes[0]), "parameters": {"weight": 0.6, "density": 0.5}},
+                  {"model": str(tunes[1]), "parameters": {"weight": 0.4, "density": 0.7}}]}
+    out = merge(tmp_path, cli, config)
+    b, xs = read_state(base), [read_state(t) for t in tunes]
+    reference = {}
+    for name in b:
+        x = [s[name].float() for s in xs]
+        keeps = [ref_keep(v - b[name], "magnitude", d) for v, d in zip(x, (0.5, 0.7))]
+        reference[name] = ref_task_vectors(b[name], x, [0.6, 0.4], keeps, consensus=True, normalize=True)
+    state = read_state(out)
+    for name, value in reference.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_logits(out, reference, llama_config(1000), base)
+
+
 def test_tied_models_stay_tied(tmp_path, cli, family):
     models = [family["tied"], family["tied_ft"]]
     out = merge(tmp_path, cli, linear_config(models))

@@ -79,7 +79,6 @@ class VocabRows(TensorInfo):
         real_last = min(last, self.rows.real_rows)
         if first < real_last:
             own = self.rows.own[first:real_last]
-            h = self.hidden
             for a, b in _runs(own):
                 if own[a] >= 0:  # a run of rows that are consecutive in the model's own tensor
                     copy_rows(self.source, int(own[a]), int(own[a] + b - a), dest[a:b])
