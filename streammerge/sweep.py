@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
+import io
 import itertools
 import json
 import re
@@ -31,6 +32,7 @@ from pathlib import Path
 from streammerge.config import MergeConfig, native_config_data, parse_config
 from streammerge.config_file import read_config_file
 from streammerge.errors import ConfigError, StreamMergeError, short
+from streammerge.io.files import write_atomically
 
 SWEEP_KEYS = {"base_config", "config", "output_dir", "grid", "variants", "evaluate", "goal"}
 RESULT_FIELDS = ["variant", "name", "values", "status", "seconds", "peak_ram_bytes", "output", "score", "error"]
@@ -204,8 +206,7 @@ def evaluate_output(command: str, output: Path) -> tuple[float | None, str]:
 
 def run_sweep(sweep: Sweep, workers=None, ray=None, max_ram: int | None = None, quiet: bool = False,
               log=print) -> list[Result]:
-    from streammerge.distributed.driver import make_executor, run_prepared
-    from streammerge.engine import prepare
+    from streammerge.distributed.driver import make_executor
 
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
     previous = previous_results(sweep.output_dir)
@@ -221,7 +222,7 @@ def run_sweep(sweep: Sweep, workers=None, ray=None, max_ram: int | None = None, 
                 if sweep.evaluate and result.score is None:
                     result.score, result.error = evaluate_output(sweep.evaluate, variant.output)
             else:
-                result = _merge_variant(variant, executor, max_ram, prepare, run_prepared)
+                result = _merge_variant(variant, executor, max_ram)
                 if sweep.evaluate and result.status == "merged":
                     result.score, result.error = evaluate_output(sweep.evaluate, variant.output)
             results.append(result)
@@ -234,8 +235,9 @@ def run_sweep(sweep: Sweep, workers=None, ray=None, max_ram: int | None = None, 
     return results
 
 
-def _merge_variant(variant: Variant, executor, max_ram, prepare, run_prepared) -> Result:
-    from streammerge.distributed.driver import run_distributed
+def _merge_variant(variant: Variant, executor, max_ram) -> Result:
+    from streammerge.distributed.driver import run_distributed, run_prepared
+    from streammerge.engine import prepare
 
     started = time.perf_counter()
     result = Result(variant.index, variant.name, variant.values, "merged", output=str(variant.output),
@@ -275,12 +277,14 @@ def write_results(sweep: Sweep, results: list[Result]) -> None:
             rows.append(old)
     rows.sort(key=lambda r: r["variant"])
     text = json.dumps({"sweep": str(sweep.source), "goal": sweep.goal, "results": rows}, indent=1) + "\n"
-    (sweep.output_dir / "sweep.json").write_text(text, encoding="utf-8")
-    with open(sweep.output_dir / "sweep.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, RESULT_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "values": json.dumps(row["values"], sort_keys=True)})
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, RESULT_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "values": json.dumps(row["values"], sort_keys=True)})
+    # Atomically: an interrupted sweep leaves the previous complete records, which a rerun resumes from.
+    write_atomically(sweep.output_dir / "sweep.json", text)
+    write_atomically(sweep.output_dir / "sweep.csv", table.getvalue())
 
 
 def format_table(results: list[Result], goal: str) -> str:
