@@ -200,14 +200,15 @@ class MemoryGuard:
         self.sample()
 
 
-# Peak bytes of Python objects per byte of JSON header or index while it is parsed and turned into tensor
-# records (measured: a 91 MB header of 800,000 tensors grew anonymous memory by 782 MiB, about 9x). Headers whose
-# parse fits in the OVERHEAD margin every budget keeps are not checked here.
+# Peak bytes of Python objects per byte of JSON header or index, or of a checkpoint's pickle, while it is parsed
+# and turned into tensor records (measured: a 91 MB header of 800,000 tensors grew anonymous memory by 782 MiB,
+# about 9x; the pickle of a state dict of 200,000 tensors about 8x). Structures whose parse fits in the OVERHEAD
+# margin every budget keeps are not checked here.
 PARSE_BYTES_PER_BYTE = 10
 
 
 def check_parse_room(path, what: str, nbytes: int, max_ram: int | None) -> None:
-    """Refuse to parse `nbytes` of JSON structure when that would take the process beyond its budget
+    """Refuse to parse `nbytes` of JSON or pickle when that would take the process beyond its budget
     (`max_ram`, or by default half of the memory it can still get), before any of it is parsed."""
     need = nbytes * PARSE_BYTES_PER_BYTE
     if need <= OVERHEAD:  # within the margin every budget keeps; a budget too small overall is refused later
@@ -216,7 +217,7 @@ def check_parse_room(path, what: str, nbytes: int, max_ram: int | None) -> None:
     limit = max_ram if max_ram is not None else held + available_memory() // 2
     if held + need > limit:
         raise MemoryBudgetError(
-            f"{path}: its {what} is {format_size(nbytes)} of JSON; reading it takes about {format_size(need)} of "
+            f"{path}: its {what} is {format_size(nbytes)}; reading it takes about {format_size(need)} of "
             f"memory, but the budget ({'max_ram ' if max_ram is not None else 'default, '}{format_size(limit)}) "
             f"leaves {format_size(max(0, limit - held))} beside what the process holds. Real checkpoints have far "
             f"smaller {what}s: check the file; if it is genuine, set max_ram to at least {format_size(held + need)}.")

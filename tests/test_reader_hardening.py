@@ -344,6 +344,63 @@ def test_huge_header_is_refused_against_the_budget_before_parsing(tmp_path, cli)
         assert time.monotonic() - started < 60
 
 
+def _with_pickle(path: Path, data: bytes) -> Path:
+    """`path` (a zip-format torch file) with its data.pkl replaced by `data`."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        records = {info.filename: zf.read(info) for info in zf.infolist()}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for name, content in records.items():
+            zf.writestr(name, data if name.endswith("/data.pkl") else content)
+    return path
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_memo_index_bomb_costs_nothing(tmp_path, legacy):
+    """A pickle of a few bytes that memoizes an object at index 2**25: the C unpickler sized its memo array by
+    that index (512 MiB allocated and cleared; 2**31: 16 GiB). The restricted unpickler (the pickle names a
+    class, so torch's weights_only loader refuses it) keeps its memo in a dict."""
+    bomb = b"\x80\x02c__main__\nConfig\n)\x81r" + struct.pack("<I", 2**25) + b"."
+    if legacy:
+        path = save_legacy({"x": 1}, tmp_path / "bomb.pth")
+        raw = path.read_bytes()
+        # the fourth pickle (the object) follows the magic number, the protocol version and sys_info
+        import io
+        import pickle
+        stream = io.BytesIO(raw)
+        for _ in range(3):
+            pickle.load(stream)
+        start = stream.tell()
+        pickle.load(stream)
+        path.write_bytes(raw[:start] + bomb + raw[stream.tell():])
+    else:
+        torch.save({"x": 1}, tmp_path / "bomb.pth")
+        path = _with_pickle(tmp_path / "bomb.pth", bomb)
+
+    def read():
+        with pytest.raises(CheckpointError, match="no tensors found"):
+            open_checkpoint(path)
+    within(60, 64 * 1024**2, read)
+
+
+def test_large_pickle_is_refused_against_the_budget_before_unpickling(tmp_path, cli):
+    """A zip checkpoint whose pickle holds 40 MB (here one long string): unpickling takes up to about ten times
+    that, so with max_ram 256MiB it is refused up front, naming the file and the figure that would fit."""
+    path = tmp_path / "big_pickle.pth"
+    torch.save({"model": {"w": torch.ones(3)}, "notes": "n" * 40_000_000}, path)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output: {tmp_path / 'o.safetensors'}\nmodels: [{path}]\nmax_ram: 256MiB\n")
+    result = cli("merge", config, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"{path}: its pickle is" in result.stderr and "max_ram to at least" in result.stderr, result.stderr
+    assert not (tmp_path / "o.safetensors").exists()
+    config.write_text(f"output: {tmp_path / 'o.safetensors'}\nmodels: [{path}]\nmax_ram: 1GiB\n")
+    result = cli("merge", config, "--quiet", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert torch.equal(load_file(tmp_path / "o.safetensors")["w"], torch.ones(3))
+
+
 # -- a pickled XttsConfig becomes its fields, as to_dict() gives them ---------------------------------------------
 
 def test_pickled_xtts_config_becomes_its_fields(tmp_path):

@@ -29,6 +29,7 @@ from streammerge.io.mapped import MappedFile, TensorInfo, check_span
 from streammerge.io.safe_pickle import StorageRecord, restricted_load, storage_pid
 from streammerge.io.zip_check import (check_storages_match_records, check_tensors_in_records, check_torch_zip,
                                      local_data_start)
+from streammerge.memory import check_parse_room
 
 
 
@@ -146,8 +147,11 @@ def open_torch_zip_restricted(path: Path, state_dict_key: str | None = None) -> 
     return checkpoint_from_pickle(path, "torch-zip", obj, offsets, state_dict_key)
 
 
-def open_torch_zip(path: Path, state_dict_key: str | None = None, **_options) -> Checkpoint:
+def open_torch_zip(path: Path, state_dict_key: str | None = None, max_ram: int | None = None,
+                   **_options) -> Checkpoint:
     records = check_torch_zip(path)  # the archive's structure, before torch or the unpickler sees it
+    pickle_size = max((size for name, (_, size) in records.items() if name.endswith("/data.pkl")), default=0)
+    check_parse_room(path, "pickle", pickle_size, max_ram)  # what unpickling builds, before it is built
     try:
         loaded = load_torch_zip(path)
     except TorchLoadFailed:  # objects weights_only refuses, or a damaged file: the restricted path says which
