@@ -170,3 +170,54 @@ def test_uniform_streams_differ():
     for i in range(len(draws)):
         for j in range(i + 1, len(draws)):
             assert not torch.equal(draws[i], draws[j])
+
+
+def peak_growth(work, repeat: int = 3) -> int:
+    """Peak growth of anonymous RSS while `work` runs (sampled by a thread; torch releases the GIL in its ops)."""
+    import threading
+    import time
+
+    from streammerge.memory import anon_rss
+    start, peak, done = anon_rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], anon_rss())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        for _ in range(repeat):
+            work()
+    finally:
+        done.set()
+        sampler.join()
+    return max(0, peak[0] - start)
+
+
+def test_statistics_make_no_chunk_sized_temporaries():
+    """The budget counts the chunk buffers only: histogram and tie passes must not copy a chunk (torch.bincount
+    copies its input, cumsum with a dtype converts it), or a budget filled with buffers is exceeded."""
+    n = 12 * 2**20  # 48 MiB of int32 per chunk-sized copy
+    x = tied_magnitudes(n, 5)
+    digits, mask = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.bool)
+    keep, equal, other = (torch.zeros(n, dtype=torch.bool) for _ in range(3))
+    counts = torch.zeros(n, dtype=torch.int32)
+    select_ = RankSelect([n // 2], torch.float32)
+    value = x[0].item()
+    ties = int(torch.count_nonzero(x == value))
+
+    def work():
+        for p in range(select_.passes):
+            select_.observe(p, x, digits, mask)
+        select_.hist = [h.zero_() for h in select_.hist]
+        TieGate(value, 1, ties - 1).apply(x, keep, equal, counts, other)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (temporaries per thread would be small anyway)
+    try:
+        work()  # first touch of every buffer
+        assert peak_growth(work) < 24 * 2**20
+    finally:
+        torch.set_num_threads(threads)

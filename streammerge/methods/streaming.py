@@ -215,6 +215,17 @@ class Uniform:
 
 
 # -- exact order statistics ----------------------------------------------------------------------------------
+BINCOUNT_SLICE = 1 << 21  # torch.bincount copies its int32 input whole (4 bytes per element): bound that copy
+
+
+def _bincount(digits: torch.Tensor, bins: int) -> torch.Tensor:
+    """torch.bincount of a chunk, a slice at a time, so its temporary stays small whatever the chunk size."""
+    counts = torch.bincount(digits[:BINCOUNT_SLICE], minlength=bins)
+    for a in range(BINCOUNT_SLICE, digits.numel(), BINCOUNT_SLICE):
+        counts += torch.bincount(digits[a:a + BINCOUNT_SLICE], minlength=bins)
+    return counts
+
+
 class RankSelect:
     """The values at given ascending ranks (0-based) among the non-negative numbers of a tensor, found in
     `passes` histogram passes over its chunks (radix selection on the IEEE bit patterns, which order like the
@@ -245,7 +256,7 @@ class RankSelect:
         shift = self.bits - DIGIT_BITS * (pass_index + 1)
         if pass_index == 0:
             torch.bitwise_right_shift(bits, shift, out=digits)
-            counts = torch.bincount(digits, minlength=BINS)
+            counts = _bincount(digits, BINS)
             for hist in self.hist:
                 hist += counts
             return
@@ -254,7 +265,7 @@ class RankSelect:
             torch.ne(digits, self.prefix[j], out=mask)
             torch.bitwise_right_shift(bits, shift, out=digits)
             digits.bitwise_and_(BINS - 1).masked_fill_(mask, BINS)  # other prefixes go to an ignored bin
-            hist += torch.bincount(digits, minlength=BINS + 1)[:BINS]
+            hist += _bincount(digits, BINS + 1)[:BINS]
 
     def set_rank(self, j: int, rank: int) -> None:
         """Choose rank j after the first pass has been observed, before `finish_pass(0)` (that pass's histogram
@@ -300,7 +311,8 @@ class TieGate:
         if first == 0 and stop == n:
             keep.logical_or_(equal)
             return
-        torch.cumsum(equal, 0, dtype=counts.dtype, out=counts)  # 1-based position among the equal elements
+        # 1-based position among the equal elements (cumsum with a dtype would convert a chunk-sized copy first)
+        counts.copy_(equal).cumsum_(0)
         torch.gt(counts, first, out=other)
         other.logical_and_(equal)
         equal.copy_(other)
