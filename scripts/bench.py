@@ -16,7 +16,7 @@ one's writeback.
 
     python scripts/bench.py [--data bench-data] [--shapes xtts,llama,llama-bf16|all] [--methods linear,ties,...|all]
                             [--budgets 4GiB,256MiB] [--cold] [--mergekit PATH] [--repeat N]
-                            [--xtts-shrink N] [--llama-layers N]
+                            [--xtts-shrink N] [--llama-layers N] [--llama-shrink N]
 """
 
 from __future__ import annotations
@@ -168,8 +168,8 @@ def mergekit_config(method: str, models: list[Path], base: Path | None = None, o
 SHAPES = ("xtts", "llama", "llama-bf16")
 
 
-def bench_set(shape: str, root: Path, xtts_shrink: int = 1,
-              llama_layers: int = synth.LLAMA["layers"]) -> tuple[list[Path], Path | None, str]:
+def bench_set(shape: str, root: Path, xtts_shrink: int = 1, llama_layers: int = synth.LLAMA["layers"],
+              llama_shrink: int = 1) -> tuple[list[Path], Path | None, str]:
     """(models, base, output dtype) of a set, generated on first use (smaller sets in their own directories)."""
     if shape == "xtts":
         data = root / (shape if xtts_shrink == 1 else f"{shape}-shrink{xtts_shrink}")
@@ -179,12 +179,13 @@ def bench_set(shape: str, root: Path, xtts_shrink: int = 1,
                   file=sys.stderr)
             synth.write_models(data, 3, "safetensors", shrink=xtts_shrink)
         return models, None, "float32"
-    data = root / (shape if llama_layers == synth.LLAMA["layers"] else f"{shape}-{llama_layers}layers")
+    data = root / (shape + ("" if llama_layers == synth.LLAMA["layers"] else f"-{llama_layers}layers")
+                   + ("" if llama_shrink == 1 else f"-shrink{llama_shrink}"))
     dtype = "bfloat16" if shape.endswith("bf16") else "float32"
     paths = [data / f"model{i}.safetensors" for i in range(4)]
     if not all(p.exists() for p in paths):
         print(f"generating a Llama-shaped base and three fine-tunes in {data} (once)...", file=sys.stderr)
-        synth.write_llama(data, 4, getattr(__import__("torch"), dtype), llama_layers)
+        synth.write_llama(data, 4, getattr(__import__("torch"), dtype), llama_layers, llama_shrink)
     return paths[1:], paths[0], dtype
 
 
@@ -210,6 +211,8 @@ def main(argv=None) -> int:
                         help="divide the XTTS set's dimensions above 8 by this (1: real size, 1.87 GB a model)")
     parser.add_argument("--llama-layers", type=int, default=synth.LLAMA["layers"],
                         help="decoder layers of the Llama sets (16: 1.34 GB a model in float32)")
+    parser.add_argument("--llama-shrink", type=int, default=1,
+                        help="divide the Llama sets' vocabulary, hidden and intermediate sizes by this")
     args = parser.parse_args(argv)
 
     from streammerge.methods.registry import methods as registered
@@ -254,7 +257,8 @@ def main(argv=None) -> int:
                   f"{best['peak_anon_mib']:8.0f} MiB", file=sys.stderr)
 
         for shape in shapes:
-            models, base, out_dtype = bench_set(shape, args.data, args.xtts_shrink, args.llama_layers)
+            models, base, out_dtype = bench_set(shape, args.data, args.xtts_shrink, args.llama_layers,
+                                                 args.llama_shrink)
             for method in methods:
                 if method not in METHODS:
                     print(f"skipping {method}: not a streammerge method", file=sys.stderr)

@@ -140,13 +140,15 @@ def write_models(out_dir: Path, count: int, fmt: str, shrink: int, first_seed: i
 
 
 def write_llama(out_dir: Path, count: int, dtype: torch.dtype = torch.float32,
-                layers: int = LLAMA["layers"]) -> list[Path]:
-    """model0 (the base) .. model{count-1} (fine-tunes of it), Llama-shaped, as safetensors."""
+                layers: int = LLAMA["layers"], shrink: int = 1) -> list[Path]:
+    """model0 (the base) .. model{count-1} (fine-tunes of it), Llama-shaped, as safetensors; `shrink` divides
+    the vocabulary, hidden, intermediate and key/value sizes."""
+    sizes = {k: LLAMA[k] // shrink for k in ("vocab", "hidden", "intermediate", "kv")}
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
         path = out_dir / f"model{i}.safetensors"
-        write_safetensors(path, seed=i, entries=llama_entries(dtype, layers=layers), make=finetuned_tensor)
+        write_safetensors(path, seed=i, entries=llama_entries(dtype, layers=layers, **sizes), make=finetuned_tensor)
         paths.append(path)
     return paths
 
@@ -164,13 +166,14 @@ def main(argv=None) -> int:
     ll.add_argument("--count", type=int, default=4)
     ll.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ll.add_argument("--layers", type=int, default=LLAMA["layers"], help="decoder layers (16: 1.34 GB in float32)")
+    ll.add_argument("--shrink", type=int, default=1, help="divide vocabulary, hidden and intermediate sizes by this")
     d = sub.add_parser("demo", help="the small demo set that `make merge` uses")
     d.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)
     if args.what == "xtts":
         paths = write_models(args.out_dir, args.count, args.format, args.shrink)
     elif args.what == "llama":
-        paths = write_llama(args.out_dir, args.count, getattr(torch, args.dtype), args.layers)
+        paths = write_llama(args.out_dir, args.count, getattr(torch, args.dtype), args.layers, args.shrink)
     else:
         paths = write_models(args.out_dir, 2, "safetensors", shrink=16)
         paths += write_models(args.out_dir, 1, "trainer", shrink=16, first_seed=2)
