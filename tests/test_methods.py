@@ -462,6 +462,22 @@ def test_statistics_of_a_tensor_that_fits_take_one_read(tmp_path, big_set, monke
     assert len(reads) == 3  # two radix-selection passes and the merge pass
 
 
+def test_sce_computes_the_variance_of_a_fitting_tensor_once(tmp_path, big_set, monkeypatch):
+    """Its two selection passes, the weights pass and the merge see the same chunk: one variance, same result."""
+    from streammerge.methods import sce
+    base, models = big_set
+    calls = []
+    original = sce.variance
+    monkeypatch.setattr(sce, "variance", lambda ctx, out: calls.append(ctx.offset) or original(ctx, out))
+    top = {"parameters": {"select_topk": 0.3}}
+    fits = run_merge(tmp_path / "fits", "sce", models, base, chunk=64 * GRID, **top)
+    assert calls == [0]
+    calls.clear()
+    streamed = run_merge(tmp_path / "streamed", "sce", models, base, chunk=16 * GRID, **top)
+    assert len(calls) == 4 * math.ceil(base["big"].numel() / (16 * GRID))  # every pass reads every chunk
+    assert torch.equal(fits["big"], streamed["big"])
+
+
 def test_merge_threads_leave_a_core_for_the_writer_and_one_per_busy_core():
     from streammerge.cpu import MAX_THREADS, merge_threads
     assert merge_threads(1, 0.0) == 1

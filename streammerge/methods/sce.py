@@ -84,6 +84,16 @@ class SceStats:
         self.gates = None
         self.squares: GroupSums | None = None
         self.weights: list[float] = []
+        self.variance_of: tuple[int, int] | None = None  # (offset, length) of the chunk whose variance is held
+
+    def chunk_variance(self, ctx: ChunkContext, b: Buffers) -> torch.Tensor:
+        """The chunk's variance in b.variance, computed once per chunk: when the whole tensor is one chunk, every
+        pass sees the same chunk and reuses it (the buffer is the method's own, so nothing else writes it)."""
+        key = (ctx.offset, b.variance.numel())
+        if self.variance_of != key:
+            variance(ctx, b.variance)
+            self.variance_of = key
+        return b.variance
 
     def setup(self, ctx: ChunkContext) -> None:
         self.params = ctx.params
@@ -103,7 +113,7 @@ def _keep(stats: SceStats, ctx: ChunkContext, b: Buffers) -> torch.Tensor | None
     if stats.nothing:
         b.keep.zero_()
         return b.keep
-    variance(ctx, b.variance)
+    stats.chunk_variance(ctx, b)
     torch.gt(b.variance, stats.bounds.low, out=b.keep)
     for gate in stats.gates:
         gate.apply(b.variance, b.keep, b.equal, b.counts, b.other)
@@ -125,7 +135,7 @@ def sce_observe(stats: SceStats, pass_index: int, ctx: ChunkContext) -> None:
     if pass_index < stats.select_passes:
         if stats.nothing:
             return
-        variance(ctx, b.variance)
+        stats.chunk_variance(ctx, b)
         if pass_index == 0:
             stats.zeros += b.variance.numel() - int(b.variance.count_nonzero())
         stats.select.observe(pass_index, b.variance, b.counts, b.keep)
