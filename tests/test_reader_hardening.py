@@ -415,3 +415,26 @@ def test_pickled_xtts_config_becomes_its_fields(tmp_path):
         path = torch_save({"model": {"w": torch.zeros(2)}, "config": config}, tmp_path / "x.pth")
     with open_checkpoint(path) as checkpoint:
         assert plain_config(checkpoint.metadata["config"]) == XTTS_CONFIG_PLAIN
+
+
+def test_readme_states_the_limits_the_code_uses():
+    """The safety section's numbers are the code's: change a limit and this names the README line to update."""
+    from streammerge import config_file, errors, memory
+    from streammerge.io import containers, safetensors_io, sharded, zip_check
+
+    section = (Path(__file__).resolve().parent.parent / "README.md").read_text().split(
+        "## Safety and failure behaviour")[1].split("\n## ")[0]
+    mib = 1024**2
+    stated = [
+        f"at most {config_file.MAX_CONFIG_BYTES // mib} MiB", f"at most {config_file.MAX_CONFIG_NODES:,} values",
+        f"at most {config_file.MAX_CONFIG_DEPTH} levels of nesting",
+        f"at most 100 MB ({safetensors_io.MAX_HEADER:,} bytes)", f"at most 100 MB ({sharded.MAX_INDEX:,} bytes)",
+        f"{memory.PARSE_BYTES_PER_BYTE} bytes of memory per header byte", f"{memory.OVERHEAD // mib} MiB margin",
+        f"central directory at most {zip_check.MAX_CENTRAL_DIRECTORY // mib} MiB",
+        f"pickle record at most {zip_check.MAX_PICKLE // mib} MiB",
+        f"within {containers.MAX_METADATA_VALUES:,} values, {containers.MAX_METADATA_CHARS // mib} MiB of text and "
+        f"{containers.MAX_METADATA_DEPTH} levels",
+        f"at most {errors.short.__defaults__[0]} characters long",
+    ]
+    missing = [text for text in stated if text not in section]
+    assert not missing, missing
