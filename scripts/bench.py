@@ -4,7 +4,9 @@ mergekit-pytorch when it is installed (and the naive all-in-RAM approach for lin
 - `xtts`: three XTTS-v2-shaped checkpoints (1.87 GB each, random weights); methods with a base merge model1 and
   model2 onto model0;
 - `llama`, `llama-bf16`: a Llama-shaped base and three fine-tunes of it (1.34 GB each in float32, half that in
-  bfloat16); methods with a base merge the three fine-tunes onto it, the others merge the three fine-tunes.
+  bfloat16); methods with a base merge the three fine-tunes onto it, the others merge the three fine-tunes;
+- `many`: three models of 50,000 tiny tensors (64 float32 each, 17 MB a model), where per-tensor overhead sets
+  the time; compared with the naive load + sum + save script like `xtts`.
 One table per set: each method's wall time at each budget, their ratio, its peak anonymous RSS, mergekit's time
 and the ratios to mergekit and to linear on the same set.
 
@@ -165,7 +167,8 @@ def mergekit_config(method: str, models: list[Path], base: Path | None = None, o
     return out
 
 
-SHAPES = ("xtts", "llama", "llama-bf16")
+SHAPES = ("xtts", "llama", "llama-bf16", "many")
+NAIVE_SHAPES = ("xtts", "many")  # sets the all-in-RAM script runs on (it merges the three models with WEIGHTS)
 
 
 def bench_set(shape: str, root: Path, xtts_shrink: int = 1, llama_layers: int = synth.LLAMA["layers"],
@@ -178,6 +181,13 @@ def bench_set(shape: str, root: Path, xtts_shrink: int = 1, llama_layers: int = 
             print(f"generating three XTTS-v2-shaped checkpoints in {data} (5.6 GB / shrink^2, once)...",
                   file=sys.stderr)
             synth.write_models(data, 3, "safetensors", shrink=xtts_shrink)
+        return models, None, "float32"
+    if shape == "many":
+        data = root / shape
+        models = [data / f"model{i}.safetensors" for i in range(3)]
+        if not all(p.exists() for p in models):
+            print(f"generating three models of 50,000 tiny tensors in {data} (once)...", file=sys.stderr)
+            synth.write_many_small(data, 3)
         return models, None, "float32"
     data = root / (shape + ("" if llama_layers == synth.LLAMA["layers"] else f"-{llama_layers}layers")
                    + ("" if llama_shrink == 1 else f"-shrink{llama_shrink}"))
@@ -281,7 +291,7 @@ def main(argv=None) -> int:
                     (tmp / "mk.yaml").write_text(yaml.safe_dump(mergekit_config(method, models, base, out_dtype)))
                     run(shape, "mergekit", method, "warm", [mergekit, str(tmp / "mk.yaml"), str(tmp / "mk-out"),
                                                             "--quiet"], inputs, tmp / "mk-out")
-                if method == "linear" and not args.no_naive and shape == "xtts":
+                if method == "linear" and not args.no_naive and shape in NAIVE_SHAPES:
                     run(shape, "naive", method, "warm", [sys.executable, str(ROOT / "scripts/naive_merge.py"),
                                                          str(tmp / "naive.safetensors"),
                                                          *(f"{p}:{w}" for p, w in zip(models, WEIGHTS))],

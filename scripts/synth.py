@@ -153,6 +153,22 @@ def write_llama(out_dir: Path, count: int, dtype: torch.dtype = torch.float32,
     return paths
 
 
+def write_many_small(out_dir: Path, count: int, tensors: int = 50_000, size: int = 64) -> list[Path]:
+    """`count` safetensors files of `tensors` float32 tensors of `size` elements each (the many-small-tensors
+    case, where per-tensor overhead rather than bytes sets the time)."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(i)
+        data = torch.randn(tensors, size, generator=g)
+        paths.append(out_dir / f"model{i}.safetensors")
+        save_file({f"blocks.{j // 10}.layer{j % 10}.weight": data[j].clone() for j in range(tensors)}, paths[-1],
+                  metadata={"format": "pt"})
+    return paths
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)

@@ -162,11 +162,25 @@ class AtomicFile:
     program creates), written at offsets, and renamed into place only by `commit()` after an fsync.
     `abort()` removes whatever it created: the temporary file, or the file it already committed."""
 
+    WRITEBACK_BYTES = 8 * 1024**2
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self.tmp_path = temporary_path(self.path)
         self.fd = -1
         self.committed: Path | None = None
+        self._dirty: tuple[int, int] | None = None  # [start, end) of what was written since the last writeback
+
+    def write_back(self, position: int, nbytes: int) -> None:
+        """`nbytes` at `position` were written: start their writeback (start_writeback) once WRITEBACK_BYTES
+        have gathered, so a file of many small tensors costs one system call per few MiB, not one per tensor."""
+        start, end = (position, position + nbytes) if self._dirty is None else (
+            min(self._dirty[0], position), max(self._dirty[1], position + nbytes))
+        if end - start >= self.WRITEBACK_BYTES or nbytes >= self.WRITEBACK_BYTES:
+            start_writeback(self.fd, start, end - start)
+            self._dirty = None
+        else:
+            self._dirty = (start, end)
 
     def create(self) -> None:
         try:

@@ -17,7 +17,7 @@ import torch
 from streammerge.errors import CheckpointError, short
 from streammerge.io.checkpoint import Checkpoint, is_valid_text, register_format
 from streammerge.io.mapped import MappedFile, TensorInfo
-from streammerge.io.files import AtomicFile, start_writeback
+from streammerge.io.files import AtomicFile
 from streammerge.memory import check_parse_room
 
 MAX_HEADER = 100_000_000
@@ -227,7 +227,7 @@ class SafetensorsWriter(AtomicFile):
         """Write `data` (any buffer) at `byte_offset` within tensor `name`."""
         position = self.position(name) + byte_offset
         self.write_at(data, position)
-        start_writeback(self.fd, position, len(data))
+        self.write_back(position, len(data))
 
     def copy_tensor(self, source: str, target: str, chunk_bytes: int) -> None:
         """Copy the already-written bytes of `source` to `target` (tied tensors), a chunk at a time."""

@@ -24,7 +24,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from streammerge.io.files import AtomicFile, start_writeback, write_error
+from streammerge.io.files import AtomicFile, write_error
 from streammerge.io.zip_check import LOCAL_HEADER, LOCAL_HEADER_SIGNATURE
 
 ALIGNMENT = 64
@@ -177,7 +177,7 @@ class TorchZipWriter(AtomicFile):
             raise ValueError(f"write of {len(view)} bytes at {byte_offset} overflows {record.name} "
                              f"({record.size} bytes)")
         self.write_at(view, record.data_offset + byte_offset)
-        start_writeback(self.fd, record.data_offset + byte_offset, len(view))
+        self.write_back(record.data_offset + byte_offset, len(view))
         if record.crc_in_order and byte_offset == record.crc_covered:
             record.crc = zlib.crc32(view, record.crc)
             record.crc_covered += len(view)
