@@ -289,8 +289,14 @@ def test_index_that_is_a_fifo_or_device(tmp_path):
 def test_strided_unaligned_legacy_tensor_reads_a_chunk_without_copying_the_tensor(tmp_path):
     gen = torch.Generator().manual_seed(0)
     big = torch.randn(2048, 4096, generator=gen)  # 32 MiB
-    sd = OrderedDict(odd=torch.arange(3, dtype=torch.uint8), t=big.t())
-    path = save_legacy(sd, tmp_path / "legacy.pth")
+    # Legacy files order storages by their keys (memory addresses), so whether `t` follows `odd` varies from
+    # process to process: vary the pickle's length (a name) and odd's until `t` lies at an unaligned offset.
+    for odd in range(1, 8):
+        sd = OrderedDict([("o" * odd, torch.arange(odd, dtype=torch.uint8)), ("t", big.t())])
+        path = save_legacy(sd, tmp_path / "legacy.pth")
+        with open_checkpoint(path) as checkpoint:
+            if not checkpoint.tensors["t"].aligned:
+                break
     with open_checkpoint(path) as checkpoint:
         info = checkpoint.tensors["t"]
         assert info.stride is not None and not info.aligned
