@@ -306,8 +306,8 @@ def hf_cases(workdir: Path, mergekit: str, vocab: int) -> int:
         cfg = workdir / f"hf-{name}.yml"
         cfg.write_text(yaml.safe_dump(config, sort_keys=False))
         outputs = []
-        for tool, command in (("mergekit", [mergekit, str(cfg)]),
-                              ("ours", [sys.executable, "-m", "streammerge", "merge", str(cfg)])):
+        for tool, command in (("ours", [sys.executable, "-m", "streammerge", "merge", str(cfg)]),
+                              ("mergekit", [mergekit, str(cfg)])):  # outputs: ours, then mergekit's
             out = workdir / "out" / f"hf-{name}-{tool}"
             shutil.rmtree(out, ignore_errors=True)
             run(command + [str(out)], workdir / f"hf-{name}-{tool}.log")
