@@ -68,7 +68,9 @@ def config_for(method_name: str, inputs, output: Path) -> dict:
         params = {p.name: value for p in method.model_params
                   for name, value in (("weight", [0.6, 0.4, 0.3][i]), ("density", 0.5)) if p.name == name}
         models.append({"path": str(path), **params})
-    config = {"method": method_name, "models": models, "output": str(output), "shard_size": 400_000, "seed": 7}
+    # max_ram: the total for the driver (this test process, however large it has grown) and its workers
+    config = {"method": method_name, "models": models, "output": str(output), "shard_size": 400_000, "seed": 7,
+              "max_ram": "3GiB"}
     config.update({p.name: 0.5 for p in method.method_params if p.default is None})  # required ones (nearswap's t)
     if method.uses_base:
         config["base"] = str(base)

@@ -49,7 +49,8 @@ def run_distributed(prepared: Prepared, executor: Executor, quiet: bool = False,
     engine = Engine(prepared, quiet=quiet, allow_nonfinite=allow_nonfinite, resume=resume)
     output = make_output(engine.spec, resume=resume)
     check_output_is_not_an_input(output.files, prepared.output, prepared.inputs, also=(config.source,))
-    task_ram = executor.task_ram(budget.limit, anon_rss(), budget.minimum)
+    # What a merge needs beyond the process's own baseline (a worker measures its own).
+    task_ram = executor.task_ram(budget.limit, anon_rss(), budget.minimum - budget.baseline)
     started = time.perf_counter()
     results: list[GroupResult] = []
     with MemoryGuard(budget.limit) as guard:

@@ -11,7 +11,14 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Protocol
 
-from streammerge.distributed.task import Group, GroupResult, MergeJob, check_same_files, run_group
+from streammerge.distributed.task import (
+    Group,
+    GroupResult,
+    MergeJob,
+    check_same_files,
+    run_group,
+    worker_baseline,
+)
 from streammerge.errors import MemoryBudgetError, StreamMergeError
 from streammerge.units import format_size
 
@@ -23,7 +30,7 @@ class Executor(Protocol):
     slots: int  # how many tasks run at once (the split makes a few times as many groups)
     describe: str
 
-    def task_ram(self, max_ram: int, driver_anon: int, minimum: int) -> int: ...
+    def task_ram(self, max_ram: int, driver_anon: int, working_minimum: int) -> int: ...
 
     def check(self, job: MergeJob) -> None: ...
 
@@ -47,8 +54,12 @@ class LocalWorkers:
         self.describe = f"{workers} local worker processes"
         self.pool: ProcessPoolExecutor | None = None
 
-    def task_ram(self, max_ram: int, driver_anon: int, minimum: int) -> int:
+    def task_ram(self, max_ram: int, driver_anon: int, working_minimum: int) -> int:
+        """Each worker's share of `max_ram`; it must cover what a worker process holds before it merges (measured
+        in the workers themselves) plus `working_minimum`."""
         share = (max_ram - driver_anon) // self.slots
+        baseline = max(self._started().map(worker_baseline, range(self.slots)))
+        minimum = baseline + working_minimum
         if share < minimum:
             raise MemoryBudgetError(
                 f"--workers {self.slots}: each worker gets {format_size(share)} of max_ram={format_size(max_ram)} "
@@ -57,14 +68,18 @@ class LocalWorkers:
                 " or use fewer workers.")
         return share
 
+    def _started(self) -> ProcessPoolExecutor:
+        if self.pool is None:  # kept for the next merge (a sweep) until close()
+            self.pool = ProcessPoolExecutor(self.slots, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_worker_started)
+        return self.pool
+
     def check(self, job: MergeJob) -> None:
         pass  # same machine, same files
 
     def run(self, job: MergeJob, groups: list[Group], on_result: OnResult) -> None:
-        if self.pool is None:  # kept for the next merge (a sweep) until close()
-            self.pool = ProcessPoolExecutor(self.slots, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_worker_started)
-        futures = {self.pool.submit(run_group, job, g): i for i, g in enumerate(groups)}
+        pool = self._started()
+        futures = {pool.submit(run_group, job, g): i for i, g in enumerate(groups)}
         pending = set(futures)
         try:
             while pending:
@@ -127,7 +142,7 @@ class RayCluster:
         self.slots = max(1, int(sum(n["Resources"].get("CPU", 0) for n in self.nodes)))
         self.describe = f"a Ray cluster of {len(self.nodes)} node(s), {self.slots} CPU(s)"
 
-    def task_ram(self, max_ram: int, driver_anon: int, minimum: int) -> int:
+    def task_ram(self, max_ram: int, driver_anon: int, working_minimum: int) -> int:
         self.refresh()
         largest = max((n["Resources"].get("memory", 0) for n in self.nodes), default=0)
         if max_ram > largest:

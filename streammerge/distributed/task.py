@@ -23,7 +23,7 @@ import torch
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.io.files import start_writeback
 from streammerge.io.output_spec import OutputSpec
-from streammerge.memory import MemoryGuard
+from streammerge.memory import MemoryGuard, anon_rss
 
 
 @dataclass(frozen=True)
@@ -235,6 +235,13 @@ def _prepared_for(job: MergeJob):
         _prepared.clear()
         _prepared[job.id] = prepare(job.merge_config(), Path(job.output), job.task_ram)
     return _prepared[job.id]
+
+
+def worker_baseline(_=None) -> int:
+    """The anonymous memory a worker process holds with the merge code loaded, before it merges anything."""
+    import streammerge.engine  # noqa: F401 - loaded for the measurement, as run_group will
+
+    return anon_rss()
 
 
 def run_group(job: MergeJob, group: Group) -> GroupResult:
