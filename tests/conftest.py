@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,11 @@ from pathlib import Path
 # 127.0.0.1 to the machine's interface address; set here, before any test imports Ray, and inherited by every
 # process the tests start.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+# Tests send Ctrl-C to the merges they start. A test run started in the background of a non-interactive shell
+# inherits SIGINT ignored, and so would every merge it starts: give this process (and so its children) the
+# usual Ctrl-C.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest
 

@@ -449,3 +449,24 @@ def test_cleanup_cannot_be_interrupted():
         os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert exit_status(Terminated(signal.SIGTERM)) == 143 and exit_status(KeyboardInterrupt()) == 130
+
+
+def test_signals_during_an_output_step_are_acted_on_after_it():
+    from streammerge.interrupts import Terminated, install_handlers, signals_deferred
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            steps.append("finished")  # not cut short
+    assert steps == ["finished"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        install_handlers()
+        with pytest.raises(Terminated):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                steps.append("finished again")
+        assert steps[-1] == "finished again"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
