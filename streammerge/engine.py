@@ -25,7 +25,7 @@ from streammerge.cpu import merge_thread_policy
 from streammerge.errors import OutputError, PlanError, StreamMergeError
 from streammerge.hf.inputs import HFInputs, prepare_inputs
 from streammerge.hf.model_files import model_files
-from streammerge.interrupts import signals_deferred, uninterruptible
+from streammerge.interrupts import uninterruptible
 from streammerge.io import Checkpoint, TensorInfo, open_checkpoint
 from streammerge.io.output_safety import check_output_is_not_an_input, input_paths
 from streammerge.io.output_spec import Output, OutputSpec, TensorSink, ResumeInputs, TorchContainer
@@ -225,8 +225,7 @@ class BackgroundWriter:
     def submit(self, job, nbytes: int | None = None) -> None:
         self.drain()
         if nbytes is not None and nbytes < self.INLINE_BYTES:
-            with signals_deferred():  # in the main thread now: a Ctrl-C must not cut an output step in half
-                job()
+            job()
         else:
             self.pending = self.pool.submit(job)
 

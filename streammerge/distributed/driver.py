@@ -14,7 +14,7 @@ from streammerge.distributed.split import split_tasks
 from streammerge.distributed.task import Group, GroupResult, MergeJob, Placement
 from streammerge.engine import Engine, Prepared, Report
 from streammerge.errors import OutputError
-from streammerge.interrupts import signals_deferred, uninterruptible
+from streammerge.interrupts import uninterruptible
 from streammerge.io.output_safety import check_output_is_not_an_input, input_paths
 from streammerge.io.output_spec import Output
 from streammerge.io.outputs import check_disk_space, make_output
@@ -81,9 +81,8 @@ def run_distributed(prepared: Prepared, executor: Executor, quiet: bool = False,
             executor.check(job)
 
             def on_result(index: int, result: GroupResult) -> None:
-                with signals_deferred():  # recording may finish a shard: rename it and note it for --resume
-                    for name, crc in result.checksums.items():
-                        output.record_checksum(name, crc)
+                for name, crc in result.checksums.items():
+                    output.record_checksum(name, crc)
                 results.append(result)
                 progress.update(group_bytes[index])
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from streammerge.errors import OutputError, StreamMergeError
-from streammerge.io.files import start_writeback
+from streammerge.io.files import pwrite_all, start_writeback
 from streammerge.io.output_spec import OutputSpec
 from streammerge.memory import MemoryGuard, anon_rss
 
@@ -160,16 +160,14 @@ class TaskOutput:
             raise ValueError(f"internal error: write past the end of '{name}'")
         fd, position = self._fd(place.path), place.position + byte_offset
         try:
-            while view:
-                done = os.pwrite(fd, view, position)
-                start_writeback(fd, position, done)
-                if self.covered.get(name, 0) == byte_offset:
-                    self.crc[name] = zlib.crc32(view[:done], self.crc.get(name, 0))
-                    self.covered[name] = byte_offset + done
-                view, position, byte_offset = view[done:], position + done, byte_offset + done
+            pwrite_all(fd, view, position)
+            start_writeback(fd, position, len(view))
         except OSError as exc:
             raise OutputError(f"cannot write '{place.path}' on {node_name()}: {exc.strerror}. The partial output "
                               "is removed.") from None
+        if self.covered.get(name, 0) == byte_offset:  # chunks come in order: the checksum grows with them
+            self.crc[name] = zlib.crc32(view, self.crc.get(name, 0))
+            self.covered[name] = byte_offset + len(view)
 
     def write(self, name: str, element_offset: int, chunk: torch.Tensor) -> None:
         data = chunk.reshape(-1).contiguous().view(torch.uint8).numpy() if chunk.numel() else b""

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from streammerge.errors import OutputError
-from streammerge.interrupts import uninterruptible
+from streammerge.interrupts import signals_deferred, uninterruptible
 from streammerge.io.files import (fsync_directory, lock, make_directories, remove_directories,
                                   remove_stale_temporaries, unlink_if_present, write_atomically, write_error)
 from streammerge.io.output_spec import Entry, OutputSpec
@@ -226,9 +226,12 @@ class ShardedOutput:
         if shard.state == WAITING:  # only empty tensors: nothing was written yet
             shard.writer.open()
         digest = shard.checksum.digest(shard.writer.fd)
-        shard.writer.commit(shard.done_path)
-        shard.state, shard.location = DONE, shard.done_path
-        self.ledger.record(shard.name, shard.writer.total_size, digest)
+        # Whole or not at all, even when a write on the main thread finishes the shard and Ctrl-C arrives: a
+        # renamed shard that abort() does not know of, or that the ledger lacks, would be left behind.
+        with signals_deferred():
+            shard.writer.commit(shard.done_path)
+            shard.state, shard.location = DONE, shard.done_path
+            self.ledger.record(shard.name, shard.writer.total_size, digest)
 
     def copy(self, source: str, target: str, chunk_bytes: int) -> None:
         """Write tied tensor `target` with the bytes already written for `source` (possibly in a finished or
