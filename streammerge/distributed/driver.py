@@ -21,7 +21,9 @@ from streammerge.io.outputs import check_disk_space, make_output
 from streammerge.memory import MemoryGuard, anon_rss
 from streammerge.plan import COPY, TensorTask
 
-GROUPS_PER_SLOT = 3  # more groups than slots: a slow group does not hold up the end, progress moves often
+# Several groups per slot: the slots that finish first take the groups left, so the last group to finish
+# holds up the end by little (a task's set-up is paid once per process and merge, not per group).
+GROUPS_PER_SLOT = 8
 
 
 def statistics_passes(config, task: TensorTask) -> int:
@@ -77,7 +79,7 @@ def run_distributed(prepared: Prepared, executor: Executor, quiet: bool = False,
             group_bytes = [sum(todo[i].read_bytes for i in members) for members in split]
             job = MergeJob.of(config, prepared.output, task_ram, engine.allow_nonfinite,
                               {n: p for n, p in Placement.all_of(output.spec).items() if not output.reused(n)},
-                              input_paths(prepared.inputs))
+                              input_paths(prepared.inputs), sync=executor.tasks_sync)
             executor.check(job)
 
             def on_result(index: int, result: GroupResult) -> None:

@@ -29,6 +29,10 @@ RAY_INSTALL = "pip install 'streammerge[ray]'  (or: pip install 'ray[default]')"
 class Executor(Protocol):
     slots: int  # how many tasks run at once (the split makes a few times as many groups)
     describe: str
+    # Whether each task fsyncs what it wrote before it reports. Tasks on other machines must: the driver's
+    # fsync at commit cannot reach their page caches. Local workers share this machine's page cache, which the
+    # driver's fsync of each file flushes, so a task's own fsync would only make it wait for the disk.
+    tasks_sync: bool
 
     def task_ram(self, max_ram: int, driver_anon: int, working_minimum: int) -> int: ...
 
@@ -52,13 +56,15 @@ class LocalWorkers:
     def __init__(self, workers: int):
         self.slots = workers
         self.describe = f"{workers} local worker processes"
+        self.tasks_sync = False
         self.pool: ProcessPoolExecutor | None = None
 
     def task_ram(self, max_ram: int, driver_anon: int, working_minimum: int) -> int:
         """Each worker's share of `max_ram`; it must cover what a worker process holds before it merges (measured
         in the workers themselves) plus `working_minimum`."""
         share = (max_ram - driver_anon) // self.slots
-        baseline = max(self._started().map(worker_baseline, range(self.slots)))
+        # Every worker runs the same code: one measures for all (the pool starts the others as tasks come).
+        baseline = self._started().submit(worker_baseline).result()
         minimum = baseline + working_minimum
         if share < minimum:
             raise MemoryBudgetError(
@@ -123,6 +129,7 @@ class RayCluster:
                                    "(--workers N uses the cores of this machine).") from None
         self.ray = ray
         self.max_retries = max_retries
+        self.tasks_sync = True
         self.started_here = not ray.is_initialized()
         try:
             ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, logging_level="ERROR",

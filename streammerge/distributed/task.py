@@ -65,16 +65,17 @@ class MergeJob:
     placements: dict[str, Placement]
     inputs: list[FileStat]
     outputs: list[FileStat]  # the files the driver created, as it sees them
+    sync: bool = True  # each task fsyncs what it wrote (see Executor.tasks_sync)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
     def of(cls, config, output: Path, task_ram: int, allow_nonfinite: bool, placements: dict[str, Placement],
-           inputs: list[Path]) -> "MergeJob":
+           inputs: list[Path], sync: bool = True) -> "MergeJob":
         state = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         state["method"] = config.method.name
         files = sorted({p.path for p in placements.values()})
         return cls(state, str(output), task_ram, allow_nonfinite, dict(placements),
-                   [FileStat.of(p) for p in inputs if os.path.isfile(p)], [FileStat.of(p) for p in files])
+                   [FileStat.of(p) for p in inputs if os.path.isfile(p)], [FileStat.of(p) for p in files], sync)
 
     def merge_config(self):
         from streammerge.config import MergeConfig
@@ -235,7 +236,7 @@ def _prepared_for(job: MergeJob):
     return _prepared[job.id]
 
 
-def worker_baseline(_=None) -> int:
+def worker_baseline() -> int:
     """The anonymous memory a worker process holds with the merge code loaded, before it merges anything."""
     import streammerge.engine  # noqa: F401 - loaded for the measurement, as run_group will
 
@@ -260,7 +261,8 @@ def run_group(job: MergeJob, group: Group) -> GroupResult:
     try:
         with MemoryGuard(prepared.budget.limit) as guard:
             skipped = engine.process(tasks, output, count, guard, group.reused.__contains__)
-        output.finish()
+        if job.sync:
+            output.finish()
     finally:
         output.close()
     written = [n for t in tasks for n in [t.name, *t.aliases] if n not in group.reused]
