@@ -11,6 +11,7 @@ STAMP := $(VENV)/.installed
 MERGEKIT_VENV ?= .venv-mergekit
 BENCH_ARGS ?= --cold
 SCALE_ARGS ?=
+LINEAR_ARGS ?=
 
 .PHONY: install merge demo test bench mergekit clean
 
@@ -37,6 +38,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 	$(BIN)/python scripts/bench_scale.py $(SCALE_ARGS)
+	$(BIN)/python scripts/bench_linear.py $(LINEAR_ARGS)
 
 # Optional: mergekit 0.1.5 in a separate venv, for the comparison rows of `make bench`.
 mergekit:
