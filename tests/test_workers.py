@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from helpers import merge_in_process, save
-from safety_support import assert_clean_failure, done_shards, in_progress, listing, start_merge, wait_for
+from safety_support import assert_clean_failure, done_shards, in_progress, listing, run_main, start_merge, wait_for
 
 import synth
 from streammerge.config import parse_config
@@ -151,7 +151,7 @@ def test_command_line_workers_and_config_key(tmp_path, inputs):
     assert "task(s) on 2 local worker processes" in result.stderr
     assert same_bytes(tmp_path / "single.safetensors", tmp_path / "cli.safetensors")
     # --workers on the command line overrides the config (1: the single-process run)
-    result = run("merge", path, "--workers", "1", "--output", tmp_path / "one.safetensors", "--report",
+    result = run_main("merge", path, "--workers", "1", "--output", tmp_path / "one.safetensors", "--report",
                  tmp_path / "r1.json")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "r1.json").read_text())["executor"] == ""
@@ -163,10 +163,10 @@ def test_nan_in_a_worker_leaves_nothing(tmp_path, inputs):
     bad = torch.load(paths[1])
     bad["c.weight"][5, 5] = float("inf")
     bad_path = save(bad, tmp_path / "bad.pth")
-    for output in ("o.pth", "odir"):
+    for output, runner in (("o.pth", run), ("odir", run_main)):  # the command itself, then its code in-process
         path = write_yaml(tmp_path / "m.yaml", {"models": [str(paths[0]), str(bad_path)],
                                                  "output": str(tmp_path / output), "shard_size": 400_000})
-        result = run("merge", path, "--workers", "2")
+        result = runner("merge", path, "--workers", "2")
         assert_clean_failure(result, tmp_path / output, "'c.weight'", str(bad_path))
 
 
@@ -180,7 +180,7 @@ def test_nan_in_a_worker_leaves_nothing(tmp_path, inputs):
 def test_bad_scale_keys_are_refused(tmp_path, inputs, config, fragment):
     path = write_yaml(tmp_path / "m.yaml", {"models": [str(p) for p in inputs[0][:2]],
                                             "output": str(tmp_path / "o.safetensors"), **config})
-    result = run("merge", path)
+    result = run_main("merge", path)  # exit status and message through `main`; the process is tested below
     assert result.returncode == 1 and fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
@@ -222,7 +222,7 @@ def test_resume_after_an_interrupted_distributed_run(tmp_path):
         process.kill()
     if not started or (out / "model.safetensors.index.json").exists():
         pytest.skip("the merge finished before it could be interrupted")
-    result = run("merge", path, "--resume", "--workers", "2")
+    result = run_main("merge", path, "--resume", "--workers", "2")  # the killed run was the real process
     assert result.returncode == 0, result.stderr
     assert "already complete and verified" in result.stderr, result.stderr
     assert same_bytes(tmp_path / "single", out)
@@ -243,8 +243,8 @@ def test_hugging_face_model_with_a_union_tokenizer_and_slices(tmp_path):
                                       {"model": str(added), "layer_range": [2, 4],
                                        "parameters": {"weight": 0.7, "density": 0.5}}]}]}
     path = write_yaml(tmp_path / "m.yaml", config)
-    for name, extra in (("single", []), ("spread", ["--workers", "2"])):
-        result = run("merge", path, tmp_path / name, "--quiet", *extra)
+    for name, extra, runner in (("single", [], run_main), ("spread", ["--workers", "2"], run)):
+        result = runner("merge", path, tmp_path / name, "--quiet", *extra)
         assert result.returncode == 0, result.stderr
     files = sorted(os.listdir(tmp_path / "single"))
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(files)
