@@ -13,15 +13,23 @@ import pytest
 import torch
 import yaml
 from helpers import load_output, save
+from safety_support import run_main
 
 from streammerge.errors import ConfigError
 from streammerge.sweep import load_sweep, set_path, variant_name
 
-SCORE = """import sys
-from safetensors.torch import load_file
-t = load_file(sys.argv[1])["w"]
+# The sum of the float32 tensor "w", read from the safetensors layout directly: a scorer that does not pay for
+# importing torch on every variant.
+SCORE = """import array, json, math, struct, sys
+with open(sys.argv[1], "rb") as f:
+    size = struct.unpack("<Q", f.read(8))[0]
+    entry = json.loads(f.read(size))["w"]
+    assert entry["dtype"] == "F32" and sys.byteorder == "little", entry
+    start, end = entry["data_offsets"]
+    f.seek(8 + size + start)
+    values = array.array("f", f.read(end - start))
 print("scoring", sys.argv[1])
-print(float(t.double().sum()))
+print(math.fsum(values))
 """
 
 
@@ -64,7 +72,7 @@ def expected_score(output: Path) -> float:
 
 def test_sweep_runs_scores_and_skips_finished_variants(tmp_path, models):
     path = sweep_file(tmp_path, models, f"{sys.executable} {tmp_path / 'score.py'} {{output}}")
-    listed = run("sweep", path, "--dry-run")
+    listed = run_main("sweep", path, "--dry-run")
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.count("pending") == 6 and not (tmp_path / "sweep").exists()
 
@@ -88,7 +96,7 @@ def test_sweep_runs_scores_and_skips_finished_variants(tmp_path, models):
 
     before = {r["output"]: Path(r["output"]).stat().st_mtime_ns for r in rows}
     (Path(rows[4]["output"])).unlink()  # one output gone: only that one is merged again
-    second = run("sweep", path)
+    second = run_main("sweep", path)  # the first run was the real command
     assert second.returncode == 0, second.stderr
     again = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["results"]
     assert [r["status"] for r in again] == ["reused"] * 4 + ["merged", "reused"]
@@ -96,7 +104,7 @@ def test_sweep_runs_scores_and_skips_finished_variants(tmp_path, models):
     for r in again:
         if r["variant"] != 4:
             assert Path(r["output"]).stat().st_mtime_ns == before[r["output"]]
-    assert "done" in run("sweep", path, "--dry-run").stdout
+    assert "done" in run_main("sweep", path, "--dry-run").stdout
 
 
 def test_evaluate_failures_are_recorded_not_fatal(tmp_path, models):
@@ -104,7 +112,7 @@ def test_evaluate_failures_are_recorded_not_fatal(tmp_path, models):
         "import sys\nif '001-' in sys.argv[1]: sys.exit('no score for this one')\nprint('not a number')\n")
     path = sweep_file(tmp_path, models, f"{sys.executable} {tmp_path / 'flaky.py'} {{output}}",
                       grid={"models.1.weight": [0.2, 0.5]})
-    result = run("sweep", path)
+    result = run_main("sweep", path)
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["results"]
     assert rows[0]["score"] is None and "no number" in rows[0]["error"]
@@ -119,7 +127,7 @@ def test_inline_config_and_explicit_variants(tmp_path, models):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
     sweep = load_sweep(tmp_path / "s.yaml")
     assert [v.config.models[0].params["weight"] for v in sweep.variants] == [3, 1.0]
-    result = run("sweep", tmp_path / "s.yaml", "--quiet")
+    result = run_main("sweep", tmp_path / "s.yaml", "--quiet")
     assert result.returncode == 0, result.stderr
     a, b = (load_output(v.output)["w"] for v in sweep.variants)
     m0, m1 = (load_output(p)["w"] for p in paths)
