@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from helpers import merge_in_process, save
+from safety_support import run_main
 from test_sweep import make_models, sweep_file
 from test_workers import config_for, make_inputs, same_bytes
 
@@ -152,7 +153,7 @@ def test_sweep_on_the_cluster_scores_like_the_local_one(tmp_path, cluster):
     (tmp_path / "models").mkdir()
     models = make_models(tmp_path / "models")
     path = sweep_file(tmp_path, models, f"{sys.executable} {tmp_path / 'score.py'} {{output}}")
-    local = run_cli("sweep", path, "--quiet")
+    local = run_main("sweep", path, "--quiet")  # the reference, in-process; the Ray runs are real commands
     assert local.returncode == 0, local.stderr
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["results"]
     shutil.move(tmp_path / "sweep", tmp_path / "local")
