@@ -287,6 +287,66 @@ def test_della_refuses_epsilon_outside_density(tmp_path):
         run_merge(tmp_path, "della", models, base, [{"density": 0.9, "epsilon": 0.2}])
 
 
+def plain_della_prune(delta, density, epsilon, seed, name, stream):
+    """DELLA pruning of a whole tensor written plainly (stable argsort ranks along dimension 1, the tensor's
+    Philox draws, kept entries divided by their probability): what the fast per-row-batch path must equal."""
+    from streammerge.methods.streaming import Uniform
+    grid = delta.reshape(1, -1, 1) if delta.dim() < 2 else delta.reshape(delta.shape[0], delta.shape[1], -1)
+    order = torch.argsort(grid.abs(), dim=1, stable=True)
+    span = grid.shape[1]
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(span).view(1, -1, 1).expand_as(order))
+    probability = ranks.to(delta.dtype) / (span - 1) if span > 1 else torch.zeros(grid.shape, dtype=delta.dtype)
+    probability = (probability * (2 * epsilon) + (density - epsilon)).flatten()
+    draws = Uniform(seed, name, stream).fill(0, torch.empty(delta.numel())).to(delta.dtype)
+    kept = torch.where(draws < probability, delta.flatten(), torch.zeros((), dtype=delta.dtype))
+    return (kept / probability).view(delta.shape)
+
+
+@pytest.mark.parametrize("dtype, chunk, threads", [("float32", None, 1), ("float32", GRID, 3),
+                                                   ("float64", GRID, 1)])
+def test_della_equals_plain_pruning_bit_for_bit(tmp_path, dtype, chunk, threads, monkeypatch):
+    """Rows ranked in batches by sorted keys (float32) or argsort (float64), units straddling chunk edges,
+    rows sorted on several threads: the same bits as ranking each whole tensor with a stable argsort."""
+    from streammerge import cpu
+    monkeypatch.setattr(cpu, "merge_threads", lambda cores, load: threads)
+    g = torch.Generator().manual_seed(3)
+    shapes = {"w": (400, 300), "conv": (50, 40, 3, 3), "v": (3000,)}  # "w": 2 chunks of GRID, rows straddle
+    base = {k: dyadic(s, g) for k, s in shapes.items()}  # dyadic: many equal magnitudes within a row
+    model = {k: v + dyadic(v.shape, g) for k, v in base.items()}
+    model["w"][:200] = base["w"][:200] + torch.randn(200, 300, generator=g)  # and distinct ones
+    p = {"weight": 1.0, "density": 0.4, "epsilon": 0.25}
+    out = run_merge(tmp_path, "della_linear", [model], base, [p], chunk=chunk, seed=7, dtype=dtype)
+    acc = getattr(torch, dtype)
+    for name in shapes:
+        b = base[name].to(acc)
+        pruned = plain_della_prune(model[name].to(acc) - b, p["density"], p["epsilon"], 7, name, 0)
+        expected = torch.add(b, torch.zeros_like(b).add_(pruned)).float()
+        assert torch.equal(out[name], expected), name
+
+
+@pytest.mark.parametrize("span", [1, 2, 3, 1000, 3001])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_della_rank_order_is_a_stable_argsort(span, threads):
+    """The float32 key sort orders like a stable argsort: equal magnitudes by position, +Inf above every
+    number and every NaN (whatever its payload) above +Inf, equal to each other."""
+    from streammerge.methods.sparsifiers import _rank_order
+    g = torch.Generator().manual_seed(span)
+    magnitudes = (torch.randint(0, 5, (64, span), generator=g) / 4).float()  # many ties
+    magnitudes[1::2] = torch.rand(32, span, generator=g)
+    nans = torch.tensor([0x7FC00000, 0x7F800001, 0x7FFFFFFF, 0x7FC00123], dtype=torch.int32).view(torch.float32)
+    specials = torch.cat([nans, torch.tensor([math.inf, 0.0, 3.0e38, 1e-45])])
+    for row in range(0, 64, 5):
+        where = torch.randint(0, span, (len(specials),), generator=g)
+        magnitudes[row, where] = specials
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        order = _rank_order(magnitudes.clone(), torch.empty(magnitudes.numel(), dtype=torch.int64))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(order, torch.argsort(magnitudes, dim=1, stable=True))
+
+
 # -- interpolation methods -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
 def test_slerp_matches_reference(tmp_path, t):
