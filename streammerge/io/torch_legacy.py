@@ -17,6 +17,7 @@ from streammerge.errors import CheckpointError
 from streammerge.io.checkpoint import Checkpoint, register_format
 from streammerge.io.containers import checkpoint_from_pickle
 from streammerge.io.safe_pickle import StorageRecord, restricted_load, storage_pid
+from streammerge.memory import MemoryCheckedFile
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
@@ -29,13 +30,15 @@ def _sniff(head: bytes, path: Path) -> bool:
     return len(head) >= 14 and head[0] == 0x80 and 2 <= head[1] <= 5 and MAGIC_PICKLED in head[2:24]
 
 
-def read_torch_legacy(path: Path) -> tuple[object, dict[str, int]]:
-    """(the unpickled object with TensorRecords, storage key -> data offset in the file)."""
+def read_torch_legacy(path: Path, max_ram: int | None = None) -> tuple[object, dict[str, int]]:
+    """(the unpickled object with TensorRecords, storage key -> data offset in the file). The pickles come first
+    and their size is known only once read, so the process's memory is checked against `max_ram` as they are."""
     storages: dict[str, StorageRecord] = {}
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            f.seek(0)
+        with open(path, "rb") as raw_file:
+            size = raw_file.seek(0, 2)
+            raw_file.seek(0)
+            f = MemoryCheckedFile(raw_file, path, "pickle", max_ram)
             if restricted_load(f, path) != MAGIC_NUMBER:
                 raise CheckpointError(f"{path}: not a legacy torch checkpoint (wrong magic number).")
             version = restricted_load(f, path)
@@ -50,10 +53,10 @@ def read_torch_legacy(path: Path) -> tuple[object, dict[str, int]]:
             keys = restricted_load(f, path)
             if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
                 raise CheckpointError(f"{path}: the legacy storage list is malformed; the file is corrupt.")
-            offsets, position = {}, f.tell()
+            offsets, position = {}, raw_file.tell()
             for key in keys:
-                f.seek(position)
-                raw = f.read(8)
+                raw_file.seek(position)
+                raw = raw_file.read(8)
                 if len(raw) != 8:
                     raise CheckpointError(f"{path}: the file ends before storage '{key}'; it is truncated. "
                                           "Re-download or re-save it.")
@@ -77,8 +80,9 @@ def read_torch_legacy(path: Path) -> tuple[object, dict[str, int]]:
     return obj, offsets
 
 
-def open_torch_legacy(path: Path, state_dict_key: str | None = None, **_options) -> Checkpoint:
-    obj, offsets = read_torch_legacy(path)
+def open_torch_legacy(path: Path, state_dict_key: str | None = None, max_ram: int | None = None,
+                      **_options) -> Checkpoint:
+    obj, offsets = read_torch_legacy(path, max_ram)
     return checkpoint_from_pickle(path, "torch-legacy", obj, offsets, state_dict_key)
 
 

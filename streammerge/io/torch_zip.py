@@ -15,6 +15,7 @@ Either way, reading then goes through our own mapping, like every other format.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import zipfile
@@ -29,7 +30,7 @@ from streammerge.io.mapped import MappedFile, TensorInfo, check_span
 from streammerge.io.safe_pickle import StorageRecord, restricted_load, storage_pid
 from streammerge.io.zip_check import (check_storages_match_records, check_tensors_in_records, check_torch_zip,
                                      local_data_start)
-from streammerge.memory import check_parse_room
+from streammerge.memory import PICKLE_WORST_BYTES_PER_BYTE, MemoryCheckedFile, check_parse_room, parse_fits
 
 
 
@@ -113,8 +114,9 @@ def member_data_offset(f, info: zipfile.ZipInfo, path: Path) -> int:
     return start
 
 
-def read_torch_zip_restricted(path: Path) -> tuple[object, dict[str, int]]:
-    """(the unpickled object with TensorRecords and inert records, storage key -> data offset in the file)."""
+def read_torch_zip_restricted(path: Path, max_ram: int | None = None) -> tuple[object, dict[str, int]]:
+    """(the unpickled object with TensorRecords and inert records, storage key -> data offset in the file); the
+    process's memory is checked against `max_ram` while the pickle is unpickled."""
     storages: dict[str, StorageRecord] = {}
     try:
         with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
@@ -124,7 +126,8 @@ def read_torch_zip_restricted(path: Path) -> tuple[object, dict[str, int]]:
                 if order != "little":
                     raise CheckpointError(f"{path}: tensors are stored {order}-endian; streammerge reads "
                                           "little-endian files only. Re-save the file on a little-endian machine.")
-            obj = restricted_load(zf.read(prefix + "data.pkl"), path, lambda pid: storage_pid(path, pid, storages))
+            pickled = MemoryCheckedFile(io.BytesIO(zf.read(prefix + "data.pkl")), path, "pickle", max_ram)
+            obj = restricted_load(pickled, path, lambda pid: storage_pid(path, pid, storages))
             offsets = {}
             for key, storage in storages.items():
                 try:
@@ -142,9 +145,17 @@ def read_torch_zip_restricted(path: Path) -> tuple[object, dict[str, int]]:
     return obj, offsets
 
 
-def open_torch_zip_restricted(path: Path, state_dict_key: str | None = None) -> Checkpoint:
-    obj, offsets = read_torch_zip_restricted(path)
-    return checkpoint_from_pickle(path, "torch-zip", obj, offsets, state_dict_key)
+def open_torch_zip_restricted(path: Path, state_dict_key: str | None = None, max_ram: int | None = None,
+                              records: dict[str, tuple[int, int]] | None = None) -> Checkpoint:
+    records = check_torch_zip(path) if records is None else records
+    obj, offsets = read_torch_zip_restricted(path, max_ram)
+    checkpoint = checkpoint_from_pickle(path, "torch-zip", obj, offsets, state_dict_key)
+    try:
+        check_tensors_in_records(path, checkpoint.tensors.values(), records)
+    except Exception:
+        checkpoint.close()
+        raise
+    return checkpoint
 
 
 def open_torch_zip(path: Path, state_dict_key: str | None = None, max_ram: int | None = None,
@@ -152,16 +163,13 @@ def open_torch_zip(path: Path, state_dict_key: str | None = None, max_ram: int |
     records = check_torch_zip(path)  # the archive's structure, before torch or the unpickler sees it
     pickle_size = max((size for name, (_, size) in records.items() if name.endswith("/data.pkl")), default=0)
     check_parse_room(path, "pickle", pickle_size, max_ram)  # what unpickling builds, before it is built
+    if not parse_fits(pickle_size, max_ram, PICKLE_WORST_BYTES_PER_BYTE):
+        # torch's unpickler cannot be stopped at the budget: such a pickle is read where memory is watched.
+        return open_torch_zip_restricted(path, state_dict_key, max_ram, records)
     try:
         loaded = load_torch_zip(path)
     except TorchLoadFailed:  # objects weights_only refuses, or a damaged file: the restricted path says which
-        checkpoint = open_torch_zip_restricted(path, state_dict_key)
-        try:
-            check_tensors_in_records(path, checkpoint.tensors.values(), records)
-        except Exception:
-            checkpoint.close()
-            raise
-        return checkpoint
+        return open_torch_zip_restricted(path, state_dict_key, max_ram, records)
     state_dict, container, rest = find_state_dict(loaded, path, state_dict_key)
     mapped = MappedFile(path)
     try:
