@@ -391,7 +391,7 @@ class Engine:
             self._stream(task, inputs, ws, output, progress, guard, read, was_cached)
             return
         stats = None
-        passes = self.method.passes_for(task.params, task.model_params, self.config.dtype, task.numel)
+        passes = self.method.passes_for(task.params, task.model_params, self.config.dtype, task.numel, task.shape)
         if passes and self.stats_in_memory and task.numel <= self.chunk:
             stats = self.method.init_stats(task.numel, len(task.sources))
             self._stream(task, inputs, ws, output, progress, guard,

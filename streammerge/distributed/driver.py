@@ -29,7 +29,7 @@ GROUPS_PER_SLOT = 8
 def statistics_passes(config, task: TensorTask) -> int:
     if task.kind == COPY:
         return 0
-    return config.method.passes_for(task.params, task.model_params, config.dtype, task.numel)
+    return config.method.passes_for(task.params, task.model_params, config.dtype, task.numel, task.shape)
 
 
 def create_full_size(output: Output) -> None:

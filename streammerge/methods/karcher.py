@@ -94,7 +94,7 @@ KARCHER = Method(
     params=(Param("max_iter", 10, "most iterations of the Riemannian mean", kind=int, check=_non_negative),
             Param("tol", 1e-5, "convergence tolerance (also the smallest norm that counts as a direction)",
                   check=_non_negative)),
-    stat_passes=lambda params, model_params, dtype, numel: 1 if len(model_params) > 1 else 0,
+    stat_passes=lambda params, model_params, dtype, numel, shape: 1 if len(model_params) > 1 else 0,
     init_stats=lambda numel, n: KarcherStats(), observe=karcher_observe, finish_pass=karcher_finish,
     buffers=1, min_models=1,
 )

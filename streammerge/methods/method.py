@@ -66,8 +66,8 @@ class Method:
     needs_base: bool = False
     accepts_base: bool = False  # a base is optional (used when the config gives one)
     # Whole-tensor statistic passes before the merge pass: a number, or a function of
-    # (method params, per-model params, accumulation dtype, numel) when it depends on them.
-    stat_passes: int | Callable[[dict, list[dict], torch.dtype, int], int] = 0
+    # (method params, per-model params, accumulation dtype, numel, shape) when it depends on them.
+    stat_passes: int | Callable[[dict, list[dict], torch.dtype, int, tuple], int] = 0
     init_stats: Callable[[int, int], Any] | None = None  # (numel, n_models) -> state
     observe: Callable[[Any, int, ChunkContext], None] | None = None  # (state, pass index, chunk)
     finish_pass: Callable[[Any, int], None] | None = None
@@ -80,9 +80,10 @@ class Method:
     # A typical use, for benchmarks: {"model": {per-model params}, "parameters": {method params}}
     typical: dict = field(default_factory=dict)
 
-    def passes_for(self, params: dict, model_params: list[dict], dtype: torch.dtype, numel: int) -> int:
+    def passes_for(self, params: dict, model_params: list[dict], dtype: torch.dtype, numel: int,
+                   shape: tuple = ()) -> int:
         if callable(self.stat_passes):
-            return self.stat_passes(params, model_params, dtype, numel)
+            return self.stat_passes(params, model_params, dtype, numel, shape or (numel,))
         return self.stat_passes
 
     @property

@@ -103,7 +103,7 @@ MULTISLERP = Method(
             Param("eps", 1e-8, "small constant added to norms", check=lambda v: None if v >= 0 else "must be 0 or "
                   "more")),
     accepts_base=True,
-    stat_passes=lambda params, model_params, dtype, numel: 1 if len(model_params) > 1 else 0,
+    stat_passes=lambda params, model_params, dtype, numel, shape: 1 if len(model_params) > 1 else 0,
     init_stats=lambda numel, n: MultislerpStats(), observe=multislerp_observe, finish_pass=multislerp_finish,
     buffers=3, check=_check, min_models=1,
 )

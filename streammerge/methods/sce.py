@@ -38,7 +38,7 @@ def _select_none(params: dict) -> bool:
     return params["select_topk"] <= 0
 
 
-def sce_passes(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int) -> int:
+def sce_passes(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple) -> int:
     if _select_none(params):
         return 0  # nothing selected: the result is the base
     return 1 + (0 if _select_all(params) else RankSelect.passes_for(dtype))

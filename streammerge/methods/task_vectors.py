@@ -167,7 +167,7 @@ def _params(family: Family) -> tuple[Param, ...]:
 def _method(family: Family) -> Method:
     magnitude = family.sparsifier.by_magnitude
 
-    def passes(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int) -> int:
+    def passes(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple) -> int:
         return magnitude_passes(family.sparsifier, params, model_params, dtype, numel)
 
     return Method(
