@@ -16,14 +16,17 @@ import yaml
 
 from conftest import ROOT
 from hf_models import build_llama, llama_config, logits, read_state, rows_by_token
+from safety_support import run_main
 
 W = (0.6, 0.4)
 
 
-def merge(tmp_path, cli, config: dict, name="out") -> Path:
+def merge(tmp_path, config: dict, name="out") -> Path:
+    """Merge through `main` in-process (what is checked is the output; the tests below that call `cli`
+    themselves run the real command)."""
     path = tmp_path / f"{name}.yml"
     path.write_text(yaml.safe_dump(config))
-    result = cli("merge", path, tmp_path / name, "--quiet")
+    result = run_main("merge", path, tmp_path / name, "--quiet")
     assert result.returncode == 0, result.stderr
     return tmp_path / name
 
@@ -82,7 +85,7 @@ def family(tmp_path_factory):
 
 def test_linear_merge_of_mixed_layouts_is_a_loadable_model(tmp_path, cli, family):
     models = [family["sharded_bf16"], family["bin_fp16"]]
-    out = merge(tmp_path, cli, linear_config(models, out_dtype="float32"))
+    out = merge(tmp_path, linear_config(models, out_dtype="float32"))
     files = sorted(p.name for p in out.iterdir())
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "README.md"} <= set(files), files
@@ -107,7 +110,7 @@ def test_mergekit_ties_config_from_the_command_line_loads_with_the_reference_log
               "parameters": {"normalize": True}, "models": [
                   {"model": str(tunes[0]), "parameters": {"weight": 0.6, "density": 0.5}},
                   {"model": str(tunes[1]), "parameters": {"weight": 0.4, "density": 0.7}}]}
-    out = merge(tmp_path, cli, config)
+    out = merge(tmp_path, config)
     b, xs = read_state(base), [read_state(t) for t in tunes]
     reference = {}
     for name in b:
@@ -122,7 +125,7 @@ def test_mergekit_ties_config_from_the_command_line_loads_with_the_reference_log
 
 def test_tied_models_stay_tied(tmp_path, cli, family):
     models = [family["tied"], family["tied_ft"]]
-    out = merge(tmp_path, cli, linear_config(models))
+    out = merge(tmp_path, linear_config(models))
     state = read_state(out)
     assert "lm_head.weight" not in {n for f in out.glob("*.safetensors") for n in _names(f)}
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
@@ -134,7 +137,7 @@ def test_tied_models_stay_tied(tmp_path, cli, family):
 def test_bin_with_tied_lm_head_merges_with_safetensors_without_it(tmp_path, cli, family):
     """transformers' .bin files hold a tied lm_head.weight (shared storage); its safetensors files do not."""
     models = [family["tied"], family["tied_bin"]]
-    out = merge(tmp_path, cli, linear_config(models))
+    out = merge(tmp_path, linear_config(models))
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     state = read_state(out)
     reference = weighted([read_state(m) for m in models])
@@ -144,7 +147,7 @@ def test_bin_with_tied_lm_head_merges_with_safetensors_without_it(tmp_path, cli,
 
 def test_tied_model_contributes_its_embedding_as_lm_head(tmp_path, cli, family):
     models = [family["tied"], family["base"]]  # tied + untied
-    out = merge(tmp_path, cli, linear_config(models))
+    out = merge(tmp_path, linear_config(models))
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is False  # the donor was tied; the output is not
     tied, untied = read_state(models[0]), read_state(models[1])
@@ -157,7 +160,7 @@ def test_tied_model_contributes_its_embedding_as_lm_head(tmp_path, cli, family):
 def test_union_tokenizer_places_rows_by_token(tmp_path, cli, family):
     base, added = family["base"], family["added"]
     config = linear_config([base, added], base_model=str(base), tokenizer_source="union", chat_template="chatml")
-    out = merge(tmp_path, cli, config)
+    out = merge(tmp_path, config)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -182,7 +185,7 @@ def test_tokenizer_tokens_and_padding(tmp_path, cli, family):
         "source": "base", "pad_to_multiple_of": 64,
         "tokens": {"<new>": {"source": {"kind": "model_token", "model": str(added), "token": "<extra2>"}},
                    "w7": {"source": {"kind": "zero"}, "force": True}}})
-    out = merge(tmp_path, cli, config)
+    out = merge(tmp_path, config)
     from transformers import AutoTokenizer
 
     vocab = AutoTokenizer.from_pretrained(out).get_vocab()
@@ -206,7 +209,7 @@ def test_union_of_reordered_vocabularies_matches_by_token(tmp_path, cli, family)
     body = vocab[3:]
     random.Random(0).shuffle(body)
     other = build_llama(tmp_path / "other", seed=9, vocab=vocab[:3] + body[:990] + [f"v{i}" for i in range(10)])
-    out = merge(tmp_path, cli, linear_config([base, other], base_model=str(base), tokenizer_source="union"))
+    out = merge(tmp_path, linear_config([base, other], base_model=str(base), tokenizer_source="union"))
     rows = rows_by_token(read_state(out), out)
     b, o = rows_by_token(read_state(base), base), rows_by_token(read_state(other), other)
     for name, by_token in rows.items():
@@ -234,7 +237,7 @@ def test_lora_on_vocabulary_tensors_read_through_a_union_vocabulary(tmp_path, cl
     b = read_state(base)
     assert not torch.allclose(tuned["lm_head.weight"], read_state(added)["lm_head.weight"], atol=1e-3)
     config = linear_config([base, f"{added}+{tmp_path / 'adapter'}"], base_model=str(base), tokenizer_source="union")
-    out = merge(tmp_path, cli, config)
+    out = merge(tmp_path, config)
     reference = weighted([b, tuned], [n for n in b if "embed" not in n and "lm_head" not in n])
     for name in ("model.embed_tokens.weight", "lm_head.weight"):  # tokens of both: merged; added ones: the tune's
         reference[name] = torch.cat([(0.6 * b[name] + 0.4 * tuned[name][:1000]), tuned[name][1000:]])
@@ -255,7 +258,7 @@ def test_frankenmerge_with_a_union_tokenizer_loads_and_matches(tmp_path, cli, fa
     config = {"merge_method": "passthrough", "dtype": "float32", "tokenizer_source": "union", "base_model": str(base),
               "slices": [{"sources": [{"model": str(base), "layer_range": [0, 2]}]},
                          {"sources": [{"model": str(added), "layer_range": [1, 2]}]}]}
-    out = merge(tmp_path, cli, config)
+    out = merge(tmp_path, config)
     b, a = read_state(base), read_state(added)
     reference = {n: b[n] for n in b if n.startswith("model.layers.")}
     reference.update({n.replace("layers.1.", "layers.2."): a[n] for n in a if n.startswith("model.layers.1.")})
@@ -296,7 +299,7 @@ def test_union_and_tied_cases_match_mergekit(tmp_path, cli, family):
         "tied": linear_config([family["tied"], family["base"]]),
     }  # scripts/compare_mergekit.py also runs a tied .bin beside tied safetensors
     for name, config in cases.items():
-        ours, theirs = merge(tmp_path, cli, config, name), run_mergekit(tmp_path, config, f"{name}-mergekit")
+        ours, theirs = merge(tmp_path, config, name), run_mergekit(tmp_path, config, f"{name}-mergekit")
         a, b = rows_by_token(read_state(ours), ours), rows_by_token(read_state(theirs), theirs)
         for tensor in a:
             assert a[tensor].keys() == b[tensor].keys()
@@ -349,7 +352,7 @@ def test_single_shard_is_model_safetensors_and_stale_weights_are_removed(tmp_pat
     # Sharded again: the single file from before goes, the index and shards are the new ones.
     config.write_text(yaml.safe_dump({**linear_config(models, base_model=str(models[0]), tokenizer_source="union"),
                                       "shard_size": "100KB"}))
-    result = cli("merge", config, out, "--quiet")
+    result = run_main("merge", config, out, "--quiet")
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in out.iterdir())
     assert "model.safetensors" not in names and "model.safetensors.index.json" in names, names
@@ -378,7 +381,7 @@ def test_dry_run_lists_the_model_files_and_the_weight_files_it_would_remove(tmp_
     assert "vocab_size = 1008" in lines["config.json"]
     assert {p.name: p.read_text() for p in out.iterdir()} == before  # a dry run touches nothing
 
-    result = cli("merge", config, out, "--quiet")  # the run does what the dry run said
+    result = run_main("merge", config, out, "--quiet")  # the run does what the dry run said
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(["model.safetensors", "config.json", "notes.txt",
                                                             "generation_config.json", "tokenizer_config.json",
@@ -386,7 +389,7 @@ def test_dry_run_lists_the_model_files_and_the_weight_files_it_would_remove(tmp_
 
     config.write_text(yaml.safe_dump({**linear_config([family["base"], family["added"]], base_model=str(
         family["base"]), tokenizer_source="union"), "shard_size": "100KB"}))
-    result = cli("merge", config, out, "--dry-run")
+    result = run_main("merge", config, out, "--dry-run")
     assert result.returncode == 0, result.stderr
     weights = next(line for line in result.stdout.splitlines() if line.startswith("weight files: "))
     assert "model-00001-of-" in weights and weights.endswith("model.safetensors.index.json")
@@ -417,7 +420,7 @@ def test_a_slow_tokenizer_gets_a_clear_error_for_a_tokenizer_merge(tmp_path, cli
     assert not (tmp_path / "out").exists()
 
     slow = slow_copy(family["base"], "slow-base")
-    out = merge(tmp_path, cli, {**linear_config([slow, family["base"]]), "chat_template": "chatml"}, "templated")
+    out = merge(tmp_path, {**linear_config([slow, family["base"]]), "chat_template": "chatml"}, "templated")
     for name in slow_files:
         assert (out / name).read_bytes() == (slow / name).read_bytes()
     assert not (out / "tokenizer.json").exists()
