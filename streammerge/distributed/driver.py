@@ -79,7 +79,8 @@ def run_distributed(prepared: Prepared, executor: Executor, quiet: bool = False,
             group_bytes = [sum(todo[i].read_bytes for i in members) for members in split]
             job = MergeJob.of(config, prepared.output, task_ram, engine.allow_nonfinite,
                               {n: p for n, p in Placement.all_of(output.spec).items() if not output.reused(n)},
-                              input_paths(prepared.inputs), sync=executor.tasks_sync)
+                              input_paths(prepared.inputs), sync=executor.tasks_sync,
+                              checksums=output.keeps_checksums)
             executor.check(job)
 
             def on_result(index: int, result: GroupResult) -> None:

@@ -98,6 +98,8 @@ class Output(TensorSink, Protocol):
 
     spec: OutputSpec
     notes: list[str]  # what the user should know (debris removed, resume state)
+    # Whether record_checksum uses its crc (resume manifest, zip records); when not, writers elsewhere skip it.
+    keeps_checksums: bool
 
     @property
     def files(self) -> list[Path]:

@@ -232,6 +232,8 @@ def torch_checkpoint_layout(spec: OutputSpec):
 
 
 class TorchCheckpointOutput(SingleFileOutput):
+    keeps_checksums = True
+
     def __init__(self, spec: OutputSpec, resume: bool = False):
         writer, self.storage_of, notes = torch_checkpoint_writer(spec)
         super().__init__(spec, writer, resume)

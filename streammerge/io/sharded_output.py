@@ -117,6 +117,8 @@ class _Shard:
 
 
 class ShardedOutput:
+    keeps_checksums = True
+
     def __init__(self, spec: OutputSpec, resume: bool = False):
         self.spec = spec
         self.path = Path(spec.path)

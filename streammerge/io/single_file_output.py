@@ -73,6 +73,8 @@ def safetensors_placements(writer: SafetensorsWriter, file: int):
 
 
 class SafetensorsFileOutput(SingleFileOutput):
+    keeps_checksums = False
+
     def __init__(self, spec: OutputSpec, resume: bool = False):
         super().__init__(spec, SafetensorsWriter(spec.path, list(spec.entries), spec.metadata), resume)
 
