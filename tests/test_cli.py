@@ -5,6 +5,7 @@ import json
 import yaml
 
 from helpers import random_state_dict, save
+from safety_support import run_main
 
 
 def write_config(tmp_path, **overrides):
@@ -67,13 +68,14 @@ def test_user_errors_are_one_paragraph(tmp_path, cli):
     assert_clean_failure(cli("merge", tmp_path / "missing.yaml"), "missing.yaml")
     config = write_config(tmp_path, models=[{"path": str(tmp_path / "nope.safetensors")}])
     assert_clean_failure(cli("merge", config), "nope.safetensors", "no such file")
+    # the same path through `main`, in-process, for the other kinds of error
     config = write_config(tmp_path, method="nonsense")
-    assert_clean_failure(cli("merge", config), "unknown merge method 'nonsense'")
+    assert_clean_failure(run_main("merge", config), "unknown merge method 'nonsense'")
     config = write_config(tmp_path, wieght=3)
-    assert_clean_failure(cli("merge", config), "unknown key 'wieght'")
+    assert_clean_failure(run_main("merge", config), "unknown key 'wieght'")
     config = write_config(tmp_path)
     (tmp_path / "m1.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
-    assert_clean_failure(cli("merge", config), "m1.safetensors", "not valid UTF-8 JSON")
+    assert_clean_failure(run_main("merge", config), "m1.safetensors", "not valid UTF-8 JSON")
     assert not (tmp_path / "out.safetensors").exists()
 
 
