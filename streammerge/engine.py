@@ -31,9 +31,9 @@ from streammerge.io.output_safety import check_output_is_not_an_input, input_pat
 from streammerge.io.output_spec import Output, OutputSpec, TensorSink, ResumeInputs, TorchContainer
 from streammerge.io.outputs import check_disk_space, make_output, output_kind, output_spec
 from streammerge.lora import apply_adapter
-from streammerge.memory import Budget, MemoryGuard, bytes_per_element
+from streammerge.memory import CHUNK_ALIGN, Budget, MemoryGuard, bytes_per_element
 from streammerge.methods.method import ChunkContext
-from streammerge.plan import COPY, Plan, TensorTask, build_plan
+from streammerge.plan import COPY, MERGE, Plan, TensorTask, build_plan
 
 
 @dataclass
@@ -122,7 +122,8 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
                                         config.method.buffers + low_rank,  # one scratch buffer for LoRA updates
                                         staging_itemsize=max(unaligned, default=0))
         budget = Budget(requested, per_element, DEFAULT_MAX_RAM,
-                        largest_tensor=max(t.numel for t in plan.tasks))
+                        largest_tensor=max(t.numel for t in plan.tasks),
+                        output_tensors=sum(1 + len(t.aliases) for t in plan.tasks))
     except BaseException:
         for c in inputs:
             c.close()
@@ -148,6 +149,10 @@ def all_finite(t: torch.Tensor) -> bool:
 FLOAT8_NONFINITE = {getattr(torch, name): bits for name, bits in (
     ("float8_e4m3fn", (0x7F, 0x7F)), ("float8_e5m2", (0x7C, 0x7C)),
     ("float8_e4m3fnuz", (0xFF, 0x80)), ("float8_e5m2fnuz", (0xFF, 0x80))) if hasattr(torch, name)}
+
+
+# Tensors of at most this many elements are merged in runs when they lie back to back (`Engine.small_run`).
+SMALL_TENSOR = CHUNK_ALIGN
 
 
 class Workspace:
@@ -360,12 +365,20 @@ class Engine:
         self.writer = BackgroundWriter()
         skipped_bytes = 0
         try:
-            for task in tasks:
+            index = 0
+            while index < len(tasks):
+                task = tasks[index]
                 if reused(task.name):
                     progress.update(task.read_bytes)
                     skipped_bytes += task.read_bytes
-                else:
-                    self.run_task(task, workspace, output, progress, guard)
+                    index += 1
+                    continue
+                run = self.small_run(tasks, index, reused)
+                index += len(run)
+                if len(run) > 1:
+                    self.run_small(run, workspace, output, progress, guard)
+                    continue
+                self.run_task(task, workspace, output, progress, guard)
                 aliases = [a for a in task.aliases if not reused(a)]
                 if aliases:
                     self.writer.drain()
@@ -377,6 +390,52 @@ class Engine:
                 self.writer.close_quietly()
             raise
         return skipped_bytes
+
+    # -- runs of small tensors: per-tensor work (a read, a merge, a check, a release per input) costs far more
+    # than the math for tensors of a few hundred elements, so tensors that lie back to back in every input are
+    # merged together as one chunk; the method being element-wise, every element comes out the same.
+    def _small(self, task: TensorTask) -> bool:
+        return (task.kind == MERGE and self.method.elementwise and not task.aliases
+                and 0 < task.numel <= SMALL_TENSOR and task.numel <= self.chunk
+                and all(i.stride is None and i.delta is None and i.aligned for i in task.inputs)
+                and not self.method.passes_for(task.params, task.model_params, self.config.dtype, task.numel,
+                                               task.shape))
+
+    def small_run(self, tasks: list[TensorTask], index: int, reused: Callable[[str], bool]) -> list[TensorTask]:
+        """The tasks from `index` on that can be merged as one chunk (just tasks[index] when none follows)."""
+        first = tasks[index]
+        if not self._small(first):
+            return [first]
+        run, total = [first], first.numel
+        for task in tasks[index + 1:index + 1 + self.chunk // first.numel]:
+            if (total + task.numel > self.chunk or reused(task.name) or not self._small(task)
+                    or not _follows(run[-1], task)):
+                break
+            run.append(task)
+            total += task.numel
+        return run
+
+    def run_small(self, run: list[TensorTask], ws: Workspace, output, progress, guard: MemoryGuard) -> None:
+        first, total = run[0], sum(t.numel for t in run)
+        spans = [TensorInfo(info.name, (total,), info.dtype, info.file, info.offset) for info in first.inputs]
+        was_cached = [info.is_cached(0, total) for info in spans]
+        sources = len(first.sources)
+        whole = TensorTask(first.name, (total,), first.out_dtype, MERGE, spans[:sources], first.rule,
+                           first.model_params, first.params, base=spans[sources] if first.base is not None else None)
+        ws.next_slot()
+        result = self.method.merge(self._context(whole, ws, 0, total), None)
+        if result.dtype != first.out_dtype:
+            result = ws.out_buffer(first.out_dtype, total).copy_(result)
+        if not all_finite(result):  # find the tensors that hold them, for the message or the summary
+            start = 0
+            for task in run:
+                if not all_finite(result[start:start + task.numel]):
+                    self._nonfinite(task, task.inputs, 0, task.numel)
+                start += task.numel
+        self.writer.submit(functools.partial(_write_run_and_release, output, run, result, spans, was_cached),
+                           result.numel() * result.element_size())
+        progress.update(sum(i.itemsize for i in spans) * total)
+        guard.check(f"'{first.name}' and the {len(run) - 1} small tensor(s) after it")
 
     def run_task(self, task: TensorTask, ws: Workspace, output, progress, guard: MemoryGuard) -> None:
         inputs = task.inputs
@@ -470,6 +529,31 @@ class Engine:
         return ChunkContext(task.name, start, task.numel, inputs, base, task.model_params, task.params,
                             ws.acc(stop - start), self.config.seed, task.shape, ws.extra, read_input,
                             read_base if task.base is not None else None)
+
+
+def _follows(previous: TensorTask, task: TensorTask) -> bool:
+    """Whether `task` can join a run of small tensors ending with `previous`: its bytes come right after
+    previous's in every input, with the same dtypes, parameters and output dtype."""
+    if (task.out_dtype != previous.out_dtype or (task.base is None) != (previous.base is None)
+            or len(task.sources) != len(previous.sources) or task.params != previous.params
+            or task.model_params != previous.model_params):
+        return False
+    return all(b.file is a.file and b.dtype == a.dtype and b.offset == a.offset + a.nbytes
+               for a, b in zip(previous.inputs, task.inputs))
+
+
+def _write_run_and_release(output, run: list[TensorTask], result: torch.Tensor, spans: list[TensorInfo],
+                           was_cached) -> None:
+    write_run = getattr(output, "write_run", None)  # outputs that can write such a run at once say so
+    if write_run is not None:
+        write_run([task.name for task in run], result)
+    else:
+        start = 0
+        for task in run:
+            output.write(task.name, 0, result[start:start + task.numel])
+            start += task.numel
+    for info, cached in zip(spans, was_cached):
+        info.release(0, result.numel(), drop_cache=not cached)
 
 
 def _write_and_release(output, name: str, start: int, stop: int, chunk: torch.Tensor, inputs, was_cached) -> None:

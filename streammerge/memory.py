@@ -18,6 +18,9 @@ MIB = 1024**2
 # Room for Python objects, tqdm, the plan and allocator slack on top of the chunk buffers.
 OVERHEAD = 24 * MIB
 MIN_CHUNK_ELEMENTS = 256 * 1024
+# Bytes the output's records take per output tensor, allocated when the run starts (its placement, offsets,
+# header text; measured: 16 MiB for 50,000 tensors into one safetensors file, about 340 bytes each).
+OUTPUT_BYTES_PER_TENSOR = 512
 MAX_CHUNK_ELEMENTS = 16 * MIB  # larger chunks stop paying off (cache effects, progress granularity)
 # Chunks are a multiple of this, so every chunk boundary falls on the grid that methods use for whole-tensor
 # statistics and random draws: results are then the same for every chunk size.
@@ -115,12 +118,14 @@ class Budget:
     """How big chunks may be, given the budget and what the process already holds."""
 
     def __init__(self, requested: int | None, per_element: int, default: int, baseline: int | None = None,
-                 largest_tensor: int | None = None):
+                 largest_tensor: int | None = None, output_tensors: int = 0):
         self.baseline = anon_rss() if baseline is None else baseline
+        # What the run will hold besides the buffers: the margin, and the output's records beyond what it covers.
+        self.reserved = OVERHEAD + max(0, output_tensors * OUTPUT_BYTES_PER_TENSOR - OVERHEAD // 2)
         self.per_element = per_element
         self.available = available_memory()  # more than the baseline, which the process already holds
         self.ceiling = self.baseline + self.available  # the most this process could hold without swapping or OOM
-        self.minimum = self.baseline + OVERHEAD + MIN_CHUNK_ELEMENTS * per_element
+        self.minimum = self.baseline + self.reserved + MIN_CHUNK_ELEMENTS * per_element
         # By default, leave at least half of what the machine (or cgroup) can still give to everything else.
         default_limit = self.baseline + self.available // 2
         if requested is None:
@@ -134,8 +139,9 @@ class Budget:
                    f"this machine (and its cgroup) can give only {format_size(self.available)} more memory, and "
                    f"by default streammerge takes at most half of that (a budget of {format_size(self.limit)})")
             raise MemoryBudgetError(
-                f"{why}: the process already holds {format_size(self.baseline)} (Python and torch) and needs "
-                f"{format_size(OVERHEAD + MIN_CHUNK_ELEMENTS * per_element)} more for its smallest chunks. "
+                f"{why}: the process already holds {format_size(self.baseline)} (Python, torch and the plan) and "
+                f"needs {format_size(self.reserved + MIN_CHUNK_ELEMENTS * per_element)} more for its smallest "
+                "chunks and the output's records. "
                 f"The smallest budget that works is {format_size(self.minimum)}; "
                 + ("set max_ram to at least that." if explicit else
                    f"free some memory, or set max_ram between {format_size(self.minimum)} and "
@@ -152,7 +158,7 @@ class Budget:
                 f"{format_size(self.baseline)} and only {format_size(self.available)} more is available (free RAM, "
                 f"and the limit of its cgroup), {format_size(self.ceiling)} in all. Going over would end in "
                 f"swapping or the process being killed; {advice}.")
-        room = self.limit - self.baseline - OVERHEAD
+        room = self.limit - self.baseline - self.reserved
         chunk = max(MIN_CHUNK_ELEMENTS, min(MAX_CHUNK_ELEMENTS, room // per_element))
         if largest_tensor is not None:  # buffers larger than the largest tensor would never be filled
             chunk = min(chunk, max(MIN_CHUNK_ELEMENTS, -(-largest_tensor // CHUNK_ALIGN) * CHUNK_ALIGN))
@@ -160,7 +166,7 @@ class Budget:
 
     @property
     def estimated_peak(self) -> int:
-        return self.baseline + OVERHEAD // 2 + self.chunk_elements * self.per_element
+        return self.baseline + self.reserved - OVERHEAD // 2 + self.chunk_elements * self.per_element
 
 
 class MemoryGuard:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 
@@ -22,7 +23,7 @@ MERGE, COPY = "merge", "copy"
 MAX_LISTED = 5
 
 
-@dataclass
+@dataclass(slots=True)  # a plan may hold 100,000s of them
 class TensorTask:
     name: str
     shape: tuple
@@ -30,11 +31,12 @@ class TensorTask:
     kind: str  # MERGE: run the method over `sources`; COPY: copy sources[0] (after checking `must_equal`)
     sources: list[TensorInfo]
     rule: str  # label of the rule that decided this tensor ("default" when none matched)
+    # Shared by every task of one rule (a plan may hold 100,000s of tasks): never modified in place.
     model_params: list[dict] = field(default_factory=list)
     params: dict = field(default_factory=dict)
     base: TensorInfo | None = None
-    must_equal: list[TensorInfo] = field(default_factory=list)  # non-float inputs that must match sources[0]
-    aliases: list[str] = field(default_factory=list)  # tied names written with the same bytes
+    must_equal: tuple[TensorInfo, ...] = ()  # non-float inputs that must match sources[0]
+    aliases: tuple[str, ...] = ()  # tied names written with the same bytes
 
     @property
     def numel(self) -> int:
@@ -51,7 +53,7 @@ class TensorTask:
 
     @property
     def read_bytes(self) -> int:
-        return sum(i.nbytes for i in self.inputs + self.must_equal)
+        return sum(i.nbytes for i in self.inputs) + sum(i.nbytes for i in self.must_equal)
 
 
 @dataclass
@@ -126,13 +128,13 @@ class Wanted:
     base_input: str | None
 
 
-def wanted_tensors(config: MergeConfig, models: list[dict[str, TensorInfo]]) -> list[Wanted]:
+def wanted_tensors(config: MergeConfig, models: list[dict[str, TensorInfo]]) -> Iterable[Wanted]:
     """Whole models: the union of the names, each read under its own name from every model. Slices: the
     stacked, renumbered layers and the tensors around them."""
     if config.slices is None:
-        names = list(dict.fromkeys(n for m in models for n in m))
+        names = dict.fromkeys(n for m in models for n in m)
         everyone = [dict(spec.params) for spec in config.models]
-        return [Wanted(n, [(i, n) for i in range(len(models))], everyone, n) for n in names]
+        return (Wanted(n, [(i, n) for i in range(len(models))], everyone, n) for n in names)  # one at a time
     out = []
     for p in place(config.slices, lambda i: list(models[i]), lambda i: str(config.models[i].label)):
         sources = config.slices[p.slice_index].sources[:len(p.inputs)]
@@ -151,7 +153,10 @@ def build_plan(config: MergeConfig, checkpoints: list[Checkpoint], base: Checkpo
     tasks: list[TensorTask] = []
     dropped: dict[str, str] = {}
     missing, mismatched = [], []
-    by_signature: dict[tuple, TensorTask] = {}
+    # where sources[0] lies -> (the task reading it there, its rule index), or {signature: task} when several do
+    by_place: dict[int, tuple[TensorTask, int] | dict[tuple, TensorTask]] = {}
+    # (rule, the wanted tensor's per-model parameters) -> (model params, params, problem): one copy per rule
+    shared_params: dict[tuple, tuple[list[dict], dict, str | None, list[dict]]] = {}
     for wanted in wanted_tensors(config, models):
         name = wanted.name
         rule_index, rule = _first_rule(config.rules, name)
@@ -181,31 +186,34 @@ def build_plan(config: MergeConfig, checkpoints: list[Checkpoint], base: Checkpo
                 mismatched.append((name, wanted.inputs[0][0], first, wanted.inputs[odd][0], present[odd]))
                 continue
             if not first.is_float:
-                task = TensorTask(name, first.shape, first.dtype, COPY, [first], label, must_equal=present[1:])
+                task = TensorTask(name, first.shape, first.dtype, COPY, [first], label,
+                                  must_equal=tuple(present[1:]))
             else:
                 task = TensorTask(name, first.shape, _out_dtype(config, first), MERGE, present, label)
-                task.model_params = [dict(params) for params in wanted.model_params]
-                if rule is not None and rule.weights is not None:
-                    for params, weight in zip(task.model_params, rule.weights):
-                        params["weight"] = weight
-                for key, values in (rule.model_params.items() if rule is not None else ()):
-                    for params, value in zip(task.model_params, values):
-                        if value is not None:
-                            params[key] = value
-                task.params = {**config.params, **(rule.params if rule is not None else {})}
+                key = (rule_index, id(wanted.model_params))
+                if key not in shared_params:  # (holding the list keeps its id from being reused)
+                    shared_params[key] = (*_task_params(config, rule, wanted.model_params), wanted.model_params)
+                task.model_params, task.params, problem, _ = shared_params[key]
                 if config.method.needs_base or (config.method.accepts_base and base_tensors is not None):
                     task.base = _base_tensor(base_tensors, base, wanted.base_input, first)
-                problem = config.method.check(task.params, task.model_params) if config.method.check else None
                 if problem:
                     raise PlanError(f"'{name}' (rule {label}): {problem}.")
-        signature = (rule_index, task.kind, tuple(s.storage_key for s in task.sources + task.must_equal),
-                     task.base.storage_key if task.base is not None else None, task.out_dtype)
-        if config.slices is not None:  # a layer used twice is read twice, each output tensor from the mapping
-            signature += (split_layer_name(name)[1] if split_layer_name(name) else None,)
-        if signature in by_signature:
-            by_signature[signature].aliases.append(name)
+        # Tied: the same rule over the same bytes. Tasks sharing bytes share where sources[0] lies, so the full
+        # signature is only worked out for tasks that do (a plan may hold 100,000s of tasks; almost none do).
+        first = task.sources[0]
+        place = (id(first.file) << 64) | first.offset
+        earlier = by_place.get(place)
+        if earlier is None:
+            by_place[place] = (task, rule_index)
+            tasks.append(task)
             continue
-        by_signature[signature] = task
+        if isinstance(earlier, tuple):
+            earlier = by_place[place] = {_signature(*earlier, config): earlier[0]}
+        signature = _signature(task, rule_index, config)
+        if signature in earlier:
+            earlier[signature].aliases += (name,)
+            continue
+        earlier[signature] = task
         tasks.append(task)
     if missing or mismatched:
         raise PlanError(_mismatch_message(missing, mismatched, checkpoints))
@@ -213,6 +221,31 @@ def build_plan(config: MergeConfig, checkpoints: list[Checkpoint], base: Checkpo
         raise PlanError("nothing to merge: every tensor was dropped by the rules.")
     updates = {"num_hidden_layers": output_layers(config.slices)} if config.slices is not None else {}
     return Plan(tasks, dropped, updates)
+
+
+def _signature(task: TensorTask, rule_index: int, config: MergeConfig) -> tuple:
+    """Tasks with equal signatures compute the same bytes: one is computed, the others are its aliases."""
+    signature = (rule_index, task.kind, tuple(s.storage_key for s in (*task.sources, *task.must_equal)),
+                 task.base.storage_key if task.base is not None else None, task.out_dtype)
+    if config.slices is not None:  # a layer used twice is read twice, each output tensor from the mapping
+        signature += (split_layer_name(task.name)[1] if split_layer_name(task.name) else None,)
+    return signature
+
+
+def _task_params(config: MergeConfig, rule: Rule | None, model_params: list[dict]):
+    """The per-model and method parameters of a tensor that `rule` decides, and why the method refuses them
+    (None when it does not)."""
+    per_model = [dict(params) for params in model_params]
+    if rule is not None and rule.weights is not None:
+        for params, weight in zip(per_model, rule.weights):
+            params["weight"] = weight
+    for key, values in (rule.model_params.items() if rule is not None else ()):
+        for params, value in zip(per_model, values):
+            if value is not None:
+                params[key] = value
+    params = {**config.params, **(rule.params if rule is not None else {})}
+    problem = config.method.check(params, per_model) if config.method.check else None
+    return per_model, params, problem
 
 
 def _check_rule_fits(rule: Rule | None, wanted: Wanted) -> None:

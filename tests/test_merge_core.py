@@ -143,7 +143,7 @@ def test_tied_tensors_are_computed_once_and_written_under_each_name(tmp_path):
     prepared = prepare(parse_config(cfg))
     tasks = {t.name: t for t in prepared.plan.tasks}
     prepared.close()
-    assert tasks["layer0.weight"].aliases == ["head.weight"] and "head.weight" not in tasks
+    assert list(tasks["layer0.weight"].aliases) == ["head.weight"] and "head.weight" not in tasks
     merge_in_process(cfg)
     merged = load_output(tmp_path / "out.safetensors")
     assert torch.equal(merged["head.weight"], merged["layer0.weight"])

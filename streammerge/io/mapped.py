@@ -106,7 +106,7 @@ class MappedFile:
             self.fd = -1
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)  # slots: a checkpoint may hold 100,000s of them
 class TensorInfo:
     """One tensor of a checkpoint: its name, shape, dtype and where its bytes are."""
 

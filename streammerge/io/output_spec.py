@@ -26,7 +26,7 @@ class OutputFile:
     size: int  # bytes once complete
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per output tensor
 class TensorPlacement:
     """Where one tensor's bytes go: file `spec.files[file]`, bytes [offset, offset + nbytes). Tied tensors
     that share storage in the file format (.pth) share one placement."""

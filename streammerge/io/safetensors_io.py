@@ -6,10 +6,12 @@ Layout: u64 little-endian header length N, N bytes of JSON, then the data area. 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import struct
+import sys
 from pathlib import Path
 
 import torch
@@ -166,13 +168,17 @@ def open_safetensors(path: Path, max_ram: int | None = None, **_options) -> Chec
     except Exception:
         mapped.close()
         raise
-    entries = sorted((e["data_offsets"][0], name) for name, e in header.items() if name != "__metadata__")
+    metadata = dict(header.pop("__metadata__", {}))
+    # A file may list 100,000s of tensors: one tuple per distinct shape, and names shared with the other models
+    # (interned), keep what the records hold small.
+    shapes: dict[tuple, tuple] = {}
     tensors = {}
-    for _, name in entries:
-        e = header[name]
-        tensors[name] = TensorInfo(name, tuple(e["shape"]), DTYPE_NAMES[e["dtype"]], mapped,
+    for name in sorted(header, key=lambda n: header[n]["data_offsets"][0]):
+        e = header.pop(name)
+        shape = tuple(e["shape"])
+        name = sys.intern(name)
+        tensors[name] = TensorInfo(name, shapes.setdefault(shape, shape), DTYPE_NAMES[e["dtype"]], mapped,
                                    data_start + e["data_offsets"][0])
-    metadata = dict(header.get("__metadata__", {}))
     return Checkpoint(path, "safetensors", tensors, metadata, "", [mapped])
 
 
@@ -191,16 +197,25 @@ class SafetensorsWriter(AtomicFile):
         super().__init__(path)
         # Largest alignment first, then the given order: every tensor stays aligned to its element size.
         ordered = sorted(entries, key=lambda e: -e[1].itemsize)
-        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
         self.offsets: dict[str, int] = {}  # of each tensor's bytes, from the start of the data area
         self.sizes: dict[str, int] = {}
+        # The JSON of {"__metadata__": ..., name: {"dtype", "shape", "data_offsets"}, ...} as json.dumps writes
+        # it compactly, built a tensor at a time: a dict per tensor would cost far more than the text.
+        text = io.StringIO()
+        text.write("{")
+        if metadata:
+            text.write('"__metadata__":' + json.dumps(dict(metadata), separators=(",", ":"), ensure_ascii=False))
         cursor = 0
-        for name, dtype, shape in ordered:
+        for i, (name, dtype, shape) in enumerate(ordered):
             nbytes = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": dtype_name(dtype), "shape": list(shape), "data_offsets": [cursor, cursor + nbytes]}
+            text.write(f'{"," if i or metadata else ""}{json.dumps(name, ensure_ascii=False)}:{{"dtype":"'
+                       f'{dtype_name(dtype)}","shape":[{",".join(map(str, shape))}],"data_offsets":'
+                       f'[{cursor},{cursor + nbytes}]}}')
             self.offsets[name], self.sizes[name] = cursor, nbytes
             cursor += nbytes
-        blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        text.write("}")
+        blob = text.getvalue().encode("utf-8")
+        del text
         blob += b" " * (-len(blob) % 8)
         self.header = struct.pack("<Q", len(blob)) + blob
         self.data_start = len(self.header)

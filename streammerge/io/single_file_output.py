@@ -81,6 +81,23 @@ class SafetensorsFileOutput(SingleFileOutput):
     def write(self, name: str, element_offset: int, chunk: torch.Tensor) -> None:
         self.writer.write(name, element_offset, chunk)
 
+    def write_run(self, names: list[str], chunk: torch.Tensor) -> None:
+        """Write whole tensors `names`, whose bytes follow each other in `chunk`: one write when they also
+        follow each other in the file (small tensors of one dtype do), else one per tensor."""
+        writer, data = self.writer, chunk.contiguous().view(torch.uint8).numpy()
+        start = end = writer.offsets[names[0]]
+        for name in names:
+            if writer.offsets[name] != end:
+                break
+            end += writer.sizes[name]
+        else:
+            writer.write_bytes(names[0], 0, data)
+            return
+        done = 0
+        for name in names:
+            writer.write_bytes(name, 0, data[done:done + writer.sizes[name]])
+            done += writer.sizes[name]
+
     def record_checksum(self, name: str, crc: int) -> None:
         """A single safetensors file keeps no checksums."""
 

@@ -24,6 +24,7 @@ LINEAR = Method(
     name="linear",
     help="weighted average of the models (model soup)",
     merge=linear,
+    elementwise=True,
     params=(
         Param("weight", 1.0, "this model's weight", per_model=True),
         Param("normalize", True, "divide by the sum of the weights", kind=bool),

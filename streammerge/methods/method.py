@@ -76,6 +76,10 @@ class Method:
     max_models: int | None = None
     # (method params, per-model params) of one tensor -> why they cannot be used together, or None
     check: Callable[[dict, list[dict]], str | None] | None = None
+    # Each output element is a function of the same element of the inputs and of the parameters alone (not of
+    # its position, the tensor's name or shape): the engine may then merge a run of small tensors that lie
+    # back to back in every input as one chunk, with the same result as one tensor at a time.
+    elementwise: bool = False
     in_mergekit: bool = True  # mergekit has a method of this name and meaning (its configs may ask for it)
     # A typical use, for benchmarks: {"model": {per-model params}, "parameters": {method params}}
     typical: dict = field(default_factory=dict)

@@ -1,0 +1,142 @@
+"""Many small tensors: runs of tensors lying back to back in every input are merged as one chunk, with results
+bit-identical to merging them one at a time; the per-tensor records stay small enough for a small budget."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import streammerge.engine as engine_module
+from helpers import load_output, merge_in_process, reference_linear, save
+from streammerge.errors import StreamMergeError
+
+SIZES = (1, 3, 7, 13, 64, 100, 257, 5)  # odd sizes: vectorised bodies and scalar tails both occur
+
+
+def small_models(count: int = 3, tensors: int = 400, nan_at: str | None = None) -> list[dict]:
+    models = []
+    for seed in range(count):
+        g = torch.Generator().manual_seed(seed)
+        sd = {f"blocks.{i:04d}.w": torch.randn(SIZES[i % len(SIZES)], generator=g) for i in range(tensors)}
+        sd.update({f"half.{i:03d}": torch.randn(SIZES[i % len(SIZES)], generator=g).half() for i in range(40)})
+        sd["big"] = torch.randn(300, 300, generator=g)  # above the small-tensor size: merged on its own
+        sd["steps"] = torch.tensor([5, 6])  # copied, checked equal
+        if nan_at is not None and seed == 1:
+            sd[nan_at][0] = float("nan")
+        models.append(sd)
+    return models
+
+
+def merge(tmp, models, out_name="out.safetensors", out_dtype=None, **engine_options):
+    tmp.mkdir(parents=True, exist_ok=True)
+    paths = [save(sd, tmp / f"model{i}.safetensors") for i, sd in enumerate(models)]
+    config = {"method": "linear", "output": str(tmp / out_name),
+              "models": [{"path": str(p), "weight": w} for p, w in zip(paths, (0.5, 0.3, 0.2))]}
+    if out_dtype:
+        config["out_dtype"] = out_dtype
+    report = merge_in_process(config, **engine_options)
+    return report, load_output(tmp / out_name)
+
+
+@pytest.mark.parametrize("out_dtype", [None, "bfloat16"])
+def test_runs_of_small_tensors_match_one_at_a_time(tmp_path, monkeypatch, out_dtype):
+    models = small_models()
+    calls = []  # elements of each merged chunk
+    monkeypatch.setattr(engine_module.Engine, "_context", _counting_context(calls))
+    _, batched = merge(tmp_path / "runs", models, out_dtype=out_dtype)
+    merges_in_runs = len(calls)
+    calls.clear()
+    monkeypatch.setattr(engine_module, "SMALL_TENSOR", 0)  # every tensor on its own
+    _, single = merge(tmp_path / "single", models, out_dtype=out_dtype)
+    assert len(calls) == len(single) - 1  # one merge per float tensor ("steps" is copied)
+    # A handful of runs (float32 tensors, float16 tensors, the large one) instead of one merge per tensor.
+    assert merges_in_runs <= 5, merges_in_runs
+    assert batched.keys() == single.keys()
+    for name in single:
+        assert batched[name].dtype == single[name].dtype
+        assert torch.equal(batched[name].view(torch.uint8), single[name].view(torch.uint8)), name
+    reference = reference_linear(models, [0.5, 0.3, 0.2])
+    for name, value in reference.items():
+        expected = value.to(torch.bfloat16) if out_dtype and value.is_floating_point() else value
+        torch.testing.assert_close(batched[name], expected)  # within the tolerances of its dtype
+
+
+def _counting_context(calls):
+    original = engine_module.Engine._context
+
+    def context(self, task, ws, start, stop):
+        calls.append(stop - start)
+        return original(self, task, ws, start, stop)
+
+    return context
+
+
+def test_nonfinite_tensor_inside_a_run_is_named(tmp_path):
+    models = small_models(nan_at="blocks.0123.w")
+    with pytest.raises(StreamMergeError, match="'blocks.0123.w' has NaN"):
+        merge(tmp_path / "refused", models)
+    assert not (tmp_path / "refused" / "out.safetensors").exists()
+    report, out = merge(tmp_path / "allowed", models, allow_nonfinite=True)
+    assert report.nonfinite_tensors == ["blocks.0123.w"]
+    assert torch.isnan(out["blocks.0123.w"][0]) and torch.isfinite(out["blocks.0124.w"]).all()
+
+
+def test_runs_into_a_sharded_directory_and_a_pth(tmp_path):
+    """Outputs without a one-write path for runs get each tensor of a run written on its own."""
+    models = small_models(tensors=200)
+    _, single_file = merge(tmp_path / "file", models)
+    for name in ("sharded", "out.pth"):
+        paths = [save(sd, tmp_path / f"m{i}.safetensors") for i, sd in enumerate(models)]
+        config = {"method": "linear", "output": str(tmp_path / name), "shard_size": 20_000,
+                  "models": [{"path": str(p), "weight": w} for p, w in zip(paths, (0.5, 0.3, 0.2))]}
+        merge_in_process(config)
+        out = (load_output(tmp_path / name) if name == "sharded"
+               else torch.load(tmp_path / name, weights_only=True))
+        assert out.keys() == single_file.keys()
+        for key in out:
+            assert torch.equal(out[key], single_file[key]), (name, key)
+
+
+MANY_SMALL_UNDER_A_SMALL_BUDGET = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from safetensors.torch import save_file
+    import torch
+    from streammerge.config import parse_config
+    from streammerge.engine import merge
+    from streammerge.memory import anon_rss, OVERHEAD, MIN_CHUNK_ELEMENTS, bytes_per_element
+
+    tmp, tensors = Path(sys.argv[1]), int(sys.argv[2])
+    paths = []
+    for i in range(3):
+        data = torch.randn(tensors, 64, generator=torch.Generator().manual_seed(i))
+        paths.append(tmp / f"model{i}.safetensors")
+        save_file({f"blocks.{j // 10}.layer{j % 10}.weight": data[j].clone() for j in range(tensors)}, paths[-1])
+        del data
+    baseline = anon_rss()
+    # What the process holds before reading anything, the margin and smallest chunks every budget keeps, and
+    # 1.5 KiB per output tensor for the records of its three inputs, its task and its output placement.
+    budget = baseline + OVERHEAD + MIN_CHUNK_ELEMENTS * bytes_per_element(3, 4, 4) + tensors * 1536
+    config = parse_config({"method": "linear", "output": str(tmp / "out.safetensors"),
+                           "models": [{"path": str(p)} for p in paths]})
+    report = merge(config, max_ram=budget, quiet=True)
+    print(json.dumps({"budget": budget, "peak": report.peak_anon_bytes, "baseline": baseline}))
+""")
+
+
+def test_many_small_tensors_fit_a_small_budget(tmp_path):
+    """Per-tensor records (three inputs' descriptions, the plan's task, the output's placement) take about
+    1.2 KiB per output tensor; they took 3.8 KiB, so 20,000 tensors were refused at this budget."""
+    tensors = 20_000
+    run = subprocess.run([sys.executable, "-c", MANY_SMALL_UNDER_A_SMALL_BUDGET, str(tmp_path), str(tensors)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    assert figures["peak"] <= figures["budget"]
+    merged = load_output(tmp_path / "out.safetensors")
+    assert len(merged) == tensors
