@@ -52,6 +52,7 @@ import torch
 
 from streammerge.errors import CheckpointError
 from streammerge.io.mapped import MappedFile, TensorInfo, check_span
+from streammerge.memory import MemoryCheckedFile
 
 
 # Top-level modules that can run commands, touch files or load code: even naming one refuses the file.
@@ -466,12 +467,20 @@ def _numpy_globals(unpickler: RestrictedUnpickler) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # Entry points
 
+# What a dict's next resize may allocate at once, per entry it holds (about 48 bytes; the old table stays until
+# the new one is filled).
+MEMO_BYTES_PER_ENTRY = 64
+
+
 def restricted_load(file, path: Path, persistent_load: Callable | None = None):
     """Unpickle one object from `file` (bytes or a binary file) under the restrictions above."""
     if isinstance(file, (bytes, bytearray, memoryview)):
         file = io.BytesIO(file)
+    unpickler = RestrictedUnpickler(file, path, persistent_load)
+    if isinstance(file, MemoryCheckedFile):  # room for the memo's and the stack's next growth
+        file.reserve = lambda: MEMO_BYTES_PER_ENTRY * len(unpickler.memo) + 8 * len(getattr(unpickler, "stack", ()))
     try:
-        return RestrictedUnpickler(file, path, persistent_load).load()
+        return unpickler.load()
     except CheckpointError:
         raise
     except RecursionError:
