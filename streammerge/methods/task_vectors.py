@@ -92,9 +92,11 @@ def task_vector_merge(family: Family):
             mixed.add_(b.magnitude)
             torch.clamp(b.delta, max=0, out=b.magnitude)
             negative.add_(b.magnitude)
-            # weight * flag is exact (flag is 0 or 1), so adding it with alpha gives the same bits in one pass
-            weight_pos.add_(torch.gt(b.delta, 0, out=b.flag), alpha=weight)
-            weight_neg.add_(torch.lt(b.delta, 0, out=b.flag), alpha=weight)
+            # weight * flag is exact (flag is 0 or 1), so adding it with alpha gives the same bits as a multiply
+            # and an add. The flag goes through a float buffer: given a bool operand, torch converts it into a
+            # chunk-sized temporary, beyond the buffers the budget counts.
+            weight_pos.add_(b.magnitude.copy_(torch.gt(b.delta, 0, out=b.flag)), alpha=weight)
+            weight_neg.add_(b.magnitude.copy_(torch.lt(b.delta, 0, out=b.flag)), alpha=weight)
         if consensus:
             torch.add(mixed, negative, out=b.magnitude)
             torch.ge(b.magnitude, 0, out=b.flag)  # the elected sign: + where the sum is >= 0
