@@ -101,7 +101,9 @@ class Prepared:
             c.close()
 
 
-def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None = None) -> Prepared:
+def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None = None, reserve: int = 0) -> Prepared:
+    """Open the inputs and plan the merge under `max_ram`, keeping `reserve` bytes of it free beyond the usual
+    margin (for a process that also runs something else, such as a Ray worker's runtime)."""
     output = Path(output) if output is not None else config.output
     if output is None:
         raise OutputError("no output given: set `output:` in the config or pass --output PATH.")
@@ -123,7 +125,7 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
                                         staging_itemsize=max(unaligned, default=0))
         budget = Budget(requested, per_element, DEFAULT_MAX_RAM,
                         largest_tensor=max(t.numel for t in plan.tasks),
-                        output_tensors=sum(1 + len(t.aliases) for t in plan.tasks))
+                        output_tensors=sum(1 + len(t.aliases) for t in plan.tasks), reserve=reserve)
     except BaseException:
         for c in inputs:
             c.close()

@@ -119,10 +119,11 @@ class Budget:
     """How big chunks may be, given the budget and what the process already holds."""
 
     def __init__(self, requested: int | None, per_element: int, default: int, baseline: int | None = None,
-                 largest_tensor: int | None = None, output_tensors: int = 0):
+                 largest_tensor: int | None = None, output_tensors: int = 0, reserve: int = 0):
         self.baseline = anon_rss() if baseline is None else baseline
-        # What the run will hold besides the buffers: the margin, and the output's records beyond what it covers.
-        self.reserved = OVERHEAD + max(0, output_tensors * OUTPUT_BYTES_PER_TENSOR - OVERHEAD // 2)
+        # What the run will hold besides the buffers: the margin, the output's records beyond what it covers, and
+        # what the caller keeps for others in the same process.
+        self.reserved = OVERHEAD + reserve + max(0, output_tensors * OUTPUT_BYTES_PER_TENSOR - OVERHEAD // 2)
         self.per_element = per_element
         self.available = available_memory()  # more than the baseline, which the process already holds
         self.ceiling = self.baseline + self.available  # the most this process could hold without swapping or OOM

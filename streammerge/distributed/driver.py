@@ -80,7 +80,7 @@ def run_distributed(prepared: Prepared, executor: Executor, quiet: bool = False,
             job = MergeJob.of(config, prepared.output, task_ram, engine.allow_nonfinite,
                               {n: p for n, p in Placement.all_of(output.spec).items() if not output.reused(n)},
                               input_paths(prepared.inputs), sync=executor.tasks_sync,
-                              checksums=output.keeps_checksums)
+                              checksums=output.keeps_checksums, reserve=executor.task_reserve)
             executor.check(job)
 
             def on_result(index: int, result: GroupResult) -> None:

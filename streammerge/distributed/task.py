@@ -67,17 +67,18 @@ class MergeJob:
     outputs: list[FileStat]  # the files the driver created, as it sees them
     sync: bool = True  # each task fsyncs what it wrote (see Executor.tasks_sync)
     checksums: bool = True  # each task returns its tensors' crc32 (see Output.keeps_checksums)
+    reserve: int = 0  # bytes of task_ram each task leaves to the process it runs in (see Executor.task_reserve)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
     def of(cls, config, output: Path, task_ram: int, allow_nonfinite: bool, placements: dict[str, Placement],
-           inputs: list[Path], sync: bool = True, checksums: bool = True) -> "MergeJob":
+           inputs: list[Path], sync: bool = True, checksums: bool = True, reserve: int = 0) -> "MergeJob":
         state = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         state["method"] = config.method.name
         files = sorted({p.path for p in placements.values()})
         return cls(state, str(output), task_ram, allow_nonfinite, dict(placements),
                    [FileStat.of(p) for p in inputs if os.path.isfile(p)], [FileStat.of(p) for p in files], sync,
-                   checksums)
+                   checksums, reserve)
 
     def merge_config(self):
         from streammerge.config import MergeConfig
@@ -236,7 +237,7 @@ def _prepared_for(job: MergeJob):
         for old in _prepared.values():
             old.close()
         _prepared.clear()
-        _prepared[job.id] = prepare(job.merge_config(), Path(job.output), job.task_ram)
+        _prepared[job.id] = prepare(job.merge_config(), Path(job.output), job.task_ram, job.reserve)
     return _prepared[job.id]
 
 
