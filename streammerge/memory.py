@@ -120,6 +120,7 @@ class Budget:
 
     def __init__(self, requested: int | None, per_element: int, default: int, baseline: int | None = None,
                  largest_tensor: int | None = None, output_tensors: int = 0, reserve: int = 0):
+        self._args = (requested, per_element, default, largest_tensor, output_tensors, reserve)
         self.baseline = anon_rss() if baseline is None else baseline
         # What the run will hold besides the buffers: the margin, the output's records beyond what it covers, and
         # what the caller keeps for others in the same process.
@@ -165,6 +166,11 @@ class Budget:
         if largest_tensor is not None:  # buffers larger than the largest tensor would never be filled
             chunk = min(chunk, max(MIN_CHUNK_ELEMENTS, -(-largest_tensor // CHUNK_ALIGN) * CHUNK_ALIGN))
         self.chunk_elements = chunk // CHUNK_ALIGN * CHUNK_ALIGN
+
+    def remeasured(self) -> "Budget":
+        """The same budget for what the process holds now (a long-lived worker's own memory moves between tasks)."""
+        requested, per_element, default, largest_tensor, output_tensors, reserve = self._args
+        return Budget(requested, per_element, default, None, largest_tensor, output_tensors, reserve)
 
     @property
     def estimated_peak(self) -> int:

@@ -8,6 +8,7 @@ died) writes the same bytes again."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import socket
@@ -241,6 +242,15 @@ def _prepared_for(job: MergeJob):
     return _prepared[job.id]
 
 
+def release_freed_memory() -> None:
+    """Hand the memory a task freed back to the system: glibc keeps freed blocks of a task's buffers in its heap,
+    where they would count against the next task of this long-lived process."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def worker_baseline() -> int:
     """The anonymous memory a worker process holds with the merge code loaded, before it merges anything."""
     import streammerge.engine  # noqa: F401 - loaded for the measurement, as run_group will
@@ -258,6 +268,8 @@ def run_group(job: MergeJob, group: Group) -> GroupResult:
     torch.set_num_threads(1)
     check_same_files(job, outputs=False)  # output files are renamed as they complete; each node checked them first
     prepared = _prepared_for(job)
+    # Chunks sized for what this process holds now: a Ray worker's runtime grows between and during tasks.
+    prepared.budget = prepared.budget.remeasured()
     by_name = {t.name: t for t in prepared.plan.tasks}
     tasks = [by_name[n] for n in group.names]
     engine = Engine(prepared, quiet=True, allow_nonfinite=job.allow_nonfinite)
@@ -270,6 +282,7 @@ def run_group(job: MergeJob, group: Group) -> GroupResult:
             output.finish()
     finally:
         output.close()
+        release_freed_memory()
     written = [n for t in tasks for n in [t.name, *t.aliases] if n not in group.reused]
     checksums = {n: output.checksum(n) for n in written}  # also: every tensor was written whole
     return GroupResult(checksums if job.checksums else {}, list(engine.nonfinite), count.n - skipped,
