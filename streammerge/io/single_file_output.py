@@ -85,7 +85,7 @@ class SafetensorsFileOutput(SingleFileOutput):
         """Write whole tensors `names`, whose bytes follow each other in `chunk`: one write when they also
         follow each other in the file (small tensors of one dtype do), else one per tensor."""
         writer, data = self.writer, chunk.contiguous().view(torch.uint8).numpy()
-        start = end = writer.offsets[names[0]]
+        end = writer.offsets[names[0]]
         for name in names:
             if writer.offsets[name] != end:
                 break
