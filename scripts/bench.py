@@ -64,6 +64,13 @@ def anon_rss_tree(pid: int) -> int:
     return total
 
 
+def publish(data: Path, name: str, text: str, rows) -> None:
+    """Print a benchmark's table and keep it, with its rows, as data/NAME.md and data/NAME.json."""
+    print(text)
+    (data / f"{name}.md").write_text(text + "\n")
+    (data / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
 def measure(command: list[str], env=None) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
@@ -297,9 +304,7 @@ def main(argv=None) -> int:
                                                          *(f"{p}:{w}" for p, w in zip(models, WEIGHTS))],
                         models, tmp / "naive.safetensors")
     text = tables(rows, budgets)
-    print(text)
-    (args.data / "results.md").write_text(text + "\n")
-    (args.data / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    publish(args.data, "results", text, rows)
     if not mergekit:
         print("\n(mergekit-pytorch not found: `make mergekit` installs it into .venv-mergekit)", file=sys.stderr)
     return 0

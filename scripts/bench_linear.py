@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import shlex
 import statistics
 import subprocess
@@ -30,6 +29,7 @@ from bench import (  # noqa: E402
     find_mergekit,
     measure,
     mergekit_config,
+    publish,
     streammerge_config,
     warm,
 )
@@ -119,10 +119,7 @@ def main(argv=None) -> int:
     lines = ["| comparison | streammerge (s) | the other (s) | ratio |", "|---|---|---|---:|"]
     lines += [f"| {r['what']} | {', '.join(map(str, r['streammerge_s']))} | {', '.join(map(str, r['other_s']))} | "
               f"{r['ratio']:.2f} |" for r in rows]
-    text = "\n".join(lines)
-    print(text)
-    (args.data / "results-linear.md").write_text(text + "\n")
-    (args.data / "results-linear.json").write_text(json.dumps(rows, indent=2) + "\n")
+    publish(args.data, "results-linear", "\n".join(lines), rows)
     return 0
 
 

@@ -26,7 +26,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synth  # noqa: E402
-from bench import MIB, ROOT, measure, streammerge_config, warm  # noqa: E402
+from bench import MIB, ROOT, measure, publish, streammerge_config, warm  # noqa: E402
 
 
 def xtts_models(data_dir: Path, shrink: int = 1) -> list[Path]:
@@ -138,10 +138,7 @@ def main(argv=None) -> int:
     finally:
         if cluster is not None:
             cluster.shutdown()
-    text = table(rows)
-    print(text)
-    (args.data / "results-scale.md").write_text(text + "\n")
-    (args.data / "results-scale.json").write_text(json.dumps(rows, indent=2) + "\n")
+    publish(args.data, "results-scale", table(rows), rows)
     return 0
 
 
