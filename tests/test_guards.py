@@ -114,3 +114,17 @@ def test_buffers_are_no_larger_than_the_largest_tensor():
     small_model = Budget(anon_rss() + 900 * 2**20, per_element=24, default=0, largest_tensor=1000)
     assert small_model.chunk_elements < roomy.chunk_elements
     assert small_model.chunk_elements % CHUNK_ALIGN == 0 and small_model.chunk_elements >= 1000
+
+
+def test_a_remeasured_budget_sizes_chunks_for_what_the_process_holds_now():
+    """A long-lived worker (a Ray worker between tasks) holds more than when its job was planned: each task's
+    chunks are sized again from what the process holds when it starts, under the same limit."""
+    budget = Budget(anon_rss() + 512 * 1024**2, per_element=256, default=1 << 60)
+    grown = bytearray(64 * 1024**2)
+    grown[::4096] = b"\1" * len(grown[::4096])  # touched, so resident
+    again = budget.remeasured()
+    assert again.limit == budget.limit
+    assert again.baseline >= budget.baseline + 60 * 1024**2
+    assert again.chunk_elements < budget.chunk_elements
+    assert again.estimated_peak <= again.limit
+    del grown
