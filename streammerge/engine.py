@@ -400,8 +400,7 @@ class Engine:
         return (task.kind == MERGE and self.method.elementwise and not task.aliases
                 and 0 < task.numel <= SMALL_TENSOR and task.numel <= self.chunk
                 and all(i.stride is None and i.delta is None and i.aligned for i in task.inputs)
-                and not self.method.passes_for(task.params, task.model_params, self.config.dtype, task.numel,
-                                               task.shape))
+                and not statistics_passes(self.config, task))
 
     def small_run(self, tasks: list[TensorTask], index: int, reused: Callable[[str], bool]) -> list[TensorTask]:
         """The tasks from `index` on that can be merged as one chunk (just tasks[index] when none follows)."""
@@ -452,7 +451,7 @@ class Engine:
             self._stream(task, inputs, ws, output, progress, guard, read, was_cached)
             return
         stats = None
-        passes = self.method.passes_for(task.params, task.model_params, self.config.dtype, task.numel, task.shape)
+        passes = statistics_passes(self.config, task)
         if passes and self.stats_in_memory and task.numel <= self.chunk:
             stats = self.method.init_stats(task.numel, len(task.sources))
             self._stream(task, inputs, ws, output, progress, guard,
@@ -531,6 +530,21 @@ class Engine:
         return ChunkContext(task.name, start, task.numel, inputs, base, task.model_params, task.params,
                             ws.acc(stop - start), self.config.seed, task.shape, ws.extra, read_input,
                             read_base if task.base is not None else None)
+
+
+def statistics_passes(config: MergeConfig, task: TensorTask) -> int:
+    """How many statistics passes the method makes over `task`'s inputs before it merges them."""
+    if task.kind == COPY:
+        return 0
+    return config.method.passes_for(task.params, task.model_params, config.dtype, task.numel, task.shape)
+
+
+def input_reads(config: MergeConfig, task: TensorTask, chunk: int) -> int:
+    """How many times merging `task` with chunks of `chunk` elements reads its inputs: once, plus once per
+    statistics pass when the tensor is larger than a chunk (a smaller one gets its statistics from the chunk
+    already read; see Engine.run_task)."""
+    passes = statistics_passes(config, task)
+    return 1 if task.numel <= chunk else passes + 1
 
 
 def _follows(previous: TensorTask, task: TensorTask) -> bool:

@@ -172,6 +172,12 @@ class Budget:
         requested, per_element, default, largest_tensor, output_tensors, reserve = self._args
         return Budget(requested, per_element, default, None, largest_tensor, output_tensors, reserve)
 
+    def with_limit(self, limit: int, reserve: int) -> "Budget":
+        """This merge's budget at another limit, in a process holding what this one held when it was measured (the
+        budget of a task that another process runs, as the driver of a distributed merge sees it)."""
+        requested, per_element, default, largest_tensor, output_tensors, _ = self._args
+        return Budget(limit, per_element, default, self.baseline, largest_tensor, output_tensors, reserve)
+
     @property
     def estimated_peak(self) -> int:
         return self.baseline + self.reserved - OVERHEAD // 2 + self.chunk_elements * self.per_element

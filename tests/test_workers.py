@@ -265,8 +265,9 @@ def test_sigterm_stops_the_workers_and_removes_everything(tmp_path):
     process = start_merge(path, "--quiet", "--workers", "2")
     try:
         assert wait_for(lambda: in_progress(out), process), "the merge ended before it could be interrupted"
+        # Forked workers run the driver's command line (spawned ones multiprocessing's): anything but its helper.
         workers = [c for c in psutil.Process(process.pid).children(recursive=True)
-                   if "spawn_main" in " ".join(c.cmdline())]
+                   if "resource_tracker" not in " ".join(c.cmdline())]
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
     finally:
@@ -278,3 +279,15 @@ def test_sigterm_stops_the_workers_and_removes_everything(tmp_path):
     assert alive == []  # the driver stopped its workers before it exited
     assert not out.exists(), listing(out)
     assert sorted(os.listdir(tmp_path)) == ["m.yaml", "models"]
+
+
+def test_workers_are_forked_only_while_no_other_thread_runs():
+    """A process running no other thread forks its workers (they start at once, with torch already loaded);
+    one with a thread running spawns them, since a fork could inherit a lock that thread holds."""
+    script = ("import threading\n"
+              "from streammerge.distributed.executors import worker_start_method\n"
+              "print(worker_start_method())\n"
+              "stop = threading.Event(); threading.Thread(target=stop.wait).start()\n"
+              "print(worker_start_method()); stop.set()\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["fork", "spawn"]

@@ -12,24 +12,17 @@ from tqdm import tqdm
 from streammerge.distributed.executors import Executor
 from streammerge.distributed.split import split_tasks
 from streammerge.distributed.task import Group, GroupResult, MergeJob, Placement
-from streammerge.engine import Engine, Prepared, Report
+from streammerge.engine import Engine, Prepared, Report, input_reads
 from streammerge.errors import OutputError
 from streammerge.interrupts import uninterruptible
 from streammerge.io.output_safety import check_output_is_not_an_input, input_paths
 from streammerge.io.output_spec import Output
 from streammerge.io.outputs import check_disk_space, make_output
 from streammerge.memory import MemoryGuard, anon_rss
-from streammerge.plan import COPY, TensorTask
 
 # Several groups per slot: the slots that finish first take the groups left, so the last group to finish
 # holds up the end by little (a task's set-up is paid once per process and merge, not per group).
 GROUPS_PER_SLOT = 8
-
-
-def statistics_passes(config, task: TensorTask) -> int:
-    if task.kind == COPY:
-        return 0
-    return config.method.passes_for(task.params, task.model_params, config.dtype, task.numel, task.shape)
 
 
 def create_full_size(output: Output) -> None:
@@ -72,7 +65,9 @@ def run_distributed(prepared: Prepared, executor: Executor, quiet: bool = False,
                             output.copy(task.name, alias, engine.chunk * task.out_dtype.itemsize)
             todo = [t for t in plan.tasks if not output.reused(t.name)]
             progress.update(plan.read_bytes - sum(t.read_bytes for t in todo))
-            split = split_tasks(todo, executor.slots * GROUPS_PER_SLOT, lambda t: statistics_passes(config, t))
+            # Balanced by what each tensor reads in a task: chunks sized for the task's budget, not the driver's.
+            task_chunk = budget.with_limit(task_ram, executor.task_reserve).chunk_elements
+            split = split_tasks(todo, executor.slots * GROUPS_PER_SLOT, lambda t: input_reads(config, t, task_chunk))
             groups = [Group(tuple(todo[i].name for i in members),
                             frozenset(a for i in members for a in todo[i].aliases if output.reused(a)))
                       for members in split]

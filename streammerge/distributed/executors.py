@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Protocol
@@ -48,8 +49,19 @@ class Executor(Protocol):
 
 
 def _worker_started() -> None:
-    # The driver handles Ctrl-C for everyone: it stops the workers, then removes the partial output.
+    # The driver handles Ctrl-C for everyone: it stops the workers, then removes the partial output. A forked
+    # worker would also inherit the driver's handlers for the other signals: it just ends on them instead.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def worker_start_method() -> str:
+    """`fork` while this process runs no other Python thread: the workers start at once with the modules the
+    driver has loaded (a spawned worker imports torch again, seconds of one core before it merges anything).
+    With other threads running (an embedding application, Ray's client), `spawn`: a forked child could inherit
+    a lock one of them holds."""
+    return "fork" if threading.active_count() == 1 else "spawn"
 
 
 class LocalWorkers:
@@ -79,7 +91,7 @@ class LocalWorkers:
 
     def _started(self) -> ProcessPoolExecutor:
         if self.pool is None:  # kept for the next merge (a sweep) until close()
-            self.pool = ProcessPoolExecutor(self.slots, mp_context=multiprocessing.get_context("spawn"),
+            self.pool = ProcessPoolExecutor(self.slots, mp_context=multiprocessing.get_context(worker_start_method()),
                                             initializer=_worker_started)
         return self.pool
 

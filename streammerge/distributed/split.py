@@ -1,5 +1,5 @@
 """The work split: the plan's tensors in groups of whole tensors, balanced by the bytes each reads times the
-passes it makes over them. A tensor never spans groups, so its statistics passes stay in one process.
+number of times it reads them. A tensor never spans groups, so its statistics passes stay in one process.
 
 Groups are runs of consecutive tensors (in plan order, which is file order): each task then reads its inputs and
 writes its output front to back, and a shard of a sharded output is complete (and recorded for --resume) as soon
@@ -12,17 +12,17 @@ from typing import Callable, Sequence
 from streammerge.plan import TensorTask
 
 
-def tensor_cost(task: TensorTask, passes: int) -> int:
-    """What merging `task` costs: its input bytes, read once per statistics pass and once more to merge."""
-    return task.read_bytes * (passes + 1)
+def tensor_cost(task: TensorTask, reads: int) -> int:
+    """What merging `task` costs: its input bytes, `reads` times over."""
+    return task.read_bytes * reads
 
 
-def split_tasks(tasks: Sequence[TensorTask], groups: int, passes: Callable[[TensorTask], int]) -> list[list[int]]:
+def split_tasks(tasks: Sequence[TensorTask], groups: int, reads: Callable[[TensorTask], int]) -> list[list[int]]:
     """At most `groups` non-empty runs of consecutive indices into `tasks`, the largest run's cost as small as it
     can be (the linear partition problem: binary search on that cost, greedy runs under it)."""
     if groups < 1:
         raise ValueError("groups must be at least 1")
-    costs = [max(1, tensor_cost(t, passes(t))) for t in tasks]
+    costs = [max(1, tensor_cost(t, reads(t))) for t in tasks]
     if not costs:
         return []
     low, high = max(costs), sum(costs)
