@@ -7,6 +7,7 @@ import math
 
 import torch
 from safetensors.torch import save_file
+from safety_support import run_main  # the command line's code path, in this process
 
 
 def _pair(tmp_path):
@@ -34,23 +35,23 @@ def test_diff_figures_match_whole_tensor_reference(tmp_path, cli):
     assert report["only_second"] == ["extra"]
 
 
-def test_diff_against_a_base_prints_a_table(tmp_path, cli):
+def test_diff_against_a_base_prints_a_table(tmp_path):
     _pair(tmp_path)
-    result = cli("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--base", tmp_path / "a.safetensors")
+    result = run_main("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--base", tmp_path / "a.safetensors")
     assert result.returncode == 0, result.stderr
     assert "vs base" in result.stdout and "model.layers.0" in result.stdout
     assert " 0.000e+00 " in result.stdout  # a against itself
 
 
-def test_diff_needs_two_inputs_without_base(tmp_path, cli):
+def test_diff_needs_two_inputs_without_base(tmp_path):
     _pair(tmp_path)
-    result = cli("diff", tmp_path / "a.safetensors")
+    result = run_main("diff", tmp_path / "a.safetensors")
     assert result.returncode == 1 and "--base" in result.stderr
 
 
-def test_diff_plot_or_a_clear_message(tmp_path, cli):
+def test_diff_plot_or_a_clear_message(tmp_path):
     _pair(tmp_path)
-    result = cli("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--plot", tmp_path / "p.png")
+    result = run_main("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--plot", tmp_path / "p.png")
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -9,6 +9,7 @@ import torch
 
 import synth
 from ckpt_fixtures import Evil, save_legacy, save_xtts_trainer, small_state_dict, touch_command
+from safety_support import run_main  # the command line's code path, in this process
 from streammerge.inspect import inspect_checkpoint
 
 
@@ -34,8 +35,8 @@ def test_inspect_json_lists_every_xtts_tensor(cli, xtts_trainer):
     assert meta["config"] == {"model": "xtts", "audio": {"sample_rate": 22050}}
 
 
-def test_inspect_text(cli, xtts_trainer):
-    result = cli("inspect", xtts_trainer)
+def test_inspect_text(xtts_trainer):
+    result = run_main("inspect", xtts_trainer)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "torch-zip, weights under 'model'" in out
@@ -59,9 +60,9 @@ def test_inspect_pickled_config_tied_and_training_state(tmp_path):
     json.dumps(report)  # JSON-able throughout
 
 
-def test_inspect_text_describes_records_and_summaries(cli, tmp_path):
+def test_inspect_text_describes_records_and_summaries(tmp_path):
     path = save_xtts_trainer(tmp_path / "model.pth", small_state_dict(prefix="xtts."), legacy=True)
-    result = cli("inspect", path)
+    result = run_main("inspect", path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "torch-legacy, weights under 'model'" in out
@@ -70,10 +71,10 @@ def test_inspect_text_describes_records_and_summaries(cli, tmp_path):
     assert "tied: 1 group(s) sharing storage: xtts.embed.weight = xtts.head.weight" in out
 
 
-def test_inspect_safetensors_and_sharded(cli, tmp_path):
+def test_inspect_safetensors_and_sharded(tmp_path):
     path = tmp_path / "m.safetensors"
     synth.write_safetensors(path, seed=0, shrink=32)
-    report = json.loads(cli("inspect", path, "--json").stdout)
+    report = json.loads(run_main("inspect", path, "--json").stdout)
     assert report["format"] == "safetensors" and report["container"] == "" and report["count"] == 963
 
 
@@ -86,10 +87,10 @@ def test_inspect_refuses_malicious_file(cli, tmp_path):
     assert not marker.exists()
 
 
-def test_inspect_ambiguous_container_and_key_option(cli, tmp_path):
+def test_inspect_ambiguous_container_and_key_option(tmp_path):
     path = tmp_path / "c.pt"
     torch.save({"model": small_state_dict(0), "ema": small_state_dict(1)}, path)
-    result = cli("inspect", path)
+    result = run_main("inspect", path)
     assert result.returncode == 1 and "state_dict_key" in result.stderr and "Traceback" not in result.stderr
-    result = cli("inspect", path, "--state-dict-key", "ema", "--json")
+    result = run_main("inspect", path, "--state-dict-key", "ema", "--json")
     assert result.returncode == 0 and json.loads(result.stdout)["container"] == "ema"

@@ -12,6 +12,7 @@ import yaml
 from safetensors.torch import save_file
 
 from helpers import load_output, merge_in_process
+from safety_support import run_main  # the command line's code path, in this process
 from streammerge.lora import LowRankDelta
 
 transformers = pytest.importorskip("transformers")
@@ -120,20 +121,20 @@ def test_fan_in_fan_out_layers_get_the_transposed_update(tmp_path):
      {}, "4 x 5"),
     ({"base_model.model.x.lora_A.weight": torch.ones(2, 4)}, {}, "partner"),
 ])
-def test_unusable_adapters_are_refused_with_a_message(tmp_path, cli, tensors, config, message):
+def test_unusable_adapters_are_refused_with_a_message(tmp_path, tensors, config, message):
     save_file({"x.weight": torch.ones(4, 4)}, tmp_path / "m.safetensors")
     write_adapter(tmp_path / "ad", tensors, r=2, lora_alpha=2, **config)
     (tmp_path / "c.yml").write_text(yaml.safe_dump({"method": "passthrough", "models": [
         {"path": f"{tmp_path / 'm.safetensors'}+{tmp_path / 'ad'}"}]}))
-    result = cli("merge", tmp_path / "c.yml", "--output", tmp_path / "o.safetensors", "--quiet")
+    result = run_main("merge", tmp_path / "c.yml", "--output", tmp_path / "o.safetensors", "--quiet")
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_missing_adapter_directory_is_a_clean_error(tmp_path, base_dir, cli):
+def test_missing_adapter_directory_is_a_clean_error(tmp_path, base_dir):
     (tmp_path / "c.yml").write_text(yaml.safe_dump({"method": "passthrough", "models": [
         {"path": str(base_dir), "lora": str(tmp_path / "nowhere")}]}))
-    result = cli("merge", tmp_path / "c.yml", "--output", tmp_path / "o.safetensors", "--quiet")
+    result = run_main("merge", tmp_path / "c.yml", "--output", tmp_path / "o.safetensors", "--quiet")
     assert result.returncode == 1 and "adapter_config.json" in result.stderr, result.stderr
 
 
@@ -216,7 +217,7 @@ def test_extracted_adapter_loads_in_peft_and_reproduces_the_finetune(tmp_path, b
         assert 1e-2 < error < float((untouched - want).norm() / want.norm())
 
 
-def test_extract_lora_of_identical_models_is_a_clean_error(tmp_path, base_dir, cli):
-    result = cli("extract-lora", base_dir, base_dir, "--rank", 4, "--output", tmp_path / "adapter")
+def test_extract_lora_of_identical_models_is_a_clean_error(tmp_path, base_dir):
+    result = run_main("extract-lora", base_dir, base_dir, "--rank", 4, "--output", tmp_path / "adapter")
     assert result.returncode == 1 and "no difference" in result.stderr, result.stderr
     assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()

@@ -12,6 +12,7 @@ import os
 import struct
 import time
 from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckpt_fixtures import save_legacy
+from safety_support import run_main
 from streammerge.errors import CheckpointError, MemoryBudgetError, PlanError, StreamMergeError
 from streammerge.io import open_checkpoint
 from streammerge.io.containers import MAX_METADATA_CHARS, MAX_METADATA_VALUES, find_state_dict, to_jsonable
@@ -80,11 +82,14 @@ def test_memo_bombs_are_bounded(tmp_path, legacy, bomb):
 
 
 def test_memo_bomb_through_the_cli(cli, tmp_path):
+    """`inspect` runs in this process (its output is the point); `convert` under a budget is a process of its
+    own, whose memory the budget measures."""
     path = torch_save({"model": {"w": torch.arange(6.0)}, "meta": doubling(40)}, tmp_path / "bomb.pth")
-    for args in (["inspect", path], ["inspect", path, "--json"],
-                 ["convert", path, "--output", tmp_path / "o.safetensors", "--max-ram", "256MiB"]):
+    for runner, args in ((run_main, ["inspect", path]), (run_main, ["inspect", path, "--json"]),
+                         (partial(cli, timeout=120),
+                          ["convert", path, "--output", tmp_path / "o.safetensors", "--max-ram", "256MiB"])):
         started = time.monotonic()
-        result = cli(*args, timeout=120)
+        result = runner(*args)
         assert result.returncode == 0, result.stderr
         assert time.monotonic() - started < 60
     assert torch.equal(load_file(tmp_path / "o.safetensors")["w"], torch.arange(6.0))
@@ -166,14 +171,14 @@ def test_parameter_of_something_else_is_refused(tmp_path):
 
 # -- tensor names that are not valid Unicode ---------------------------------------------------------------------
 
-def test_lone_surrogate_in_safetensors_name(tmp_path, cli):
+def test_lone_surrogate_in_safetensors_name(tmp_path):
     header = '{"bad\\ud800": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'.encode()
     path = tmp_path / "s.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
     with pytest.raises(CheckpointError, match="not valid Unicode"):
         read_all(path)
     for args in (["inspect", path], ["inspect", path, "--json"], ["diff", path, path]):
-        result = cli(*args, timeout=120)
+        result = run_main(*args)  # the command line's code path, in this process
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert "not valid Unicode" in result.stderr
 
@@ -317,16 +322,16 @@ def strict_loads(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-def test_inspect_and_diff_json_have_no_bare_nan(tmp_path, cli):
+def test_inspect_and_diff_json_have_no_bare_nan(tmp_path):
     a, b = tmp_path / "a.pth", tmp_path / "b.pth"
     torch.save({"model": {"z": torch.zeros(4), "w": torch.ones(3)}, "loss": float("nan"), "best": float("inf"),
                 "hist": [1.0, float("-inf")]}, a)
     torch.save({"model": {"z": torch.zeros(4), "w": torch.full((3,), 2.0)}}, b)
-    result = cli("inspect", a, "--json")
+    result = run_main("inspect", a, "--json")  # the command line's code path, in this process
     assert result.returncode == 0, result.stderr
     report = strict_loads(result.stdout)
     assert report["metadata"]["loss"] is None and report["metadata"]["hist"] == [1.0, None]
-    result = cli("diff", a, b, "--json", "--tensors")
+    result = run_main("diff", a, b, "--json", "--tensors")
     assert result.returncode == 0, result.stderr
     strict_loads(result.stdout)
     assert "NaN" not in result.stdout
