@@ -32,7 +32,7 @@ from streammerge.io.output_spec import Output, OutputSpec, TensorSink, ResumeInp
 from streammerge.io.outputs import check_disk_space, make_output, output_kind, output_spec
 from streammerge.lora import apply_adapter
 from streammerge.memory import CHUNK_ALIGN, Budget, MemoryGuard, bytes_per_element
-from streammerge.methods.method import ChunkContext
+from streammerge.methods.method import ChunkContext, tiles
 from streammerge.plan import COPY, MERGE, Plan, TensorTask, build_plan
 
 
@@ -462,22 +462,40 @@ class Engine:
             stats = self.method.init_stats(task.numel, len(task.sources))
             for pass_index in range(passes):
                 for start, stop in _chunks(task.numel, self.chunk):
-                    self.method.observe(stats, pass_index, self._context(task, ws, start, stop))
+                    self._observe(stats, pass_index, self._context(task, ws, start, stop))
                     for info in inputs:  # keep the page cache: the next pass reads these bytes again
                         info.release(start, stop, drop_cache=False)
                     guard.check(f"'{task.name}'")
                 if self.method.finish_pass is not None:
                     self.method.finish_pass(stats, pass_index)
         self._stream(task, inputs, ws, output, progress, guard,
-                     lambda s, e: self.method.merge(self._context(task, ws, s, e), stats), was_cached)
+                     lambda s, e: self._merge(self._context(task, ws, s, e), stats), was_cached)
 
     def _observe_and_merge(self, ctx: ChunkContext, stats, passes: int) -> torch.Tensor:
         """Every statistics pass, then the merge, on one chunk holding the whole tensor: one read."""
         for pass_index in range(passes):
-            self.method.observe(stats, pass_index, ctx)
+            self._observe(stats, pass_index, ctx)
             if self.method.finish_pass is not None:
                 self.method.finish_pass(stats, pass_index)
-        return self.method.merge(ctx, stats)
+        return self._merge(ctx, stats)
+
+    def _parts(self, ctx: ChunkContext) -> list[ChunkContext]:
+        return tiles(ctx) if self.method.tiled else [ctx]
+
+    def _observe(self, stats, pass_index: int, ctx: ChunkContext) -> None:
+        for part in self._parts(ctx):
+            self.method.observe(stats, pass_index, part)
+
+    def _merge(self, ctx: ChunkContext, stats) -> torch.Tensor:
+        """The method's merge of a chunk, a tile at a time where it allows (same result, faster math)."""
+        parts = self._parts(ctx)
+        if len(parts) == 1:
+            return self.method.merge(ctx, stats)
+        for part in parts:
+            result = self.method.merge(part, stats)
+            if result.data_ptr() != part.out.data_ptr():
+                part.out.copy_(result)
+        return ctx.out
 
     def _stream(self, task, inputs: list[TensorInfo], ws, output, progress, guard, produce, was_cached) -> None:
         for start, stop in _chunks(task.numel, self.chunk):

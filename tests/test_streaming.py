@@ -28,10 +28,10 @@ def chunked(n: int, chunk: int):
 
 def select(x: torch.Tensor, ranks: list[int], chunk: int) -> RankSelect:
     s = RankSelect(ranks, x.dtype)
-    digits, mask = torch.empty(chunk, dtype=x.dtype), torch.empty(chunk, dtype=torch.bool)
+    digits = torch.empty(chunk, dtype=x.dtype)
     for p in range(s.passes):
         for a, b in chunked(x.numel(), chunk):
-            s.observe(p, x[a:b], digits[:b - a], mask[:b - a])
+            s.observe(p, x[a:b], digits[:b - a])
         s.finish_pass(p)
     return s
 
@@ -201,7 +201,7 @@ def test_statistics_make_no_chunk_sized_temporaries():
     copies its input, cumsum with a dtype converts it), or a budget filled with buffers is exceeded."""
     n = 12 * 2**20  # 48 MiB of int32 per chunk-sized copy
     x = tied_magnitudes(n, 5)
-    digits, mask = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.bool)
+    digits = torch.empty(n, dtype=torch.float32)
     keep, equal, other = (torch.zeros(n, dtype=torch.bool) for _ in range(3))
     counts = torch.zeros(n, dtype=torch.int32)
     select_ = RankSelect([n // 2], torch.float32)
@@ -210,7 +210,7 @@ def test_statistics_make_no_chunk_sized_temporaries():
 
     def work():
         for p in range(select_.passes):
-            select_.observe(p, x, digits, mask)
+            select_.observe(p, x, digits)
         select_.hist = [h.zero_() for h in select_.hist]
         TieGate(value, 1, ties - 1).apply(x, keep, equal, counts, other)
 

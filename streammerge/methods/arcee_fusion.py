@@ -135,8 +135,7 @@ def fusion_observe(stats: FusionStats, pass_index: int, ctx: ChunkContext) -> No
     if select_pass is not None:
         n = ctx.out.numel()
         importance = _importance(stats, ctx, ctx.buffers[0][:n])
-        mask = bool_views(ctx.buffers[2], n)[0]
-        stats.select.observe(select_pass, importance, ctx.buffers[1][:n], mask)
+        stats.select.observe(select_pass, importance, ctx.buffers[1][:n])
 
 
 def fusion_finish(stats: FusionStats, pass_index: int) -> None:

@@ -25,6 +25,7 @@ LINEAR = Method(
     help="weighted average of the models (model soup)",
     merge=linear,
     elementwise=True,
+    tiled=True,
     params=(
         Param("weight", 1.0, "this model's weight", per_model=True),
         Param("normalize", True, "divide by the sum of the weights", kind=bool),

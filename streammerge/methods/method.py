@@ -13,6 +13,7 @@ therefore give bit-identical results whatever the chunk size is.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -57,6 +58,20 @@ class ChunkContext:
     read_base: Callable[[int, int], torch.Tensor] | None = None
 
 
+TILE = 2 * GRID  # elements: the method's buffers for one tile stay within the CPU's caches (L3: a few MiB)
+
+
+def tiles(ctx: ChunkContext, size: int = TILE) -> list[ChunkContext]:
+    """The chunk of `ctx` as consecutive slices of `size` elements (a multiple of GRID), each a context of its
+    own: inputs, base and output sliced; the method's buffers are reused from their start for every slice."""
+    n = ctx.out.numel()
+    if n <= size:
+        return [ctx]
+    return [dataclasses.replace(ctx, offset=ctx.offset + a, inputs=[x[a:a + size] for x in ctx.inputs],
+                                base=None if ctx.base is None else ctx.base[a:a + size], out=ctx.out[a:a + size])
+            for a in range(0, n, size)]
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -80,6 +95,11 @@ class Method:
     # its position, the tensor's name or shape): the engine may then merge a run of small tensors that lie
     # back to back in every input as one chunk, with the same result as one tensor at a time.
     elementwise: bool = False
+    # Merging (and observing) a chunk gives the same result as doing so for its consecutive slices in order, each
+    # a multiple of GRID elements long, as with a smaller chunk, but without reading anything again: the engine
+    # then runs the math a cache-sized tile at a time (an element-wise operation on a chunk far larger than the
+    # CPU's caches runs at the speed of memory, several times slower).
+    tiled: bool = False
     in_mergekit: bool = True  # mergekit has a method of this name and meaning (its configs may ask for it)
     # A typical use, for benchmarks: {"model": {per-model params}, "parameters": {method params}}
     typical: dict = field(default_factory=dict)

@@ -138,7 +138,7 @@ def sce_observe(stats: SceStats, pass_index: int, ctx: ChunkContext) -> None:
         stats.chunk_variance(ctx, b)
         if pass_index == 0:
             stats.zeros += b.variance.numel() - int(b.variance.count_nonzero())
-        stats.select.observe(pass_index, b.variance, b.counts, b.keep)
+        stats.select.observe(pass_index, b.variance, b.counts)
         return
     if stats.nothing:
         return

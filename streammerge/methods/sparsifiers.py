@@ -23,8 +23,9 @@ import torch
 
 from streammerge.cpu import MAX_THREADS
 from streammerge.errors import StreamMergeError
+from streammerge.methods.masks import keep_only
 from streammerge.methods.method import ChunkContext
-from streammerge.methods.streaming import INT_VIEW, Groups, GroupSums, RankSelect, TieGate, Uniform, bool_views
+from streammerge.methods.streaming import Groups, GroupSums, RankSelect, TieGate, Uniform, bool_views
 
 RESCALE_EPS = 1e-7  # below this L1 norm a magnitude-pruned delta is left unscaled
 # DELLA ranks at most 1/MAGPRUNE_SHARE of a chunk at once: its temporaries (int64 order and ranks, float
@@ -158,8 +159,7 @@ def prune_by_magnitude(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats:
         b.keep.logical_and_(b.other)
     for gate in gates:
         gate.apply(b.magnitude, b.keep, b.equal, b.counts, b.other)
-    torch.logical_not(b.keep, out=b.other)
-    b.delta.masked_fill_(b.other, 0)
+    keep_only(b.delta, b.keep, b.magnitude)  # the magnitudes are no longer needed
 
 
 # -- statistics passes for the magnitude sparsifiers ---------------------------------------------------------
@@ -173,7 +173,7 @@ def magnitude_observe(sparsifier: Sparsifier):
                 if select is None:
                     continue
                 torch.sub(ctx.inputs[i], ctx.base, out=b.magnitude).abs_()
-                select.observe(pass_index, b.magnitude, b.counts, b.keep)
+                select.observe(pass_index, b.magnitude, b.counts)
             return
         # the rescale pass: L1 norm of each pruned delta against that of the whole delta
         if ctx.offset == 0:
@@ -215,8 +215,8 @@ def prune_randomly(i: int, ctx: ChunkContext, b: Buffers) -> None:
         b.delta.zero_()
         return
     Uniform(ctx.seed, ctx.name, i).fill(ctx.offset, b.magnitude)
-    torch.ge(b.magnitude, density, out=b.other)  # dropped: u >= density, so P(keep) = density
-    b.delta.masked_fill_(b.other, 0)
+    torch.lt(b.magnitude, density, out=b.keep)  # kept: u < density, so P(keep) = density
+    keep_only(b.delta, b.keep, b.magnitude)
     if ctx.params["rescale"]:
         b.delta.div_(density)
 
@@ -296,11 +296,7 @@ def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, i: int, unit: 
     probability_at = rows.transpose(1, 2)  # in delta's layout
     uniform.fill(start, draws)
     torch.lt(draws.view(grid.shape), probability_at, out=kept.view(grid.shape))  # P(keep) = probability
-    # dropped entries become +0: AND with an all-ones/all-zeros mask (masked_fill_ with a random mask is
-    # several times slower: it branches per element)
-    bits = INT_VIEW[delta.dtype]
-    mask = keys.view(bits)[:delta.numel()].copy_(kept).neg_()
-    delta.view(bits).bitwise_and_(mask)
+    keep_only(delta, kept, keys)
     if ctx.params["rescale"]:
         grid.div_(probability_at)
 

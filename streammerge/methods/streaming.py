@@ -248,9 +248,8 @@ class RankSelect:
         """Histogram passes a selection over values of `dtype` takes (one per digit of the bit pattern)."""
         return dtype.itemsize * 8 // DIGIT_BITS
 
-    def observe(self, pass_index: int, values: torch.Tensor, digits_buffer: torch.Tensor,
-                mask: torch.Tensor) -> None:
-        """values: magnitudes (>= 0) of one chunk; digits_buffer/mask: scratch of the same length."""
+    def observe(self, pass_index: int, values: torch.Tensor, digits_buffer: torch.Tensor) -> None:
+        """values: magnitudes (>= 0) of one chunk; digits_buffer: scratch of the same length and width."""
         bits = values.view(self.int_dtype)
         digits = digits_buffer.view(self.int_dtype)[:values.numel()]
         shift = self.bits - DIGIT_BITS * (pass_index + 1)
@@ -261,11 +260,12 @@ class RankSelect:
                 hist += counts
             return
         for j, hist in enumerate(self.hist):
-            torch.bitwise_right_shift(bits, shift + DIGIT_BITS, out=digits)
-            torch.ne(digits, self.prefix[j], out=mask)
+            # (bits >> shift) - (prefix << DIGIT_BITS) is the digit for the elements under the prefix, negative
+            # below it and at least BINS above it: shifted by one and clamped, bin 0 and bin BINS + 1 take the
+            # others, and bins 1..BINS the digits (integer arithmetic only: a masked fill is several times slower)
             torch.bitwise_right_shift(bits, shift, out=digits)
-            digits.bitwise_and_(BINS - 1).masked_fill_(mask, BINS)  # other prefixes go to an ignored bin
-            hist += _bincount(digits, BINS + 1)[:BINS]
+            digits.sub_((self.prefix[j] << DIGIT_BITS) - 1).clamp_(0, BINS + 1)
+            hist += _bincount(digits, BINS + 2)[1:BINS + 1]
 
     def set_rank(self, j: int, rank: int) -> None:
         """Choose rank j after the first pass has been observed, before `finish_pass(0)` (that pass's histogram

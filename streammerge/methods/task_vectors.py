@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from streammerge.methods.masks import fill, select
 from streammerge.methods.method import ChunkContext, Method, Param
 from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, MagnitudeStats, Sparsifier,
                                              magnitude_finish, magnitude_observe, magnitude_passes,
@@ -100,10 +101,10 @@ def task_vector_merge(family: Family):
         if consensus:
             torch.add(mixed, negative, out=b.magnitude)
             torch.ge(b.magnitude, 0, out=b.flag)  # the elected sign: + where the sum is >= 0
-            torch.where(b.flag, mixed, negative, out=b.delta)
-            torch.where(b.flag, weight_pos, weight_neg, out=b.magnitude)
+            select(b.flag, mixed, negative, b.delta, b.counts)
+            select(b.flag, weight_pos, weight_neg, b.magnitude, b.counts)
             torch.eq(b.magnitude, 0, out=b.flag)
-            b.magnitude.masked_fill_(b.flag, 1)
+            fill(b.magnitude, b.flag, 1, b.counts)
             mixed = b.delta
             if ctx.params["normalize"]:
                 mixed.div_(b.magnitude)
@@ -184,6 +185,8 @@ def _method(family: Family) -> Method:
         finish_pass=magnitude_finish if magnitude else None,
         buffers=family.buffers,
         check=_della_check if family.sparsifier is Sparsifier.MAGPRUNE else None,
+        # magprune ranks whole rows, which tiles would cut (each cut row read again): its chunks stay whole
+        tiled=family.sparsifier is not Sparsifier.MAGPRUNE,
         typical=family.typical or {},
     )
 

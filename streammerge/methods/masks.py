@@ -1,0 +1,43 @@
+"""Element selection by a bool mask, bit for bit as torch's `masked_fill_` and `where`, done with integer
+operations on the values' bit patterns. With a bool mask those torch kernels take about 6 ns per element on
+CPU, against well under 1 ns for an element-wise integer operation: the task-vector methods spent a third of their
+time in them."""
+
+from __future__ import annotations
+
+import torch
+
+from streammerge.methods.streaming import INT_VIEW
+
+
+def mask_bits(mask: torch.Tensor, scratch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """All ones where `mask` holds, zeros elsewhere, as integers as wide as `dtype`, in `scratch` (any buffer of
+    that width and at least the mask's length, overlapping nothing else in use)."""
+    ints = scratch.view(INT_VIEW[dtype])[:mask.numel()]
+    return ints.copy_(mask.view(torch.uint8)).neg_()
+
+
+def keep_only(x: torch.Tensor, keep: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """`x.masked_fill_(~keep, 0)`: the entries not kept become +0."""
+    x.view(INT_VIEW[x.dtype]).bitwise_and_(mask_bits(keep, scratch, x.dtype))
+    return x
+
+
+def select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+           scratch: torch.Tensor) -> torch.Tensor:
+    """`torch.where(mask, a, b, out=out)`; `out` must not overlap `a` or `b` (b ^ ((a ^ b) & mask))."""
+    bits = INT_VIEW[out.dtype]
+    chosen, other = out.view(bits), b.view(bits)
+    torch.bitwise_xor(a.view(bits), other, out=chosen)
+    chosen.bitwise_and_(mask_bits(mask, scratch, out.dtype)).bitwise_xor_(other)
+    return out
+
+
+def fill(x: torch.Tensor, mask: torch.Tensor, value: float, scratch: torch.Tensor) -> torch.Tensor:
+    """`x.masked_fill_(mask, value)` (x ^ (x & mask) | (value & mask))."""
+    bits = INT_VIEW[x.dtype]
+    pattern = int(torch.tensor(value, dtype=x.dtype).view(bits))
+    ints = x.view(bits)
+    ints.bitwise_xor_(mask_bits(mask, scratch, x.dtype).bitwise_and_(ints))
+    ints.bitwise_or_(mask_bits(mask, scratch, x.dtype).bitwise_and_(pattern))
+    return x

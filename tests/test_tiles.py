@@ -1,0 +1,95 @@
+"""The engine runs a chunk's math a cache-sized tile at a time for the methods that allow it (`Method.tiled`),
+and selects elements with integer bit operations instead of torch's bool-mask kernels (`methods.masks`): both
+must leave every output bit as it was."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from helpers import load_output, merge_in_process, save
+
+import streammerge.engine as engine_module
+from streammerge.methods import masks
+from streammerge.methods.method import GRID, TILE, tiles
+from streammerge.methods.registry import get_method, methods
+
+TILED = sorted(m.name for m in methods() if m.tiled)
+SPECIAL = [0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e-45, 3.4e38]
+
+
+def special_values(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    x[torch.randint(0, n, (n // 4,), generator=g)] = torch.tensor(SPECIAL, dtype=dtype)[
+        torch.randint(0, len(SPECIAL), (n // 4,), generator=g)]
+    return x
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view({4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mask_operations_give_torchs_bits(dtype):
+    n = 10_007
+    a, b = special_values(n, dtype, 1), special_values(n, dtype, 2)
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(3)) < 0.5
+    scratch = torch.empty(n, dtype=dtype)
+    assert torch.equal(bits(masks.keep_only(a.clone(), mask, scratch)), bits(a.masked_fill(~mask, 0)))
+    out = torch.empty(n, dtype=dtype)
+    assert torch.equal(bits(masks.select(mask, a, b, out, scratch)), bits(torch.where(mask, a, b)))
+    for value in (1, 0.0, -0.0, float("nan")):
+        assert torch.equal(bits(masks.fill(a.clone(), mask, value, scratch)), bits(a.masked_fill(mask, value)))
+
+
+def test_tiles_cover_the_chunk_in_order():
+    n = 5 * GRID + 17
+    inputs = [torch.arange(n, dtype=torch.float32) + i for i in range(2)]
+    ctx = engine_module.ChunkContext("t", 3 * GRID, 10 * GRID, inputs, inputs[0] * 2, [{}, {}], {},
+                                     torch.empty(n))
+    parts = tiles(ctx, 2 * GRID)
+    assert [p.offset for p in parts] == [3 * GRID, 5 * GRID, 7 * GRID]
+    assert [p.out.numel() for p in parts] == [2 * GRID, 2 * GRID, GRID + 17]
+    for p in parts:
+        local = p.offset - ctx.offset
+        assert p.inputs[1][0].item() == local + 1 and p.base[0].item() == 2 * local
+        assert p.out.data_ptr() == ctx.out[local:].data_ptr()
+    assert tiles(ctx, n) == [ctx]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A base and two fine-tunes with tensors of several tiles (odd lengths: a short last tile) and ties in
+    magnitude (coarse values), one tensor smaller than a tile."""
+    tmp = tmp_path_factory.mktemp("tiles")
+    g = torch.Generator().manual_seed(0)
+    shapes = {"big.weight": (700, 601), "wide.weight": (3, 3 * TILE + 5), "small.bias": (1000,)}
+    base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    paths = []
+    for k in range(2):
+        model = {n: v + torch.round(torch.randn(s, generator=g) * 8) / 64 for (n, v), s in
+                 zip(base.items(), shapes.values())}
+        paths.append(save(model, tmp / f"model{k}.safetensors"))
+    return paths, save(base, tmp / "base.safetensors")
+
+
+@pytest.mark.parametrize("method", TILED)
+@pytest.mark.parametrize("chunk", [None, 4 * GRID], ids=["whole-tensor chunks", "streamed"])
+def test_tiled_merge_gives_the_untiled_bits(method, chunk, inputs, tmp_path, monkeypatch):
+    paths, base = inputs
+    declared = get_method(method)
+    density = {"density": 0.6} if declared.param("density") else {}
+    cfg = {"method": method, "seed": 5, **({"base": str(base)} if declared.uses_base else {}),
+           "models": [{"path": str(p), "weight": w, **density} for p, w in zip(paths, (0.7, 0.4))]}
+    outputs = {}
+    for label, tiling in [("untiled", lambda ctx: [ctx]), ("grid", functools.partial(tiles, size=GRID)),
+                          ("default", tiles)]:
+        monkeypatch.setattr(engine_module, "tiles", tiling)
+        out = tmp_path / f"{label}.safetensors"
+        merge_in_process({**cfg, "output": str(out)}, chunk=chunk)
+        outputs[label] = load_output(out)
+    for label in ("grid", "default"):
+        for name, tensor in outputs["untiled"].items():
+            assert torch.equal(bits(outputs[label][name]), bits(tensor)), (label, name)
