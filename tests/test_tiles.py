@@ -10,10 +10,12 @@ import pytest
 import torch
 from helpers import load_output, merge_in_process, save
 
+from bench import streammerge_config
+
 import streammerge.engine as engine_module
 from streammerge.methods import masks
 from streammerge.methods.method import GRID, TILE, tiles
-from streammerge.methods.registry import get_method, methods
+from streammerge.methods.registry import methods
 
 TILED = sorted(m.name for m in methods() if m.tiled)
 SPECIAL = [0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e-45, 3.4e38]
@@ -61,14 +63,14 @@ def test_tiles_cover_the_chunk_in_order():
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """A base and two fine-tunes with tensors of several tiles (odd lengths: a short last tile) and ties in
+    """A base and three fine-tunes with tensors of several tiles (odd lengths: a short last tile) and ties in
     magnitude (coarse values), one tensor smaller than a tile."""
     tmp = tmp_path_factory.mktemp("tiles")
     g = torch.Generator().manual_seed(0)
     shapes = {"big.weight": (700, 601), "wide.weight": (3, 3 * TILE + 5), "small.bias": (1000,)}
     base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
     paths = []
-    for k in range(2):
+    for k in range(3):
         model = {n: v + torch.round(torch.randn(s, generator=g) * 8) / 64 for (n, v), s in
                  zip(base.items(), shapes.values())}
         paths.append(save(model, tmp / f"model{k}.safetensors"))
@@ -79,10 +81,8 @@ def inputs(tmp_path_factory):
 @pytest.mark.parametrize("chunk", [None, 4 * GRID], ids=["whole-tensor chunks", "streamed"])
 def test_tiled_merge_gives_the_untiled_bits(method, chunk, inputs, tmp_path, monkeypatch):
     paths, base = inputs
-    declared = get_method(method)
-    density = {"density": 0.6} if declared.param("density") else {}
-    cfg = {"method": method, "seed": 5, **({"base": str(base)} if declared.uses_base else {}),
-           "models": [{"path": str(p), "weight": w, **density} for p, w in zip(paths, (0.7, 0.4))]}
+    cfg = streammerge_config(method, paths, tmp_path / "unused", base)  # the method's typical parameters
+    cfg["seed"] = 5
     outputs = {}
     for label, tiling in [("untiled", lambda ctx: [ctx]), ("grid", functools.partial(tiles, size=GRID)),
                           ("default", tiles)]:
