@@ -85,3 +85,14 @@ def test_one_huge_tensor_is_never_cut():
     tasks = tensors(1000, 1, 1, 1)
     groups = split_tasks(tasks, 2, lambda t: 1)
     assert [0] in groups and len(groups) == 2
+
+
+def test_a_finer_tail_cuts_the_last_runs_in_two():
+    tasks = tensors(*([10] * 16))
+    assert split_tasks(tasks, 4, lambda t: 1, finer_tail=2) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11],
+                                                                 [12, 13], [14, 15]]
+    uneven = tensors(5, 9, 1, 7, 3, 3, 8, 2, 6)
+    groups = split_tasks(uneven, 3, lambda t: 1, finer_tail=3)
+    assert [i for g in groups for i in g] == list(range(len(uneven))) and all(groups)
+    assert split_tasks(tensors(100, 1), 2, lambda t: 1, finer_tail=2) == [[0], [1]]  # a run of one stays whole
+    assert split_tasks(tasks, 4, lambda t: 1, finer_tail=9) == [[i, i + 1] for i in range(0, 16, 2)]

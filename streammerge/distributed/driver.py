@@ -67,7 +67,8 @@ def run_distributed(prepared: Prepared, executor: Executor, quiet: bool = False,
             progress.update(plan.read_bytes - sum(t.read_bytes for t in todo))
             # Balanced by what each tensor reads in a task: chunks sized for the task's budget, not the driver's.
             task_chunk = budget.with_limit(task_ram, executor.task_reserve).chunk_elements
-            split = split_tasks(todo, executor.slots * GROUPS_PER_SLOT, lambda t: input_reads(config, t, task_chunk))
+            split = split_tasks(todo, executor.slots * GROUPS_PER_SLOT, lambda t: input_reads(config, t, task_chunk),
+                                finer_tail=executor.slots)
             groups = [Group(tuple(todo[i].name for i in members),
                             frozenset(a for i in members for a in todo[i].aliases if output.reused(a)))
                       for members in split]

@@ -17,12 +17,22 @@ def tensor_cost(task: TensorTask, reads: int) -> int:
     return task.read_bytes * reads
 
 
-def split_tasks(tasks: Sequence[TensorTask], groups: int, reads: Callable[[TensorTask], int]) -> list[list[int]]:
+def split_tasks(tasks: Sequence[TensorTask], groups: int, reads: Callable[[TensorTask], int],
+                finer_tail: int = 0) -> list[list[int]]:
     """At most `groups` non-empty runs of consecutive indices into `tasks`, the largest run's cost as small as it
-    can be (the linear partition problem: binary search on that cost, greedy runs under it)."""
+    can be (the linear partition problem: binary search on that cost, greedy runs under it). With `finer_tail`,
+    the last that many runs are then each cut in two: run in order, the workers that finish first find half-size
+    pieces at the end, and the last one to finish holds the end up by about half as long."""
     if groups < 1:
         raise ValueError("groups must be at least 1")
     costs = [max(1, tensor_cost(t, reads(t))) for t in tasks]
+    runs = _partition(costs, groups)
+    cut = len(runs) - min(finer_tail, len(runs))
+    return runs[:cut] + [[run[i] for i in half] for run in runs[cut:]
+                         for half in _partition([costs[i] for i in run], 2)]
+
+
+def _partition(costs: list[int], groups: int) -> list[list[int]]:
     if not costs:
         return []
     low, high = max(costs), sum(costs)
