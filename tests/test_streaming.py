@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from streammerge.methods.method import GRID
-from streammerge.methods.streaming import Groups, GroupSums, RankSelect, TieGate, Uniform, stream_key
+from streammerge.methods.streaming import (Groups, GroupSums, RankSelect, TieGate, Uniform, pairwise_sums,
+                                           stream_key)
 
 
 def tied_magnitudes(n: int, seed: int, dtype=torch.float32, distinct: int = 50) -> torch.Tensor:
@@ -50,6 +51,29 @@ def test_rank_select_matches_kthvalue(dtype, chunk):
             below = int((x < expected).sum())
             assert s.ties_before(j) == rank - below
             assert s.count_equal[j] == int((x == expected).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_select_of_a_whole_tensor_at_once_equals_the_passes(dtype):
+    """A whole-tensor chunk is selected at once (in-place partition), with ranks set after the first pass as sce
+    sets them: the same value, ties before and count of equal elements as the histogram passes."""
+    n = GRID + 4321
+    for seed, distinct in ((0, 50), (1, 100000), (2, 1)):
+        x = tied_magnitudes(n, seed, dtype, distinct)
+        ranks = [0, 1, n // 3, n // 2, n - 2, n - 1]
+        passes = select(x, ranks, GRID)
+        whole = RankSelect([0] * len(ranks), dtype)
+        digits = torch.empty(n, dtype=dtype)
+        whole.observe(0, x, digits, whole=True)
+        for j, rank in enumerate(ranks):
+            whole.set_rank(j, rank)
+        for p in range(whole.passes):
+            whole.observe(p, x, digits, whole=True)
+            whole.finish_pass(p)
+        assert whole.done
+        for j in range(len(ranks)):
+            assert (whole.value(j), whole.ties_before(j), whole.count_equal[j]) == \
+                (passes.value(j), passes.ties_before(j), passes.count_equal[j])
 
 
 def test_rank_select_all_equal_and_single_element():
@@ -116,6 +140,38 @@ def test_group_sums_match_torch_and_are_chunk_invariant(kind, shape):
     else:
         expected = torch.stack([d.reshape(shape[0], -1).sum(0), s.reshape(shape[0], -1).sum(0)])
     torch.testing.assert_close(results[0], expected, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind, shape", [("tensor", (5 * GRID + 99,)), ("tensor", (1000,)), ("tensor", (1,)),
+                                         ("columns", (GRID // 64 + 3, 64)), ("columns", (GRID // 128 + 1, 64))])
+def test_a_short_last_block_sums_as_if_padded_to_the_grid(kind, shape):
+    """The tensor's last, shorter block is summed over the next power of two: the bits of the documented sum of a
+    whole grid block padded with zeros (signed zeros included)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g)
+    x[x.abs() < 0.3] = -0.0
+    flat, groups = x.flatten(), Groups(kind, shape)
+    sums = GroupSums(groups, 1)
+    for a, b in chunked(flat.numel(), 2 * GRID):
+        sums.add(0, a, flat[a:b])
+    width = 1 if groups.kind == "tensor" else groups.period
+    expected = torch.zeros(groups.count, dtype=torch.float64)
+    for a in range(0, flat.numel(), GRID):
+        block = torch.zeros(GRID)
+        block[:min(GRID, flat.numel() - a)] = flat[a:a + GRID]
+        expected += pairwise_sums(block.view(1, GRID // width, width)).flatten()  # the block sums in order
+    assert torch.equal(sums.sums[0].view(torch.int64), expected.view(torch.int64))
+
+
+def test_sums_of_several_quantities_at_once_equal_one_at_a_time():
+    g = torch.Generator().manual_seed(6)
+    for n in (1, 3, 1000, GRID):
+        values = [torch.randn(n, generator=g) for _ in range(3)]
+        one, each = GroupSums(Groups("tensor", (n,)), 3), GroupSums(Groups("tensor", (n,)), 3)
+        for q, v in enumerate(values):
+            one.add(q, 0, v)
+        each.add_each(0, values)
+        assert torch.equal(one.sums, each.sums)
 
 
 @pytest.mark.parametrize("kind", ["tensor", "rows", "columns"])

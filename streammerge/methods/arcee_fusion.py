@@ -132,10 +132,10 @@ def fusion_observe(stats: FusionStats, pass_index: int, ctx: ChunkContext) -> No
     elif pass_index == 1 and not stats.fused:
         _kl_terms(stats, ctx.offset, x, base)
     select_pass = stats.select_pass(pass_index)
-    if select_pass is not None:
+    if select_pass is not None and not stats.select.done:
         n = ctx.out.numel()
         importance = _importance(stats, ctx, ctx.buffers[0][:n])
-        stats.select.observe(select_pass, importance, ctx.buffers[1][:n])
+        stats.select.observe(select_pass, importance, ctx.buffers[1][:n], whole=n == ctx.numel)
 
 
 def fusion_finish(stats: FusionStats, pass_index: int) -> None:
@@ -159,7 +159,8 @@ def arcee_fusion(ctx: ChunkContext, stats: FusionStats) -> torch.Tensor:
     keep = bool_views(ctx.buffers[2], n)[0]
     torch.ge(importance, stats.threshold, out=keep)
     delta = torch.sub(ctx.inputs[0], ctx.base, out=ctx.buffers[1][:n])
-    return torch.mul(delta, keep, out=ctx.out).add_(ctx.base)
+    keep_as_number = importance.copy_(keep)  # (a product with the bool mask would convert it into a temporary)
+    return torch.mul(delta, keep_as_number, out=ctx.out).add_(ctx.base)
 
 
 ARCEE_FUSION = Method(

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from streammerge.methods.method import GRID
 from streammerge.methods.streaming import Groups, GroupSums
 
 
@@ -27,6 +28,12 @@ class Gram:
                 first: torch.Tensor | None = None, second: torch.Tensor | None = None) -> None:
         """vector(i, buffer): this chunk of v_i, a view or computed into `buffer` (first or second, chunk-sized
         scratch buffers that vectors computed on the fly need); product: chunk-sized scratch."""
+        n = vector(0, first).numel()
+        if n <= GRID:  # one grid block: the vectors side by side, every pair's products summed in one call
+            rows = torch.empty(self.n, n, dtype=product.dtype)
+            vectors = [vector(i, rows[i]) for i in range(self.n)]
+            self.sums.add_each(offset, [torch.mul(vectors[i], vectors[j]) for i, j in self.pairs])
+            return
         q = 0  # the pairs in the order of self.pairs
         for i in range(self.n):
             a = vector(i, first)

@@ -35,24 +35,31 @@ def karcher_coefficients(gram: torch.Tensor, max_iter: int, tol: float) -> torch
     identity = torch.eye(len(valid), dtype=torch.float64)
     mean = torch.full((len(valid),), alpha, dtype=torch.float64)  # coefficients over the u_i
     mean_norm = quadratic_norm(units, mean)
-    mean = identity[0].clone() if mean_norm < tol else mean / mean_norm
+    mean = (identity[0].clone() if mean_norm < tol else mean / mean_norm).tolist()
+    # The iteration's element-wise steps on N numbers run on Python floats (the same IEEE operations, in the same
+    # order, as on float64 tensors, without a tensor operation's overhead each); the products with the Gram
+    # matrix stay torch's, whose summation order they keep.
     for _ in range(max_iter):
-        dots = (units @ mean).clamp(-1.0, 1.0)
-        tangent = torch.zeros_like(mean)
-        for k in range(len(valid)):
-            theta = math.acos(float(dots[k]))
+        dots = (units @ torch.tensor(mean, dtype=torch.float64)).clamp(-1.0, 1.0).tolist()
+        tangent = [0.0] * len(valid)
+        for k, dot in enumerate(dots):
+            theta = math.acos(dot)
             if theta < tol:
                 continue
-            tangent += alpha * (theta / math.sin(theta)) * (identity[k] - dots[k] * mean)
-        tangent_norm = quadratic_norm(units, tangent)
+            step = alpha * (theta / math.sin(theta))
+            tangent = [t + step * ((1.0 if e == k else 0.0) - dot * m) for e, (t, m) in enumerate(zip(tangent, mean))]
+        tangent_norm = quadratic_norm(units, torch.tensor(tangent, dtype=torch.float64))
         if tangent_norm < tol:
             break
-        mean = math.cos(tangent_norm) * mean + math.sin(tangent_norm) * (tangent / tangent_norm)
-        unit_norm = quadratic_norm(units, mean)
+        cos, sin = math.cos(tangent_norm), math.sin(tangent_norm)
+        direction = ([t / tangent_norm for t in tangent] if tangent_norm  # (with tol 0: IEEE's 0/0 and x/0)
+                     else (torch.tensor(tangent, dtype=torch.float64) / tangent_norm).tolist())
+        mean = [cos * m + sin * d for m, d in zip(mean, direction)]
+        unit_norm = quadratic_norm(units, torch.tensor(mean, dtype=torch.float64))
         if unit_norm > tol:
-            mean = mean / unit_norm
+            mean = [m / unit_norm for m in mean]
     scale = float(norms.sum()) / n  # every model's norm, as mergekit weighs them (1/N each)
-    coefficients[valid] = scale * mean / valid_norms
+    coefficients[valid] = scale * torch.tensor(mean, dtype=torch.float64) / valid_norms
     return coefficients
 
 

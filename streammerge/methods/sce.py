@@ -13,7 +13,8 @@ mergekit 0.1.5's definition, delta_i = model_i - base:
 Streaming: the k-th largest variance is found by exact radix selection (2 histogram passes for float32, 4 for
 float64; the count of nonzero variances comes with the first), equal variances at the threshold are ranked by
 position (mergekit's topk picks among them arbitrarily); then one pass sums each model's squares (float64, per
-grid block); then the merge pass. Without selection only the squares pass is needed.
+grid block); then the merge pass. Without selection only the squares pass is needed. A tensor that fits in
+one chunk is selected on that chunk at once (`RankSelect`'s whole-tensor selection: the same order statistics).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class Buffers:
         scratch = [b[:n] for b in ctx.buffers]
         self.variance, counts, masks, self.delta, self.total = scratch[:5]
         self.counts = counts.view({4: torch.int32, 8: torch.int64}[counts.element_size()])
+        self.flags = counts  # 0/1 as numbers, once the tie counts are done with (a product with a bool
+        # tensor would convert it into a chunk-sized temporary first)
         self.keep, self.equal, self.other, self.positive = bool_views(masks, n)[:4]
 
 
@@ -133,12 +136,12 @@ def sce_observe(stats: SceStats, pass_index: int, ctx: ChunkContext) -> None:
         stats.setup(ctx)
     b = Buffers(ctx)
     if pass_index < stats.select_passes:
-        if stats.nothing:
+        if stats.nothing or stats.select.done:
             return
         stats.chunk_variance(ctx, b)
         if pass_index == 0:
             stats.zeros += b.variance.numel() - int(b.variance.count_nonzero())
-        stats.select.observe(pass_index, b.variance, b.counts)
+        stats.select.observe(pass_index, b.variance, b.counts, whole=b.variance.numel() == ctx.numel)
         return
     if stats.nothing:
         return
@@ -174,6 +177,12 @@ def sce_finish(stats: SceStats, pass_index: int) -> None:
         stats.weights = (means / total).tolist()
 
 
+def _default_dtype(weight: float) -> float:
+    """The weight rounded as a product of it with a bool tensor rounds it: to torch's default dtype (float32),
+    whatever the accumulation dtype."""
+    return torch.tensor(weight, dtype=torch.get_default_dtype()).item()
+
+
 def sce(ctx: ChunkContext, stats: SceStats | None) -> torch.Tensor:
     if stats is None or stats.nothing:  # nothing selected
         return ctx.out.copy_(ctx.base)
@@ -192,8 +201,9 @@ def sce(ctx: ChunkContext, stats: SceStats | None) -> torch.Tensor:
         torch.gt(delta, 0, out=agree)
         torch.lt(delta, 0, out=b.other)
         torch.where(b.positive, agree, b.other, out=agree)
-        mixed.add_(delta.mul_(agree).mul_(weight))
-        divisor.add_(torch.mul(agree, weight, out=b.delta))
+        flags = b.flags.copy_(agree)
+        mixed.add_(delta.mul_(flags).mul_(weight))
+        divisor.add_(flags.mul_(_default_dtype(weight)))
     mixed.div_(divisor.clamp_(min=MIN_DIVISOR))
     return mixed.add_(ctx.base)
 

@@ -109,7 +109,7 @@ class Groups:
         return out
 
 
-SUM_BATCH = 8  # grid blocks summed per call (their float64 temporaries take 8 bytes per element / 2)
+SUM_BATCH = 4  # grid blocks summed per call (their float64 temporaries: 1 MiB for the halves of 4 blocks)
 
 
 def pairwise_sums(values: torch.Tensor) -> torch.Tensor:
@@ -127,6 +127,24 @@ def pairwise_sums(values: torch.Tensor) -> torch.Tensor:
     return acc[:, 0]
 
 
+def padded_rows(values: torch.Tensor, width: int) -> torch.Tensor:
+    """`values` (whole rows of `width` elements) as a [1, m, width] view, m the next power of two of its row
+    count, padded with zero rows where needed.
+
+    The tree of `pairwise_sums` over a grid block that ends with zeros first adds those zeros to the values,
+    level by level, until the length is that power of two, then sums the rest as over the shorter block: the same
+    additions on the same values. x + 0 is x exactly; only a zero's sign can differ (-0 + 0 is +0), and sums
+    that start at +0 never show it. So a short last block is summed over m rows instead of a whole grid block
+    of zeros, with the same bits."""
+    rows = values.numel() // width
+    m = 1 << (rows - 1).bit_length()
+    if m == rows:
+        return values.view(1, m, width)
+    padded = torch.zeros(m * width, dtype=values.dtype)
+    padded[:values.numel()].copy_(values)
+    return padded.view(1, m, width)
+
+
 class GroupSums:
     """Float64 sums of several per-element quantities over the groups of a tensor. Each grid block is summed on
     its own (`pairwise_sums`) and the block sums are added in block order, so the sums depend on the data alone,
@@ -136,7 +154,6 @@ class GroupSums:
     def __init__(self, groups: Groups, quantities: int):
         self.groups = groups
         self.sums = torch.zeros(quantities, groups.count, dtype=torch.float64)
-        self._padded: torch.Tensor | None = None
 
     def add(self, quantity: int, offset: int, values: torch.Tensor) -> None:
         if offset % GRID:
@@ -150,30 +167,47 @@ class GroupSums:
             for a, b in grid_blocks(offset, values.numel()):
                 groups.accumulate(sums, offset + a, values[a:b])
 
+    def add_each(self, offset: int, values: list[torch.Tensor]) -> None:
+        """add(q, offset, values[q]) for every quantity q (the same elements of each). Within one grid block of a
+        whole-tensor sum, the quantities' blocks are summed in one call (per-call overhead dominates there)."""
+        n = values[0].numel()
+        if self.groups.kind != "tensor" or n > GRID or len(values) != self.sums.shape[0]:
+            for q, v in enumerate(values):
+                self.add(q, offset, v)
+            return
+        if offset % GRID:
+            raise RuntimeError(f"chunk offset {offset} is not on the {GRID}-element grid")
+        m = 1 << (n - 1).bit_length()
+        block = torch.zeros(len(values), m, dtype=values[0].dtype) if m != n else torch.empty(
+            len(values), m, dtype=values[0].dtype)
+        for q, v in enumerate(values):
+            block[q, :n].copy_(v)
+        block_sums = pairwise_sums(block.view(len(values), m, 1)).flatten().tolist()
+        self.sums[:, 0] = torch.tensor([total + s for total, s in zip(self.sums[:, 0].tolist(), block_sums)],
+                                       dtype=torch.float64)
+
     def _add_blocks(self, sums: torch.Tensor, offset: int, values: torch.Tensor) -> None:
-        """Whole grid blocks; a last, shorter block (the end of the tensor) counts as padded with zeros."""
+        """Whole grid blocks, or a last, shorter block (the end of the tensor), which counts as padded with zeros
+        to the grid (summed over the next power of two instead: `padded_rows`)."""
         n = values.numel()
-        if n % GRID:
-            if self._padded is None:
-                self._padded = torch.zeros(GRID, dtype=values.dtype)
-            whole = n // GRID * GRID
-            if whole:
-                self._add_blocks(sums, offset, values[:whole])
-            tail = self._padded[:GRID].zero_()
-            tail[:n - whole].copy_(values[whole:])
-            return self._add_blocks(sums, offset + whole, tail)
         kind, p = self.groups.kind, self.groups.period
-        if kind == "tensor":
-            total = sums[0].item()
-            for block_sum in pairwise_sums(values.view(-1, GRID, 1)).flatten().tolist():
-                total += block_sum
-            sums[0] = total
-        elif kind == "rows":  # rows divide the grid: each row lies in one block
-            first, count = offset // p, min(n, self.groups.count * p - offset) // p
-            sums[first:first + count] += pairwise_sums(values[:count * p].view(-1, p, 1)).flatten()
-        else:  # column periods divide the grid: each block adds to every column, in block order
-            per_block = pairwise_sums(values.view(-1, GRID // p, p))
-            sums.copy_(torch.cat([sums[None], per_block]).cumsum(0)[-1])
+        if kind == "rows":  # rows divide the grid: each row lies in one block (and the tensor ends with a row)
+            first = offset // p
+            sums[first:first + n // p] += pairwise_sums(values.view(-1, p, 1)).flatten()
+            return
+        width = 1 if kind == "tensor" else p  # columns: the tensor ends with a whole column period
+        whole = n // GRID * GRID
+        blocks = [values[:whole].view(-1, GRID // width, width)] if whole else []
+        if whole < n:
+            blocks.append(padded_rows(values[whole:], width))
+        for block in blocks:
+            if kind == "tensor":
+                total = sums[0].item()
+                for block_sum in pairwise_sums(block).flatten().tolist():
+                    total += block_sum
+                sums[0] = total
+            else:  # column periods divide the grid: each block adds to every column, in block order
+                sums.copy_(torch.cat([sums[None], pairwise_sums(block)]).cumsum(0)[-1])
 
 
 # -- randomness ----------------------------------------------------------------------------------------------
@@ -215,6 +249,7 @@ class Uniform:
 
 
 # -- exact order statistics ----------------------------------------------------------------------------------
+COUNT_SLICE = 1 << 18  # elements compared at a time when counting those below and equal to a selected value
 BINCOUNT_SLICE = 1 << 21  # torch.bincount copies its int32 input whole (4 bytes per element): bound that copy
 
 
@@ -230,7 +265,12 @@ class RankSelect:
     """The values at given ascending ranks (0-based) among the non-negative numbers of a tensor, found in
     `passes` histogram passes over its chunks (radix selection on the IEEE bit patterns, which order like the
     numbers themselves). After the last pass, for each rank: `value`, `ties_before` (elements equal to `value`
-    with a lower rank) and `count_equal`."""
+    with a lower rank) and `count_equal`.
+
+    When the first pass's chunk is the whole tensor (`whole`), the selection is made on it at once instead: the
+    bit patterns are partitioned in place (numpy's introselect) in the digits buffer, and the elements below and
+    equal to each selected pattern counted. The order statistics of the patterns are what the radix passes find,
+    so the results are the same; the later passes then have nothing left to do (`done`)."""
 
     def __init__(self, ranks: list[int], dtype: torch.dtype):
         self.ranks = list(ranks)
@@ -241,15 +281,30 @@ class RankSelect:
         self.prefix = [0] * len(ranks)
         self.remaining = list(ranks)
         self.count_equal = [0] * len(ranks)
-        self.hist = [torch.zeros(BINS, dtype=torch.int64) for _ in ranks]
+        self.hist: list[torch.Tensor] = []  # one histogram per rank, from the first pass that needs them
+        self.done = False  # every rank selected (from a whole-tensor chunk)
+        self._whole: tuple | None = None  # (values, digits buffer) held from observe to finish_pass(0)
 
     @staticmethod
     def passes_for(dtype: torch.dtype) -> int:
         """Histogram passes a selection over values of `dtype` takes (one per digit of the bit pattern)."""
         return dtype.itemsize * 8 // DIGIT_BITS
 
-    def observe(self, pass_index: int, values: torch.Tensor, digits_buffer: torch.Tensor) -> None:
-        """values: magnitudes (>= 0) of one chunk; digits_buffer: scratch of the same length and width."""
+    def observe(self, pass_index: int, values: torch.Tensor, digits_buffer: torch.Tensor,
+                whole: bool = False) -> None:
+        """values: magnitudes (>= 0) of one chunk; digits_buffer: scratch of the same length and width; `whole`:
+        the chunk is the whole tensor, and both stay untouched until `finish_pass(0)` (which selects on them: the
+        ranks may be set in between)."""
+        if self.done:
+            return
+        if whole and pass_index == 0:
+            self._whole = (values, digits_buffer)
+            return
+        self._observe(pass_index, values, digits_buffer)
+
+    def _observe(self, pass_index: int, values: torch.Tensor, digits_buffer: torch.Tensor) -> None:
+        if not self.hist:
+            self.hist = [torch.zeros(BINS, dtype=torch.int64) for _ in self.ranks]
         bits = values.view(self.int_dtype)
         digits = digits_buffer.view(self.int_dtype)[:values.numel()]
         shift = self.bits - DIGIT_BITS * (pass_index + 1)
@@ -272,7 +327,33 @@ class RankSelect:
         does not depend on the ranks): for ranks that depend on a count made during the same pass."""
         self.ranks[j] = self.remaining[j] = rank
 
+    def _select_whole(self, values: torch.Tensor, digits_buffer: torch.Tensor) -> bool:
+        """Every rank selected from the whole tensor's values at once; False (nothing done) when a bit pattern is
+        negative (a sign bit set: not a magnitude), which the histogram passes refuse."""
+        bits = values.view(self.int_dtype)
+        keys = digits_buffer.view(self.int_dtype)[:values.numel()].copy_(bits).numpy()
+        keys.partition(sorted({0, *self.ranks}))  # keys[0] is then the smallest
+        if keys[0] < 0:
+            return False
+        for j, rank in enumerate(self.ranks):
+            key = int(keys[rank])
+            below = equal = 0
+            for a in range(0, bits.numel(), COUNT_SLICE):  # (comparisons make a bool temporary: bound it)
+                part = bits[a:a + COUNT_SLICE]
+                below += int(torch.lt(part, key).count_nonzero())
+                equal += int(torch.eq(part, key).count_nonzero())
+            self.prefix[j], self.remaining[j], self.count_equal[j] = key, rank - below, equal
+        return True
+
     def finish_pass(self, pass_index: int) -> None:
+        if self.done:
+            return
+        if self._whole is not None:
+            whole, self._whole = self._whole, None
+            if self._select_whole(*whole):
+                self.done = True
+                return
+            self._observe(pass_index, *whole)  # the histogram passes then refuse the values
         for j, hist in enumerate(self.hist):
             cumulative = hist.cumsum(0)
             bucket = int(torch.searchsorted(cumulative, self.remaining[j], right=True))
