@@ -81,7 +81,9 @@ def inputs(tmp_path_factory):
 @pytest.mark.parametrize("chunk", [None, 4 * GRID], ids=["whole-tensor chunks", "streamed"])
 def test_tiled_merge_gives_the_untiled_bits(method, chunk, inputs, tmp_path, monkeypatch):
     paths, base = inputs
-    cfg = streammerge_config(method, paths, tmp_path / "unused", base)  # the method's typical parameters
+    # the method's typical parameters; 1 GiB: a pytest process alone holds up to ~240 MiB, which 256 MiB does not leave
+    # room beside
+    cfg = streammerge_config(method, paths, tmp_path / "unused", base, "1GiB")
     cfg["seed"] = 5
     outputs = {}
     for label, tiling in [("untiled", lambda ctx: [ctx]), ("grid", functools.partial(tiles, size=GRID)),
