@@ -277,7 +277,7 @@ class _Budget:
         return not self.exhausted
 
 
-def to_jsonable(obj, depth: int = 0, _path: frozenset = frozenset(), _budget: _Budget | None = None):
+def to_jsonable(obj, depth: int = 0, _path: set | None = None, _budget: _Budget | None = None):
     """A JSON-safe view of non-tensor content; training state is summarised (see safe_pickle for records).
 
     The view is bounded however the pickle is built: a value shared by many references (a pickle memo bomb:
@@ -285,16 +285,39 @@ def to_jsonable(obj, depth: int = 0, _path: frozenset = frozenset(), _budget: _B
     it appears, and once MAX_METADATA_VALUES values or MAX_METADATA_CHARS characters have been produced the
     rest is replaced by OMITTED. Nesting beyond MAX_METADATA_DEPTH and cycles become null."""
     budget = _Budget() if _budget is None else _budget
+    kind = type(obj)
     if not budget.take(len(obj) if isinstance(obj, str) else 0):
         return OMITTED
+    # Plain values and containers first, by exact type: a bounded view of a memo bomb visits every one of its
+    # MAX_METADATA_VALUES values, and none of the checks below can match them.
+    if kind is str:
+        return clean_text(obj)
+    if kind is int:
+        return obj if -2**63 <= obj < 2**64 else short(obj, 200)  # beyond any JSON reader's integers
+    if obj is None or kind is bool or kind is float:
+        return obj
+    if kind not in (dict, list, tuple):
+        special = _special_jsonable(obj, depth, _path, budget)
+        if special is not _NOT_SPECIAL:
+            return special
+    path = set() if _path is None else _path
+    if depth > MAX_METADATA_DEPTH or id(obj) in path:  # cycles (e.g. a config node pointing at its parent)
+        return None
+    path.add(id(obj))  # the containers above this one; removed on the way back up
+    try:
+        return _container_jsonable(obj, depth, path, budget)
+    finally:
+        path.discard(id(obj))
+
+
+_NOT_SPECIAL = object()
+
+
+def _special_jsonable(obj, depth: int, path: set | None, budget: _Budget):
+    """The view of a value that is not a plain container: tensors, dtypes, dates, numpy values, scalar
+    subclasses; _NOT_SPECIAL for containers (mappings, sequences, sets, inert records) and anything else."""
     if is_tensor(obj):
         return {"tensor": list(obj.shape), "dtype": str(obj.dtype).removeprefix("torch.")}
-    if type(obj) is str:
-        return clean_text(obj)
-    if type(obj) is int and not -2**63 <= obj < 2**64:
-        return short(obj, 200)  # beyond any JSON reader's integers (and beyond float for metadata arithmetic)
-    if _is_json_scalar(obj):
-        return obj
     if isinstance(obj, torch.dtype):
         return str(obj).removeprefix("torch.")
     if isinstance(obj, (datetime.date, datetime.time)):
@@ -309,10 +332,11 @@ def to_jsonable(obj, depth: int = 0, _path: frozenset = frozenset(), _budget: _B
     if numpy_view is not None:
         return numpy_view
     if isinstance(obj, (bool, int, float, str)):  # subclasses: IntEnum members and the like
-        return to_jsonable(_scalar(obj), depth, _path, budget)
-    if depth > MAX_METADATA_DEPTH or id(obj) in _path:  # cycles (e.g. a config node pointing at its parent)
-        return None
-    inner = _path | {id(obj)}
+        return to_jsonable(_scalar(obj), depth, path, budget)
+    return _NOT_SPECIAL
+
+
+def _container_jsonable(obj, depth: int, path: set, budget: _Budget):
     if isinstance(obj, Mapping):
         out = {}
         for k, v in obj.items():
@@ -320,7 +344,7 @@ def to_jsonable(obj, depth: int = 0, _path: frozenset = frozenset(), _budget: _B
                 out["..."] = OMITTED
                 break
             out[_key(k)] = (summarize_training_state(v) if is_training_state(k, v) and _has_tensors(v)
-                            else to_jsonable(v, depth + 1, inner, budget))
+                            else to_jsonable(v, depth + 1, path, budget))
         return out
     if isinstance(obj, (list, tuple, set, frozenset)):
         out = []
@@ -328,14 +352,16 @@ def to_jsonable(obj, depth: int = 0, _path: frozenset = frozenset(), _budget: _B
             if budget.exhausted:
                 out.append(OMITTED)
                 break
-            out.append(to_jsonable(v, depth + 1, inner, budget))
+            out.append(to_jsonable(v, depth + 1, path, budget))
         return out
     if isinstance(obj, InertObject):
-        return _inert_jsonable(obj, depth, inner, budget)
+        return _inert_jsonable(obj, depth, path, budget)
     return short(obj, 200)
 
 
 def _key(key) -> str:
+    if type(key) is int and -10**18 < key < 10**18:
+        return str(key)  # what short() gives such an int, without reprlib (memo bombs repeat their keys)
     return clean_text(key) if isinstance(key, str) else short(key, 200)
 
 
@@ -369,7 +395,7 @@ def _has_tensors(value) -> bool:
     return summarize_training_state(value)["tensors"] > 0 if isinstance(value, (Mapping, list, tuple)) else False
 
 
-def _inert_jsonable(obj: InertObject, depth: int, path: frozenset, budget: _Budget) -> dict:
+def _inert_jsonable(obj: InertObject, depth: int, path: set, budget: _Budget) -> dict:
     name = obj.class_name
     if name.startswith("omegaconf."):
         content = obj.fields.get("_content") if "_content" in obj.fields else obj.fields.get("_val")
@@ -413,6 +439,11 @@ def plain_config(value):
     no fields stands for its single constructor argument (enum members, paths, decimals), its argument list,
     its list items or its non-dict state; a global reference becomes its dotted name.
     """
+    kind = type(value)
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return value
+    if kind is list or kind is tuple:
+        return [plain_config(v) for v in value]
     if isinstance(value, Mapping):
         if "__global__" in value and len(value) == 1:
             return value["__global__"]
