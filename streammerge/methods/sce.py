@@ -148,6 +148,13 @@ def sce_observe(stats: SceStats, pass_index: int, ctx: ChunkContext) -> None:
     if ctx.offset == 0:
         stats.new_gates()
     keep = _keep(stats, ctx, b)
+    if b.delta.numel() <= GRID:  # one grid block: every model's squares summed in one call
+        squares = []
+        for i in range(len(ctx.inputs)):
+            delta = _delta(ctx, i, keep, b)  # (the same buffer for every model: squared before the next)
+            squares.append(torch.mul(delta, delta))
+        stats.squares.add_each(ctx.offset, squares)
+        return
     for i in range(len(ctx.inputs)):
         delta = _delta(ctx, i, keep, b)
         stats.squares.add(i, ctx.offset, torch.mul(delta, delta, out=b.total))
