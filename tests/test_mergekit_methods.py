@@ -209,6 +209,31 @@ def test_arcee_fusion_matches_reference(tmp_path):
     assert (out["w"][:40] != base["w"][:40]).float().mean() > (out["w"][40:] != base["w"][40:]).float().mean()
 
 
+def test_arcee_fusion_in_float64_streamed_and_in_memory(tmp_path):
+    """Accumulating in float64, a chunk of float64 values is the input itself: the KL terms are computed on copies
+    (in place they turned the inputs into probabilities, which the importances and the merge then read)."""
+    from test_methods import GRID
+    g = torch.Generator().manual_seed(6)
+    base = {"w": torch.randn(192, 1024, generator=g), "odd": torch.randn(300, 333, generator=g)}
+    models = [{n: v + 0.003 * torch.randn(v.shape, generator=g) for n, v in base.items()}]
+    for v in models[0].values():
+        v[:30] += 0.05 * torch.randn(30, v.shape[1], generator=g)  # rows of large KL
+    in_memory = run_merge(tmp_path / "memory", "arcee_fusion", models, base, dtype="float64")
+    streamed = run_merge(tmp_path / "streamed", "arcee_fusion", models, base, dtype="float64", chunk=GRID,
+                         engine_options={"stats_in_memory": False})
+    for name, b in base.items():
+        assert torch.equal(in_memory[name], streamed[name]), name
+        x64, b64 = models[0][name].double(), b.double()
+        p, q = torch.softmax(x64, dim=-1) + 1e-8, torch.softmax(b64, dim=-1) + 1e-8
+        importance = (x64 - b64).abs() * (p * torch.log(p / q)).sum(-1, keepdim=True).clamp(min=0)
+        ordered = importance.flatten().sort().values
+        n = ordered.numel()
+        q1, median, q3 = ordered[(n - 1) // 4], ordered[(n - 1) // 2], ordered[3 * (n - 1) // 4]
+        expected = (b64 + (x64 - b64) * (importance >= median + 1.5 * (q3 - q1))).float()
+        assert int((streamed[name] != expected).sum()) <= 2, name  # (KL sums in another order: a border entry)
+        assert 0 < (streamed[name] != b).float().mean() < 0.5, name
+
+
 def test_arcee_fusion_of_an_unchanged_model_is_the_base(tmp_path):
     base, _ = make_models(1)
     out = run_merge(tmp_path, "arcee_fusion", [dict(base)], base)

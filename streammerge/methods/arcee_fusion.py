@@ -106,8 +106,10 @@ def _kl_terms(stats: FusionStats, offset: int, x: torch.Tensor, base: torch.Tens
     log_z = [lse.value() for lse in stats.lse]
     for a, b in grid_blocks(offset, x.numel()):
         expanded = torch.empty(b - a, dtype=torch.float64)
-        p = x[a:b].to(torch.float64).sub_(stats.groups.expand(log_z[0], offset + a, expanded)).exp_().add_(SOFTMAX_EPS)
-        q = base[a:b].to(torch.float64).sub_(stats.groups.expand(log_z[1], offset + a, expanded))
+        # copies (float64 chunks are the inputs themselves, which the later passes and the merge read again)
+        p = x[a:b].to(torch.float64, copy=True).sub_(stats.groups.expand(log_z[0], offset + a, expanded))
+        p.exp_().add_(SOFTMAX_EPS)
+        q = base[a:b].to(torch.float64, copy=True).sub_(stats.groups.expand(log_z[1], offset + a, expanded))
         q.exp_().add_(SOFTMAX_EPS)
         stats.kl_sums.add(0, offset + a, p.mul_(torch.log(p / q)))
 
