@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from streammerge.methods.masks import keep_only
 from streammerge.methods.method import GRID, ChunkContext, Method, Param
 from streammerge.methods.streaming import Groups, GroupSums, RankSelect, bool_views
 from streammerge.methods.sparsifiers import Bounds, bounds_from
@@ -126,8 +127,7 @@ def _keep(stats: SceStats, ctx: ChunkContext, b: Buffers) -> torch.Tensor | None
 def _delta(ctx: ChunkContext, i: int, keep: torch.Tensor | None, b: Buffers) -> torch.Tensor:
     torch.sub(ctx.inputs[i], ctx.base, out=b.delta)
     if keep is not None:
-        torch.logical_not(keep, out=b.other)
-        b.delta.masked_fill_(b.other, 0)
+        keep_only(b.delta, keep, b.flags)  # (the flags' buffer is free here: scratch for the mask's bits)
     return b.delta
 
 
