@@ -281,13 +281,14 @@ def test_sigterm_stops_the_workers_and_removes_everything(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m.yaml", "models"]
 
 
-def test_workers_are_forked_only_while_no_other_thread_runs():
-    """A process running no other thread forks its workers (they start at once, with torch already loaded);
-    one with a thread running spawns them, since a fork could inherit a lock that thread holds."""
+def test_workers_are_forked_only_from_a_small_driver_running_no_other_thread():
+    """A driver running no other thread and holding at most half a worker's share forks its workers (they start
+    at once, with torch already loaded); one with a thread running spawns them (a fork could inherit a lock that
+    thread holds), and so does one holding more (a forked worker's memory starts at the driver's)."""
     script = ("import threading\n"
-              "from streammerge.distributed.executors import worker_start_method\n"
-              "print(worker_start_method())\n"
+              "from streammerge.distributed.executors import worker_start_method as method\n"
+              "print(method(100, 200), method(101, 200))\n"
               "stop = threading.Event(); threading.Thread(target=stop.wait).start()\n"
-              "print(worker_start_method()); stop.set()\n")
+              "print(method(100, 200)); stop.set()\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.split() == ["fork", "spawn"]
+    assert out.stdout.split() == ["fork", "spawn", "spawn"]

@@ -56,12 +56,13 @@ def _worker_started() -> None:
         signal.signal(signum, signal.SIG_DFL)
 
 
-def worker_start_method() -> str:
-    """`fork` while this process runs no other Python thread: the workers start at once with the modules the
-    driver has loaded (a spawned worker imports torch again, seconds of one core before it merges anything).
-    With other threads running (an embedding application, Ray's client), `spawn`: a forked child could inherit
-    a lock one of them holds."""
-    return "fork" if threading.active_count() == 1 else "spawn"
+def worker_start_method(driver_anon: int, share: int) -> str:
+    """`fork` while this process runs no other Python thread and holds at most half a worker's share of memory:
+    the workers then start at once with the modules the driver has loaded (a spawned worker imports torch again,
+    seconds of one core before it merges anything). Otherwise `spawn`: with other threads running (an embedding
+    application, Ray's client) a forked child could inherit a lock one of them holds, and a forked child's
+    anonymous memory starts at the driver's, all of it counted against the worker's share."""
+    return "fork" if threading.active_count() == 1 and driver_anon <= share // 2 else "spawn"
 
 
 class LocalWorkers:
@@ -79,7 +80,7 @@ class LocalWorkers:
         in the workers themselves) plus `working_minimum`."""
         share = (max_ram - driver_anon) // self.slots
         # Every worker runs the same code: one measures for all (the pool starts the others as tasks come).
-        baseline = self._started().submit(worker_baseline).result()
+        baseline = self._started(worker_start_method(driver_anon, share)).submit(worker_baseline).result()
         minimum = baseline + working_minimum
         if share < minimum:
             raise MemoryBudgetError(
@@ -89,9 +90,9 @@ class LocalWorkers:
                 " or use fewer workers.")
         return share
 
-    def _started(self) -> ProcessPoolExecutor:
+    def _started(self, start_method: str = "spawn") -> ProcessPoolExecutor:
         if self.pool is None:  # kept for the next merge (a sweep) until close()
-            self.pool = ProcessPoolExecutor(self.slots, mp_context=multiprocessing.get_context(worker_start_method()),
+            self.pool = ProcessPoolExecutor(self.slots, mp_context=multiprocessing.get_context(start_method),
                                             initializer=_worker_started)
         return self.pool
 
