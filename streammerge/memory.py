@@ -161,22 +161,26 @@ class Budget:
                 f"{format_size(self.baseline)} and only {format_size(self.available)} more is available (free RAM, "
                 f"and the limit of its cgroup), {format_size(self.ceiling)} in all. Going over would end in "
                 f"swapping or the process being killed; {advice}.")
-        room = self.limit - self.baseline - self.reserved
-        chunk = max(MIN_CHUNK_ELEMENTS, min(MAX_CHUNK_ELEMENTS, room // per_element))
+        self.chunk_elements = self._chunk(self.limit - self.baseline - self.reserved)
+
+    def _chunk(self, room: int) -> int:
+        """Elements per chunk when `room` bytes are left for the buffers."""
+        largest_tensor = self._args[3]
+        chunk = max(MIN_CHUNK_ELEMENTS, min(MAX_CHUNK_ELEMENTS, room // self.per_element))
         if largest_tensor is not None:  # buffers larger than the largest tensor would never be filled
             chunk = min(chunk, max(MIN_CHUNK_ELEMENTS, -(-largest_tensor // CHUNK_ALIGN) * CHUNK_ALIGN))
-        self.chunk_elements = chunk // CHUNK_ALIGN * CHUNK_ALIGN
+        return chunk // CHUNK_ALIGN * CHUNK_ALIGN
 
     def remeasured(self) -> "Budget":
         """The same budget for what the process holds now (a long-lived worker's own memory moves between tasks)."""
         requested, per_element, default, largest_tensor, output_tensors, reserve = self._args
         return Budget(requested, per_element, default, None, largest_tensor, output_tensors, reserve)
 
-    def with_limit(self, limit: int, reserve: int) -> "Budget":
-        """This merge's budget at another limit, in a process holding what this one held when it was measured (the
-        budget of a task that another process runs, as the driver of a distributed merge sees it)."""
-        requested, per_element, default, largest_tensor, output_tensors, _ = self._args
-        return Budget(limit, per_element, default, self.baseline, largest_tensor, output_tensors, reserve)
+    def chunk_at(self, limit: int, baseline: int, reserve: int) -> int:
+        """The chunk this merge would get under `limit` in a process holding `baseline` (a task's, as the driver
+        of a distributed merge estimates it; the task's own budget checks the limit)."""
+        reserved = self.reserved - self._args[5] + reserve
+        return self._chunk(limit - baseline - reserved)
 
     @property
     def estimated_peak(self) -> int:

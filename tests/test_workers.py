@@ -292,3 +292,24 @@ def test_workers_are_forked_only_from_a_small_driver_running_no_other_thread():
               "print(method(100, 200)); stop.set()\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["fork", "spawn", "spawn"]
+
+
+def test_a_driver_holding_more_than_a_workers_share(tmp_path, inputs):
+    """An application holding much memory runs a distributed merge: its workers are spawned (a forked one would
+    start at the driver's memory) and the split's estimate of a task's chunks does not hold them to the
+    driver's baseline either."""
+    from streammerge.distributed.driver import run_prepared
+    from streammerge.memory import anon_rss
+
+    ballast = bytearray(400 * 2**20)
+    ballast[::4096] = b"\1" * len(ballast[::4096])  # touched: anonymous memory this process holds
+    paths, _ = inputs
+    out = tmp_path / "o.safetensors"
+    max_ram = anon_rss() + 2 * 260 * 2**20  # each worker's share, 260 MiB, is less than what the driver holds
+    prepared = prepare(parse_config({"models": [str(p) for p in paths], "output": str(out)}), None, max_ram)
+    report = run_prepared(prepared, quiet=True, workers=2)
+    assert report.tasks >= 2 and report.task_ram_bytes < anon_rss()
+    single = tmp_path / "single.safetensors"
+    merge_in_process({"models": [str(p) for p in paths], "output": str(single)})
+    assert filecmp.cmp(out, single, shallow=False)
+    del ballast

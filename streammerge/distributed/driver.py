@@ -66,7 +66,7 @@ def run_distributed(prepared: Prepared, executor: Executor, quiet: bool = False,
             todo = [t for t in plan.tasks if not output.reused(t.name)]
             progress.update(plan.read_bytes - sum(t.read_bytes for t in todo))
             # Balanced by what each tensor reads in a task: chunks sized for the task's budget, not the driver's.
-            task_chunk = budget.with_limit(task_ram, executor.task_reserve).chunk_elements
+            task_chunk = budget.chunk_at(task_ram, budget.baseline, executor.task_reserve)
             split = split_tasks(todo, executor.slots * GROUPS_PER_SLOT, lambda t: input_reads(config, t, task_chunk),
                                 finer_tail=executor.slots)
             groups = [Group(tuple(todo[i].name for i in members),
