@@ -11,9 +11,9 @@ from streammerge.config import parse_config
 from streammerge.engine import Engine, prepare
 
 
-def merge_in_process(cfg: dict, chunk: int | None = None, **engine_options):
+def merge_in_process(cfg: dict, chunk: int | None = None, max_ram: int | None = None, **engine_options):
     """Run a merge from a config dict; `chunk` forces the chunk size in elements."""
-    prepared = prepare(parse_config(cfg))
+    prepared = prepare(parse_config(cfg), None, max_ram)
     if chunk is not None:
         prepared.budget.chunk_elements = chunk
     try:

@@ -310,6 +310,6 @@ def test_a_driver_holding_more_than_a_workers_share(tmp_path, inputs):
     report = run_prepared(prepared, quiet=True, workers=2)
     assert report.tasks >= 2 and report.task_ram_bytes < anon_rss()
     single = tmp_path / "single.safetensors"
-    merge_in_process({"models": [str(p) for p in paths], "output": str(single)})
+    merge_in_process({"models": [str(p) for p in paths], "output": str(single)}, max_ram=max_ram)
     assert filecmp.cmp(out, single, shallow=False)
     del ballast
