@@ -15,7 +15,6 @@ methods expect.
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import sys
 from pathlib import Path
@@ -30,7 +29,8 @@ def xtts_entries(shrink: int = 1) -> list[tuple[str, tuple, torch.dtype]]:
     entries = []
     for line in KEYS_FILE.read_text().splitlines():
         name, shape, dtype = line.split("\t")
-        shape = tuple(ast.literal_eval(shape))
+        # (not ast.literal_eval: CPython 3.11's parser is not safe to call from several threads at once)
+        shape = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
         if shrink > 1:
             shape = tuple(max(8, d // shrink) if d > 8 else d for d in shape)
         entries.append((name, shape, getattr(torch, dtype.removeprefix("torch."))))
