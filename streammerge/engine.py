@@ -472,9 +472,10 @@ class Engine:
                      lambda s, e: self._merge(self._context(task, ws, s, e), stats), was_cached)
 
     def _observe_and_merge(self, ctx: ChunkContext, stats, passes: int) -> torch.Tensor:
-        """Every statistics pass, then the merge, on one chunk holding the whole tensor: one read."""
+        """Every statistics pass, then the merge, on one chunk holding the whole tensor: one read. The passes see
+        the chunk untiled, so a method may compute its statistics on the whole tensor at once."""
         for pass_index in range(passes):
-            self._observe(stats, pass_index, ctx)
+            self.method.observe(stats, pass_index, ctx)
             if self.method.finish_pass is not None:
                 self.method.finish_pass(stats, pass_index)
         return self._merge(ctx, stats)

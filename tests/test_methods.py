@@ -506,20 +506,25 @@ def test_results_do_not_depend_on_chunk_size_or_threads(tmp_path, big_set, metho
 
 
 def test_statistics_of_a_tensor_that_fits_take_one_read(tmp_path, big_set, monkeypatch):
-    """The in-memory path is the one taken when the tensor fits (and only then): its inputs are read once."""
+    """The in-memory path is the one taken when the tensor fits (and only then): its inputs are read once, and
+    its thresholds are selected on the whole tensor at once rather than by histogram passes."""
     from streammerge.engine import Engine
+    from streammerge.methods import streaming
     base, models = big_set
-    reads = []
+    reads, histograms = [], []
     original = Engine._context
     monkeypatch.setattr(Engine, "_context", lambda self, task, ws, s, e: reads.append((s, e)) or original(
         self, task, ws, s, e))
+    bincount = streaming._bincount
+    monkeypatch.setattr(streaming, "_bincount", lambda *a: histograms.append(1) or bincount(*a))
     mp = [{"density": 0.3}] * 2
-    run_merge(tmp_path / "fits", "ties", models[:2], base, mp, chunk=64 * GRID)
-    assert reads == [(0, base["big"].numel())]
+    fits = run_merge(tmp_path / "fits", "ties", models[:2], base, mp, chunk=64 * GRID)
+    assert reads == [(0, base["big"].numel())] and not histograms
     reads.clear()
-    run_merge(tmp_path / "streamed", "ties", models[:2], base, mp, chunk=64 * GRID,
-              engine_options={"stats_in_memory": False})
-    assert len(reads) == 3  # two radix-selection passes and the merge pass
+    streamed = run_merge(tmp_path / "streamed", "ties", models[:2], base, mp, chunk=64 * GRID,
+                         engine_options={"stats_in_memory": False})
+    assert len(reads) == 3 and histograms  # two radix-selection passes and the merge pass
+    assert torch.equal(fits["big"], streamed["big"])
 
 
 def test_sce_computes_the_variance_of_a_fitting_tensor_once(tmp_path, big_set, monkeypatch):

@@ -98,7 +98,8 @@ class Method:
     # Merging (and observing) a chunk gives the same result as doing so for its consecutive slices in order, each
     # a multiple of GRID elements long, as with a smaller chunk, but without reading anything again: the engine
     # then runs the math a cache-sized tile at a time (an element-wise operation on a chunk far larger than the
-    # CPU's caches runs at the speed of memory, several times slower).
+    # CPU's caches runs at the speed of memory, several times slower). The statistics passes over a chunk holding
+    # the whole tensor stay untiled, so that a method may select on the whole tensor at once.
     tiled: bool = False
     in_mergekit: bool = True  # mergekit has a method of this name and meaning (its configs may ask for it)
     # A typical use, for benchmarks: {"model": {per-model params}, "parameters": {method params}}

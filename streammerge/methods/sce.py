@@ -118,7 +118,7 @@ def _keep(stats: SceStats, ctx: ChunkContext, b: Buffers) -> torch.Tensor | None
         b.keep.zero_()
         return b.keep
     stats.chunk_variance(ctx, b)
-    torch.gt(b.variance, stats.bounds.low, out=b.keep)
+    stats.bounds.admit(b.variance, b.keep, b.other)
     for gate in stats.gates:
         gate.apply(b.variance, b.keep, b.equal, b.counts, b.other)
     return b.keep

@@ -91,28 +91,52 @@ def magnitude_ranks(sparsifier: Sparsifier, model: dict, numel: int):
 
 @dataclass
 class Bounds:
-    """The kept magnitudes: (low, high) exclusive, plus elements equal to a bound admitted by position."""
+    """The kept magnitudes: those above `low` and below `high` (None: no upper bound), each bound admitted itself
+    when every element equal to it is kept, and otherwise elements equal to it admitted by position (`gates`)."""
 
     low: float
     high: float | None
     gates: list[tuple[float, int, int]]  # (value, first, stop) positions among the equal elements
+    low_inclusive: bool = False
+    high_inclusive: bool = False
 
     def new_gates(self) -> list[TieGate]:
         return [TieGate(*g) for g in self.gates]
 
+    def admit(self, values: torch.Tensor, keep: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+        """keep = the values within the bounds (before the gates); scratch: a bool mask as long."""
+        (torch.ge if self.low_inclusive else torch.gt)(values, self.low, out=keep)
+        if self.high is not None:
+            keep.logical_and_((torch.le if self.high_inclusive else torch.lt)(values, self.high, out=scratch))
+        return keep
+
 
 def bounds_from(select: RankSelect, has_high: bool) -> Bounds:
     low, low_before = select.value(0), select.ties_before(0)
+    equal = {low: select.count_equal[0]}
     if not has_high:
         gates = [(low, low_before, select.count_equal[0])] if low > 0 else []
-        return Bounds(low, None, gates)
+        return _inclusive(Bounds(low, None, gates), equal)
     high, high_before = select.value(1), select.ties_before(1)
+    equal[high] = select.count_equal[1]
     if high == low:
         gates = [(low, low_before, high_before + 1)] if low > 0 else []
     else:
         gates = ([(low, low_before, select.count_equal[0])] if low > 0 else []) + \
                 ([(high, 0, high_before + 1)] if high > 0 else [])
-    return Bounds(low, high, gates)
+    return _inclusive(Bounds(low, high, gates), equal)
+
+
+def _inclusive(bounds: Bounds, equal: dict[float, int]) -> Bounds:
+    """A gate admitting every element equal to its value becomes an inclusive bound: the same elements kept,
+    without counting them chunk by chunk (with distinct magnitudes, the usual case, no gate remains)."""
+    for gate in list(bounds.gates):
+        value, first, stop = gate
+        if first == 0 and stop == equal[value]:
+            bounds.gates.remove(gate)
+            bounds.low_inclusive |= value == bounds.low
+            bounds.high_inclusive |= value == bounds.high
+    return bounds
 
 
 class MagnitudeStats:
@@ -151,12 +175,8 @@ def prune_by_magnitude(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats:
     if ranks == DROP_ALL:
         b.delta.zero_()
         return
-    bounds = stats.bounds[i]
     torch.abs(b.delta, out=b.magnitude)
-    torch.gt(b.magnitude, bounds.low, out=b.keep)
-    if bounds.high is not None:
-        torch.lt(b.magnitude, bounds.high, out=b.other)
-        b.keep.logical_and_(b.other)
+    stats.bounds[i].admit(b.magnitude, b.keep, b.other)
     for gate in gates:
         gate.apply(b.magnitude, b.keep, b.equal, b.counts, b.other)
     keep_only(b.delta, b.keep, b.magnitude)  # the magnitudes are no longer needed
@@ -169,11 +189,15 @@ def magnitude_observe(sparsifier: Sparsifier):
             stats.setup(sparsifier, ctx, ctx.out.dtype)
         b = Buffers(ctx)
         if pass_index < stats.select_passes:
+            whole = pass_index == 0 and ctx.out.numel() == ctx.numel  # then selected at once: one pass
             for i, select in enumerate(stats.selects):
-                if select is None:
+                if select is None or select.done:
                     continue
                 torch.sub(ctx.inputs[i], ctx.base, out=b.magnitude).abs_()
-                select.observe(pass_index, b.magnitude, b.counts)
+                if whole:
+                    select.select_whole(b.magnitude, b.counts)
+                else:
+                    select.observe(pass_index, b.magnitude, b.counts)
             return
         # the rescale pass: L1 norm of each pruned delta against that of the whole delta
         if ctx.offset == 0:

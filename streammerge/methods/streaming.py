@@ -327,22 +327,36 @@ class RankSelect:
         does not depend on the ranks): for ranks that depend on a count made during the same pass."""
         self.ranks[j] = self.remaining[j] = rank
 
+    def select_whole(self, values: torch.Tensor, digits_buffer: torch.Tensor) -> None:
+        """Every rank selected now from `values`, the whole tensor's magnitudes (`done` after it), for a caller
+        that has set its ranks and reuses the buffers before `finish_pass(0)`. Values the histogram passes would
+        refuse are observed as their first pass instead, so the passes go on (and refuse them)."""
+        if not self._select_whole(values, digits_buffer):
+            self._observe(0, values, digits_buffer)
+
     def _select_whole(self, values: torch.Tensor, digits_buffer: torch.Tensor) -> bool:
         """Every rank selected from the whole tensor's values at once; False (nothing done) when a bit pattern is
         negative (a sign bit set: not a magnitude), which the histogram passes refuse."""
-        bits = values.view(self.int_dtype)
-        keys = digits_buffer.view(self.int_dtype)[:values.numel()].copy_(bits).numpy()
-        keys.partition(sorted({0, *self.ranks}))  # keys[0] is then the smallest
-        if keys[0] < 0:
+        bits = values.view(self.int_dtype).numpy()
+        keys = digits_buffer.view(self.int_dtype)[:values.numel()].numpy()
+        np.copyto(keys, bits)
+        if keys.size == 0 or keys.min() < 0:
             return False
+        # One partition per distinct rank, each of what lies above the previous one (numpy's partition at several
+        # ranks at once is several times slower): keys[rank] is then the rank-th smallest.
+        settled = 0  # keys[:settled] are the `settled` smallest
+        for rank in sorted(set(self.ranks)):
+            keys[settled:].partition(rank - settled)
+            settled = rank + 1
         for j, rank in enumerate(self.ranks):
-            key = int(keys[rank])
+            key = keys[rank]
             below = equal = 0
-            for a in range(0, bits.numel(), COUNT_SLICE):  # (comparisons make a bool temporary: bound it)
+            for a in range(0, bits.size, COUNT_SLICE):  # (comparisons make a bool temporary: bound it)
                 part = bits[a:a + COUNT_SLICE]
-                below += int(torch.lt(part, key).count_nonzero())
-                equal += int(torch.eq(part, key).count_nonzero())
-            self.prefix[j], self.remaining[j], self.count_equal[j] = key, rank - below, equal
+                below += int(np.count_nonzero(part < key))
+                equal += int(np.count_nonzero(part == key))
+            self.prefix[j], self.remaining[j], self.count_equal[j] = int(key), rank - below, equal
+        self.done = True
         return True
 
     def finish_pass(self, pass_index: int) -> None:
@@ -351,7 +365,6 @@ class RankSelect:
         if self._whole is not None:
             whole, self._whole = self._whole, None
             if self._select_whole(*whole):
-                self.done = True
                 return
             self._observe(pass_index, *whole)  # the histogram passes then refuse the values
         for j, hist in enumerate(self.hist):
