@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch
 import streammerge.engine as engine_module
 from helpers import load_output, merge_in_process, reference_linear, save
 from streammerge.errors import StreamMergeError
+from streammerge.methods.registry import get_method, methods
 
 SIZES = (1, 3, 7, 13, 64, 100, 257, 5)  # odd sizes: vectorised bodies and scalar tails both occur
 
@@ -64,6 +66,39 @@ def test_runs_of_small_tensors_match_one_at_a_time(tmp_path, monkeypatch, out_dt
     for name, value in reference.items():
         expected = value.to(torch.bfloat16) if out_dtype and value.is_floating_point() else value
         torch.testing.assert_close(batched[name], expected)  # within the tolerances of its dtype
+
+
+ELEMENTWISE = [m.name for m in methods() if m.elementwise]
+
+
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_every_elementwise_method_gives_the_same_bits_in_runs(tmp_path, monkeypatch, name):
+    """A method declared element-wise has its small tensors merged in runs: that must change no bit (a method
+    whose entries depended on their position, such as a random sparsifier, would fail here)."""
+    method = get_method(name)
+    n_models = max(method.min_models, min(2, method.max_models or 2))
+    models = small_models(n_models + (1 if method.uses_base else 0), tensors=60)
+    typical = method.typical
+
+    def merge_all(tmp: Path) -> dict:
+        tmp.mkdir()
+        paths = [save(sd, tmp / f"model{i}.safetensors") for i, sd in enumerate(models)]
+        config = {"method": name, "output": str(tmp / "out.safetensors"), "parameters": typical.get("parameters", {}),
+                  "models": [{"path": str(p), **typical.get("model", {})} for p in paths[-n_models:]]}
+        if method.uses_base:
+            config["base"] = str(paths[0])
+        merge_in_process(config)
+        return load_output(tmp / "out.safetensors")
+
+    calls = []
+    monkeypatch.setattr(engine_module.Engine, "_context", _counting_context(calls))
+    batched = merge_all(tmp_path / "runs")
+    assert len(calls) <= 5, calls  # the runs were taken
+    monkeypatch.setattr(engine_module, "SMALL_TENSOR", 0)
+    single = merge_all(tmp_path / "single")
+    assert batched.keys() == single.keys()
+    for key in single:
+        assert torch.equal(batched[key].view(torch.uint8), single[key].view(torch.uint8)), key
 
 
 def _counting_context(calls):

@@ -100,7 +100,7 @@ RAM = Method(
     help="RAM: average each task-vector entry over the models that changed it (|delta| > epsilon)",
     merge=ram,
     params=(EPSILON,),
-    needs_base=True, buffers=3, min_models=1,
+    needs_base=True, buffers=3, min_models=1, elementwise=True,
 )
 
 RAMPLUS_TL = Method(

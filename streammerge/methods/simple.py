@@ -19,7 +19,7 @@ PASSTHROUGH = Method(
     help="copy the single model's tensors (optionally scaled); e.g. to change dtype or layout",
     merge=passthrough,
     params=(Param("scale", 1.0, "multiply the tensors by this", per_model=True),),
-    min_models=1, max_models=1,
+    min_models=1, max_models=1, elementwise=True,
 )
 
 
@@ -34,7 +34,7 @@ ADD_DIFFERENCE = Method(
     help="models[0] + alpha * (models[1] - models[2]): the Stable Diffusion mergers' \"add difference\"",
     merge=add_difference,
     params=(Param("alpha", 1.0, "multiplier of the difference"),),
-    min_models=3, max_models=3, in_mergekit=False, typical={"parameters": {"alpha": 0.5}},
+    min_models=3, max_models=3, in_mergekit=False, typical={"parameters": {"alpha": 0.5}}, elementwise=True,
 )
 
 METHODS = (PASSTHROUGH, ADD_DIFFERENCE)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from streammerge.methods.method import GRID
 DIGIT_BITS = 16
 BINS = 1 << DIGIT_BITS
 INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
+PACK_FORMATS = {32: ("<i", "<f"), 64: ("<q", "<d")}  # (integer, float) of each width, for struct
 
 
 def grid_blocks(offset: int, n: int):
@@ -377,7 +379,9 @@ class RankSelect:
             hist.zero_()
 
     def value(self, j: int) -> float:
-        return torch.tensor([self.prefix[j]], dtype=self.int_dtype).view(self.float_dtype).item()
+        """The selected value of rank j (its bit pattern read as a float)."""
+        formats = PACK_FORMATS[self.bits]
+        return struct.unpack(formats[1], struct.pack(formats[0], self.prefix[j]))[0]
 
     def ties_before(self, j: int) -> int:
         return self.remaining[j]

@@ -187,6 +187,8 @@ def _method(family: Family) -> Method:
         check=_della_check if family.sparsifier is Sparsifier.MAGPRUNE else None,
         # magprune ranks whole rows, which tiles would cut (each cut row read again): its chunks stay whole
         tiled=family.sparsifier is not Sparsifier.MAGPRUNE,
+        # without a sparsifier, each entry depends on the same entry of the inputs alone
+        elementwise=family.sparsifier is Sparsifier.NONE,
         typical=family.typical or {},
     )
 
