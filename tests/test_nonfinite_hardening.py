@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from helpers import merge_in_process
 from streammerge.engine import all_finite
 from streammerge.errors import StreamMergeError
+from streammerge.methods.registry import get_method, methods
 
 F8 = [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
 
@@ -56,3 +57,33 @@ def test_values_that_fit_pass(tmp_path):
     save_file({"w": torch.full((4,), 6e4)}, a)
     merge_in_process({"output": str(tmp_path / "m.safetensors"), "models": [str(a), str(a)], "out_dtype": "float16"})
     assert torch.equal(load_file(tmp_path / "m.safetensors")["w"], torch.full((4,), 6e4).half())
+
+
+@pytest.mark.parametrize("name", [m.name for m in methods()])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_every_method_meets_an_input_holding_inf_or_nan_with_the_usual_message(tmp_path, name, bad):
+    """Statistics passes included: Inf or NaN in an input ends in the message naming the tensor and the file
+    (or, with allow_nonfinite, in a written output), never in an error from inside the method."""
+    method = get_method(name)
+    n_models = max(method.min_models, min(2, method.max_models or 2))
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(n_models + (1 if method.uses_base else 0)):
+        w = torch.randn(96, 64, generator=g)
+        if i == 1:
+            w[5, 7] = bad
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file({"w": w}, paths[-1])
+    typical = method.typical
+    config = {"method": name, "output": str(tmp_path / "out.safetensors"), "parameters": typical.get("parameters", {}),
+              "models": [{"path": str(p), **typical.get("model", {})} for p in paths[-n_models:]]}
+    if method.uses_base:
+        config["base"] = str(paths[0])
+    try:
+        merge_in_process(config)
+    except StreamMergeError as e:
+        assert "'w' has NaN or Inf" in str(e) and "m1.safetensors" in str(e), e
+    else:  # a method may drop the entry (an unselected slice, a zero weight): then the output is finite
+        assert torch.isfinite(load_file(tmp_path / "out.safetensors")["w"]).all()
+    merge_in_process(config, allow_nonfinite=True)
+    assert load_file(tmp_path / "out.safetensors")["w"].shape == (96, 64)

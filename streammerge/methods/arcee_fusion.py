@@ -115,9 +115,11 @@ def _kl_terms(stats: FusionStats, offset: int, x: torch.Tensor, base: torch.Tens
 
 
 def _importance(stats: FusionStats, ctx: ChunkContext, out: torch.Tensor) -> torch.Tensor:
-    """|x - b| * KL of the element's row, in the accumulation dtype (as mergekit multiplies them)."""
-    torch.sub(ctx.inputs[0], ctx.base, out=out).abs_()
-    return out.mul_(stats.groups.expand(stats.kl, ctx.offset, ctx.buffers[1][:out.numel()]))
+    """|x - b| * KL of the element's row, in the accumulation dtype (as mergekit multiplies them). The absolute
+    value is taken after the product, which gives the same bits (the KL is not negative) and turns the NaN that
+    an Inf input makes (-NaN on x86) into one the selection ranks, above +Inf."""
+    torch.sub(ctx.inputs[0], ctx.base, out=out)
+    return out.mul_(stats.groups.expand(stats.kl, ctx.offset, ctx.buffers[1][:out.numel()])).abs_()
 
 
 def fusion_observe(stats: FusionStats, pass_index: int, ctx: ChunkContext) -> None:

@@ -74,7 +74,8 @@ def variance(ctx: ChunkContext, out: torch.Tensor) -> torch.Tensor:
         squares = torch.zeros_like(mean)
         for d in deltas:
             squares.add_(d.sub_(mean).square_())
-        out[a:b].copy_(squares.div_(count))
+        # (abs: the same bits for a variance, and the NaN an Inf input makes, -NaN on x86, one the selection ranks)
+        out[a:b].copy_(squares.div_(count).abs_())
     return out
 
 
