@@ -117,16 +117,18 @@ SUM_BATCH = 4  # grid blocks summed per call (their float64 temporaries: 1 MiB f
 def pairwise_sums(values: torch.Tensor) -> torch.Tensor:
     """Float64 sums along dimension 1 of a [k, m, p] view (m a power of two) by a fixed pairwise tree of
     element-wise additions: the same bits whatever k, the thread count or the machine (torch's own reductions
-    split work between threads differently as those change)."""
-    half = values.shape[1] // 2
+    split work between threads differently as those change). In numpy, whose calls cost a fraction of torch's
+    on the small arrays of the tree's upper levels (IEEE additions: the same bits either way)."""
+    array = values.numpy()
+    half = array.shape[1] // 2
     if half == 0:
-        return values[:, 0].to(torch.float64)
-    acc = values[:, :half].to(torch.float64, copy=True)
-    acc += values[:, half:]
+        return torch.from_numpy(array[:, 0].astype(np.float64))
+    acc = array[:, :half].astype(np.float64)
+    acc += array[:, half:]
     while acc.shape[1] > 1:
         half = acc.shape[1] // 2
-        acc = acc[:, :half].add_(acc[:, half:])
-    return acc[:, 0]
+        acc = np.add(acc[:, :half], acc[:, half:], out=acc[:, :half])
+    return torch.from_numpy(acc[:, 0])
 
 
 def padded_rows(values: torch.Tensor, width: int) -> torch.Tensor:
@@ -204,10 +206,9 @@ class GroupSums:
             blocks.append(padded_rows(values[whole:], width))
         for block in blocks:
             if kind == "tensor":
-                total = sums[0].item()
-                for block_sum in pairwise_sums(block).flatten().tolist():
-                    total += block_sum
-                sums[0] = total
+                total = sums.numpy()  # (a view of the sums: written in place)
+                for block_sum in pairwise_sums(block).numpy().ravel().tolist():
+                    total[0] += block_sum
             else:  # column periods divide the grid: each block adds to every column, in block order
                 sums.copy_(torch.cat([sums[None], pairwise_sums(block)]).cumsum(0)[-1])
 
