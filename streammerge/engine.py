@@ -171,6 +171,7 @@ class Workspace:
         self.staging: torch.Tensor | None = None
         self.extra = [torch.empty(chunk, dtype=acc_dtype) for _ in range(extra_buffers)]  # the method's own
         self.low_rank: torch.Tensor | None = None  # for LoRA updates, allocated on first use
+        self.views: dict = {}  # ChunkContext.views: what methods derive from `extra`
 
     def next_slot(self) -> None:
         self.slot ^= 1
@@ -548,7 +549,7 @@ class Engine:
 
         return ChunkContext(task.name, start, task.numel, inputs, base, task.model_params, task.params,
                             ws.acc(stop - start), self.config.seed, task.shape, ws.extra, read_input,
-                            read_base if task.base is not None else None)
+                            read_base if task.base is not None else None, ws.views)
 
 
 def statistics_passes(config: MergeConfig, task: TensorTask) -> int:

@@ -56,6 +56,17 @@ class ChunkContext:
     # work (a row) may straddle chunks: read_input(model index, start, stop) and read_base(start, stop).
     read_input: Callable[[int, int, int], torch.Tensor] | None = None
     read_base: Callable[[int, int], torch.Tensor] | None = None
+    # Views of `buffers` a method derives, kept for the run (the buffers are the same for every chunk): `derived`
+    views: dict = field(default_factory=dict)
+
+    def derived(self, make: Callable[["ChunkContext"], Any]) -> Any:
+        """make(self), a method's named views of its buffers for a chunk of this length, made once per run and
+        length: views cost a few microseconds each, which adds up over thousands of small tensors."""
+        key = (make, self.out.numel())
+        value = self.views.get(key)
+        if value is None:
+            value = self.views[key] = make(self)
+        return value
 
 
 TILE = 4 * GRID  # elements: 1 MiB per float32 buffer, so the few an operation touches stay in the CPU's caches

@@ -135,7 +135,7 @@ def _delta(ctx: ChunkContext, i: int, keep: torch.Tensor | None, b: Buffers) -> 
 def sce_observe(stats: SceStats, pass_index: int, ctx: ChunkContext) -> None:
     if stats.squares is None:
         stats.setup(ctx)
-    b = Buffers(ctx)
+    b = ctx.derived(Buffers)
     if pass_index < stats.select_passes:
         if stats.nothing or stats.select.done:
             return
@@ -194,7 +194,7 @@ def _default_dtype(weight: float) -> float:
 def sce(ctx: ChunkContext, stats: SceStats | None) -> torch.Tensor:
     if stats is None or stats.nothing:  # nothing selected
         return ctx.out.copy_(ctx.base)
-    b = Buffers(ctx)
+    b = ctx.derived(Buffers)
     if ctx.offset == 0:
         stats.new_gates()
     keep = _keep(stats, ctx, b)

@@ -187,7 +187,7 @@ def magnitude_observe(sparsifier: Sparsifier):
     def observe(stats: MagnitudeStats, pass_index: int, ctx: ChunkContext) -> None:
         if not stats.ready:
             stats.setup(sparsifier, ctx, ctx.out.dtype)
-        b = Buffers(ctx)
+        b = ctx.derived(Buffers)
         if pass_index < stats.select_passes:
             whole = pass_index == 0 and ctx.out.numel() == ctx.numel  # then selected at once: one pass
             for i, select in enumerate(stats.selects):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+import threading
 
 import numpy as np
 import torch
@@ -224,6 +225,22 @@ def stream_key(seed: int, name: str, stream: int) -> int:
     return int.from_bytes(digest, "little")
 
 
+_THREAD = threading.local()
+
+
+def _philox(key: int, counter: int) -> np.random.Philox:
+    """numpy's `Philox(key=key, counter=counter)`, as this thread's one Philox set to that state: building a new
+    one draws OS entropy for a seed it then ignores (about 40 us, once per tensor and stream)."""
+    philox = getattr(_THREAD, "philox", None)
+    if philox is None:
+        philox = _THREAD.philox = np.random.Philox(0)
+    philox.state = {"bit_generator": "Philox",
+                    "state": {"counter": np.array([counter, 0, 0, 0], dtype=np.uint64),
+                              "key": np.array([key & (2**64 - 1), key >> 64], dtype=np.uint64)},
+                    "buffer": np.zeros(4, dtype=np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
+    return philox
+
+
 class Uniform:
     """U[0, 1) float32 numbers for any element range of a tensor, counter-based: element i gets the i-th 32-bit
     output u of the Philox4x64 stream keyed by `stream_key(seed, name, stream)` (numpy's `Philox`), as
@@ -234,7 +251,7 @@ class Uniform:
         self.key = stream_key(seed, name, stream)
 
     def _generator(self, start: int) -> np.random.Generator:
-        generator = np.random.Generator(np.random.Philox(key=self.key, counter=start // PHILOX_WORDS))
+        generator = np.random.Generator(_philox(self.key, start // PHILOX_WORDS))
         generator.random(start % PHILOX_WORDS, dtype=np.float32)  # one output each: now at element `start`
         return generator
 

@@ -62,7 +62,7 @@ class Family:
 
 def task_vector_merge(family: Family):
     def merge(ctx: ChunkContext, stats) -> torch.Tensor:
-        b = Buffers(ctx)
+        b = ctx.derived(Buffers)
         consensus = family.consensus is Consensus.SIGN
         base = ctx.base
         mixed = ctx.out.zero_()
