@@ -6,7 +6,8 @@ and combined in block order, so results depend on the data alone, never on where
 - `Uniform`: uniform random numbers from a counter-based generator (Philox) keyed by (seed, tensor, stream),
   element i taking the stream's i-th number;
 - `RankSelect`: exact order statistics of magnitudes by radix selection over their bit patterns, a histogram of
-  16 bits per pass (2 passes for float32, 4 for float64), instead of sorting the whole tensor;
+  16 bits per pass (2 passes for float32, 4 for float64), instead of sorting the whole tensor; a tensor held
+  whole in one chunk is partitioned in place instead (the same order statistics, in one pass);
 - `TieGate`: which of the elements equal to a selected value are kept, by their order of appearance.
 """
 
