@@ -169,7 +169,9 @@ class Workspace:
         self.scratch = [torch.empty(chunk, dtype=acc_dtype) for _ in range(n_inputs)]
         self.outs: dict[torch.dtype, list[torch.Tensor]] = {}
         self.staging: torch.Tensor | None = None
-        self.extra = [torch.empty(chunk, dtype=acc_dtype) for _ in range(extra_buffers)]  # the method's own
+        # the method's own buffers, consecutive slices of one block (ChunkContext.arena)
+        self.arena = torch.empty(chunk * extra_buffers, dtype=acc_dtype)
+        self.extra = list(self.arena.split(chunk)) if extra_buffers else []
         self.low_rank: torch.Tensor | None = None  # for LoRA updates, allocated on first use
         self.views: dict = {}  # ChunkContext.views: what methods derive from `extra`
 
@@ -461,14 +463,15 @@ class Engine:
             return
         if passes:
             stats = self.method.init_stats(task.numel, len(task.sources))
-            for pass_index in range(passes):
+            pass_index = 0
+            while pass_index < passes:
                 for start, stop in _chunks(task.numel, self.chunk):
                     self._observe(stats, pass_index, self._context(task, ws, start, stop))
                     for info in inputs:  # keep the page cache: the next pass reads these bytes again
                         info.release(start, stop, drop_cache=False)
                     guard.check(f"'{task.name}'")
-                if self.method.finish_pass is not None:
-                    self.method.finish_pass(stats, pass_index)
+                following = self.method.finish_pass(stats, pass_index) if self.method.finish_pass else None
+                pass_index = pass_index + 1 if following is None else following
         self._stream(task, inputs, ws, output, progress, guard,
                      lambda s, e: self._merge(self._context(task, ws, s, e), stats), was_cached)
 
@@ -549,7 +552,7 @@ class Engine:
 
         return ChunkContext(task.name, start, task.numel, inputs, base, task.model_params, task.params,
                             ws.acc(stop - start), self.config.seed, task.shape, ws.extra, read_input,
-                            read_base if task.base is not None else None, ws.views)
+                            read_base if task.base is not None else None, ws.views, ws.arena)
 
 
 def statistics_passes(config: MergeConfig, task: TensorTask) -> int:
@@ -563,8 +566,12 @@ def input_reads(config: MergeConfig, task: TensorTask, chunk: int) -> int:
     """How many times merging `task` with chunks of `chunk` elements reads its inputs: once, plus once per
     statistics pass when the tensor is larger than a chunk (a smaller one gets its statistics from the chunk
     already read; see Engine.run_task)."""
-    passes = statistics_passes(config, task)
-    return 1 if task.numel <= chunk else passes + 1
+    if task.numel <= chunk or task.kind == COPY:
+        return 1
+    method = config.method
+    if method.streamed_reads is not None:
+        return method.streamed_reads(task.params, task.model_params, config.dtype, task.numel, chunk)
+    return statistics_passes(config, task) + 1
 
 
 def _follows(previous: TensorTask, task: TensorTask) -> bool:

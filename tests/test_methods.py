@@ -507,9 +507,11 @@ def test_results_do_not_depend_on_chunk_size_or_threads(tmp_path, big_set, metho
 
 def test_statistics_of_a_tensor_that_fits_take_one_read(tmp_path, big_set, monkeypatch):
     """The in-memory path is the one taken when the tensor fits (and only then): its inputs are read once, and
-    its thresholds are selected on the whole tensor at once rather than by histogram passes."""
+    its thresholds are selected on the whole tensor at once rather than by histogram passes. Streamed, the
+    magnitudes are gathered in the method's buffers where they fit (one statistics read), else selected by the
+    histogram passes (one read each). Every path gives the same bits."""
     from streammerge.engine import Engine
-    from streammerge.methods import streaming
+    from streammerge.methods import sparsifiers, streaming
     base, models = big_set
     reads, histograms = [], []
     original = Engine._context
@@ -520,10 +522,21 @@ def test_statistics_of_a_tensor_that_fits_take_one_read(tmp_path, big_set, monke
     mp = [{"density": 0.3}] * 2
     fits = run_merge(tmp_path / "fits", "ties", models[:2], base, mp, chunk=64 * GRID)
     assert reads == [(0, base["big"].numel())] and not histograms
-    reads.clear()
-    streamed = run_merge(tmp_path / "streamed", "ties", models[:2], base, mp, chunk=64 * GRID,
+    numel = base["big"].numel()
+    for name, chunk, gathered in (("whole chunk", 64 * GRID, True), ("two chunks", 16 * GRID, True),
+                                  ("too many chunks for the buffers", 2 * GRID, False)):
+        reads.clear(), histograms.clear()
+        streamed = run_merge(tmp_path / name, "ties", models[:2], base, mp, chunk=chunk,
+                             engine_options={"stats_in_memory": False})
+        chunks = -(-numel // chunk)
+        # gathered: one statistics pass and the merge pass; else two radix-selection passes and the merge pass
+        assert len(reads) == (2 if gathered else 3) * chunks and bool(histograms) != gathered, name
+        assert torch.equal(fits["big"], streamed["big"]), name
+    monkeypatch.setattr(sparsifiers, "gather_areas", lambda ctx, models: None)
+    reads.clear(), histograms.clear()
+    streamed = run_merge(tmp_path / "histograms", "ties", models[:2], base, mp, chunk=64 * GRID,
                          engine_options={"stats_in_memory": False})
-    assert len(reads) == 3 and histograms  # two radix-selection passes and the merge pass
+    assert len(reads) == 3 and histograms
     assert torch.equal(fits["big"], streamed["big"])
 
 

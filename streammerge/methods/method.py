@@ -58,6 +58,9 @@ class ChunkContext:
     read_base: Callable[[int, int], torch.Tensor] | None = None
     # Views of `buffers` a method derives, kept for the run (the buffers are the same for every chunk): `derived`
     views: dict = field(default_factory=dict)
+    # All of `buffers` as one block (they are its consecutive slices, in order): room for a statistic of a whole
+    # tensor larger than a chunk, for as long as the method's buffers are not in use otherwise
+    arena: torch.Tensor | None = None
 
     def derived(self, make: Callable[["ChunkContext"], Any]) -> Any:
         """make(self), a method's named views of its buffers for a chunk of this length, made once per run and
@@ -96,7 +99,12 @@ class Method:
     stat_passes: int | Callable[[dict, list[dict], torch.dtype, int, tuple], int] = 0
     init_stats: Callable[[int, int], Any] | None = None  # (numel, n_models) -> state
     observe: Callable[[Any, int, ChunkContext], None] | None = None  # (state, pass index, chunk)
-    finish_pass: Callable[[Any, int], None] | None = None
+    # (state, pass index) -> None, or the index of the next pass to run when the passes in between have nothing
+    # left to do (a selection completed early): the engine then skips their reads
+    finish_pass: Callable[[Any, int], int | None] | None = None
+    # (method params, per-model params, accumulation dtype, numel, chunk) -> how many times merging a tensor larger
+    # than the chunk reads its inputs, for a method whose `finish_pass` skips passes; else one per pass plus one
+    streamed_reads: Callable[[dict, list[dict], torch.dtype, int, int], int] | None = None
     buffers: int = 0  # chunk-sized accumulation-dtype buffers the method needs beyond the accumulator
     min_models: int = 1
     max_models: int | None = None

@@ -156,7 +156,36 @@ class MagnitudeStats:
         self.norms = GroupSums(Groups("tensor", ctx.shape), 2 * len(self.ranks))  # (all, kept) per model
         self.factors = [1.0] * len(self.ranks)
         self.merge_gates = None
+        self.areas = gather_areas(ctx, [i for i, s in enumerate(self.selects) if s is not None])
         self.ready = True
+
+
+def gather_areas(ctx: ChunkContext, models: list[int]) -> dict[int, torch.Tensor] | None:
+    """For a tensor streamed in chunks: a tensor-sized area of the method's buffers (`ChunkContext.arena`) per
+    model to select on, when they all fit. The first pass then gathers every |delta| there and each model's
+    thresholds are selected by partition, as for a tensor held whole: one read instead of one per radix pass. The
+    buffers are free until the selection is made (the rescale and merge passes come after it)."""
+    numel = ctx.numel
+    if ctx.out.numel() == numel or ctx.arena is None or not gathered(len(models), numel, ctx.arena.numel()):
+        return None
+    return {i: ctx.arena[k * numel:(k + 1) * numel] for k, i in enumerate(models)}
+
+
+def gathered(selecting: int, numel: int, arena_elements: int) -> bool:
+    """Whether the magnitudes of `selecting` models' deltas fit the method's buffers together."""
+    return 0 < selecting and selecting * numel <= arena_elements
+
+
+def magnitude_streamed_reads(sparsifier: Sparsifier, buffers: int):
+    """`Method.streamed_reads` of a magnitude sparsifier with `buffers` chunk-sized buffers."""
+    def reads(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, chunk: int) -> int:
+        passes = magnitude_passes(sparsifier, params, model_params, dtype, numel)
+        selecting = sum(isinstance(magnitude_ranks(sparsifier, m, numel), tuple) for m in model_params)
+        if gathered(selecting, numel, buffers * chunk):
+            passes -= RankSelect.passes_for(dtype) - 1  # the radix passes become one gathering pass
+        return passes + 1
+
+    return reads
 
 
 def magnitude_passes(sparsifier: Sparsifier, params: dict, model_params: list[dict], dtype: torch.dtype,
@@ -190,8 +219,13 @@ def magnitude_observe(sparsifier: Sparsifier):
         b = ctx.derived(Buffers)
         if pass_index < stats.select_passes:
             whole = pass_index == 0 and ctx.out.numel() == ctx.numel  # then selected at once: one pass
+            gather = pass_index == 0 and stats.areas is not None  # gathered, then selected at the pass's end
             for i, select in enumerate(stats.selects):
                 if select is None or select.done:
+                    continue
+                if gather:
+                    area = stats.areas[i][ctx.offset:ctx.offset + ctx.out.numel()]
+                    torch.sub(ctx.inputs[i], ctx.base, out=area).abs_()
                     continue
                 torch.sub(ctx.inputs[i], ctx.base, out=b.magnitude).abs_()
                 if whole:
@@ -214,19 +248,25 @@ def magnitude_observe(sparsifier: Sparsifier):
     return observe
 
 
-def magnitude_finish(stats: MagnitudeStats, pass_index: int) -> None:
+def magnitude_finish(stats: MagnitudeStats, pass_index: int) -> int | None:
     if pass_index < stats.select_passes:
         for i, select in enumerate(stats.selects):
             if select is not None:
+                if pass_index == 0 and stats.areas is not None:
+                    select.select_whole(stats.areas[i], stats.areas[i])  # (partitioned in place)
                 select.finish_pass(pass_index)
-                if pass_index == stats.select_passes - 1:
-                    stats.bounds[i] = bounds_from(select, stats.ranks[i][1] is not None)
-        return
+        if pass_index < stats.select_passes - 1 and not all(s is None or s.done for s in stats.selects):
+            return None
+        for i, select in enumerate(stats.selects):
+            if select is not None:
+                stats.bounds[i] = bounds_from(select, stats.ranks[i][1] is not None)
+        return stats.select_passes  # the selection is made: on to the rescale pass, if any
     for i, select in enumerate(stats.selects):
         if select is None:
             continue
         before, after = stats.norms.sums[2 * i, 0].item(), stats.norms.sums[2 * i + 1, 0].item()
         stats.factors[i] = before / after if before >= RESCALE_EPS and after >= RESCALE_EPS else 1.0
+    return None
 
 
 # -- random sparsifiers --------------------------------------------------------------------------------------

@@ -351,7 +351,8 @@ class RankSelect:
     def select_whole(self, values: torch.Tensor, digits_buffer: torch.Tensor) -> None:
         """Every rank selected now from `values`, the whole tensor's magnitudes (`done` after it), for a caller
         that has set its ranks and reuses the buffers before `finish_pass(0)`. Values the histogram passes would
-        refuse are observed as their first pass instead, so the passes go on (and refuse them)."""
+        refuse are observed as their first pass instead, so the passes go on (and refuse them). `digits_buffer` may
+        be `values` itself, then partitioned in place (the counts do not depend on the order)."""
         if not self._select_whole(values, digits_buffer):
             self._observe(0, values, digits_buffer)
 

@@ -20,7 +20,8 @@ from streammerge.methods.masks import fill, select
 from streammerge.methods.method import ChunkContext, Method, Param
 from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, MagnitudeStats, Sparsifier,
                                              magnitude_finish, magnitude_observe, magnitude_passes,
-                                             prune_by_magnitude, prune_by_magnitude_rank, prune_randomly)
+                                             magnitude_streamed_reads, prune_by_magnitude, prune_by_magnitude_rank,
+                                             prune_randomly)
 
 
 def _unit_interval(value: float) -> str | None:
@@ -183,6 +184,7 @@ def _method(family: Family) -> Method:
         init_stats=(lambda numel, n: MagnitudeStats()) if magnitude else None,
         observe=magnitude_observe(family.sparsifier) if magnitude else None,
         finish_pass=magnitude_finish if magnitude else None,
+        streamed_reads=magnitude_streamed_reads(family.sparsifier, family.buffers) if magnitude else None,
         buffers=family.buffers,
         check=_della_check if family.sparsifier is Sparsifier.MAGPRUNE else None,
         # magprune ranks whole rows, which tiles would cut (each cut row read again): its chunks stay whole
