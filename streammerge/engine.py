@@ -470,19 +470,23 @@ class Engine:
                     for info in inputs:  # keep the page cache: the next pass reads these bytes again
                         info.release(start, stop, drop_cache=False)
                     guard.check(f"'{task.name}'")
-                following = self.method.finish_pass(stats, pass_index) if self.method.finish_pass else None
-                pass_index = pass_index + 1 if following is None else following
+                pass_index = self._finish_pass(stats, pass_index)
         self._stream(task, inputs, ws, output, progress, guard,
                      lambda s, e: self._merge(self._context(task, ws, s, e), stats), was_cached)
 
     def _observe_and_merge(self, ctx: ChunkContext, stats, passes: int) -> torch.Tensor:
         """Every statistics pass, then the merge, on one chunk holding the whole tensor: one read. The passes see
         the chunk untiled, so a method may compute its statistics on the whole tensor at once."""
-        for pass_index in range(passes):
+        pass_index = 0
+        while pass_index < passes:
             self.method.observe(stats, pass_index, ctx)
-            if self.method.finish_pass is not None:
-                self.method.finish_pass(stats, pass_index)
+            pass_index = self._finish_pass(stats, pass_index)
         return self._merge(ctx, stats)
+
+    def _finish_pass(self, stats, pass_index: int) -> int:
+        """The method's end of a statistics pass; the index of the next pass to run (it may skip passes)."""
+        following = self.method.finish_pass(stats, pass_index) if self.method.finish_pass else None
+        return pass_index + 1 if following is None else following
 
     def _parts(self, ctx: ChunkContext) -> list[ChunkContext]:
         return tiles(ctx) if self.method.tiled else [ctx]

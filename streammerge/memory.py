@@ -121,6 +121,7 @@ class Budget:
     def __init__(self, requested: int | None, per_element: int, default: int, baseline: int | None = None,
                  largest_tensor: int | None = None, output_tensors: int = 0, reserve: int = 0):
         self._args = (requested, per_element, default, largest_tensor, output_tensors, reserve)
+        self.reserve, self.largest_tensor = reserve, largest_tensor
         self.baseline = anon_rss() if baseline is None else baseline
         # What the run will hold besides the buffers: the margin, the output's records beyond what it covers, and
         # what the caller keeps for others in the same process.
@@ -165,10 +166,9 @@ class Budget:
 
     def _chunk(self, room: int) -> int:
         """Elements per chunk when `room` bytes are left for the buffers."""
-        largest_tensor = self._args[3]
         chunk = max(MIN_CHUNK_ELEMENTS, min(MAX_CHUNK_ELEMENTS, room // self.per_element))
-        if largest_tensor is not None:  # buffers larger than the largest tensor would never be filled
-            chunk = min(chunk, max(MIN_CHUNK_ELEMENTS, -(-largest_tensor // CHUNK_ALIGN) * CHUNK_ALIGN))
+        if self.largest_tensor is not None:  # buffers larger than the largest tensor would never be filled
+            chunk = min(chunk, max(MIN_CHUNK_ELEMENTS, -(-self.largest_tensor // CHUNK_ALIGN) * CHUNK_ALIGN))
         return chunk // CHUNK_ALIGN * CHUNK_ALIGN
 
     def remeasured(self) -> "Budget":
@@ -179,7 +179,7 @@ class Budget:
     def chunk_at(self, limit: int, baseline: int, reserve: int) -> int:
         """The chunk this merge would get under `limit` in a process holding `baseline` (a task's, as the driver
         of a distributed merge estimates it; the task's own budget checks the limit)."""
-        reserved = self.reserved - self._args[5] + reserve
+        reserved = self.reserved - self.reserve + reserve
         return self._chunk(limit - baseline - reserved)
 
     @property
