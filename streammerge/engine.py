@@ -32,7 +32,7 @@ from streammerge.io.output_spec import Output, OutputSpec, TensorSink, ResumeInp
 from streammerge.io.outputs import check_disk_space, make_output, output_kind, output_spec
 from streammerge.lora import apply_adapter
 from streammerge.memory import CHUNK_ALIGN, Budget, MemoryGuard, bytes_per_element
-from streammerge.methods.method import ChunkContext, tiles
+from streammerge.methods.method import TILE, ChunkContext, Segment, tiles
 from streammerge.plan import COPY, MERGE, Plan, TensorTask, build_plan
 
 
@@ -398,21 +398,29 @@ class Engine:
 
     # -- runs of small tensors: per-tensor work (a read, a merge, a check, a release per input) costs far more
     # than the math for tensors of a few hundred elements, so tensors that lie back to back in every input are
-    # merged together as one chunk; the method being element-wise, every element comes out the same.
+    # merged together as one chunk. An element-wise method gives every element the same result that way; a
+    # segmented one does its per-tensor work on each tensor's segment of the run (`Method.segmented`).
     def _small(self, task: TensorTask) -> bool:
-        return (task.kind == MERGE and self.method.elementwise and not task.aliases
-                and 0 < task.numel <= SMALL_TENSOR and task.numel <= self.chunk
+        method = self.method
+        return (task.kind == MERGE and not task.aliases
+                and 0 < task.numel <= SMALL_TENSOR and task.numel <= self._run_limit
                 and all(i.stride is None and i.delta is None and i.aligned for i in task.inputs)
-                and not statistics_passes(self.config, task))
+                and ((method.elementwise and not statistics_passes(self.config, task))
+                     or (method.segmented and self.stats_in_memory)))
+
+    @property
+    def _run_limit(self) -> int:
+        """Elements in a run: a chunk, or for a segmented method a cache-sized tile (its run is not tiled)."""
+        return min(self.chunk, TILE) if self.method.segmented else self.chunk
 
     def small_run(self, tasks: list[TensorTask], index: int, reused: Callable[[str], bool]) -> list[TensorTask]:
         """The tasks from `index` on that can be merged as one chunk (just tasks[index] when none follows)."""
         first = tasks[index]
         if not self._small(first):
             return [first]
-        run, total = [first], first.numel
-        for task in tasks[index + 1:index + 1 + self.chunk // first.numel]:
-            if (total + task.numel > self.chunk or reused(task.name) or not self._small(task)
+        run, total, limit = [first], first.numel, self._run_limit
+        for task in tasks[index + 1:index + 1 + limit // first.numel]:
+            if (total + task.numel > limit or reused(task.name) or not self._small(task)
                     or not _follows(run[-1], task)):
                 break
             run.append(task)
@@ -427,7 +435,22 @@ class Engine:
         whole = TensorTask(first.name, (total,), first.out_dtype, MERGE, spans[:sources], first.rule,
                            first.model_params, first.params, base=spans[sources] if first.base is not None else None)
         ws.next_slot()
-        result = self.method.merge(self._context(whole, ws, 0, total), None)
+        ctx = self._context(whole, ws, 0, total)
+        stats = None
+        if self.method.segmented:
+            start = 0
+            for task in run:
+                ctx.segments.append(Segment(start, task.name, task.shape))
+                start += task.numel
+            passes = [statistics_passes(self.config, task) for task in run]
+            if not any(passes):
+                stats = [None] * len(run)
+            elif self.method.segment_stats is not None:
+                stats = self.method.segment_stats(ctx)
+            if stats is None:  # each segment's own passes, as for the tensor alone
+                stats = [self._statistics_in_memory(ctx.segment(segment), n)
+                         for segment, n in zip(ctx.segments, passes)]
+        result = self.method.merge(ctx, stats)
         if result.dtype != first.out_dtype:
             result = ws.out_buffer(first.out_dtype, total).copy_(result)
         if not all_finite(result):  # find the tensors that hold them, for the message or the summary
@@ -456,10 +479,8 @@ class Engine:
         stats = None
         passes = statistics_passes(self.config, task)
         if passes and self.stats_in_memory and task.numel <= self.chunk:
-            stats = self.method.init_stats(task.numel, len(task.sources))
             self._stream(task, inputs, ws, output, progress, guard,
-                         lambda s, e: self._observe_and_merge(self._context(task, ws, s, e), stats, passes),
-                         was_cached)
+                         lambda s, e: self._observe_and_merge(self._context(task, ws, s, e), passes), was_cached)
             return
         if passes:
             stats = self.method.init_stats(task.numel, len(task.sources))
@@ -474,14 +495,21 @@ class Engine:
         self._stream(task, inputs, ws, output, progress, guard,
                      lambda s, e: self._merge(self._context(task, ws, s, e), stats), was_cached)
 
-    def _observe_and_merge(self, ctx: ChunkContext, stats, passes: int) -> torch.Tensor:
-        """Every statistics pass, then the merge, on one chunk holding the whole tensor: one read. The passes see
-        the chunk untiled, so a method may compute its statistics on the whole tensor at once."""
+    def _observe_and_merge(self, ctx: ChunkContext, passes: int) -> torch.Tensor:
+        """Every statistics pass, then the merge, on one chunk holding the whole tensor: one read."""
+        return self._merge(ctx, self._statistics_in_memory(ctx, passes))
+
+    def _statistics_in_memory(self, ctx: ChunkContext, passes: int):
+        """The statistics of a whole tensor held in `ctx` (None without passes). The passes see the chunk
+        untiled, so a method may compute its statistics on the whole tensor at once."""
+        if not passes:
+            return None
+        stats = self.method.init_stats(ctx.numel, len(ctx.inputs))
         pass_index = 0
         while pass_index < passes:
             self.method.observe(stats, pass_index, ctx)
             pass_index = self._finish_pass(stats, pass_index)
-        return self._merge(ctx, stats)
+        return stats
 
     def _finish_pass(self, stats, pass_index: int) -> int:
         """The method's end of a statistics pass; the index of the next pass to run (it may skip passes)."""

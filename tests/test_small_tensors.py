@@ -69,6 +69,41 @@ def test_runs_of_small_tensors_match_one_at_a_time(tmp_path, monkeypatch, out_dt
 
 
 ELEMENTWISE = [m.name for m in methods() if m.elementwise]
+SEGMENTED = [m.name for m in methods() if m.segmented]
+
+
+def _runs_and_single(tmp_path, monkeypatch, name, models, model_params=None, extra=None, **engine_options):
+    """The outputs of a merge with runs of small tensors and of the same merge one tensor at a time, and the
+    number of chunks the first merged."""
+    method = get_method(name)
+    n_models = max(method.min_models, min(2, method.max_models or 2))
+    typical = method.typical
+    model_params = model_params or [typical.get("model", {})] * n_models
+
+    def merge_all(tmp: Path) -> dict:
+        tmp.mkdir()
+        paths = [save(sd, tmp / f"model{i}.safetensors") for i, sd in enumerate(models)]
+        config = {"method": name, "output": str(tmp / "out.safetensors"), "parameters": typical.get("parameters", {}),
+                  "models": [{"path": str(p), **params} for p, params in zip(paths[-n_models:], model_params)],
+                  **(extra or {})}
+        if method.uses_base:
+            config["base"] = str(paths[0])
+        merge_in_process(config, **engine_options)
+        return load_output(tmp / "out.safetensors")
+
+    with monkeypatch.context() as patch:
+        calls = []
+        patch.setattr(engine_module.Engine, "_context", _counting_context(calls))
+        batched = merge_all(tmp_path / "runs")
+        patch.setattr(engine_module, "SMALL_TENSOR", 0)
+        single = merge_all(tmp_path / "single")
+    return batched, single, len(calls) - len(single) + 1  # (the second merge's calls: one per float tensor)
+
+
+def _assert_same_bits(batched: dict, single: dict) -> None:
+    assert batched.keys() == single.keys()
+    for key in single:
+        assert torch.equal(batched[key].view(torch.uint8), single[key].view(torch.uint8)), key
 
 
 @pytest.mark.parametrize("name", ELEMENTWISE)
@@ -78,27 +113,77 @@ def test_every_elementwise_method_gives_the_same_bits_in_runs(tmp_path, monkeypa
     method = get_method(name)
     n_models = max(method.min_models, min(2, method.max_models or 2))
     models = small_models(n_models + (1 if method.uses_base else 0), tensors=60)
-    typical = method.typical
+    batched, single, chunks = _runs_and_single(tmp_path, monkeypatch, name, models)
+    assert chunks <= 5, chunks  # the runs were taken
+    _assert_same_bits(batched, single)
 
-    def merge_all(tmp: Path) -> dict:
-        tmp.mkdir()
-        paths = [save(sd, tmp / f"model{i}.safetensors") for i, sd in enumerate(models)]
-        config = {"method": name, "output": str(tmp / "out.safetensors"), "parameters": typical.get("parameters", {}),
-                  "models": [{"path": str(p), **typical.get("model", {})} for p in paths[-n_models:]]}
-        if method.uses_base:
-            config["base"] = str(paths[0])
-        merge_in_process(config)
-        return load_output(tmp / "out.safetensors")
 
-    calls = []
-    monkeypatch.setattr(engine_module.Engine, "_context", _counting_context(calls))
-    batched = merge_all(tmp_path / "runs")
-    assert len(calls) <= 5, calls  # the runs were taken
-    monkeypatch.setattr(engine_module, "SMALL_TENSOR", 0)
-    single = merge_all(tmp_path / "single")
-    assert batched.keys() == single.keys()
-    for key in single:
-        assert torch.equal(batched[key].view(torch.uint8), single[key].view(torch.uint8)), key
+def quantized(models: list[dict]) -> list[dict]:
+    """The models with values on a coarse grid: many task-vector entries of equal magnitude, so thresholds fall
+    among ties and the tie gates decide by position."""
+    return [{k: (v * 2).round() / 2 if v.is_floating_point() else v for k, v in sd.items()} for sd in models]
+
+
+SEGMENTED_CASES = {
+    "typical": {},
+    "keep all or drop all": {"model_params": [{"density": 1.0}, {"density": 0.0}]},
+    "some keep all": {"model_params": [{"density": 0.4}, {"density": 1.0}]},
+    "ties at the thresholds": {"quantize": True, "model_params": [{"density": 0.3}, {"density": 0.6}]},
+    "rescale": {"extra": {"parameters": {"rescale": True}}, "model_params": [{"density": 0.3}, {"density": 0.7}]},
+    "float64": {"extra": {"dtype": "float64"}},
+    "nan inside a run": {"nan": True},
+}
+
+
+@pytest.mark.parametrize("case", SEGMENTED_CASES)
+@pytest.mark.parametrize("name", SEGMENTED)
+def test_every_segmented_method_gives_the_same_bits_in_runs(tmp_path, monkeypatch, name, case):
+    """A segmented method merges runs of small tensors as one chunk, with each tensor's selection or random draws
+    made on its segment: every bit as when each tensor is merged alone, whatever selects (keep all, drop all,
+    thresholds among ties decided by position, a rescale), in float64 and with a NaN inside a run."""
+    spec = SEGMENTED_CASES[case]
+    method = get_method(name)
+    models = small_models(3, tensors=60, nan_at="blocks.0031.w" if spec.get("nan") else None)  # (in a model)
+    if spec.get("nan"):
+        models[0]["blocks.0033.w"][1] = float("nan")  # and in the base: NaN wherever it is used
+    if spec.get("quantize"):
+        models = quantized(models)
+    model_params = spec.get("model_params")
+    if model_params and "gamma" in {p.name for p in method.params}:
+        model_params = [{**m, "gamma": 0.1} for m in model_params]
+    extra = dict(spec.get("extra", {}))
+    if "rescale" in extra.get("parameters", {}) and not method.param("rescale"):
+        pytest.skip(f"{name} has no rescale")
+    batched, single, chunks = _runs_and_single(tmp_path, monkeypatch, name, models, model_params, extra,
+                                               allow_nonfinite=bool(spec.get("nan")))
+    assert chunks <= 5, chunks  # the runs were taken
+    _assert_same_bits(batched, single)
+    if spec.get("nan"):
+        assert torch.isnan(batched["blocks.0033.w"][1])
+
+
+def test_a_segmented_run_selects_every_tensor_at_once(tmp_path, monkeypatch):
+    """ties' thresholds for a run come from one |delta| per model over the run (`Method.segment_stats`), not from
+    each tensor's own statistics passes; with a rescale (norms of the pruned deltas) each tensor makes its own."""
+    passes = []
+    original = engine_module.Engine._statistics_in_memory
+
+    def counting(self, ctx, n):
+        passes.append(ctx.name)
+        return original(self, ctx, n)
+
+    monkeypatch.setattr(engine_module.Engine, "_statistics_in_memory", counting)
+    models = small_models(3, tensors=60)
+    merge_in_process({"method": "ties", "base": str(save(models[0], tmp_path / "b.safetensors")),
+                      "output": str(tmp_path / "o.safetensors"),
+                      "models": [{"path": str(save(sd, tmp_path / f"m{i}.safetensors")), "density": 0.5}
+                                 for i, sd in enumerate(models[1:])]})
+    assert passes == ["big"], passes  # the one tensor above the small-tensor size
+    passes.clear()
+    merge_in_process({"method": "ties", "base": str(tmp_path / "b.safetensors"), "parameters": {"rescale": True},
+                      "output": str(tmp_path / "r.safetensors"),
+                      "models": [{"path": str(tmp_path / f"m{i}.safetensors"), "density": 0.5} for i in range(2)]})
+    assert len(passes) == len(models[0]) - 1  # every float tensor ("steps" is copied)
 
 
 def _counting_context(calls):

@@ -59,6 +59,11 @@ def workers():
     executor.close()
 
 
+# The budget of a distributed run whose driver is this test process: the total for the driver, however large the
+# test process has grown by then (it holds every earlier test's leftovers), and its workers.
+IN_PROCESS_RAM = "3GiB"
+
+
 def config_for(method_name: str, inputs, output: Path) -> dict:
     method = get_method(method_name)
     paths, base = inputs
@@ -68,9 +73,8 @@ def config_for(method_name: str, inputs, output: Path) -> dict:
         params = {p.name: value for p in method.model_params
                   for name, value in (("weight", [0.6, 0.4, 0.3][i]), ("density", 0.5)) if p.name == name}
         models.append({"path": str(path), **params})
-    # max_ram: the total for the driver (this test process, however large it has grown) and its workers
     config = {"method": method_name, "models": models, "output": str(output), "shard_size": 400_000, "seed": 7,
-              "max_ram": "3GiB"}
+              "max_ram": IN_PROCESS_RAM}
     config.update({p.name: 0.5 for p in method.method_params if p.default is None})  # required ones (nearswap's t)
     if method.uses_base:
         config["base"] = str(base)
@@ -119,7 +123,8 @@ def test_nonfinite_allowed_is_listed_from_the_workers(tmp_path, inputs, workers)
     bad = torch.load(paths[1])
     bad["a.bias"][3] = float("nan")
     bad_path = save(bad, tmp_path / "bad.pth")
-    config = {"models": [str(paths[0]), str(bad_path)], "output": str(tmp_path / "o.safetensors")}
+    config = {"models": [str(paths[0]), str(bad_path)], "output": str(tmp_path / "o.safetensors"),
+              "max_ram": IN_PROCESS_RAM}
     prepared = prepare(parse_config(config))
     try:
         report = run_distributed(prepared, workers, quiet=True, allow_nonfinite=True)
@@ -165,7 +170,8 @@ def test_nan_in_a_worker_leaves_nothing(tmp_path, inputs):
     bad_path = save(bad, tmp_path / "bad.pth")
     for output, runner in (("o.pth", run), ("odir", run_main)):  # the command itself, then its code in-process
         path = write_yaml(tmp_path / "m.yaml", {"models": [str(paths[0]), str(bad_path)],
-                                                 "output": str(tmp_path / output), "shard_size": 400_000})
+                                                 "output": str(tmp_path / output), "shard_size": 400_000,
+                                                 "max_ram": IN_PROCESS_RAM})
         result = runner("merge", path, "--workers", "2")
         assert_clean_failure(result, tmp_path / output, "'c.weight'", str(bad_path))
 
@@ -222,7 +228,8 @@ def test_resume_after_an_interrupted_distributed_run(tmp_path):
         process.kill()
     if not started or (out / "model.safetensors.index.json").exists():
         pytest.skip("the merge finished before it could be interrupted")
-    result = run_main("merge", path, "--resume", "--workers", "2")  # the killed run was the real process
+    # the killed run was the real process; this one runs in the test process, so with its budget
+    result = run_main("merge", path, "--resume", "--workers", "2", "--max-ram", IN_PROCESS_RAM)
     assert result.returncode == 0, result.stderr
     assert "already complete and verified" in result.stderr, result.stderr
     assert same_bytes(tmp_path / "single", out)

@@ -61,6 +61,16 @@ class ChunkContext:
     # All of `buffers` as one block (they are its consecutive slices, in order): room for a statistic of a whole
     # tensor larger than a chunk, for as long as the method's buffers are not in use otherwise
     arena: torch.Tensor | None = None
+    # For a run of whole small tensors merged as one chunk (`Method.segmented`): where each tensor lies in it
+    segments: list["Segment"] = field(default_factory=list)
+
+    def segment(self, segment: "Segment") -> "ChunkContext":
+        """The context of a tensor of this run as if it were merged alone. Its buffers are the run's from the
+        tensor's start on, so the views a method makes of them lie at the tensor's place."""
+        a, z = segment.start, segment.stop
+        return ChunkContext(segment.name, 0, segment.numel, [x[a:z] for x in self.inputs],
+                            None if self.base is None else self.base[a:z], self.model_params, self.params,
+                            self.out[a:z], self.seed, segment.shape, [b[a:] for b in self.buffers])
 
     def derived(self, make: Callable[["ChunkContext"], Any]) -> Any:
         """make(self), a method's named views of its buffers for a chunk of this length, made once per run and
@@ -70,6 +80,23 @@ class ChunkContext:
         if value is None:
             value = self.views[key] = make(self)
         return value
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A whole tensor within a run of small tensors merged as one chunk: elements [start, start + numel)."""
+
+    start: int
+    name: str
+    shape: tuple
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.numel
 
 
 TILE = 4 * GRID  # elements: 1 MiB per float32 buffer, so the few an operation touches stay in the CPU's caches
@@ -120,6 +147,14 @@ class Method:
     # CPU's caches runs at the speed of memory, several times slower). The statistics passes over a chunk holding
     # the whole tensor stay untiled, so that a method may select on the whole tensor at once.
     tiled: bool = False
+    # Merging a run of whole small tensors as one chunk, with `ChunkContext.segments` set and one statistics state
+    # per tensor (made by the passes over the tensor's own context), gives each tensor's result as if merged
+    # alone: the method does its per-tensor work (selections, random draws) on each segment and the element-wise
+    # rest on the whole run at once. Small tensors then cost a few operations each instead of a whole merge.
+    segmented: bool = False
+    # For a segmented method with statistics passes: (the run's context, segments set) -> the statistics of every
+    # segment at once (cheaper than each segment's own passes), or None to have each segment make its passes
+    segment_stats: Callable[[ChunkContext], list | None] | None = None
     in_mergekit: bool = True  # mergekit has a method of this name and meaning (its configs may ask for it)
     # A typical use, for benchmarks: {"model": {per-model params}, "parameters": {method params}}
     typical: dict = field(default_factory=dict)

@@ -25,7 +25,7 @@ from streammerge.cpu import MAX_THREADS
 from streammerge.errors import StreamMergeError
 from streammerge.methods.masks import keep_only
 from streammerge.methods.method import ChunkContext
-from streammerge.methods.streaming import Groups, GroupSums, RankSelect, TieGate, Uniform, bool_views
+from streammerge.methods.streaming import INT_VIEW, Groups, GroupSums, RankSelect, TieGate, Uniform, bool_views
 
 RESCALE_EPS = 1e-7  # below this L1 norm a magnitude-pruned delta is left unscaled
 # DELLA ranks at most 1/MAGPRUNE_SHARE of a chunk at once: its temporaries (int64 order and ranks, float
@@ -108,6 +108,16 @@ class Bounds:
         (torch.ge if self.low_inclusive else torch.gt)(values, self.low, out=keep)
         if self.high is not None:
             keep.logical_and_((torch.le if self.high_inclusive else torch.lt)(values, self.high, out=scratch))
+        return keep
+
+
+    def admit_array(self, values: np.ndarray, keep: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+        """`admit` on numpy arrays (a call costs a fraction of a torch one: for the many small tensors of a run).
+        The bounds are values of the array's dtype, so comparing in that dtype is exact, as torch does."""
+        as_dtype = values.dtype.type
+        (np.greater_equal if self.low_inclusive else np.greater)(values, as_dtype(self.low), out=keep)
+        if self.high is not None:
+            keep &= (np.less_equal if self.high_inclusive else np.less)(values, as_dtype(self.high), out=scratch)
         return keep
 
 
@@ -209,6 +219,84 @@ def prune_by_magnitude(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats:
     for gate in gates:
         gate.apply(b.magnitude, b.keep, b.equal, b.counts, b.other)
     keep_only(b.delta, b.keep, b.magnitude)  # the magnitudes are no longer needed
+
+
+# -- runs of whole small tensors (`Method.segmented`): per-tensor work on numpy views, the rest on the run -----
+def magnitude_segment_stats(sparsifier: Sparsifier):
+    """`Method.segment_stats` of a magnitude sparsifier: each segment's thresholds, selected on the run's |delta|
+    (one torch operation per model for the whole run, then numpy on each segment). None, so that each segment
+    makes its own passes, where a rescale needs the norms of the pruned deltas."""
+    def segment_stats(ctx: ChunkContext) -> list[MagnitudeStats | None] | None:
+        if ctx.params.get("rescale", False):
+            return None
+        b = ctx.derived(Buffers)
+        segments = []
+        for seg in ctx.segments:
+            ranks = [magnitude_ranks(sparsifier, m, seg.numel) for m in ctx.model_params]
+            segments.append(SegmentStats(ranks) if any(isinstance(r, tuple) for r in ranks) else None)
+        for i, x in enumerate(ctx.inputs):
+            torch.sub(x, ctx.base, out=b.magnitude).abs_()
+            bits = b.magnitude.view(INT_VIEW[b.magnitude.dtype]).numpy()
+            for seg, stats in zip(ctx.segments, segments):
+                ranks = stats.ranks[i] if stats is not None else None
+                if not isinstance(ranks, tuple):
+                    continue
+                select = RankSelect([r for r in ranks if r is not None], b.magnitude.dtype)
+                part = bits[seg.start:seg.stop]
+                if not select.select_bits(part, part):  # (partitioned in place: |delta| is made again to merge)
+                    return None  # a pattern the histogram passes refuse: each segment's own passes say so
+                stats.bounds[i] = bounds_from(select, ranks[1] is not None)
+        return segments
+
+    return segment_stats
+
+
+class SegmentStats:
+    """What merging a segment needs of its magnitude statistics (the fields of `MagnitudeStats` it reads)."""
+
+    def __init__(self, ranks: list):
+        self.ranks = ranks
+        self.bounds: list[Bounds | None] = [None] * len(ranks)
+        self.factors = [1.0] * len(ranks)
+
+
+def prune_segments_by_magnitude(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats: list, b: Buffers) -> None:
+    """`prune_by_magnitude` of every segment of a run, each with its own statistics (SegmentStats or
+    MagnitudeStats, or None where no model selects), then the run's entries not kept zeroed at once."""
+    torch.abs(b.delta, out=b.magnitude)
+    magnitude, keep, other = b.magnitude.numpy(), b.keep.numpy(), b.other.numpy()
+    model = ctx.model_params[i]
+    for seg, seg_stats in zip(ctx.segments, stats):
+        start, stop = seg.start, seg.stop
+        ranks = magnitude_ranks(sparsifier, model, seg.numel)
+        if ranks == KEEP_ALL or ranks == DROP_ALL:
+            keep[start:stop] = ranks == KEEP_ALL  # (zeroing the bits gives the +0 of delta.zero_())
+            continue
+        bounds = seg_stats.bounds[i]
+        bounds.admit_array(magnitude[start:stop], keep[start:stop], other[start:stop])
+        for gate in bounds.new_gates():  # (ties at a threshold, rare: torch as for a whole tensor)
+            gate.apply(b.magnitude[start:stop], b.keep[start:stop], b.equal[start:stop], b.counts[start:stop],
+                       b.other[start:stop])
+    keep_only(b.delta, b.keep, b.magnitude)
+    for seg, seg_stats in zip(ctx.segments, stats):
+        if seg_stats is not None and seg_stats.factors[i] != 1.0:
+            b.delta[seg.start:seg.stop].mul_(seg_stats.factors[i])
+
+
+def prune_segments_randomly(i: int, ctx: ChunkContext, b: Buffers) -> None:
+    """`prune_randomly` of every segment of a run: each segment's own draws, then one test for the run."""
+    density = ctx.model_params[i]["density"]
+    if density >= 1:
+        return
+    if density <= 0:
+        b.delta.zero_()
+        return
+    for seg in ctx.segments:
+        Uniform(ctx.seed, seg.name, i).fill(0, b.magnitude[seg.start:seg.stop])
+    torch.lt(b.magnitude, density, out=b.keep)
+    keep_only(b.delta, b.keep, b.magnitude)
+    if ctx.params["rescale"]:
+        b.delta.div_(density)
 
 
 # -- statistics passes for the magnitude sparsifiers ---------------------------------------------------------

@@ -359,8 +359,11 @@ class RankSelect:
     def _select_whole(self, values: torch.Tensor, digits_buffer: torch.Tensor) -> bool:
         """Every rank selected from the whole tensor's values at once; False (nothing done) when a bit pattern is
         negative (a sign bit set: not a magnitude), which the histogram passes refuse."""
-        bits = values.view(self.int_dtype).numpy()
-        keys = digits_buffer.view(self.int_dtype)[:values.numel()].numpy()
+        return self.select_bits(values.view(self.int_dtype).numpy(),
+                                digits_buffer.view(self.int_dtype)[:values.numel()].numpy())
+
+    def select_bits(self, bits: np.ndarray, keys: np.ndarray) -> bool:
+        """`_select_whole` on the values' bit patterns (`bits`), with `keys` as scratch as long (or `bits`)."""
         np.copyto(keys, bits)
         if keys.size == 0 or keys.min() < 0:
             return False

@@ -20,8 +20,9 @@ from streammerge.methods.masks import fill, select
 from streammerge.methods.method import ChunkContext, Method, Param
 from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, MagnitudeStats, Sparsifier,
                                              magnitude_finish, magnitude_observe, magnitude_passes,
-                                             magnitude_streamed_reads, prune_by_magnitude, prune_by_magnitude_rank,
-                                             prune_randomly)
+                                             magnitude_segment_stats, magnitude_streamed_reads, prune_by_magnitude,
+                                             prune_by_magnitude_rank, prune_randomly, prune_segments_by_magnitude,
+                                             prune_segments_randomly)
 
 
 def _unit_interval(value: float) -> str | None:
@@ -70,22 +71,13 @@ def task_vector_merge(family: Family):
         if consensus:
             negative, weight_pos, weight_neg = b.rest[:3]
             negative.zero_(), weight_pos.zero_(), weight_neg.zero_()
-        gates = None
-        if family.sparsifier.by_magnitude and stats is not None:
-            if ctx.offset == 0:
-                stats.merge_gates = [bd.new_gates() if bd is not None else [] for bd in stats.bounds]
-            gates = stats.merge_gates
         for i, x in enumerate(ctx.inputs):
             weight = ctx.model_params[i]["weight"]
             torch.sub(x, base, out=b.delta)
-            if family.sparsifier.by_magnitude:
-                prune_by_magnitude(family.sparsifier, i, ctx, stats, b, gates[i] if gates else [])
-                if stats is not None and stats.factors[i] != 1.0:
-                    b.delta.mul_(stats.factors[i])
-            elif family.sparsifier is Sparsifier.RANDOM:
-                prune_randomly(i, ctx, b)
-            elif family.sparsifier is Sparsifier.MAGPRUNE:
-                prune_by_magnitude_rank(i, ctx, b)
+            if ctx.segments:  # a run of small tensors, each with its own statistics
+                sparsify_segments(family.sparsifier, i, ctx, stats, b)
+            else:
+                sparsify(family.sparsifier, i, ctx, stats, b)
             b.delta.mul_(weight)
             if not consensus:
                 mixed.add_(b.delta)
@@ -118,6 +110,33 @@ def task_vector_merge(family: Family):
 
     return merge
 
+
+
+def sparsify(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats, b: Buffers) -> None:
+    """Sparsify model i's task vector in `b.delta` (rescaled where the method asks)."""
+    if sparsifier.by_magnitude:
+        gates = []
+        if stats is not None:
+            if ctx.offset == 0 and i == 0:  # the merge pass's gates count the elements seen from the start
+                stats.merge_gates = [bd.new_gates() if bd is not None else [] for bd in stats.bounds]
+            gates = stats.merge_gates[i]
+        prune_by_magnitude(sparsifier, i, ctx, stats, b, gates)
+        if stats is not None and stats.factors[i] != 1.0:
+            b.delta.mul_(stats.factors[i])
+    elif sparsifier is Sparsifier.RANDOM:
+        prune_randomly(i, ctx, b)
+    elif sparsifier is Sparsifier.MAGPRUNE:
+        prune_by_magnitude_rank(i, ctx, b)
+
+
+def sparsify_segments(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats: list, b: Buffers) -> None:
+    """`sparsify` of each tensor of a run (`Method.segmented`), with its own statistics."""
+    if sparsifier.by_magnitude:
+        prune_segments_by_magnitude(sparsifier, i, ctx, stats, b)
+    elif sparsifier is Sparsifier.RANDOM:
+        prune_segments_randomly(i, ctx, b)
+    elif sparsifier is not Sparsifier.NONE:
+        raise AssertionError(f"{sparsifier} is not segmented")
 
 
 def _della_check(params: dict, model_params: list[dict]) -> str | None:
@@ -189,8 +208,12 @@ def _method(family: Family) -> Method:
         check=_della_check if family.sparsifier is Sparsifier.MAGPRUNE else None,
         # magprune ranks whole rows, which tiles would cut (each cut row read again): its chunks stay whole
         tiled=family.sparsifier is not Sparsifier.MAGPRUNE,
-        # without a sparsifier, each entry depends on the same entry of the inputs alone
+        # without a sparsifier, each entry depends on the same entry of the inputs alone; with one, only the
+        # sparsifier's selection or draws depend on the tensor (magprune's ranking needs its scratch buffers
+        # whole, and its sorts outweigh the per-tensor work)
         elementwise=family.sparsifier is Sparsifier.NONE,
+        segmented=family.sparsifier in (Sparsifier.MAGNITUDE, Sparsifier.OUTLIERS, Sparsifier.RANDOM),
+        segment_stats=magnitude_segment_stats(family.sparsifier) if magnitude else None,
         typical=family.typical or {},
     )
 
