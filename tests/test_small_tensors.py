@@ -128,6 +128,7 @@ SEGMENTED_CASES = {
     "typical": {},
     "keep all or drop all": {"model_params": [{"density": 1.0}, {"density": 0.0}]},
     "some keep all": {"model_params": [{"density": 0.4}, {"density": 1.0}]},
+    "equal values": {"quantize": True},
     "ties at the thresholds": {"quantize": True, "model_params": [{"density": 0.3}, {"density": 0.6}]},
     "rescale": {"extra": {"parameters": {"rescale": True}}, "model_params": [{"density": 0.3}, {"density": 0.7}]},
     "float64": {"extra": {"dtype": "float64"}},
@@ -135,25 +136,32 @@ SEGMENTED_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", SEGMENTED_CASES)
-@pytest.mark.parametrize("name", SEGMENTED)
+def _applies(name: str, case: str) -> bool:
+    """Whether the method has the parameters the case sets."""
+    method, spec = get_method(name), SEGMENTED_CASES[case]
+    wanted = {key for m in spec.get("model_params", []) for key in m}
+    wanted |= set(spec.get("extra", {}).get("parameters", {}))
+    return all(method.param(key) for key in wanted)
+
+
+@pytest.mark.parametrize("name, case", [(name, case) for name in SEGMENTED for case in SEGMENTED_CASES
+                                        if _applies(name, case)])
 def test_every_segmented_method_gives_the_same_bits_in_runs(tmp_path, monkeypatch, name, case):
-    """A segmented method merges runs of small tensors as one chunk, with each tensor's selection or random draws
-    made on its segment: every bit as when each tensor is merged alone, whatever selects (keep all, drop all,
-    thresholds among ties decided by position, a rescale), in float64 and with a NaN inside a run."""
+    """A segmented method merges runs of small tensors as one chunk, with each tensor's statistics, selection or
+    random draws made on its segment: every bit as when each tensor is merged alone, whatever selects (keep all,
+    drop all, thresholds among ties decided by position, a rescale), in float64 and with a NaN inside a run."""
     spec = SEGMENTED_CASES[case]
     method = get_method(name)
     models = small_models(3, tensors=60, nan_at="blocks.0031.w" if spec.get("nan") else None)  # (in a model)
     if spec.get("nan"):
-        models[0]["blocks.0033.w"][1] = float("nan")  # and in the base: NaN wherever it is used
+        for sd in models:  # and in every model: NaN wherever the method reads the element
+            sd["blocks.0033.w"][1] = float("nan")
     if spec.get("quantize"):
         models = quantized(models)
     model_params = spec.get("model_params")
-    if model_params and "gamma" in {p.name for p in method.params}:
+    if model_params and method.param("gamma"):
         model_params = [{**m, "gamma": 0.1} for m in model_params]
     extra = dict(spec.get("extra", {}))
-    if "rescale" in extra.get("parameters", {}) and not method.param("rescale"):
-        pytest.skip(f"{name} has no rescale")
     batched, single, chunks = _runs_and_single(tmp_path, monkeypatch, name, models, model_params, extra,
                                                allow_nonfinite=bool(spec.get("nan")))
     assert chunks <= 5, chunks  # the runs were taken

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from streammerge.methods.method import GRID, ChunkContext, Method
+from streammerge.methods.method import GRID, ChunkContext, Method, per_segment
 from streammerge.methods.streaming import Groups, GroupSums, RankSelect, bool_views, grid_blocks
 
 SOFTMAX_EPS = 1e-8
@@ -171,7 +171,7 @@ ARCEE_FUSION = Method(
     name="arcee_fusion",
     help="Arcee Fusion: take the model's values where their distance to the base times the row's softmax KL "
          "divergence is an upper outlier (above median + 1.5 IQR)",
-    merge=arcee_fusion,
+    merge=per_segment(arcee_fusion), segmented=True,
     needs_base=True, stat_passes=fusion_passes, init_stats=FusionStats, observe=fusion_observe,
     finish_pass=fusion_finish, buffers=3, min_models=1, max_models=1,
 )

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from streammerge.methods.method import ChunkContext, Method, Param
+from streammerge.methods.method import ChunkContext, Method, Param, per_segment
 from streammerge.methods.gram import Gram, quadratic_norm
 
 
@@ -97,7 +97,7 @@ def _non_negative(value) -> str | None:
 KARCHER = Method(
     name="karcher",
     help="Karcher mean: the models' average direction on the unit sphere (iterated), times their mean norm",
-    merge=karcher,
+    merge=per_segment(karcher), segmented=True,
     params=(Param("max_iter", 10, "most iterations of the Riemannian mean", kind=int, check=_non_negative),
             Param("tol", 1e-5, "convergence tolerance (also the smallest norm that counts as a direction)",
                   check=_non_negative)),

@@ -63,14 +63,19 @@ class ChunkContext:
     arena: torch.Tensor | None = None
     # For a run of whole small tensors merged as one chunk (`Method.segmented`): where each tensor lies in it
     segments: list["Segment"] = field(default_factory=list)
+    segment_contexts: dict = field(default_factory=dict)  # `segment`'s, made once per segment
 
     def segment(self, segment: "Segment") -> "ChunkContext":
         """The context of a tensor of this run as if it were merged alone. Its buffers are the run's from the
         tensor's start on, so the views a method makes of them lie at the tensor's place."""
-        a, z = segment.start, segment.stop
-        return ChunkContext(segment.name, 0, segment.numel, [x[a:z] for x in self.inputs],
-                            None if self.base is None else self.base[a:z], self.model_params, self.params,
-                            self.out[a:z], self.seed, segment.shape, [b[a:] for b in self.buffers])
+        context = self.segment_contexts.get(segment.start)
+        if context is None:
+            a, z = segment.start, segment.stop
+            context = self.segment_contexts[a] = ChunkContext(
+                segment.name, 0, segment.numel, [x[a:z] for x in self.inputs],
+                None if self.base is None else self.base[a:z], self.model_params, self.params, self.out[a:z],
+                self.seed, segment.shape, [b[a:] for b in self.buffers])
+        return context
 
     def derived(self, make: Callable[["ChunkContext"], Any]) -> Any:
         """make(self), a method's named views of its buffers for a chunk of this length, made once per run and
@@ -97,6 +102,23 @@ class Segment:
     @property
     def stop(self) -> int:
         return self.start + self.numel
+
+
+def per_segment(merge: Callable[[ChunkContext, Any], torch.Tensor]) -> Callable[[ChunkContext, Any], torch.Tensor]:
+    """A method's merge that makes it `Method.segmented` by merging each tensor of a run on the tensor's own
+    context (`ChunkContext.segment`), with its own statistics: the same work as for the tensor alone, less the
+    engine's per tensor (reads, checks, writes). For methods whose per-tensor work is not worth vectorising."""
+    def merge_segments(ctx: ChunkContext, stats) -> torch.Tensor:
+        if not ctx.segments:
+            return merge(ctx, stats)
+        for segment, segment_stats in zip(ctx.segments, stats):
+            part = ctx.segment(segment)
+            result = merge(part, segment_stats)
+            if result.data_ptr() != part.out.data_ptr():
+                part.out.copy_(result)
+        return ctx.out
+
+    return merge_segments
 
 
 TILE = 4 * GRID  # elements: 1 MiB per float32 buffer, so the few an operation touches stay in the CPU's caches

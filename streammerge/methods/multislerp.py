@@ -18,7 +18,7 @@ import math
 import torch
 
 from streammerge.errors import StreamMergeError
-from streammerge.methods.method import ChunkContext, Method, Param
+from streammerge.methods.method import ChunkContext, Method, Param, per_segment
 from streammerge.methods.gram import Gram, quadratic_norm
 
 
@@ -97,7 +97,7 @@ MULTISLERP = Method(
     name="multislerp",
     help="spherical interpolation of any number of models with weights (barycentric, via the tangent space at "
          "their mean direction); of task vectors when a base is given",
-    merge=multislerp,
+    merge=per_segment(multislerp), segmented=True,
     params=(Param("weight", 1.0, "this model's weight", per_model=True),
             Param("normalize_weights", True, "divide the weights by their sum", kind=bool),
             Param("eps", 1e-8, "small constant added to norms", check=lambda v: None if v >= 0 else "must be 0 or "

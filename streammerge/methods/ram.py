@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from streammerge.methods.method import ChunkContext, Method, Param
+from streammerge.methods.method import ChunkContext, Method, Param, per_segment
 
 EPSILON = Param("epsilon", 1e-5, "entries with |model - base| above this count as changed",
                 check=lambda v: None if v >= 0 else "must be 0 or more")
@@ -106,7 +106,7 @@ RAM = Method(
 RAMPLUS_TL = Method(
     name="ramplus_tl",
     help="RAM+ (tensor-local): as ram, entries only one model changed scaled by 1 + r * min(alpha, shared/unique)",
-    merge=ramplus_tl,
+    merge=per_segment(ramplus_tl), segmented=True,
     params=(Param("r", 0.1, "strength of the rescaling of entries only one model changed"),
             Param("alpha", 0.2, "upper clamp of the shared/unique ratio"),
             EPSILON),

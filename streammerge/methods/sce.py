@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from streammerge.methods.masks import keep_only
-from streammerge.methods.method import GRID, ChunkContext, Method, Param
+from streammerge.methods.method import GRID, ChunkContext, Method, Param, per_segment
 from streammerge.methods.streaming import Groups, GroupSums, RankSelect, bool_views
 from streammerge.methods.sparsifiers import Bounds, bounds_from
 from streammerge.methods.task_vectors import INT8_MASK
@@ -220,7 +220,7 @@ SCE = Method(
     name="sce",
     help="SCE: keep the entries of largest variance across the models (select_topk), weight each task vector by "
          "its mean square, TIES sign election",
-    merge=sce,
+    merge=per_segment(sce), segmented=True,
     params=(Param("select_topk", 1.0, "fraction of the entries of nonzero variance to keep (largest variance)",
                   check=lambda v: None if 0.0 <= v <= 1.0 else "must be between 0 and 1"),
             INT8_MASK),
