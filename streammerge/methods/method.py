@@ -172,7 +172,8 @@ class Method:
     # Merging a run of whole small tensors as one chunk, with `ChunkContext.segments` set and one statistics state
     # per tensor (made by the passes over the tensor's own context), gives each tensor's result as if merged
     # alone: the method does its per-tensor work (selections, random draws) on each segment and the element-wise
-    # rest on the whole run at once. Small tensors then cost a few operations each instead of a whole merge.
+    # rest on the whole run at once, or merges each segment on its own context (`per_segment`). Small tensors then
+    # cost a few operations each instead of a whole merge.
     segmented: bool = False
     # For a segmented method with statistics passes: (the run's context, segments set) -> the statistics of every
     # segment at once (cheaper than each segment's own passes), or None to have each segment make its passes

@@ -110,7 +110,6 @@ class Bounds:
             keep.logical_and_((torch.le if self.high_inclusive else torch.lt)(values, self.high, out=scratch))
         return keep
 
-
     def admit_array(self, values: np.ndarray, keep: np.ndarray, scratch: np.ndarray) -> np.ndarray:
         """`admit` on numpy arrays (a call costs a fraction of a torch one: for the many small tensors of a run).
         The bounds are values of the array's dtype, so comparing in that dtype is exact, as torch does."""
