@@ -155,6 +155,7 @@ FLOAT8_NONFINITE = {getattr(torch, name): bits for name, bits in (
 
 # Tensors of at most this many elements are merged in runs when they lie back to back (`Engine.small_run`).
 SMALL_TENSOR = CHUNK_ALIGN
+SEGMENTS_PER_RUN = 256  # tensors in a run of a segmented method
 
 
 class Workspace:
@@ -419,7 +420,9 @@ class Engine:
         if not self._small(first):
             return [first]
         run, total, limit = [first], first.numel, self._run_limit
-        for task in tasks[index + 1:index + 1 + limit // first.numel]:
+        # tasks after the first; a segmented run holds records per tensor (segments, statistics, contexts)
+        following = SEGMENTS_PER_RUN - 1 if self.method.segmented else limit // first.numel
+        for task in tasks[index + 1:index + 1 + following]:
             if (total + task.numel > limit or reused(task.name) or not self._small(task)
                     or not _follows(run[-1], task)):
                 break

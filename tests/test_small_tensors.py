@@ -4,6 +4,7 @@ bit-identical to merging them one at a time; the per-tensor records stay small e
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -268,3 +269,13 @@ def test_many_small_tensors_fit_a_small_budget(tmp_path):
     assert figures["peak"] <= figures["budget"]
     merged = load_output(tmp_path / "out.safetensors")
     assert len(merged) == tensors
+
+
+def test_a_segmented_run_holds_a_bounded_number_of_tensors(tmp_path, monkeypatch):
+    """A segmented run keeps records per tensor (segments, statistics, contexts), so the number of its tensors is
+    bounded (`SEGMENTS_PER_RUN`), with the same bits."""
+    monkeypatch.setattr(engine_module, "SEGMENTS_PER_RUN", 7)
+    batched, single, chunks = _runs_and_single(tmp_path, monkeypatch, "ties", small_models(3, tensors=60))
+    _assert_same_bits(batched, single)
+    runs = math.ceil(60 / 7) + math.ceil(40 / 7)  # the float32 and the float16 tensors
+    assert runs <= chunks <= runs + 1, chunks  # and the large tensor
