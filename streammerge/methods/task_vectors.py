@@ -111,7 +111,6 @@ def task_vector_merge(family: Family):
     return merge
 
 
-
 def sparsify(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats, b: Buffers) -> None:
     """Sparsify model i's task vector in `b.delta` (rescaled where the method asks)."""
     if sparsifier.by_magnitude:
