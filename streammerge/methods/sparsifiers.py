@@ -282,22 +282,6 @@ def prune_segments_by_magnitude(sparsifier: Sparsifier, i: int, ctx: ChunkContex
             b.delta[seg.start:seg.stop].mul_(seg_stats.factors[i])
 
 
-def prune_segments_randomly(i: int, ctx: ChunkContext, b: Buffers) -> None:
-    """`prune_randomly` of every segment of a run: each segment's own draws, then one test for the run."""
-    density = ctx.model_params[i]["density"]
-    if density >= 1:
-        return
-    if density <= 0:
-        b.delta.zero_()
-        return
-    for seg in ctx.segments:
-        Uniform(ctx.seed, seg.name, i).fill(0, b.magnitude[seg.start:seg.stop])
-    torch.lt(b.magnitude, density, out=b.keep)
-    keep_only(b.delta, b.keep, b.magnitude)
-    if ctx.params["rescale"]:
-        b.delta.div_(density)
-
-
 # -- statistics passes for the magnitude sparsifiers ---------------------------------------------------------
 def magnitude_observe(sparsifier: Sparsifier):
     def observe(stats: MagnitudeStats, pass_index: int, ctx: ChunkContext) -> None:
@@ -358,14 +342,19 @@ def magnitude_finish(stats: MagnitudeStats, pass_index: int) -> int | None:
 
 # -- random sparsifiers --------------------------------------------------------------------------------------
 def prune_randomly(i: int, ctx: ChunkContext, b: Buffers) -> None:
-    """DARE: keep each entry with probability `density` (rescaled by 1/density with `rescale`)."""
+    """DARE: keep each entry with probability `density` (rescaled by 1/density with `rescale`). In a run of small
+    tensors (`ctx.segments`) each tensor's numbers are drawn on its segment, from its own stream."""
     density = ctx.model_params[i]["density"]
     if density >= 1:
         return
     if density <= 0:
         b.delta.zero_()
         return
-    Uniform(ctx.seed, ctx.name, i).fill(ctx.offset, b.magnitude)
+    if ctx.segments:
+        for seg in ctx.segments:
+            Uniform(ctx.seed, seg.name, i).fill(0, b.magnitude[seg.start:seg.stop])
+    else:
+        Uniform(ctx.seed, ctx.name, i).fill(ctx.offset, b.magnitude)
     torch.lt(b.magnitude, density, out=b.keep)  # kept: u < density, so P(keep) = density
     keep_only(b.delta, b.keep, b.magnitude)
     if ctx.params["rescale"]:

@@ -21,8 +21,7 @@ from streammerge.methods.method import ChunkContext, Method, Param
 from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, MagnitudeStats, Sparsifier,
                                              magnitude_finish, magnitude_observe, magnitude_passes,
                                              magnitude_segment_stats, magnitude_streamed_reads, prune_by_magnitude,
-                                             prune_by_magnitude_rank, prune_randomly, prune_segments_by_magnitude,
-                                             prune_segments_randomly)
+                                             prune_by_magnitude_rank, prune_randomly, prune_segments_by_magnitude)
 
 
 def _unit_interval(value: float) -> str | None:
@@ -133,7 +132,7 @@ def sparsify_segments(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats: 
     if sparsifier.by_magnitude:
         prune_segments_by_magnitude(sparsifier, i, ctx, stats, b)
     elif sparsifier is Sparsifier.RANDOM:
-        prune_segments_randomly(i, ctx, b)
+        prune_randomly(i, ctx, b)
     elif sparsifier is not Sparsifier.NONE:
         raise AssertionError(f"{sparsifier} is not segmented")
 
