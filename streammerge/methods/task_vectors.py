@@ -11,6 +11,7 @@ The sparsifiers (none, magnitude, outliers, random, magprune) are in `sparsifier
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
@@ -133,8 +134,10 @@ def sparsify_segments(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats: 
         prune_segments_by_magnitude(sparsifier, i, ctx, stats, b)
     elif sparsifier is Sparsifier.RANDOM:
         prune_randomly(i, ctx, b)
-    elif sparsifier is not Sparsifier.NONE:
-        raise AssertionError(f"{sparsifier} is not segmented")
+    elif sparsifier is Sparsifier.MAGPRUNE:
+        for segment in ctx.segments:  # each tensor's rows ranked on its own, with the run's whole scratch buffers
+            part = ctx.segment(segment)
+            prune_by_magnitude_rank(i, dataclasses.replace(part, buffers=ctx.buffers), part.derived(Buffers))
 
 
 def _della_check(params: dict, model_params: list[dict]) -> str | None:
@@ -207,10 +210,9 @@ def _method(family: Family) -> Method:
         # magprune ranks whole rows, which tiles would cut (each cut row read again): its chunks stay whole
         tiled=family.sparsifier is not Sparsifier.MAGPRUNE,
         # without a sparsifier, each entry depends on the same entry of the inputs alone; with one, only the
-        # sparsifier's selection or draws depend on the tensor (magprune's ranking needs its scratch buffers
-        # whole, and its sorts outweigh the per-tensor work)
+        # sparsifier's selection or draws depend on the tensor
         elementwise=family.sparsifier is Sparsifier.NONE,
-        segmented=family.sparsifier in (Sparsifier.MAGNITUDE, Sparsifier.OUTLIERS, Sparsifier.RANDOM),
+        segmented=family.sparsifier is not Sparsifier.NONE,
         segment_stats=magnitude_segment_stats(family.sparsifier) if magnitude else None,
         typical=family.typical or {},
     )
