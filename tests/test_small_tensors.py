@@ -96,9 +96,10 @@ def _runs_and_single(tmp_path, monkeypatch, name, models, model_params=None, ext
         calls = []
         patch.setattr(engine_module.Engine, "_context", _counting_context(calls))
         batched = merge_all(tmp_path / "runs")
+        chunks = len(calls)
         patch.setattr(engine_module, "SMALL_TENSOR", 0)
         single = merge_all(tmp_path / "single")
-    return batched, single, len(calls) - len(single) + 1  # (the second merge's calls: one per float tensor)
+    return batched, single, chunks
 
 
 def _assert_same_bits(batched: dict, single: dict) -> None:
