@@ -74,10 +74,7 @@ def task_vector_merge(family: Family):
         for i, x in enumerate(ctx.inputs):
             weight = ctx.model_params[i]["weight"]
             torch.sub(x, base, out=b.delta)
-            if ctx.segments:  # a run of small tensors, each with its own statistics
-                sparsify_segments(family.sparsifier, i, ctx, stats, b)
-            else:
-                sparsify(family.sparsifier, i, ctx, stats, b)
+            sparsify(family.sparsifier, i, ctx, stats, b)
             b.delta.mul_(weight)
             if not consensus:
                 mixed.add_(b.delta)
@@ -112,8 +109,12 @@ def task_vector_merge(family: Family):
 
 
 def sparsify(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats, b: Buffers) -> None:
-    """Sparsify model i's task vector in `b.delta` (rescaled where the method asks)."""
+    """Sparsify model i's task vector in `b.delta` (rescaled where the method asks). In a run of small tensors
+    (`ctx.segments`, `stats` one per tensor) each tensor is sparsified on its segment with its own statistics."""
     if sparsifier.by_magnitude:
+        if ctx.segments:
+            prune_segments_by_magnitude(sparsifier, i, ctx, stats, b)
+            return
         gates = []
         if stats is not None:
             if ctx.offset == 0 and i == 0:  # the merge pass's gates count the elements seen from the start
@@ -125,16 +126,8 @@ def sparsify(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats, b: Buffer
     elif sparsifier is Sparsifier.RANDOM:
         prune_randomly(i, ctx, b)
     elif sparsifier is Sparsifier.MAGPRUNE:
-        prune_by_magnitude_rank(i, ctx, b)
-
-
-def sparsify_segments(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats: list, b: Buffers) -> None:
-    """`sparsify` of each tensor of a run (`Method.segmented`), with its own statistics."""
-    if sparsifier.by_magnitude:
-        prune_segments_by_magnitude(sparsifier, i, ctx, stats, b)
-    elif sparsifier is Sparsifier.RANDOM:
-        prune_randomly(i, ctx, b)
-    elif sparsifier is Sparsifier.MAGPRUNE:
+        if not ctx.segments:
+            prune_by_magnitude_rank(i, ctx, b)
         for segment in ctx.segments:  # each tensor's rows ranked on its own, with the run's whole scratch buffers
             part = ctx.segment(segment)
             prune_by_magnitude_rank(i, dataclasses.replace(part, buffers=ctx.buffers), part.derived(Buffers))
