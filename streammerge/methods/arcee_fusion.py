@@ -24,7 +24,7 @@ import math
 import torch
 
 from streammerge.methods.method import GRID, ChunkContext, Method, per_segment
-from streammerge.methods.streaming import Groups, GroupSums, RankSelect, bool_views, grid_blocks
+from streammerge.methods.streaming import Groups, GroupSums, RankSelect, grid_blocks
 
 SOFTMAX_EPS = 1e-8
 QUANTILES = (1, 4), (2, 4), (3, 4)  # 0.25, 0.5, 0.75 as fractions
@@ -160,10 +160,10 @@ def fusion_passes(params: dict, model_params: list[dict], dtype: torch.dtype, nu
 def arcee_fusion(ctx: ChunkContext, stats: FusionStats) -> torch.Tensor:
     n = ctx.out.numel()
     importance = _importance(stats, ctx, ctx.buffers[0][:n])
-    keep = bool_views(ctx.buffers[2], n)[0]
-    torch.ge(importance, stats.threshold, out=keep)
+    # kept: 1 where the importance reaches the threshold, else 0, compared straight into a float buffer (a bool
+    # mask is slower to make, and a product with it would convert it into a chunk-sized temporary)
+    keep_as_number = torch.ge(importance, stats.threshold, out=importance)
     delta = torch.sub(ctx.inputs[0], ctx.base, out=ctx.buffers[1][:n])
-    keep_as_number = importance.copy_(keep)  # (a product with the bool mask would convert it into a temporary)
     return torch.mul(delta, keep_as_number, out=ctx.out).add_(ctx.base)
 
 
@@ -173,7 +173,7 @@ ARCEE_FUSION = Method(
          "divergence is an upper outlier (above median + 1.5 IQR)",
     merge=per_segment(arcee_fusion), segmented=True,
     needs_base=True, stat_passes=fusion_passes, init_stats=FusionStats, observe=fusion_observe,
-    finish_pass=fusion_finish, buffers=3, min_models=1, max_models=1,
+    finish_pass=fusion_finish, buffers=2, min_models=1, max_models=1,
 )
 
 METHODS = (ARCEE_FUSION,)

@@ -10,8 +10,10 @@ mergekit 0.1.5's definitions, delta_i = model_i - base and an entry "changed" wh
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from streammerge.methods.masks import compare, select
 from streammerge.methods.method import ChunkContext, Method, Param, per_segment
 
 EPSILON = Param("epsilon", 1e-5, "entries with |model - base| above this count as changed",
@@ -63,9 +65,8 @@ def ramplus_observe(stats: RamPlusStats, pass_index: int, ctx: ChunkContext) -> 
         torch.sub(ctx.inputs[i], ctx.base, out=delta).abs_()
         torch.gt(delta, ctx.params["epsilon"], out=changed)
         torch.mul(changed, count, out=delta)  # count where model i changed the entry, else 0
-        unique = int(torch.eq(delta, 1, out=only).count_nonzero())
-        stats.unique[i] += unique
-        stats.shared[i] += int(torch.gt(delta, 1, out=only).count_nonzero())
+        stats.unique[i] += int(np.count_nonzero(compare(np.equal, delta, 1, only).numpy()))
+        stats.shared[i] += int(np.count_nonzero(compare(np.greater, delta, 1, only).numpy()))
     stats.params = ctx.params
 
 
@@ -90,9 +91,9 @@ def ramplus_tl(ctx: ChunkContext, stats: RamPlusStats) -> torch.Tensor:
         shared.add_(delta)
         scaled.add_(delta, alpha=stats.scales[i])
     only = changed.view(torch.uint8)[:n].view(torch.bool)
-    torch.eq(count, 1, out=only)
-    shared.div_(count.clamp_(min=1))
-    return torch.where(only, scaled, shared, out=ctx.out).add_(ctx.base)
+    compare(np.equal, count, 1, only)
+    torch.div(shared, count.clamp_(min=1), out=delta)  # shared's average over the models that changed it
+    return select(only, scaled, delta, ctx.out, count).add_(ctx.base)  # (count: scratch for the mask's bits)
 
 
 RAM = Method(

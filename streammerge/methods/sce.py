@@ -19,9 +19,10 @@ one chunk is selected on that chunk at once (`RankSelect`'s whole-tensor selecti
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from streammerge.methods.masks import keep_only
+from streammerge.methods.masks import compare, keep_only
 from streammerge.methods.method import GRID, ChunkContext, Method, Param, per_segment
 from streammerge.methods.streaming import Groups, GroupSums, RankSelect, bool_views
 from streammerge.methods.sparsifiers import Bounds, bounds_from
@@ -201,15 +202,17 @@ def sce(ctx: ChunkContext, stats: SceStats | None) -> torch.Tensor:
     b.total.zero_()
     for i in range(len(ctx.inputs)):
         b.total.add_(_delta(ctx, i, keep, b))
-    torch.ge(b.total, 0, out=b.positive)  # the elected sign: + where the sum is >= 0
+    compare(np.greater_equal, b.total, 0, b.positive)  # the elected sign: + where the sum is >= 0
     mixed, divisor = ctx.out.zero_(), b.total.zero_()
-    agree = b.equal
+    positive, agree, other = b.positive.numpy(), b.equal.numpy(), b.other.numpy()
     for i, weight in enumerate(stats.weights):
         delta = _delta(ctx, i, keep, b)
-        torch.gt(delta, 0, out=agree)
-        torch.lt(delta, 0, out=b.other)
-        torch.where(b.positive, agree, b.other, out=agree)
-        flags = b.flags.copy_(agree)
+        # agree = where(positive, delta > 0, delta < 0), in numpy's bool operations (see masks.compare)
+        np.logical_and(compare(np.greater, delta, 0, b.equal).numpy(), positive, out=agree)
+        np.greater(compare(np.less, delta, 0, b.other).numpy(), positive, out=other)  # < 0 where not positive
+        np.logical_or(agree, other, out=agree)
+        flags = b.flags
+        np.copyto(flags.numpy(), agree)
         mixed.add_(delta.mul_(flags).mul_(weight))
         divisor.add_(flags.mul_(_default_dtype(weight)))
     mixed.div_(divisor.clamp_(min=MIN_DIVISOR))

@@ -21,11 +21,11 @@ import threading
 import numpy as np
 import torch
 
+from streammerge.methods.masks import INT_VIEW, compare
 from streammerge.methods.method import GRID
 
 DIGIT_BITS = 16
 BINS = 1 << DIGIT_BITS
-INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
 PACK_FORMATS = {32: ("<i", "<f"), 64: ("<q", "<d")}  # (integer, float) of each width, for struct
 
 
@@ -421,8 +421,7 @@ class TieGate:
     def apply(self, magnitudes: torch.Tensor, keep: torch.Tensor, equal: torch.Tensor, counts: torch.Tensor,
               other: torch.Tensor) -> None:
         """keep |= the chunk's elements admitted; equal/other (bool), counts (int) are chunk-sized scratch."""
-        torch.eq(magnitudes, self.value, out=equal)
-        n = int(equal.count_nonzero())  # (a bool sum would copy the chunk to int64)
+        n = int(np.count_nonzero(compare(np.equal, magnitudes, self.value, equal).numpy()))
         if not n:
             return
         first, stop = max(self.first - self.seen, 0), min(self.stop - self.seen, n)

@@ -15,9 +15,10 @@ import dataclasses
 import enum
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from streammerge.methods.masks import fill, select
+from streammerge.methods.masks import compare, fill, select
 from streammerge.methods.method import ChunkContext, Method, Param
 from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, MagnitudeStats, Sparsifier,
                                              magnitude_finish, magnitude_observe, magnitude_passes,
@@ -84,16 +85,16 @@ def task_vector_merge(family: Family):
             torch.clamp(b.delta, max=0, out=b.magnitude)
             negative.add_(b.magnitude)
             # weight * flag is exact (flag is 0 or 1), so adding it with alpha gives the same bits as a multiply
-            # and an add. The flag goes through a float buffer: given a bool operand, torch converts it into a
-            # chunk-sized temporary, beyond the buffers the budget counts.
-            weight_pos.add_(b.magnitude.copy_(torch.gt(b.delta, 0, out=b.flag)), alpha=weight)
-            weight_neg.add_(b.magnitude.copy_(torch.lt(b.delta, 0, out=b.flag)), alpha=weight)
+            # and an add. The flag is compared straight into a float buffer: torch compares into a bool at a fifth
+            # of that speed, and adding a bool converts it into a chunk-sized temporary the budget does not count.
+            weight_pos.add_(torch.gt(b.delta, 0, out=b.magnitude), alpha=weight)
+            weight_neg.add_(torch.lt(b.delta, 0, out=b.magnitude), alpha=weight)
         if consensus:
             torch.add(mixed, negative, out=b.magnitude)
-            torch.ge(b.magnitude, 0, out=b.flag)  # the elected sign: + where the sum is >= 0
+            compare(np.greater_equal, b.magnitude, 0, b.flag)  # the elected sign: + where the sum is >= 0
             select(b.flag, mixed, negative, b.delta, b.counts)
             select(b.flag, weight_pos, weight_neg, b.magnitude, b.counts)
-            torch.eq(b.magnitude, 0, out=b.flag)
+            compare(np.equal, b.magnitude, 0, b.flag)
             fill(b.magnitude, b.flag, 1, b.counts)
             mixed = b.delta
             if ctx.params["normalize"]:
