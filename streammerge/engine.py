@@ -330,7 +330,7 @@ class Engine:
 
     # -- the run -------------------------------------------------------------------------------------------
     def run(self) -> Report:
-        with merge_thread_policy():
+        with merge_thread_policy(writer_core=self.method.elementwise):
             return self._run()
 
     def _run(self) -> Report:

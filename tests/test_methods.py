@@ -308,7 +308,7 @@ def test_della_equals_plain_pruning_bit_for_bit(tmp_path, dtype, chunk, threads,
     """Rows ranked in batches by sorted keys (float32) or argsort (float64), units straddling chunk edges,
     rows sorted on several threads: the same bits as ranking each whole tensor with a stable argsort."""
     from streammerge import cpu
-    monkeypatch.setattr(cpu, "merge_threads", lambda cores, load: threads)
+    monkeypatch.setattr(cpu, "merge_threads", lambda cores, load, writer_core: threads)
     g = torch.Generator().manual_seed(3)
     shapes = {"w": (400, 300), "conv": (50, 40, 3, 3), "v": (3000,)}  # "w": 2 chunks of GRID, rows straddle
     base = {k: dyadic(s, g) for k, s in shapes.items()}  # dyadic: many equal magnitudes within a row
@@ -496,7 +496,7 @@ def test_results_do_not_depend_on_chunk_size_or_threads(tmp_path, big_set, metho
     # last two again with several intra-op threads (torch splits its work differently then)
     for chunk, in_memory, threads in ((GRID, True, 1), (64 * GRID, True, 1), (64 * GRID, False, 1),
                                       (64 * GRID, True, 3), (64 * GRID, False, 2)):
-        monkeypatch.setattr(cpu, "merge_threads", lambda cores, load, n=threads: n)
+        monkeypatch.setattr(cpu, "merge_threads", lambda cores, load, writer_core, n=threads: n)
         runs.append(run_merge(tmp_path / f"{chunk}-{in_memory}-{threads}", method, models[:n_models],
                               base if uses_base else None, mp, chunk=chunk,
                               engine_options={"stats_in_memory": in_memory}, **top))
@@ -564,6 +564,27 @@ def test_merge_threads_leave_a_core_for_the_writer_and_one_per_busy_core():
     assert merge_threads(8, 3.5) == 4  # cores other processes kept busy are not counted on
     assert merge_threads(8, 20.0) == 1
     assert merge_threads(64, 0.0) == MAX_THREADS
+    # heavier math than the writer's copy: every free core
+    assert merge_threads(2, 0.0, writer_core=False) == 2
+    assert merge_threads(1, 0.0, writer_core=False) == 1
+    assert merge_threads(8, 3.5, writer_core=False) == 4
+    assert merge_threads(64, 0.0, writer_core=False) == MAX_THREADS
+
+
+@pytest.mark.parametrize("method, threads", [("linear", 1), ("ties", 2)])
+def test_a_merge_leaves_the_writer_a_core_only_for_light_math(tmp_path, monkeypatch, method, threads):
+    from streammerge import cpu
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 2)
+    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # this process alone
+    seen = []
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real_set(n)))
+    base = {"w": torch.randn(64, 8)}
+    models = [{"w": base["w"] + torch.randn(64, 8)} for _ in range(2)]
+    p = {"weight": 0.5, **({"density": 0.5} if method == "ties" else {})}
+    run_merge(tmp_path, method, models, base if method == "ties" else None, [p, p])
+    assert seen[0] == threads
 
 
 def test_merge_restores_the_thread_count(tmp_path, monkeypatch):
