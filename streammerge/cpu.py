@@ -1,16 +1,16 @@
 """How many threads torch may use for the chunk math of a merge.
 
-Measured on the 2-core machine this was developed on, with other work running (load 8-9): `ties` on a Llama-shaped
-set took 40 s with one intra-op thread and 118 s with torch's default of two (`linear`: 2.6 s against 5.3 s). An
-intra-op parallel region waits at a barrier for its slowest thread, so one thread descheduled by other work (or by
-our own writer thread, which copies every output chunk into the page cache) stalls the whole operation. The
-merge therefore takes the cores it can count on: those it may run on (affinity and cgroup quota), minus what
-other processes kept busy over the last minute, minus one for the writer thread where the method's math is as
-light as that copy (element-wise methods), at least one and at most `MAX_THREADS`. The other methods spend
-several times longer on each chunk's math than the writer does on its copy, so they gain from every core
-(on the 2-core machine, quiet, merge time with two threads against one: `ties` and `sce` 10-20% less; `linear`
-unchanged). `OMP_NUM_THREADS` set by the user wins. Results do not depend on the choice: whole-tensor sums
-are fixed pairwise trees and every other statistic is an exact count.
+Measured on a 2-core machine with other work running (load 8-9): `ties` on a Llama-shaped set took 40 s with one
+intra-op thread and 118 s with torch's default of two (`linear`: 2.6 s against 5.3 s). An intra-op parallel region
+waits at a barrier for its slowest thread, so one thread descheduled by other work (or by our own writer thread,
+which copies every output chunk into the page cache) stalls the whole operation. The merge therefore takes the
+cores it can count on: those it may run on (affinity and cgroup quota), minus what other processes kept busy over
+the last minute (the load average, but no more than what is runnable now), minus one for the writer thread where
+the method's math is as light as that copy (element-wise methods), at least one and at most `MAX_THREADS`. The
+other methods spend several times longer on a chunk's math than the writer on its copy, so they gain from every
+core (on that machine, quiet, merge time with two threads against one: `ties` and `sce` 10-20% less; `linear`
+unchanged). `OMP_NUM_THREADS` set by the user wins. Results do not depend on the choice: whole-tensor sums are
+fixed pairwise trees and every other statistic is an exact count.
 """
 
 from __future__ import annotations
@@ -60,6 +60,21 @@ def usable_cores() -> int:
     return max(1, min(cores, math.floor(limit) if limit else cores))
 
 
+def others_busy() -> float:
+    """Cores other processes keep busy: the load average of the last minute, less this process, and no more than
+    the tasks runnable right now besides this thread. The average lags: merges run one after another (a sweep, a
+    benchmark) would each count the previous one for up to a minute."""
+    if not hasattr(os, "getloadavg"):
+        return 0.0
+    average = os.getloadavg()[0] - 1
+    text = _read(Path("/proc/loadavg"))  # "0.52 0.58 0.59 2/467 12345": runnable/total is the fourth field
+    try:
+        runnable = int(text.split()[3].split("/")[0]) - 1
+    except (AttributeError, IndexError, ValueError):
+        return average
+    return min(average, runnable)
+
+
 def merge_threads(cores: int, others_load: float, writer_core: bool = True) -> int:
     """Intra-op threads for a merge on `cores` usable cores while other processes keep `others_load` busy;
     `writer_core`: leave a core to the writer thread."""
@@ -74,8 +89,7 @@ def merge_thread_policy(writer_core: bool = True):
     if os.environ.get("OMP_NUM_THREADS"):
         yield previous
         return
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    threads = merge_threads(usable_cores(), load - 1, writer_core)  # the load average counts this process too
+    threads = merge_threads(usable_cores(), others_busy(), writer_core)
     torch.set_num_threads(threads)
     try:
         yield threads

@@ -571,12 +571,21 @@ def test_merge_threads_leave_a_core_for_the_writer_and_one_per_busy_core():
     assert merge_threads(64, 0.0, writer_core=False) == MAX_THREADS
 
 
+@pytest.mark.parametrize("average, runnable, busy", [(1.0, 1, 0.0), (3.5, 4, 2.5), (3.5, 1, 0.0), (0.5, 3, -0.5)])
+def test_other_processes_count_by_the_load_average_unless_nothing_else_runs_now(monkeypatch, average, runnable,
+                                                                                  busy):
+    from streammerge import cpu
+    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (average, average, average))
+    monkeypatch.setattr(cpu, "_read", lambda path: f"{average} {average} {average} {runnable}/300 4242")
+    assert cpu.others_busy() == busy
+
+
 @pytest.mark.parametrize("method, threads", [("linear", 1), ("ties", 2)])
 def test_a_merge_leaves_the_writer_a_core_only_for_light_math(tmp_path, monkeypatch, method, threads):
     from streammerge import cpu
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(cpu, "usable_cores", lambda: 2)
-    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # this process alone
+    monkeypatch.setattr(cpu, "others_busy", lambda: 0.0)
     seen = []
     real_set = torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real_set(n)))

@@ -98,8 +98,7 @@ def test_tie_gate_admits_positions_in_tensor_order(chunk):
         for a, b in chunked(n, chunk):
             k = b - a
             part = keep[a:b]
-            gate.apply(x[a:b], part, torch.empty(k, dtype=torch.bool), torch.empty(k, dtype=torch.int64),
-                       torch.empty(k, dtype=torch.bool))
+            gate.apply(x[a:b], part, torch.empty(k, dtype=torch.bool), torch.empty(k, dtype=torch.int64))
         expected = torch.zeros(n, dtype=torch.bool)
         expected[equal_positions[first:stop]] = True
         assert torch.equal(keep, expected), (first, stop)
@@ -108,8 +107,7 @@ def test_tie_gate_admits_positions_in_tensor_order(chunk):
 def test_tie_gate_keeps_what_was_already_kept():
     x = torch.tensor([1.0, 2.0, 1.0, 1.0])
     keep = torch.tensor([False, True, False, False])
-    TieGate(1.0, 1, 2).apply(x, keep, torch.empty(4, dtype=torch.bool), torch.empty(4, dtype=torch.int64),
-                             torch.empty(4, dtype=torch.bool))
+    TieGate(1.0, 1, 2).apply(x, keep, torch.empty(4, dtype=torch.bool), torch.empty(4, dtype=torch.int64))
     assert keep.tolist() == [False, True, True, False]
 
 
@@ -213,6 +211,21 @@ def test_uniform_draws_match_reference_and_any_split(start, stop):
     assert float(whole.min()) >= 0 and float(whole.max()) < 1
 
 
+def test_uniform_draws_split_between_threads_are_the_same(monkeypatch):
+    start, stop = GRID - 3, 5 * GRID + 11
+    starts = []
+    generator = Uniform._generator
+    monkeypatch.setattr(Uniform, "_generator", lambda self, at: (starts.append(at), generator(self, at))[1])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        draws = Uniform(7, "layer.weight", 2).fill(start, torch.empty(stop - start))
+    finally:
+        torch.set_num_threads(previous)
+    assert len(starts) == 3 and starts[0] == start  # one generator per thread, each from its part's counter
+    assert torch.equal(draws, reference_uniform(7, "layer.weight", 2, start, stop))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_uniform_into_other_dtypes_converts_the_same_draws(dtype):
     start, stop = GRID - 5, 3 * (1 << 20) + 11  # several conversion batches
@@ -258,7 +271,7 @@ def test_statistics_make_no_chunk_sized_temporaries():
     n = 12 * 2**20  # 48 MiB of int32 per chunk-sized copy
     x = tied_magnitudes(n, 5)
     digits = torch.empty(n, dtype=torch.float32)
-    keep, equal, other = (torch.zeros(n, dtype=torch.bool) for _ in range(3))
+    keep, equal = (torch.zeros(n, dtype=torch.bool) for _ in range(2))
     counts = torch.zeros(n, dtype=torch.int32)
     select_ = RankSelect([n // 2], torch.float32)
     value = x[0].item()
@@ -268,7 +281,7 @@ def test_statistics_make_no_chunk_sized_temporaries():
         for p in range(select_.passes):
             select_.observe(p, x, digits)
         select_.hist = [h.zero_() for h in select_.hist]
-        TieGate(value, 1, ties - 1).apply(x, keep, equal, counts, other)
+        TieGate(value, 1, ties - 1).apply(x, keep, equal, counts)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # (temporaries per thread would be small anyway)

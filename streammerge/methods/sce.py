@@ -122,7 +122,7 @@ def _keep(stats: SceStats, ctx: ChunkContext, b: Buffers) -> torch.Tensor | None
     stats.chunk_variance(ctx, b)
     stats.bounds.admit(b.variance, b.keep, b.other)
     for gate in stats.gates:
-        gate.apply(b.variance, b.keep, b.equal, b.counts, b.other)
+        gate.apply(b.variance, b.keep, b.equal, b.counts)
     return b.keep
 
 

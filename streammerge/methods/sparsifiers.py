@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import enum
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from streammerge.cpu import MAX_THREADS
 from streammerge.errors import StreamMergeError
 from streammerge.methods.masks import INT_VIEW, compare, keep_only
 from streammerge.methods.method import ChunkContext
-from streammerge.methods.streaming import Groups, GroupSums, RankSelect, TieGate, Uniform, bool_views
+from streammerge.methods.streaming import Groups, GroupSums, RankSelect, TieGate, Uniform, bool_views, in_parallel
 
 RESCALE_EPS = 1e-7  # below this L1 norm a magnitude-pruned delta is left unscaled
 # DELLA ranks at most 1/MAGPRUNE_SHARE of a chunk at once: its temporaries (int64 order and ranks, float
@@ -215,7 +213,7 @@ def prune_by_magnitude(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats:
     torch.abs(b.delta, out=b.magnitude)
     stats.bounds[i].admit(b.magnitude, b.keep, b.other)
     for gate in gates:
-        gate.apply(b.magnitude, b.keep, b.equal, b.counts, b.other)
+        gate.apply(b.magnitude, b.keep, b.equal, b.counts)
     keep_only(b.delta, b.keep, b.magnitude)  # the magnitudes are no longer needed
 
 
@@ -272,9 +270,8 @@ def prune_segments_by_magnitude(sparsifier: Sparsifier, i: int, ctx: ChunkContex
             continue
         bounds = seg_stats.bounds[i]
         bounds.admit_array(magnitude[start:stop], keep[start:stop], other[start:stop])
-        for gate in bounds.new_gates():  # (ties at a threshold, rare: torch as for a whole tensor)
-            gate.apply(b.magnitude[start:stop], b.keep[start:stop], b.equal[start:stop], b.counts[start:stop],
-                       b.other[start:stop])
+        for gate in bounds.new_gates():  # (ties at a threshold, rare: as for a whole tensor)
+            gate.apply(b.magnitude[start:stop], b.keep[start:stop], b.equal[start:stop], b.counts[start:stop])
     keep_only(b.delta, b.keep, b.magnitude)
     for seg, seg_stats in zip(ctx.segments, stats):
         if seg_stats is not None and seg_stats.factors[i] != 1.0:
@@ -369,21 +366,12 @@ def _magprune_unit(shape: tuple, numel: int) -> tuple[int, int]:
 
 
 NAN_BITS = 0x7F800001  # |float32| bit patterns at or above this are NaN: all rank as one value above +Inf
-_SORT_POOL: ThreadPoolExecutor | None = None
 
 
 def _sort_rows(keys: np.ndarray) -> None:
-    """Sort each row of a 2-D int64 array in place, the rows split between torch's intra-op thread count of
-    threads (numpy's sort releases the GIL; the keys are distinct, so the result is the same either way)."""
-    global _SORT_POOL
-    threads = min(torch.get_num_threads(), MAX_THREADS)
-    if threads < 2 or keys.shape[0] < 2 * threads:
-        keys.sort(axis=-1)
-        return
-    if _SORT_POOL is None:
-        _SORT_POOL = ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="streammerge-sort")
-    step = -(-keys.shape[0] // threads)
-    list(_SORT_POOL.map(lambda a: keys[a:a + step].sort(axis=-1), range(0, keys.shape[0], step)))
+    """Sort each row of a 2-D int64 array in place, the rows split between the merge's threads (the keys are
+    distinct, so the result is the same either way)."""
+    in_parallel(keys.shape[0], lambda a, b: keys[a:b].sort(axis=-1), grain=2)
 
 
 def _rank_order(magnitude: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:

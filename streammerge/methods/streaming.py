@@ -17,10 +17,13 @@ import hashlib
 import math
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 import torch
 
+from streammerge.cpu import MAX_THREADS
 from streammerge.methods.masks import INT_VIEW, compare
 from streammerge.methods.method import GRID
 
@@ -218,6 +221,7 @@ class GroupSums:
 # -- randomness ----------------------------------------------------------------------------------------------
 PHILOX_WORDS = 8  # 32-bit outputs per step of the Philox4x64 counter (four 64-bit words, low half first)
 DRAW_BATCH = 1 << 20  # draws converted at a time when the output is not float32
+DRAW_GRAIN = 1 << 16  # the fewest draws a thread makes
 
 
 def stream_key(seed: int, name: str, stream: int) -> int:
@@ -242,11 +246,29 @@ def _philox(key: int, counter: int) -> np.random.Philox:
     return philox
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def in_parallel(n: int, work: Callable[[int, int], None], grain: int) -> None:
+    """`work(a, b)` over the ranges that split [0, n), as many as the merge's intra-op threads (torch's count)
+    and each at least `grain` long, on a pool of threads: for numpy calls that release the GIL (sorts, random
+    draws), whose results depend on their range alone."""
+    global _POOL
+    parts = max(1, min(torch.get_num_threads(), MAX_THREADS, n // max(grain, 1)))
+    if parts < 2:
+        work(0, n)
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="streammerge-numpy")
+    step = -(-n // parts)
+    list(_POOL.map(lambda a: work(a, min(n, a + step)), range(0, n, step)))
+
+
 class Uniform:
     """U[0, 1) float32 numbers for any element range of a tensor, counter-based: element i gets the i-th 32-bit
     output u of the Philox4x64 stream keyed by `stream_key(seed, name, stream)` (numpy's `Philox`), as
-    (u >> 8) / 2**24. A number depends on its element alone (so on no chunking), and a chunk's numbers come from
-    one generator call started at its first element's counter."""
+    (u >> 8) / 2**24. A number depends on its element alone (so on no chunking, nor threads), and a range's
+    numbers come from one generator call per thread, each started at its part's first element's counter."""
 
     def __init__(self, seed: int, name: str, stream: int):
         self.key = stream_key(seed, name, stream)
@@ -257,10 +279,12 @@ class Uniform:
         return generator
 
     def fill(self, start: int, out: torch.Tensor) -> torch.Tensor:
-        generator = self._generator(start)
         if out.dtype == torch.float32 and out.is_contiguous():
-            generator.random(dtype=np.float32, out=out.numpy())
+            draws = out.numpy()  # (a part's numbers start at its own counter: the same numbers on any threads)
+            in_parallel(draws.size, lambda a, b: self._generator(start + a).random(dtype=np.float32, out=draws[a:b]),
+                        grain=DRAW_GRAIN)
             return out
+        generator = self._generator(start)
         batch = np.empty(min(DRAW_BATCH, out.numel()), dtype=np.float32)
         for a in range(0, out.numel(), DRAW_BATCH):
             part = out[a:a + DRAW_BATCH]
@@ -418,9 +442,8 @@ class TieGate:
         self.value, self.first, self.stop = value, first, stop
         self.seen = 0
 
-    def apply(self, magnitudes: torch.Tensor, keep: torch.Tensor, equal: torch.Tensor, counts: torch.Tensor,
-              other: torch.Tensor) -> None:
-        """keep |= the chunk's elements admitted; equal/other (bool), counts (int) are chunk-sized scratch."""
+    def apply(self, magnitudes: torch.Tensor, keep: torch.Tensor, equal: torch.Tensor, counts: torch.Tensor) -> None:
+        """keep |= the chunk's elements admitted; equal (bool) and counts (int) are chunk-sized scratch."""
         n = int(np.count_nonzero(compare(np.equal, magnitudes, self.value, equal).numpy()))
         if not n:
             return
@@ -431,10 +454,11 @@ class TieGate:
         if first == 0 and stop == n:
             keep.logical_or_(equal)
             return
-        # 1-based position among the equal elements (cumsum with a dtype would convert a chunk-sized copy first)
-        counts.copy_(equal).cumsum_(0)
-        torch.gt(counts, first, out=other)
-        other.logical_and_(equal)
-        equal.copy_(other)
-        torch.le(counts, stop, out=other)
-        keep.logical_or_(other.logical_and_(equal))
+        # The admitted elements are the equal ones from the (first + 1)-th to the stop-th: find both places by the
+        # running count of equal elements (numpy: see masks.compare).
+        equal_array, kept, running = equal.numpy(), keep.numpy(), counts.numpy()
+        np.copyto(running, equal_array)
+        np.cumsum(running, out=running)  # (in its own dtype: with another, numpy converts a chunk-sized copy first)
+        # (each count in the counts' dtype: given a Python int, numpy converts a copy of the counts to int64)
+        low, high = (int(np.searchsorted(running, running.dtype.type(count), side="right")) for count in (first, stop))
+        np.logical_or(kept[low:high], equal_array[low:high], out=kept[low:high])
