@@ -208,13 +208,14 @@ def sce(ctx: ChunkContext, stats: SceStats | None) -> torch.Tensor:
     for i, weight in enumerate(stats.weights):
         delta = _delta(ctx, i, keep, b)
         # agree = where(positive, delta > 0, delta < 0), in numpy's bool operations (see masks.compare)
-        np.logical_and(compare(np.greater, delta, 0, b.equal).numpy(), positive, out=agree)
-        np.greater(compare(np.less, delta, 0, b.other).numpy(), positive, out=other)  # < 0 where not positive
+        compare(np.greater, delta, 0, b.equal)
+        np.logical_and(agree, positive, out=agree)
+        compare(np.less, delta, 0, b.other)
+        np.greater(other, positive, out=other)  # delta < 0 where the sign is not positive
         np.logical_or(agree, other, out=agree)
-        flags = b.flags
-        np.copyto(flags.numpy(), agree)
-        mixed.add_(delta.mul_(flags).mul_(weight))
-        divisor.add_(flags.mul_(_default_dtype(weight)))
+        np.copyto(b.flags.numpy(), agree)  # as 0/1 numbers
+        mixed.add_(delta.mul_(b.flags).mul_(weight))
+        divisor.add_(b.flags.mul_(_default_dtype(weight)))
     mixed.div_(divisor.clamp_(min=MIN_DIVISOR))
     return mixed.add_(ctx.base)
 
