@@ -1,3 +1,3 @@
-from streammerge.cli import main
+from streammerge.cli import command
 
-raise SystemExit(main())
+command()

@@ -1,6 +1,9 @@
 """The command line as users and scripts call it: exit codes, messages, dry run, report."""
 
 import json
+import subprocess
+import sys
+from importlib.metadata import entry_points
 
 import yaml
 
@@ -62,6 +65,30 @@ def test_python_dash_m_and_help(cli):
     assert result.returncode == 0 and "merge" in result.stdout
     result = cli("merge", "--help")
     assert "--max-ram" in result.stdout and "--dry-run" in result.stdout and "linear" in result.stdout
+
+
+def test_the_command_ends_without_pythons_teardown_and_loses_no_output(tmp_path):
+    """The `streammerge` command (console script and `python -m`) hands main's status straight to the operating
+    system: Python's teardown (atexit handlers, then every module) is skipped, and what was printed still arrives
+    through a pipe."""
+    (command,) = entry_points(group="console_scripts", name="streammerge")
+    assert command.value == "streammerge.cli:command"
+    script = ("import atexit, sys\n"
+              "atexit.register(lambda: print('teardown ran', file=sys.stderr))\n"
+              "sys.argv = ['streammerge', *sys.argv[1:]]\n"
+              "from streammerge.cli import command\n"
+              "command()\n")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                              timeout=300)
+
+    done = run("merge", write_config(tmp_path), "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "estimated peak anonymous RAM" in done.stdout and "teardown ran" not in done.stderr
+    failed = run("merge", tmp_path / "missing.yaml")
+    assert failed.returncode == 1 and failed.stderr.startswith("streammerge: error: ")
+    assert "missing.yaml" in failed.stderr and "teardown ran" not in failed.stderr
 
 
 def test_user_errors_are_one_paragraph(tmp_path, cli):
