@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -172,15 +171,3 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
 
-
-def command() -> None:
-    """`main` as the `streammerge` command: the exit status goes straight to the operating system. Once a
-    command has returned, everything it wrote is closed, fsynced and renamed into place, and Python's own
-    teardown of torch's thousands of modules would take another half second of every command."""
-    status = main()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it anyway
-            pass
-    os._exit(status)

@@ -1,14 +1,20 @@
 """The command line as users and scripts call it: exit codes, messages, dry run, report."""
 
+import gc
 import json
+import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
 
+import pytest
 import yaml
 
 from helpers import random_state_dict, save
 from safety_support import run_main
+
+import streammerge.cli
+from streammerge.__main__ import command
 
 
 def write_config(tmp_path, **overrides):
@@ -72,11 +78,11 @@ def test_the_command_ends_without_pythons_teardown_and_loses_no_output(tmp_path)
     system: Python's teardown (atexit handlers, then every module) is skipped, and what was printed still arrives
     through a pipe."""
     (command,) = entry_points(group="console_scripts", name="streammerge")
-    assert command.value == "streammerge.cli:command"
+    assert command.value == "streammerge.__main__:command"
     script = ("import atexit, sys\n"
               "atexit.register(lambda: print('teardown ran', file=sys.stderr))\n"
               "sys.argv = ['streammerge', *sys.argv[1:]]\n"
-              "from streammerge.cli import command\n"
+              "from streammerge.__main__ import command\n"
               "command()\n")
 
     def run(*args):
@@ -89,6 +95,25 @@ def test_the_command_ends_without_pythons_teardown_and_loses_no_output(tmp_path)
     failed = run("merge", tmp_path / "missing.yaml")
     assert failed.returncode == 1 and failed.stderr.startswith("streammerge: error: ")
     assert "missing.yaml" in failed.stderr and "teardown ran" not in failed.stderr
+
+
+def test_the_command_merges_with_the_garbage_collector_on(monkeypatch):
+    """The collector is off only while the command's modules are imported."""
+    class Exited(Exception):
+        pass
+
+    def exit_now(status):
+        raise Exited(status)
+
+    seen = []
+    monkeypatch.setattr(streammerge.cli, "main", lambda: seen.append(gc.isenabled()) or 3)
+    monkeypatch.setattr(os, "_exit", exit_now)
+    try:
+        with pytest.raises(Exited) as exited:
+            command()
+    finally:
+        gc.unfreeze()
+    assert seen == [True] and exited.value.args == (3,)
 
 
 def test_user_errors_are_one_paragraph(tmp_path, cli):
