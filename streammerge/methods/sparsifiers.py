@@ -296,7 +296,7 @@ def magnitude_observe(sparsifier: Sparsifier):
                     continue
                 torch.sub(ctx.inputs[i], ctx.base, out=b.magnitude).abs_()
                 if whole:
-                    select.select_whole(b.magnitude, b.counts)
+                    select.select_whole(b.magnitude, b.magnitude)  # (partitioned in place: made again to merge)
                 else:
                     select.observe(pass_index, b.magnitude, b.counts)
             return

@@ -388,23 +388,22 @@ class RankSelect:
 
     def select_bits(self, bits: np.ndarray, keys: np.ndarray) -> bool:
         """`_select_whole` on the values' bit patterns (`bits`), with `keys` as scratch as long (or `bits`)."""
-        np.copyto(keys, bits)
+        if not np.may_share_memory(keys, bits):  # (else the same memory: partitioned in place)
+            np.copyto(keys, bits)
         if keys.size == 0 or keys.min() < 0:
             return False
         # One partition per distinct rank, each of what lies above the previous one (numpy's partition at several
-        # ranks at once is several times slower): keys[rank] is then the rank-th smallest.
+        # ranks at once is several times slower): keys[rank] is then the rank-th smallest, with nothing larger
+        # before it and nothing smaller after it.
         settled = 0  # keys[:settled] are the `settled` smallest
         for rank in sorted(set(self.ranks)):
             keys[settled:].partition(rank - settled)
             settled = rank + 1
         for j, rank in enumerate(self.ranks):
             key = keys[rank]
-            below = equal = 0
-            for a in range(0, bits.size, COUNT_SLICE):  # (comparisons make a bool temporary: bound it)
-                part = bits[a:a + COUNT_SLICE]
-                below += int(np.count_nonzero(part < key))
-                equal += int(np.count_nonzero(part == key))
-            self.prefix[j], self.remaining[j], self.count_equal[j] = int(key), rank - below, equal
+            # so the elements below it are those before it but the equal ones: one count of the equal ones
+            equal_before, equal = _count_equal(keys[:rank], key), _count_equal(keys[rank:], key)
+            self.prefix[j], self.remaining[j], self.count_equal[j] = int(key), equal_before, equal_before + equal
         self.done = True
         return True
 
@@ -432,6 +431,13 @@ class RankSelect:
 
     def ties_before(self, j: int) -> int:
         return self.remaining[j]
+
+
+def _count_equal(values: np.ndarray, value) -> int:
+    count = 0
+    for a in range(0, values.size, COUNT_SLICE):  # (a comparison makes a bool temporary: bound it)
+        count += int(np.count_nonzero(values[a:a + COUNT_SLICE] == value))
+    return count
 
 
 class TieGate:
