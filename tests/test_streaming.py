@@ -53,17 +53,21 @@ def test_rank_select_matches_kthvalue(dtype, chunk):
             assert s.count_equal[j] == int((x == expected).sum())
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_rank_select_of_a_whole_tensor_at_once_equals_the_passes(dtype):
-    """A whole-tensor chunk is selected at once (in-place partition), with ranks set after the first pass as sce
-    sets them: the same value, ties before and count of equal elements as the histogram passes."""
+def test_rank_select_of_a_whole_tensor_at_once_equals_the_passes(dtype, in_place):
+    """A whole-tensor chunk is selected at once (a partition of a copy, or of the values themselves), with ranks
+    set after the first pass as sce sets them: the same value, ties before and count of equal elements as the
+    histogram passes."""
     n = GRID + 4321
     for seed, distinct in ((0, 50), (1, 100000), (2, 1)):
         x = tied_magnitudes(n, seed, dtype, distinct)
         ranks = [0, 1, n // 3, n // 2, n - 2, n - 1]
         passes = select(x, ranks, GRID)
         whole = RankSelect([0] * len(ranks), dtype)
-        digits = torch.empty(n, dtype=dtype)
+        if in_place:
+            x = x.clone()
+        digits = x if in_place else torch.empty(n, dtype=dtype)
         whole.observe(0, x, digits, whole=True)
         for j, rank in enumerate(ranks):
             whole.set_rank(j, rank)
