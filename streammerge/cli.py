@@ -170,4 +170,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"streammerge: error: {where}{exc.strerror or exc}. Nothing was written to the output path.",
               file=sys.stderr)
         return 1
-

@@ -77,8 +77,8 @@ def test_the_command_ends_without_pythons_teardown_and_loses_no_output(tmp_path)
     """The `streammerge` command (console script and `python -m`) hands main's status straight to the operating
     system: Python's teardown (atexit handlers, then every module) is skipped, and what was printed still arrives
     through a pipe."""
-    (command,) = entry_points(group="console_scripts", name="streammerge")
-    assert command.value == "streammerge.__main__:command"
+    (installed,) = entry_points(group="console_scripts", name="streammerge")
+    assert installed.value == "streammerge.__main__:command"
     script = ("import atexit, sys\n"
               "atexit.register(lambda: print('teardown ran', file=sys.stderr))\n"
               "sys.argv = ['streammerge', *sys.argv[1:]]\n"
