@@ -30,7 +30,7 @@ from streammerge.methods.task_vectors import INT8_MASK
 
 MIN_WEIGHT_SUM = 1e-6  # below this sum of mean squares the models get equal weights (mergekit)
 MIN_DIVISOR = 1e-6
-VARIANCE_BLOCK = GRID  # elements per block of the per-entry variance (float64 temporaries, n_models + 2 of them)
+VARIANCE_BLOCK = GRID  # elements per block of the per-entry variance (float64 temporaries, n_models + 1 of them)
 
 
 def _select_all(params: dict) -> bool:
@@ -67,16 +67,19 @@ def variance(ctx: ChunkContext, out: torch.Tensor) -> torch.Tensor:
     for a in range(0, n, VARIANCE_BLOCK):
         b = min(n, a + VARIANCE_BLOCK)
         # the task vectors as mergekit forms them (in the accumulation dtype), then widened
-        deltas = [torch.sub(x[a:b], ctx.base[a:b]).to(torch.float64) for x in ctx.inputs]
-        mean = torch.zeros_like(deltas[0])
-        for d in deltas:
+        deltas = [torch.sub(x[a:b], ctx.base[a:b], out=out[a:b]).to(torch.float64, copy=True) for x in ctx.inputs]
+        # Sums start from their first term rather than from zero: they differ only in the sign of a zero mean,
+        # which squaring removes, and a sum of squares never starts at -0.
+        mean = torch.add(deltas[0], deltas[1]) if count > 1 else deltas[0].clone()
+        for d in deltas[2:]:
             mean.add_(d)
         mean.div_(count)
-        squares = torch.zeros_like(mean)
-        for d in deltas:
+        squares = deltas[0].sub_(mean).square_()
+        for d in deltas[1:]:
             squares.add_(d.sub_(mean).square_())
-        # (abs: the same bits for a variance, and the NaN an Inf input makes, -NaN on x86, one the selection ranks)
-        out[a:b].copy_(squares.div_(count).abs_())
+        # (abs: the same bits for a variance, and the NaN an Inf input makes, -NaN on x86, one the selection ranks;
+        # taken after the rounding to the output's dtype, which keeps the sign)
+        out[a:b].copy_(squares.div_(count)).abs_()
     return out
 
 
