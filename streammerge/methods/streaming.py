@@ -402,8 +402,8 @@ class RankSelect:
         for j, rank in enumerate(self.ranks):
             key = keys[rank]
             # so the elements below it are those before it but the equal ones: one count of the equal ones
-            equal_before, equal = _count_equal(keys[:rank], key), _count_equal(keys[rank:], key)
-            self.prefix[j], self.remaining[j], self.count_equal[j] = int(key), equal_before, equal_before + equal
+            equal_before, equal_from = _count_equal(keys[:rank], key), _count_equal(keys[rank:], key)
+            self.prefix[j], self.remaining[j], self.count_equal[j] = int(key), equal_before, equal_before + equal_from
         self.done = True
         return True
 
