@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from streammerge.methods.method import GRID
+from streammerge.methods import streaming
 from streammerge.methods.streaming import (Groups, GroupSums, RankSelect, TieGate, Uniform, pairwise_sums,
                                            stream_key)
 
@@ -76,6 +77,60 @@ def test_rank_select_of_a_whole_tensor_at_once_equals_the_passes(dtype, in_place
         for j in range(len(ranks)):
             assert (whole.value(j), whole.ties_before(j), whole.count_equal[j]) == \
                 (passes.value(j), passes.ties_before(j), passes.count_equal[j])
+
+
+def sorted_selection(bits: np.ndarray, ranks: list[int]) -> list[tuple[int, int, int]]:
+    """(key, equal ones before it, equal ones in all) at each rank, from a full sort."""
+    ordered = np.sort(bits)
+    return [(int(ordered[r]), int(np.count_nonzero(ordered[:r] == ordered[r])),
+             int(np.count_nonzero(ordered == ordered[r]))) for r in ranks]
+
+
+def wide_magnitudes(n: int, seed: int) -> dict[str, np.ndarray]:
+    g = np.random.default_rng(seed)
+    normal = np.abs(g.standard_normal(n)).astype(np.float32)
+    tied = normal.copy()
+    tied[g.random(n) < 0.1] = np.float32(0.5)  # a tenth of the tensor at one value, near the median
+    rounded = torch.from_numpy(normal).bfloat16().float().numpy()  # few distinct values, as in half precision
+    return {"normal": normal, "tied": tied, "rounded": rounded, "sawtooth": np.tile(np.arange(1000, dtype=np.float32),
+            n // 1000 + 1)[:n], "float64": np.abs(g.standard_normal(n)) * (g.random(n) < 0.9)}
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_bracketed_selection_equals_a_full_partition(in_place):
+    """The selection of a whole tensor by sample brackets gives what partitioning it whole gives (and a sort),
+    at middle, extreme and neighbouring ranks, on spread, tied, rounded and periodic values; a separate scratch
+    leaves the values as they were."""
+    n = 300_007
+    for name, values in wide_magnitudes(n, 0).items():
+        bits = values.view(np.int64 if values.dtype == np.float64 else np.int32)
+        for ranks in ([n // 2], [0, n - 1], [n // 10, n // 10 + 1, n - n // 100], [n // 3, n // 3]):
+            expected = sorted_selection(bits, ranks)
+            assert [tuple(map(int, s)) for s in streaming._select_partitioned(bits.copy(), ranks)] == expected
+            scratch = bits.copy()
+            keys = scratch if in_place else np.empty_like(bits)
+            bracketed = streaming._select_bracketed(scratch, keys, ranks)
+            assert bracketed is not None, (name, ranks)
+            assert [tuple(map(int, s)) for s in bracketed] == expected, (name, ranks)
+            if not in_place:
+                assert np.array_equal(scratch, bits)
+
+
+def test_a_bracket_that_misses_leaves_the_values_to_a_full_partition():
+    """Values laid out against the strided sample (every sampled element far above the rest) make the brackets
+    miss: nothing is written, and `select_bits` partitions the whole tensor, with the exact result."""
+    n = 1 << 20
+    values = np.linspace(0, 1, n, dtype=np.float32)
+    values[::max(n // streaming.SAMPLE, 1) | 1] = 1000.0
+    bits = values.view(np.int32)
+    ranks = [n // 2]
+    expected = sorted_selection(bits, ranks)
+    scratch = bits.copy()
+    assert streaming._select_bracketed(scratch, scratch, ranks) is None
+    assert np.array_equal(scratch, bits)
+    select = RankSelect(ranks, torch.float32)
+    assert select.select_bits(scratch, scratch) and select.done
+    assert (select.prefix[0], select.ties_before(0), select.count_equal[0]) == expected[0]
 
 
 def test_rank_select_all_equal_and_single_element():

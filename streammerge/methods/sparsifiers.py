@@ -239,7 +239,7 @@ def magnitude_segment_stats(sparsifier: Sparsifier):
                     continue
                 select = RankSelect([r for r in ranks if r is not None], b.magnitude.dtype)
                 part = bits[seg.start:seg.stop]
-                if not select.select_bits(part, part):  # (partitioned in place: |delta| is made again to merge)
+                if not select.select_bits(part, part):  # (its own scratch: |delta| is made again to merge)
                     return None  # a pattern the histogram passes refuse: each segment's own passes say so
                 stats.bounds[i] = bounds_from(select, ranks[1] is not None)
         return segments
@@ -296,7 +296,7 @@ def magnitude_observe(sparsifier: Sparsifier):
                     continue
                 torch.sub(ctx.inputs[i], ctx.base, out=b.magnitude).abs_()
                 if whole:
-                    select.select_whole(b.magnitude, b.magnitude)  # (partitioned in place: made again to merge)
+                    select.select_whole(b.magnitude, b.magnitude)  # (its own scratch: made again to merge)
                 else:
                     select.observe(pass_index, b.magnitude, b.counts)
             return
@@ -320,7 +320,7 @@ def magnitude_finish(stats: MagnitudeStats, pass_index: int) -> int | None:
         for i, select in enumerate(stats.selects):
             if select is not None:
                 if pass_index == 0 and stats.areas is not None:
-                    select.select_whole(stats.areas[i], stats.areas[i])  # (partitioned in place)
+                    select.select_whole(stats.areas[i], stats.areas[i])  # (its own scratch)
                 select.finish_pass(pass_index)
         if pass_index < stats.select_passes - 1 and not all(s is None or s.done for s in stats.selects):
             return None

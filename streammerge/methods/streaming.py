@@ -7,7 +7,8 @@ and combined in block order, so results depend on the data alone, never on where
   element i taking the stream's i-th number;
 - `RankSelect`: exact order statistics of magnitudes by radix selection over their bit patterns, a histogram of
   16 bits per pass (2 passes for float32, 4 for float64), instead of sorting the whole tensor; a tensor held
-  whole in one chunk is partitioned in place instead (the same order statistics, in one pass);
+  whole in one chunk is selected on at once instead (the same order statistics, in one read): the few elements
+  inside ranges that a sample says hold the ranks are partitioned, or where a range misses, all of them;
 - `TieGate`: which of the elements equal to a selected value are kept, by their order of appearance.
 """
 
@@ -294,6 +295,8 @@ class Uniform:
 
 
 # -- exact order statistics ----------------------------------------------------------------------------------
+SAMPLE = 1 << 13  # elements of the strided sample that brackets each selected rank
+BRACKET_FROM = 1 << 16  # fewer elements are partitioned whole: bracketing them first saves nothing
 COUNT_SLICE = 1 << 18  # elements compared at a time when counting those below and equal to a selected value
 BINCOUNT_SLICE = 1 << 21  # torch.bincount copies its int32 input whole (4 bytes per element): bound that copy
 
@@ -313,9 +316,10 @@ class RankSelect:
     with a lower rank) and `count_equal`.
 
     When the first pass's chunk is the whole tensor (`whole`), the selection is made on it at once instead: the
-    bit patterns are partitioned in place (numpy's introselect) in the digits buffer, and the elements below and
-    equal to each selected pattern counted. The order statistics of the patterns are what the radix passes find,
-    so the results are the same; the later passes then have nothing left to do (`done`)."""
+    bit patterns inside sample brackets of the ranks (or all of them) are partitioned (numpy's introselect) in the
+    digits buffer, and the elements below and equal to each selected pattern counted. The order statistics of
+    the patterns are what the radix passes find, so the results are the same; the later passes then have nothing
+    left to do (`done`)."""
 
     def __init__(self, ranks: list[int], dtype: torch.dtype):
         self.ranks = list(ranks)
@@ -376,7 +380,7 @@ class RankSelect:
         """Every rank selected now from `values`, the whole tensor's magnitudes (`done` after it), for a caller
         that has set its ranks and reuses the buffers before `finish_pass(0)`. Values the histogram passes would
         refuse are observed as their first pass instead, so the passes go on (and refuse them). `digits_buffer` may
-        be `values` itself, then partitioned in place (the counts do not depend on the order)."""
+        be `values` itself, then its own scratch (the counts do not depend on the order)."""
         if not self._select_whole(values, digits_buffer):
             self._observe(0, values, digits_buffer)
 
@@ -388,22 +392,15 @@ class RankSelect:
 
     def select_bits(self, bits: np.ndarray, keys: np.ndarray) -> bool:
         """`_select_whole` on the values' bit patterns (`bits`), with `keys` as scratch as long (or `bits`)."""
-        if not np.may_share_memory(keys, bits):  # (else the same memory: partitioned in place)
-            np.copyto(keys, bits)
-        if keys.size == 0 or keys.min() < 0:
+        if bits.size == 0 or bits.min() < 0:
             return False
-        # One partition per distinct rank, each of what lies above the previous one (numpy's partition at several
-        # ranks at once is several times slower): keys[rank] is then the rank-th smallest, with nothing larger
-        # before it and nothing smaller after it.
-        settled = 0  # keys[:settled] are the `settled` smallest
-        for rank in sorted(set(self.ranks)):
-            keys[settled:].partition(rank - settled)
-            settled = rank + 1
-        for j, rank in enumerate(self.ranks):
-            key = keys[rank]
-            # so the elements below it are those before it but the equal ones: one count of the equal ones
-            equal_before, equal_from = _count_equal(keys[:rank], key), _count_equal(keys[rank:], key)
-            self.prefix[j], self.remaining[j], self.count_equal[j] = int(key), equal_before, equal_before + equal_from
+        selected = _select_bracketed(bits, keys, self.ranks) if bits.size >= BRACKET_FROM else None
+        if selected is None:
+            if not np.may_share_memory(keys, bits):  # (else the same memory: partitioned in place)
+                np.copyto(keys, bits)
+            selected = _select_partitioned(keys, self.ranks)
+        for j, (key, equal_before, count_equal) in enumerate(selected):
+            self.prefix[j], self.remaining[j], self.count_equal[j] = int(key), equal_before, count_equal
         self.done = True
         return True
 
@@ -438,6 +435,73 @@ def _count_equal(values: np.ndarray, value) -> int:
     for a in range(0, values.size, COUNT_SLICE):  # (a comparison makes a bool temporary: bound it)
         count += int(np.count_nonzero(values[a:a + COUNT_SLICE] == value))
     return count
+
+
+def _select_partitioned(keys: np.ndarray, ranks: list[int]) -> list[tuple[int, int, int]]:
+    """(key, equal ones before it, equal ones in all) at each rank of `keys`, which are partitioned in place.
+    One partition per distinct rank, each of what lies above the previous one (numpy's partition at several
+    ranks at once is several times slower): keys[rank] is then the rank-th smallest, with nothing larger before
+    it and nothing smaller after it, so the elements below it are those before it but the equal ones."""
+    settled = 0  # keys[:settled] are the `settled` smallest
+    for rank in sorted(set(ranks)):
+        keys[settled:].partition(rank - settled)
+        settled = rank + 1
+    selected = []
+    for rank in ranks:
+        key = keys[rank]
+        equal_before = _count_equal(keys[:rank], key)
+        selected.append((key, equal_before, equal_before + _count_equal(keys[rank:], key)))
+    return selected
+
+
+def _select_bracketed(bits: np.ndarray, keys: np.ndarray, ranks: list[int]) -> list[tuple[int, int, int]] | None:
+    """`_select_partitioned` of `bits` without partitioning them whole: a sorted strided sample brackets each
+    rank with a range of values [low, high] that holds it with near certainty; one pass counts the elements below
+    and inside each range (`bits` untouched), and where every rank does lie inside its range, a second moves the
+    elements inside the ranges, in order, to the front of `keys` (which may be `bits`: written only where already
+    read), where a partition of those few finds every rank, shifted by the elements below its range that were
+    left out. The same keys and counts: every element equal to a selected key lies inside its range. None
+    (nothing written) where a range misses its rank or the ranges hold too much to be worth it."""
+    n = bits.size
+    sample = np.sort(bits[::max(n // SAMPLE, 1) | 1])  # (an odd stride: rows of a power-of-two width vary)
+    brackets: list[list] = []  # [low, high, ranks] of disjoint ranges, ascending
+    for rank in sorted(set(ranks)):
+        q = rank / n
+        at, margin = q * sample.size, 4 * math.sqrt(sample.size * q * (1 - q)) + 8  # (four standard errors)
+        first, last = int(at - margin), int(at + margin) + 1  # (past either end: open on that side)
+        low = sample[first] if first > 0 else sample.dtype.type(0)
+        high = sample[last] if last < sample.size - 1 else np.iinfo(sample.dtype).max
+        if brackets and low <= brackets[-1][1]:
+            brackets[-1][1], brackets[-1][2] = max(high, brackets[-1][1]), brackets[-1][2] + [rank]
+        else:
+            brackets.append([low, high, [rank]])
+    below, inside = [0] * len(brackets), [0] * len(brackets)
+    for a in range(0, n, COUNT_SLICE):
+        part = bits[a:a + COUNT_SLICE]
+        for k, (low, high, _) in enumerate(brackets):
+            under = int(np.count_nonzero(part < low))
+            below[k] += under
+            inside[k] += int(np.count_nonzero(part <= high)) - under
+    if sum(inside) > n // 4 or any(not below[k] <= r < below[k] + inside[k]
+                                   for k, (_, _, rs) in enumerate(brackets) for r in rs):
+        return None
+    masks = np.empty((3, min(n, COUNT_SLICE)), dtype=bool)
+    written = 0
+    for a in range(0, n, COUNT_SLICE):
+        part = bits[a:a + COUNT_SLICE]
+        inside_any, at_least, at_most = masks[:, :part.size]
+        for k, (low, high, _) in enumerate(brackets):
+            np.logical_and(np.greater_equal(part, low, out=at_least), np.less_equal(part, high, out=at_most),
+                           out=at_least if k else inside_any)
+            if k:
+                np.logical_or(inside_any, at_least, out=inside_any)
+        kept = part[inside_any]  # (a copy: safe to write over what it came from)
+        keys[written:written + kept.size] = kept
+        written += kept.size
+    moved_rank = {}  # rank -> its rank among the elements moved: less the elements below its range not moved
+    for k, (_, _, rs) in enumerate(brackets):
+        moved_rank.update({r: r - (below[k] - sum(inside[:k])) for r in rs})
+    return _select_partitioned(keys[:written], [moved_rank[r] for r in ranks])
 
 
 class TieGate:
