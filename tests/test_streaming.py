@@ -116,6 +116,35 @@ def test_bracketed_selection_equals_a_full_partition(in_place):
                 assert np.array_equal(scratch, bits)
 
 
+def test_keys_many_share_are_taken_out_before_partitioning():
+    """Keys shared by many (mostly-zero deltas, half-precision steps) are found with their exact counts, and the
+    selection around them equals a full sort's at ranks inside, at the edges of and between their blocks, with
+    one, several or only such keys."""
+    n = 200_003
+    g = np.random.default_rng(3)
+    spread = np.abs(g.standard_normal(n)).astype(np.float32)
+    mostly_zero = np.where(g.random(n) < 0.7, np.float32(0), spread)
+    stepped = spread.copy()
+    for value, share in ((0.25, 0.2), (0.5, 0.1), (2.0, 0.08)):
+        stepped[g.random(n) < share] = np.float32(value)
+    constant = np.full(n, 0.75, dtype=np.float32)
+    for values, heavy in ((mostly_zero, [0.0]), (stepped, [0.25, 0.5, 2.0]), (constant, [0.75]),
+                          (spread, [])):
+        bits = values.view(np.int32)
+        found = streaming._heavy_keys(bits)
+        assert [np.int32(key).view(np.float32) for key, _, _ in found] == heavy
+        ordered = np.sort(bits)
+        for key, below, equal in found:
+            assert (below, equal) == (np.searchsorted(ordered, key), np.count_nonzero(bits == key))
+        edges = [r for key, below, equal in found for r in (below - 1, below, below + equal - 1, below + equal)]
+        ranks = sorted({min(max(r, 0), n - 1) for r in edges + [0, n // 3, n // 2, n - 1]})
+        expected = sorted_selection(bits, ranks)
+        assert [tuple(map(int, s)) for s in streaming._select_partitioned(bits.copy(), ranks)] == expected
+        select = RankSelect(ranks, torch.float32)
+        assert select.select_bits(bits.copy(), bits.copy())
+        assert [(select.prefix[j], select.ties_before(j), select.count_equal[j]) for j in range(len(ranks))] == expected
+
+
 def test_a_bracket_that_misses_leaves_the_values_to_a_full_partition():
     """Values laid out against the strided sample (every sampled element far above the rest) make the brackets
     miss: nothing is written, and `select_bits` partitions the whole tensor, with the exact result."""

@@ -297,6 +297,8 @@ class Uniform:
 # -- exact order statistics ----------------------------------------------------------------------------------
 SAMPLE = 1 << 13  # elements of the strided sample that brackets each selected rank
 BRACKET_FROM = 1 << 16  # fewer elements are partitioned whole: bracketing them first saves nothing
+HEAVY_FROM = 1 << 15  # fewer keys are partitioned without looking for a key many of them share
+HEAVY_SAMPLE = 1 << 11  # keys sampled to look for one
 COUNT_SLICE = 1 << 18  # elements compared at a time when counting those below and equal to a selected value
 BINCOUNT_SLICE = 1 << 21  # torch.bincount copies its int32 input whole (4 bytes per element): bound that copy
 
@@ -442,6 +444,9 @@ def _select_partitioned(keys: np.ndarray, ranks: list[int]) -> list[tuple[int, i
     One partition per distinct rank, each of what lies above the previous one (numpy's partition at several
     ranks at once is several times slower): keys[rank] is then the rank-th smallest, with nothing larger before
     it and nothing smaller after it, so the elements below it are those before it but the equal ones."""
+    heavy = _heavy_keys(keys)
+    if heavy:
+        return _select_around(keys, ranks, heavy)
     settled = 0  # keys[:settled] are the `settled` smallest
     for rank in sorted(set(ranks)):
         keys[settled:].partition(rank - settled)
@@ -452,6 +457,43 @@ def _select_partitioned(keys: np.ndarray, ranks: list[int]) -> list[tuple[int, i
         equal_before = _count_equal(keys[:rank], key)
         selected.append((key, equal_before, equal_before + _count_equal(keys[rank:], key)))
     return selected
+
+
+def _heavy_keys(keys: np.ndarray) -> list[tuple[int, int, int]]:
+    """(key, keys below it, keys equal to it) for each key that many of `keys` equal (over a sixteenth each).
+    numpy's partition slows in proportion to such a block (2x at a tenth of the keys, 10x at half: mostly-zero
+    deltas, half-precision fine-tunes that leave many weights as they were), so those are taken out first."""
+    if keys.size < HEAVY_FROM:
+        return []
+    values, counts = np.unique(keys[::max(keys.size // HEAVY_SAMPLE, 1) | 1], return_counts=True)
+    candidates = values[counts * 16 > counts.sum()]
+    below, equal = [0] * candidates.size, [0] * candidates.size
+    for a in range(0, keys.size if candidates.size else 0, COUNT_SLICE):
+        part = keys[a:a + COUNT_SLICE]
+        for k, key in enumerate(candidates):
+            below[k] += int(np.count_nonzero(part < key))
+            equal[k] += int(np.count_nonzero(part == key))
+    return [(key, below[k], equal[k]) for k, key in enumerate(candidates) if equal[k] * 16 > keys.size]
+
+
+def _select_around(keys: np.ndarray, ranks: list[int], heavy: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """`_select_partitioned` where each of the `heavy` keys (key, keys below it, keys equal to it) fills a block of
+    ranks: the ranks in those blocks are known; the other keys are moved, in order, to the front (written only where
+    already read) and the other ranks selected among them, less the heavy keys below them."""
+    written = 0
+    others = np.empty(min(keys.size, COUNT_SLICE), dtype=bool)
+    for a in range(0, keys.size, COUNT_SLICE):
+        part = keys[a:a + COUNT_SLICE]
+        other = np.not_equal(part, heavy[0][0], out=others[:part.size])
+        for key, _, _ in heavy[1:]:
+            other &= part != key
+        kept = part[other]  # (a copy: safe to write over what it came from)
+        keys[written:written + kept.size] = kept
+        written += kept.size
+    block = [next((h for h in heavy if h[1] <= rank < h[1] + h[2]), None) for rank in ranks]
+    left = [rank - sum(equal for _, below, equal in heavy if below < rank) for rank, b in zip(ranks, block) if not b]
+    selected = iter(_select_partitioned(keys[:written], left))
+    return [(b[0], rank - b[1], b[2]) if b else next(selected) for rank, b in zip(ranks, block)]
 
 
 def _select_bracketed(bits: np.ndarray, keys: np.ndarray, ranks: list[int]) -> list[tuple[int, int, int]] | None:
