@@ -187,6 +187,32 @@ def test_sce_matches_reference(tmp_path, select_topk):
             assert torch.equal(out[name], base[name])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_sce_variance_is_torch_var_bit_for_bit(dtype, count):
+    """The blockwise variance (split between threads) has the bits of torch.var in float32 (mergekit's) and of the
+    same sums over the whole tensor in float64 (torch.var's Welford steps round differently there), across block
+    edges and a ragged tail, with Inf and NaN inputs (their NaN made positive, as the selection ranks it)."""
+    from types import SimpleNamespace
+
+    from streammerge.methods import sce
+
+    n = 2 * sce.VARIANCE_BLOCK + 1001
+    g = torch.Generator().manual_seed(count)
+    base = torch.randn(n, generator=g, dtype=dtype)
+    inputs = [base + torch.randn(n, generator=g, dtype=dtype) * 10.0 ** -i for i in range(count)]
+    inputs[0][[5, 7, n - 1]] = torch.tensor([math.inf, math.nan, -math.inf], dtype=dtype)
+    inputs[-1][[5, 9]] = math.inf
+    out = sce.variance(SimpleNamespace(inputs=inputs, base=base), torch.empty(n, dtype=dtype))
+    deltas = torch.stack([x - base for x in inputs])
+    if dtype == torch.float32:
+        expected = torch.var(deltas, dim=0, unbiased=False).abs()
+    else:
+        expected = (deltas - deltas.sum(0) / count).square().sum(0).div(count).abs()
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    assert torch.equal(out.view(bits), expected.view(bits))
+
+
 def test_sce_on_random_floats_and_a_single_model(tmp_path):
     base, models = make_models(3, seed=4)
     out = run_merge(tmp_path / "r", "sce", models, base, parameters={"select_topk": 0.5})
