@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from streammerge.errors import OutputError, StreamMergeError
-from streammerge.io.files import pwrite_all, start_writeback
+from streammerge.io.files import WriteBehind, pwrite_all
 from streammerge.io.output_spec import OutputSpec
 from streammerge.memory import MemoryGuard, anon_rss
 
@@ -146,6 +146,7 @@ class TaskOutput:
         self.placements = placements
         self.checksums = checksums
         self.fds: dict[str, int] = {}
+        self.behind: dict[str, WriteBehind] = {}  # per file: writeback as it goes, pages let go behind
         self.crc: dict[str, int] = {}
         self.covered: dict[str, int] = {}
 
@@ -153,6 +154,7 @@ class TaskOutput:
         if path not in self.fds:
             try:
                 self.fds[path] = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                self.behind[path] = WriteBehind(self.fds[path])
             except OSError as exc:
                 raise OutputError(f"{node_name()} cannot open the output file {path} the driver created "
                                   f"({exc.strerror}); the output directory must be on a file system every "
@@ -167,7 +169,7 @@ class TaskOutput:
         fd, position = self._fd(place.path), place.position + byte_offset
         try:
             pwrite_all(fd, view, position)
-            start_writeback(fd, position, len(view))
+            self.behind[place.path].written(position, len(view))
         except OSError as exc:
             raise OutputError(f"cannot write '{place.path}' on {node_name()}: {exc.strerror}. The partial output "
                               "is removed.") from None
@@ -216,6 +218,7 @@ class TaskOutput:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+        self.behind.clear()
 
 
 class _Count:

