@@ -91,8 +91,8 @@ class WriteBehind:
     at once (asynchronously); once more than LAG_BYTES have been sent after it, it is waited for (mostly written by
     then) and dropped from the page cache. Kept there, an output would grow the cache by its whole size, pushing out
     what the machine holds (on a small one, the inputs still to be read), and filling ever new cache pages costs
-    more than reusing the same few: a warm 5.6 GB linear merge spent 3.9 s of system time copying its 1.87 GB output
-    into the cache, 1.2 s with this. The final fsync still makes the whole file durable."""
+    more than reusing the same few (a warm 5.6 GB linear merge spent about 4 s of system time copying its 1.87 GB
+    output into the cache, 1.2-1.6 s with this). The final fsync still makes the whole file durable."""
 
     LAG_BYTES = 64 * 1024**2
 
