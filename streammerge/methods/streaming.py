@@ -299,6 +299,7 @@ SAMPLE = 1 << 13  # elements of the strided sample that brackets each selected r
 BRACKET_FROM = 1 << 16  # fewer elements are partitioned whole: bracketing them first saves nothing
 HEAVY_FROM = 1 << 15  # fewer keys are partitioned without looking for a key many of them share
 HEAVY_SAMPLE = 1 << 11  # keys sampled to look for one
+HEAVY_SHARE = 16  # a key held by over 1/HEAVY_SHARE of them is set aside before partitioning
 COUNT_SLICE = 1 << 18  # elements compared at a time when counting those below and equal to a selected value
 BINCOUNT_SLICE = 1 << 21  # torch.bincount copies its int32 input whole (4 bytes per element): bound that copy
 
@@ -441,9 +442,10 @@ def _count_equal(values: np.ndarray, value) -> int:
 
 def _select_partitioned(keys: np.ndarray, ranks: list[int]) -> list[tuple[int, int, int]]:
     """(key, equal ones before it, equal ones in all) at each rank of `keys`, which are rearranged in place.
-    Keys shared by many are set aside first (`_select_around`); then one partition per distinct rank, each of what lies above the previous one (numpy's partition at several
-    ranks at once is several times slower): keys[rank] is then the rank-th smallest, with nothing larger before
-    it and nothing smaller after it, so the elements below it are those before it but the equal ones."""
+    Keys shared by many are set aside first (`_select_around`); then one partition per distinct rank, each of what
+    lies above the previous one (numpy's partition at several ranks at once is several times slower): keys[rank] is
+    then the rank-th smallest, with nothing larger before it and nothing smaller after it, so the elements below it
+    are those before it but the equal ones."""
     heavy = _heavy_keys(keys)
     if heavy:
         return _select_around(keys, ranks, heavy)
@@ -460,20 +462,20 @@ def _select_partitioned(keys: np.ndarray, ranks: list[int]) -> list[tuple[int, i
 
 
 def _heavy_keys(keys: np.ndarray) -> list[tuple[int, int, int]]:
-    """(key, keys below it, keys equal to it) for each key that many of `keys` equal (over a sixteenth each).
+    """(key, keys below it, keys equal to it) for each key that over 1/HEAVY_SHARE of `keys` equal.
     numpy's partition slows in proportion to such a block (2x at a tenth of the keys, 10x at half: mostly-zero
     deltas, half-precision fine-tunes that leave many weights as they were), so those are taken out first."""
     if keys.size < HEAVY_FROM:
         return []
     values, counts = np.unique(keys[::max(keys.size // HEAVY_SAMPLE, 1) | 1], return_counts=True)
-    candidates = values[counts * 16 > counts.sum()]
+    candidates = values[counts * HEAVY_SHARE > counts.sum()]
     below, equal = [0] * candidates.size, [0] * candidates.size
     for a in range(0, keys.size if candidates.size else 0, COUNT_SLICE):
         part = keys[a:a + COUNT_SLICE]
         for k, key in enumerate(candidates):
             below[k] += int(np.count_nonzero(part < key))
             equal[k] += int(np.count_nonzero(part == key))
-    return [(key, below[k], equal[k]) for k, key in enumerate(candidates) if equal[k] * 16 > keys.size]
+    return [(key, below[k], equal[k]) for k, key in enumerate(candidates) if equal[k] * HEAVY_SHARE > keys.size]
 
 
 def _select_around(keys: np.ndarray, ranks: list[int], heavy: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
