@@ -116,10 +116,14 @@ def test_bracketed_selection_equals_a_full_partition(in_place):
                 assert np.array_equal(scratch, bits)
 
 
-def test_keys_many_share_are_taken_out_before_partitioning():
-    """Keys shared by many (mostly-zero deltas, half-precision steps) are found with their exact counts, and the
-    selection around them equals a full sort's at ranks inside, at the edges of and between their blocks, with
-    one, several or only such keys."""
+def test_keys_many_share_are_taken_out_before_partitioning(monkeypatch):
+    """Keys shared by many (mostly-zero deltas, half-precision steps) are found with their exact counts, set aside
+    by the selection (which then partitions only the rest), and the selection around them equals a full sort's at
+    ranks inside, at the edges of and between their blocks, with one, several or only such keys."""
+    set_aside = []
+    around = streaming._select_around
+    monkeypatch.setattr(streaming, "_select_around",
+                        lambda keys, ranks, heavy: set_aside.append(heavy) or around(keys, ranks, heavy))
     n = 200_003
     g = np.random.default_rng(3)
     spread = np.abs(g.standard_normal(n)).astype(np.float32)
@@ -139,7 +143,9 @@ def test_keys_many_share_are_taken_out_before_partitioning():
         edges = [r for key, below, equal in found for r in (below - 1, below, below + equal - 1, below + equal)]
         ranks = sorted({min(max(r, 0), n - 1) for r in edges + [0, n // 3, n // 2, n - 1]})
         expected = sorted_selection(bits, ranks)
+        set_aside.clear()
         assert [tuple(map(int, s)) for s in streaming._select_partitioned(bits.copy(), ranks)] == expected
+        assert (set_aside[0] if set_aside else []) == found  # (what the partition was spared)
         select = RankSelect(ranks, torch.float32)
         assert select.select_bits(bits.copy(), bits.copy())
         assert [(select.prefix[j], select.ties_before(j), select.count_equal[j]) for j in range(len(ranks))] == expected

@@ -80,10 +80,14 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def _sync_file_range(fd: int, offset: int, nbytes: int, flags: int) -> None:
+    if nbytes and hasattr(_libc, "sync_file_range"):  # (Linux only: elsewhere the final fsync does it all)
+        _libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(nbytes), flags)
+
+
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Start writing these dirty pages to disk now (asynchronously), so the final fsync has little left to do."""
-    if nbytes and hasattr(_libc, "sync_file_range"):
-        _libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(nbytes), _SYNC_FILE_RANGE_WRITE)
+    _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 class WriteBehind:
@@ -110,10 +114,8 @@ class WriteBehind:
         while self.sent_bytes > self.LAG_BYTES:
             offset, nbytes = self.sent.popleft()
             self.sent_bytes -= nbytes
-            if hasattr(_libc, "sync_file_range"):
-                _libc.sync_file_range(self.fd, ctypes.c_int64(offset), ctypes.c_int64(nbytes),
-                                      _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE
-                                      | _SYNC_FILE_RANGE_WAIT_AFTER)
+            _sync_file_range(self.fd, offset, nbytes,
+                             _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER)
             os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_DONTNEED)  # (clean pages wholly inside only)
 
 
