@@ -112,9 +112,6 @@ class VocabRows(TensorInfo):
             self._mean.append((total / max(1, self.rows.real_rows)).to(self.dtype))
         return self._mean[0]
 
-    def prefetch(self, start: int, stop: int) -> None:
-        pass  # rows may come from anywhere in the model's tensor
-
     def is_cached(self, start: int, stop: int) -> bool:
         return self.source.is_cached(0, self.source.numel)
 

@@ -66,12 +66,6 @@ class MappedFile:
         end = offset + nbytes if offset + nbytes >= self.size else (offset + nbytes) // PAGE * PAGE
         return start, max(0, end - start)
 
-    def prefetch(self, offset: int, nbytes: int) -> None:
-        """Ask the kernel to start reading this range in the background (no-op if already cached)."""
-        start, length = self._page_range(offset, nbytes)
-        if self.mm is not None and length:
-            self.mm.madvise(mmap.MADV_WILLNEED, start, length)
-
     def is_cached(self, offset: int, nbytes: int) -> bool:
         """Whether every page wholly inside this range is in the page cache already (mincore)."""
         start, length = self._inner_pages(offset, nbytes)
@@ -173,10 +167,6 @@ class TensorInfo:
         copy = (staging[:part.numel()].copy_(part) if staging is not None
                 else part.clone(memory_format=torch.contiguous_format))
         return copy.view(self.dtype)
-
-    def prefetch(self, start: int, stop: int) -> None:
-        if self.stride is None:
-            self.file.prefetch(self.offset + start * self.itemsize, (stop - start) * self.itemsize)
 
     def is_cached(self, start: int, stop: int) -> bool:
         if self.stride is None:
