@@ -369,6 +369,11 @@ class Engine:
         Returns the input bytes skipped. Also what each task of a distributed merge runs."""
         workspace = Workspace(self.chunk, self.prepared.plan.max_inputs, self.config.dtype, self.method.buffers)
         self.writer = BackgroundWriter()
+        # Leave the page cache as we found it: an input tensor that was wholly cached stays cached; the pages of
+        # one the merge had to read from disk are dropped again after use. Decided for every tensor before
+        # anything is read: the kernel's readahead for one tensor brings in the next ones.
+        self.cached_before = {id(task): [info.is_cached(0, info.numel) for info in task.inputs]
+                              for task in tasks if not reused(task.name)}
         skipped_bytes = 0
         try:
             index = 0
@@ -433,7 +438,7 @@ class Engine:
     def run_small(self, run: list[TensorTask], ws: Workspace, output, progress, guard: MemoryGuard) -> None:
         first, total = run[0], sum(t.numel for t in run)
         spans = [TensorInfo(info.name, (total,), info.dtype, info.file, info.offset) for info in first.inputs]
-        was_cached = [info.is_cached(0, total) for info in spans]
+        was_cached = [all(cached) for cached in zip(*(self.cached_before[id(task)] for task in run))]
         sources = len(first.sources)
         whole = TensorTask(first.name, (total,), first.out_dtype, MERGE, spans[:sources], first.rule,
                            first.model_params, first.params, base=spans[sources] if first.base is not None else None)
@@ -469,10 +474,7 @@ class Engine:
 
     def run_task(self, task: TensorTask, ws: Workspace, output, progress, guard: MemoryGuard) -> None:
         inputs = task.inputs
-        # Leave the page cache as we found it: an input tensor that was wholly cached stays cached; the pages of
-        # one the run had to read from disk are dropped again after use. Decided before anything is read, since
-        # reading (and the kernel's readahead) caches pages.
-        was_cached = [info.is_cached(0, info.numel) for info in inputs]
+        was_cached = self.cached_before[id(task)]
         if task.kind == COPY:
             source = task.sources[0]
             read = ((lambda s, e: ws.read_as_acc(source, s, e, 0)) if source.delta is not None
@@ -538,9 +540,8 @@ class Engine:
         return ctx.out
 
     def _stream(self, task, inputs: list[TensorInfo], ws, output, progress, guard, produce, was_cached) -> None:
-        # No read-ahead hints of our own: the kernel's readahead of each mapping follows the reads by itself, and
-        # MADV_WILLNEED on the next chunk made a cold linear merge slower, at twice the system time (XTTS, 256 MiB,
-        # in a 512 MiB cgroup: 4.4-4.9 s and 2.3-2.4 s system with it, 3.9 s and 1.1 s without).
+        # No read-ahead hints of our own: the kernel's readahead of each mapping follows these front-to-back reads,
+        # and MADV_WILLNEED on the next chunk made cold merges slower (README, "Memory model").
         for start, stop in _chunks(task.numel, self.chunk):
             ws.next_slot()
             result = produce(start, stop)

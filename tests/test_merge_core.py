@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from helpers import load_output, merge_in_process, random_state_dict, reference_linear, save
 from streammerge.config import parse_config
-from streammerge.engine import prepare
+from streammerge.engine import Engine, prepare
 from streammerge.errors import PlanError
 from streammerge.plan import COPY, MERGE
 
@@ -237,29 +237,92 @@ def test_unaligned_legacy_inputs_merge_and_copy_exactly(tmp_path):
     assert_same(merged, expected)
 
 
-def test_page_cache_is_left_as_found(tmp_path):
-    """Inputs that were cached stay cached; pages the merge itself read from disk are dropped again."""
+def _drop_from_cache(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+def _cached_fraction(path, block: int = 1 << 20) -> float:
+    """The fraction of the file's `block`-sized pieces wholly in the page cache."""
     from streammerge.io.mapped import MappedFile
 
+    mapped = MappedFile(path)
+    try:
+        offsets = range(0, mapped.size - block, block)
+        return sum(mapped.is_cached(o, block) for o in offsets) / len(offsets)
+    finally:
+        mapped.close()
+
+
+def _cached_pages(path) -> int:
+    from streammerge.io.mapped import PAGE, MappedFile
+
+    mapped = MappedFile(path)
+    try:
+        return sum(mapped.is_cached(o, PAGE) for o in range(0, mapped.size, PAGE))
+    finally:
+        mapped.close()
+
+
+def test_page_cache_is_left_as_found(tmp_path):
+    """Inputs that were cached stay cached; pages the merge itself read from disk are dropped again."""
     models = [random_state_dict(i, sizes=((2048, 1024),)) for i in range(2)]
     paths = [save(m, tmp_path / f"m{i}.safetensors") for i, m in enumerate(models)]
     for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # model 0: cold
-        os.close(fd)
+        _drop_from_cache(p)  # model 0: cold
     paths[1].read_bytes()  # model 1: warm
-
-    def cached_fraction(path):
-        mapped = MappedFile(path)
-        try:
-            offsets = range(0, mapped.size - (1 << 20), 1 << 20)
-            return sum(mapped.is_cached(o, 1 << 20) for o in offsets) / len(offsets)
-        finally:
-            mapped.close()
+    cached_fraction = _cached_fraction
 
     assert cached_fraction(paths[0]) == 0 and cached_fraction(paths[1]) == 1
     merge_in_process({"output": str(tmp_path / "o.safetensors"), "models": [{"path": str(p)} for p in paths]},
                      chunk=1 << 16)
     assert cached_fraction(paths[0]) < 0.1
     assert cached_fraction(paths[1]) == 1
+
+
+def test_pages_the_kernel_read_ahead_are_dropped_with_the_rest(tmp_path):
+    """Cold inputs of many tensors, read front to back: the kernel's readahead for one tensor caches the next ones
+    before the merge reaches them (they were not cached before the merge, so they are dropped after use too), in
+    large folios that straddle tensors; pages mapped again by reads of later tensors go when the inputs close."""
+    g = torch.Generator().manual_seed(0)
+    # 48 MB, with tensors under a page between (those have no page of their own)
+    models = [{f"{k:02d}{kind}": torch.randn(shape, generator=g) for k in range(40)
+               for kind, shape in (("b", (1000,)), ("w", (300, 1001)))} for _ in range(2)]
+    paths = [save(m, tmp_path / f"m{i}.safetensors") for i, m in enumerate(models)]
+    for p in paths:
+        _drop_from_cache(p)
+    assert _cached_pages(paths[0]) == 0
+    prepared = prepare(parse_config({"output": str(tmp_path / "o.safetensors"),
+                                     "models": [{"path": str(p)} for p in paths]}))
+    try:
+        headers = [_cached_pages(p) for p in paths]  # what parsing the headers read, before the merge
+        Engine(prepared, quiet=True).run()
+    finally:
+        prepared.close()
+    # no more than parsing the headers read (its readahead: pages of the first tensors, which then count as cached)
+    after = [_cached_pages(p) for p in paths]
+    assert all(n <= min(before, 64) for n, before in zip(after, headers)), (after, headers)
+
+
+def test_folios_straddling_ranges_released_back_to_back_are_dropped(tmp_path, monkeypatch):
+    """Readahead caches a file in large folios, and the kernel drops only the folios wholly inside a range: released
+    a range at a time, back to back, each folio straddling two ranges goes with the later one."""
+    from streammerge.io.mapped import PAGE, MappedFile
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(24 << 20))
+    _drop_from_cache(path)
+    with open(path, "rb", buffering=0) as f:  # read() reads ahead as for any reader, and maps nothing
+        while f.read(1 << 20):
+            pass
+    mapped = MappedFile(path)
+    try:
+        step = 1_201_200  # ranges that do not fall on folio edges
+        for offset in range(0, mapped.size, step):
+            mapped.release(offset, min(step, mapped.size - offset))
+        left = sum(mapped.is_cached(o, PAGE) for o in range(0, mapped.size, PAGE))
+    finally:
+        mapped.close()
+    assert left == 0

@@ -9,6 +9,7 @@ later pass reads again.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import math
 import mmap
@@ -21,6 +22,8 @@ import torch
 from streammerge.errors import CheckpointError
 
 PAGE = mmap.PAGESIZE
+LARGE_FOLIO = 2 << 20  # the largest page-cache folio readahead makes (a PMD on x86-64)
+DROPPED_RUNS = 4096  # runs of dropped ranges remembered per file (many when tensors are read out of file order)
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
 FLOAT_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
@@ -43,6 +46,8 @@ class MappedFile:
         # ACCESS_COPY (MAP_PRIVATE): the buffer is writable for torch.frombuffer, but nothing is ever written,
         # so no page is copied and the file itself can never change.
         self.mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY) if self.size else None
+        # [first, end) of the latest runs of back-to-back ranges dropped from the page cache (swept again at close)
+        self.dropped: collections.deque[list[int]] = collections.deque(maxlen=DROPPED_RUNS)
         self.address = 0
         if self.mm is not None:
             anchor = ctypes.c_char.from_buffer(self.mm)
@@ -67,8 +72,8 @@ class MappedFile:
         return start, max(0, end - start)
 
     def is_cached(self, offset: int, nbytes: int) -> bool:
-        """Whether every page wholly inside this range is in the page cache already (mincore)."""
-        start, length = self._inner_pages(offset, nbytes)
+        """Whether every page holding a byte of this range is in the page cache already (mincore)."""
+        start, length = self._page_range(offset, nbytes)
         if self.mm is None or not length:
             return True
         vec = (ctypes.c_ubyte * ((length + PAGE - 1) // PAGE))()
@@ -78,15 +83,26 @@ class MappedFile:
 
     def release(self, offset: int, nbytes: int, drop_cache: bool = True) -> None:
         """Unmap this range's pages from the process and, with `drop_cache`, drop the pages wholly inside it
-        from the page cache; they are re-read if needed again."""
+        (and in the ranges dropped just before it, back to back) from the page cache; they are re-read if needed
+        again."""
         start, length = self._page_range(offset, nbytes)
         if self.mm is None or not length:
             return
         self.mm.madvise(mmap.MADV_DONTNEED, start, length)
         if drop_cache:
-            start, length = self._inner_pages(offset, nbytes)
-            if length:
-                os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
+            if self.dropped and self.dropped[-1][1] == offset:
+                self.dropped[-1][1] = offset + nbytes
+            else:
+                self.dropped.append([offset, offset + nbytes])
+            # Readahead caches a file in large folios, and the kernel drops only the folios wholly inside a range:
+            # one straddling the ranges dropped just before this one goes with it.
+            reach = max(self.dropped[-1][0], offset - LARGE_FOLIO)
+            self._drop_cache(reach, offset + nbytes - reach)
+
+    def _drop_cache(self, offset: int, nbytes: int) -> None:
+        start, length = self._inner_pages(offset, nbytes)
+        if length:
+            os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         if self.mm is not None:
@@ -96,6 +112,10 @@ class MappedFile:
                 pass
             self.mm = None
         if self.fd >= 0:
+            # The kernel does not drop pages still mapped, and mapping a page maps its cached neighbours too (fault-
+            # around): pages of ranges already released were mapped again by reads of the next ones. Unmapped now.
+            for first, end in self.dropped:
+                self._drop_cache(first, end - first)
             os.close(self.fd)
             self.fd = -1
 
