@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -63,3 +64,35 @@ def save(sd: dict, path: Path) -> Path:
     else:
         torch.save(sd, path)
     return path
+
+
+def drop_from_cache(path: Path) -> None:
+    """Make a file cold: its pages written to disk and dropped from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cached_pieces(path: Path, block: int) -> list[bool]:
+    """For each `block`-sized piece of the file (the last one may be shorter): wholly in the page cache?"""
+    from streammerge.io.mapped import MappedFile
+
+    mapped = MappedFile(path)
+    try:
+        return [mapped.is_cached(offset, block) for offset in range(0, mapped.size, block)]
+    finally:
+        mapped.close()
+
+
+def cached(path: Path, offset: int, nbytes: int) -> bool:
+    """Whether the file's bytes [offset, offset + nbytes) are all in the page cache."""
+    from streammerge.io.mapped import MappedFile
+
+    mapped = MappedFile(path)
+    try:
+        return mapped.is_cached(offset, nbytes)
+    finally:
+        mapped.close()

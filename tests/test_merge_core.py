@@ -8,10 +8,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import load_output, merge_in_process, random_state_dict, reference_linear, save
+from helpers import (cached_pieces, drop_from_cache, load_output, merge_in_process, random_state_dict,
+                     reference_linear, save)
 from streammerge.config import parse_config
 from streammerge.engine import Engine, prepare
 from streammerge.errors import PlanError
+from streammerge.io.mapped import PAGE
 from streammerge.plan import COPY, MERGE
 
 
@@ -237,33 +239,13 @@ def test_unaligned_legacy_inputs_merge_and_copy_exactly(tmp_path):
     assert_same(merged, expected)
 
 
-def _drop_from_cache(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-
-
-def _cached_fraction(path, block: int = 1 << 20) -> float:
-    """The fraction of the file's `block`-sized pieces wholly in the page cache."""
-    from streammerge.io.mapped import MappedFile
-
-    mapped = MappedFile(path)
-    try:
-        offsets = range(0, mapped.size - block, block)
-        return sum(mapped.is_cached(o, block) for o in offsets) / len(offsets)
-    finally:
-        mapped.close()
+def _cached_fraction(path) -> float:
+    pieces = cached_pieces(path, 1 << 20)
+    return sum(pieces) / len(pieces)
 
 
 def _cached_pages(path) -> int:
-    from streammerge.io.mapped import PAGE, MappedFile
-
-    mapped = MappedFile(path)
-    try:
-        return sum(mapped.is_cached(o, PAGE) for o in range(0, mapped.size, PAGE))
-    finally:
-        mapped.close()
+    return sum(cached_pieces(path, PAGE))
 
 
 def test_page_cache_is_left_as_found(tmp_path):
@@ -271,15 +253,14 @@ def test_page_cache_is_left_as_found(tmp_path):
     models = [random_state_dict(i, sizes=((2048, 1024),)) for i in range(2)]
     paths = [save(m, tmp_path / f"m{i}.safetensors") for i, m in enumerate(models)]
     for p in paths:
-        _drop_from_cache(p)  # model 0: cold
+        drop_from_cache(p)  # model 0: cold
     paths[1].read_bytes()  # model 1: warm
-    cached_fraction = _cached_fraction
 
-    assert cached_fraction(paths[0]) == 0 and cached_fraction(paths[1]) == 1
+    assert _cached_fraction(paths[0]) == 0 and _cached_fraction(paths[1]) == 1
     merge_in_process({"output": str(tmp_path / "o.safetensors"), "models": [{"path": str(p)} for p in paths]},
                      chunk=1 << 16)
-    assert cached_fraction(paths[0]) < 0.1
-    assert cached_fraction(paths[1]) == 1
+    assert _cached_fraction(paths[0]) < 0.1
+    assert _cached_fraction(paths[1]) == 1
 
 
 def test_pages_the_kernel_read_ahead_are_dropped_with_the_rest(tmp_path):
@@ -292,7 +273,7 @@ def test_pages_the_kernel_read_ahead_are_dropped_with_the_rest(tmp_path):
                for kind, shape in (("b", (1000,)), ("w", (300, 1001)))} for _ in range(2)]
     paths = [save(m, tmp_path / f"m{i}.safetensors") for i, m in enumerate(models)]
     for p in paths:
-        _drop_from_cache(p)
+        drop_from_cache(p)
     assert _cached_pages(paths[0]) == 0
     prepared = prepare(parse_config({"output": str(tmp_path / "o.safetensors"),
                                      "models": [{"path": str(p)} for p in paths]}))
@@ -306,14 +287,14 @@ def test_pages_the_kernel_read_ahead_are_dropped_with_the_rest(tmp_path):
     assert all(n <= min(before, 64) for n, before in zip(after, headers)), (after, headers)
 
 
-def test_folios_straddling_ranges_released_back_to_back_are_dropped(tmp_path, monkeypatch):
+def test_folios_straddling_ranges_released_back_to_back_are_dropped(tmp_path):
     """Readahead caches a file in large folios, and the kernel drops only the folios wholly inside a range: released
     a range at a time, back to back, each folio straddling two ranges goes with the later one."""
-    from streammerge.io.mapped import PAGE, MappedFile
+    from streammerge.io.mapped import MappedFile
 
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(24 << 20))
-    _drop_from_cache(path)
+    drop_from_cache(path)
     with open(path, "rb", buffering=0) as f:  # read() reads ahead as for any reader, and maps nothing
         while f.read(1 << 20):
             pass
@@ -322,7 +303,7 @@ def test_folios_straddling_ranges_released_back_to_back_are_dropped(tmp_path, mo
         step = 1_201_200  # ranges that do not fall on folio edges
         for offset in range(0, mapped.size, step):
             mapped.release(offset, min(step, mapped.size - offset))
-        left = sum(mapped.is_cached(o, PAGE) for o in range(0, mapped.size, PAGE))
+        left = _cached_pages(path)  # (before this mapping's close sweeps again)
     finally:
         mapped.close()
     assert left == 0

@@ -8,19 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import merge_in_process, save
+from helpers import cached, merge_in_process, save
 from streammerge.io.files import AtomicFile, WriteBehind
-from streammerge.io.mapped import MappedFile
 
 MIB = 1024**2
-
-
-def cached(path, offset: int, nbytes: int) -> bool:
-    mapped = MappedFile(path)
-    try:
-        return mapped.is_cached(offset, nbytes)
-    finally:
-        mapped.close()
 
 
 @pytest.fixture
