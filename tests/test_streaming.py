@@ -4,6 +4,8 @@ and the seeded uniform draws (`Uniform`), on random data with many ties, fed in 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -262,6 +264,36 @@ def test_sums_of_several_quantities_at_once_equal_one_at_a_time():
             one.add(q, 0, v)
         each.add_each(0, values)
         assert torch.equal(one.sums, each.sums)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind, shape", [("tensor", (1,)), ("tensor", (1000,)), ("tensor", (GRID,)),
+                                         ("tensor", (3 * GRID + 7,)), ("rows", (40, 100))])
+def test_sums_of_products_equal_each_product_summed_alone(kind, shape, dtype):
+    """add_products (every pair's products of one grid block formed and summed at once, or pair by pair over
+    larger chunks) gives the bits of summing each torch.mul product on its own, whatever the order of the pairs,
+    for vectors that are views or computed into the scratch buffers, signed zeros and NaN included."""
+    g = torch.Generator().manual_seed(7)
+    n = math.prod(shape)
+    models = [torch.randn(n, generator=g, dtype=dtype) for _ in range(4)]
+    models[1][::7] = -0.0
+    if n > 1:
+        models[2][n // 2] = float("nan")
+    base = torch.randn(n, generator=g, dtype=dtype)
+    pairs = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2), (3, 0)]
+    chunk = 2 * GRID
+    first, second, product = (torch.full((chunk,), 5.0, dtype=dtype) for _ in range(3))
+    for computed in (False, True):
+        expected, got = GroupSums(Groups(kind, shape), len(pairs)), GroupSums(Groups(kind, shape), len(pairs))
+        vectors = [m - base if computed else m for m in models]
+        for a, b in chunked(n, chunk):
+            for q, (i, j) in enumerate(pairs):
+                expected.add(q, a, vectors[i][a:b] * vectors[j][a:b])
+
+            def vector(i, buffer, a=a, b=b):
+                return torch.sub(models[i][a:b], base[a:b], out=buffer[:b - a]) if computed else models[i][a:b]
+            got.add_products(a, b - a, vector, pairs, product, first, second)
+        assert torch.equal(got.sums.view(torch.int64), expected.sums.view(torch.int64))
 
 
 @pytest.mark.parametrize("kind", ["tensor", "rows", "columns"])

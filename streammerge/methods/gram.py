@@ -12,7 +12,6 @@ from typing import Callable
 
 import torch
 
-from streammerge.methods.method import GRID
 from streammerge.methods.streaming import Groups, GroupSums
 
 
@@ -24,29 +23,17 @@ class Gram:
         self.pairs = [(i, j) for i in range(n) for j in range(i, n)]
         self.sums = GroupSums(Groups("tensor", shape), len(self.pairs))
 
-    def observe(self, vector: Callable[[int, torch.Tensor | None], torch.Tensor], offset: int, product: torch.Tensor,
-                first: torch.Tensor | None = None, second: torch.Tensor | None = None) -> None:
-        """vector(i, buffer): this chunk of v_i, a view or computed into `buffer` (first or second, chunk-sized
-        scratch buffers that vectors computed on the fly need); product: chunk-sized scratch."""
-        n = vector(0, first).numel()
-        if n <= GRID:  # one grid block: the vectors side by side, every pair's products summed in one call
-            rows = torch.empty(self.n, n, dtype=product.dtype)
-            vectors = [vector(i, rows[i]) for i in range(self.n)]
-            self.sums.add_each(offset, [torch.mul(vectors[i], vectors[j]) for i, j in self.pairs])
-            return
-        q = 0  # the pairs in the order of self.pairs
-        for i in range(self.n):
-            a = vector(i, first)
-            for j in range(i, self.n):
-                b = a if j == i else vector(j, second)
-                self.sums.add(q, offset, torch.mul(a, b, out=product[:a.numel()]))
-                q += 1
+    def observe(self, vector: Callable[[int, torch.Tensor | None], torch.Tensor], offset: int, n: int,
+                product: torch.Tensor, first: torch.Tensor | None = None, second: torch.Tensor | None = None) -> None:
+        """The n elements at `offset` of every v_i = vector(i, buffer): a view, or computed into `buffer` (first
+        or second, chunk-sized scratch buffers that vectors computed on the fly need); product: chunk-sized
+        scratch."""
+        self.sums.add_products(offset, n, vector, self.pairs, product, first, second)
 
     def matrix(self) -> torch.Tensor:
-        gram = torch.empty(self.n, self.n, dtype=torch.float64)
-        for q, (i, j) in enumerate(self.pairs):
-            gram[i, j] = gram[j, i] = self.sums.sums[q, 0]
-        return gram
+        sums = dict(zip(self.pairs, self.sums.sums[:, 0].tolist()))
+        return torch.tensor([[sums[min(i, j), max(i, j)] for j in range(self.n)] for i in range(self.n)],
+                            dtype=torch.float64)
 
 
 def quadratic_norm(gram: torch.Tensor, coefficients: torch.Tensor) -> float:

@@ -49,8 +49,7 @@ def slerp_coefficients(t: float, norm_a: float, norm_b: float, dot: float) -> tu
 
 
 def _observe_pair(stats: Stats, a: torch.Tensor, b: torch.Tensor, offset: int, product: torch.Tensor) -> None:
-    for q, (x, y) in enumerate(((a, a), (b, b), (a, b))):
-        stats.sums.add(q, offset, torch.mul(x, y, out=product[:x.numel()]))
+    stats.sums.add_products(offset, a.numel(), lambda i, buffer: (a, b)[i], ((0, 0), (1, 1), (0, 1)), product)
 
 
 def slerp_observe(stats: Stats, pass_index: int, ctx: ChunkContext) -> None:
@@ -167,15 +166,8 @@ def stock_observe(stats: Stats, pass_index: int, ctx: ChunkContext) -> None:
         stats.sums = GroupSums(groups, n_models + len(_pairs(n_models)))
         stats.n_models = n_models
     n = ctx.out.numel()
-    a, b, product = (s[:n] for s in ctx.buffers[:3])
-    q = n_models
-    for i in range(n_models):
-        torch.sub(ctx.inputs[i], ctx.base, out=a)
-        stats.sums.add(i, ctx.offset, torch.mul(a, a, out=product))
-        for j in range(i + 1, n_models):
-            torch.sub(ctx.inputs[j], ctx.base, out=b)
-            stats.sums.add(q, ctx.offset, torch.mul(a, b, out=product))
-            q += 1
+    stats.sums.add_products(ctx.offset, n, lambda i, buffer: torch.sub(ctx.inputs[i], ctx.base, out=buffer[:n]),
+                            [(i, i) for i in range(n_models)] + _pairs(n_models), *ctx.buffers[:3])
 
 
 def stock_ratio(sums: torch.Tensor, n_models: int) -> torch.Tensor:

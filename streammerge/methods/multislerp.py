@@ -66,7 +66,7 @@ def multislerp_observe(stats: MultislerpStats, pass_index: int, ctx: ChunkContex
     if stats.gram is None:
         stats.gram = Gram(len(ctx.inputs), ctx.shape)
         stats.params, stats.model_params, stats.name = ctx.params, ctx.model_params, ctx.name
-    stats.gram.observe(_vector(ctx), ctx.offset, *ctx.buffers[:3])
+    stats.gram.observe(_vector(ctx), ctx.offset, ctx.out.numel(), *ctx.buffers[:3])
 
 
 def multislerp_finish(stats: MultislerpStats, pass_index: int) -> None:

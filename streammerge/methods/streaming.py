@@ -181,18 +181,48 @@ class GroupSums:
         """add(q, offset, values[q]) for every quantity q (the same elements of each). Within one grid block of a
         whole-tensor sum, the quantities' blocks are summed in one call (per-call overhead dominates there)."""
         n = values[0].numel()
-        if self.groups.kind != "tensor" or n > GRID or len(values) != self.sums.shape[0]:
+        if not self._one_block(n, len(values)):
             for q, v in enumerate(values):
                 self.add(q, offset, v)
             return
+        block = np.zeros((len(values), 1 << (n - 1).bit_length()), dtype=values[0].numpy().dtype)
+        for q, v in enumerate(values):
+            block[q, :n] = v.numpy()
+        self._add_block(offset, block)
+
+    def add_products(self, offset: int, n: int, vector: Callable[[int, torch.Tensor | None], torch.Tensor],
+                     pairs: list[tuple[int, int]], product: torch.Tensor, first: torch.Tensor | None = None,
+                     second: torch.Tensor | None = None) -> None:
+        """add(q, offset, v_i * v_j) for every quantity q, (i, j) = pairs[q], over n elements of vectors v_i =
+        vector(i, buffer): a view, or computed into `buffer` (first or second: chunk-sized scratch buffers that
+        vectors computed on the fly need); product: chunk-sized scratch. Within one grid block of a whole-tensor
+        sum, all the products are formed in one call and summed in another."""
+        if self._one_block(n, len(pairs)):
+            vectors = np.zeros((1 + max(max(p) for p in pairs), 1 << (n - 1).bit_length()),
+                               dtype=product.numpy().dtype)  # zero-padded to the tree's width: x * 0 + ... is x
+            for i, row in enumerate(vectors):
+                destination = torch.from_numpy(row[:n])
+                v = vector(i, destination)
+                if v.data_ptr() != destination.data_ptr():
+                    destination.copy_(v)
+            left, right = zip(*pairs)
+            self._add_block(offset, vectors[list(left)] * vectors[list(right)])  # (IEEE products: torch.mul's bits)
+            return
+        computed, a_index = None, None
+        for q, (i, j) in sorted(enumerate(pairs), key=lambda entry: entry[1]):  # each v_i in `first` while it serves
+            if i != a_index:
+                computed, a_index = vector(i, first), i
+            b = computed if j == i else vector(j, second)
+            self.add(q, offset, torch.mul(computed, b, out=product[:n]))
+
+    def _one_block(self, n: int, quantities: int) -> bool:
+        return self.groups.kind == "tensor" and n <= GRID and quantities == self.sums.shape[0]
+
+    def _add_block(self, offset: int, block: np.ndarray) -> None:
+        """Each quantity's values, one row of `block` each, zero-padded to a power of two, for one grid block."""
         if offset % GRID:
             raise RuntimeError(f"chunk offset {offset} is not on the {GRID}-element grid")
-        m = 1 << (n - 1).bit_length()
-        block = torch.zeros(len(values), m, dtype=values[0].dtype) if m != n else torch.empty(
-            len(values), m, dtype=values[0].dtype)
-        for q, v in enumerate(values):
-            block[q, :n].copy_(v)
-        block_sums = pairwise_sums(block.view(len(values), m, 1)).flatten().tolist()
+        block_sums = pairwise_sums(torch.from_numpy(block)[:, :, None]).flatten().tolist()
         self.sums[:, 0] = torch.tensor([total + s for total, s in zip(self.sums[:, 0].tolist(), block_sums)],
                                        dtype=torch.float64)
 
