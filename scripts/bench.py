@@ -111,23 +111,37 @@ def drop_caches() -> bool:
         return False
 
 
-def io_floor(inputs: list[Path], out_bytes: int, out_dir: Path) -> float:
-    """Seconds to read the inputs cold and write + fsync an output of `out_bytes`."""
+def io_floor(inputs: list[Path], out_bytes: int, out_dir: Path, overlapped: bool = False) -> float:
+    """Seconds to read the inputs cold and write + fsync an output of `out_bytes`: one after the other, or
+    with `overlapped` at the same time (the write on a second thread), as a merge that writes while it reads
+    does at best."""
     drop_caches()
     start = time.perf_counter()
-    for p in inputs:
-        with open(p, "rb", buffering=0) as f:
-            while f.read(16 * MIB):
-                pass
-    block = b"\0" * (16 * MIB)
-    target = out_dir / "io-floor.bin"
-    with open(target, "wb", buffering=0) as f:
-        written = 0
-        while written < out_bytes:
-            written += f.write(block[:min(len(block), out_bytes - written)])
-        os.fsync(f.fileno())
+
+    def read() -> None:
+        for p in inputs:
+            with open(p, "rb", buffering=0) as f:
+                while f.read(16 * MIB):
+                    pass
+
+    def write() -> None:
+        block = b"\0" * (16 * MIB)
+        with open(out_dir / "io-floor.bin", "wb", buffering=0) as f:
+            written = 0
+            while written < out_bytes:
+                written += f.write(block[:min(len(block), out_bytes - written)])
+            os.fsync(f.fileno())
+
+    if overlapped:
+        writer = threading.Thread(target=write)
+        writer.start()
+        read()
+        writer.join()
+    else:
+        read()
+        write()
     elapsed = time.perf_counter() - start
-    target.unlink()
+    (out_dir / "io-floor.bin").unlink()
     return elapsed
 
 
