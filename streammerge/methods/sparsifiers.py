@@ -14,6 +14,7 @@ by position), the random draws come from per-block generators, so what is kept n
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass
 
@@ -402,6 +403,15 @@ def _magprune_scratch(ctx: ChunkContext, n: int) -> tuple[torch.Tensor, torch.Te
     return keys, probability, draws, kept
 
 
+@functools.lru_cache(maxsize=64)
+def _probability_by_rank(span: int, density: float, epsilon: float, dtype: torch.dtype) -> torch.Tensor:
+    """DELLA's keep probability of each rank along a vector of `span` elements, the same arithmetic on each rank
+    as on a whole tensor of ranks (shared by every vector of that length and parameters: read only)."""
+    by_rank = torch.arange(span, dtype=dtype)
+    by_rank = by_rank.div_(span - 1) if span > 1 else by_rank.zero_()
+    return by_rank.mul_(2 * epsilon).add_(density - epsilon)
+
+
 def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, i: int, unit: int, inner: int,
               uniform: Uniform) -> None:
     """Prune (and rescale) `delta` in place: whole units starting at element `start` of the tensor."""
@@ -415,10 +425,7 @@ def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, i: int, unit: 
     rows = probability.view(units, inner, span)
     torch.abs(grid.transpose(1, 2), out=rows)
     order = _rank_order(rows.view(-1, span), keys)
-    # keep probability by rank, the same arithmetic on each rank as on a whole tensor of ranks
-    by_rank = torch.arange(span, dtype=delta.dtype)
-    by_rank = by_rank.div_(span - 1) if span > 1 else by_rank.zero_()
-    by_rank.mul_(2 * epsilon).add_(density - epsilon)
+    by_rank = _probability_by_rank(span, density, epsilon, delta.dtype)
     rows.view(-1, span).scatter_(1, order, by_rank.expand(order.shape))
     probability_at = rows.transpose(1, 2)  # in delta's layout
     uniform.fill(start, draws)
