@@ -199,7 +199,7 @@ class GroupSums:
         sum, all the products are formed in one call and summed in another."""
         if self._one_block(n, len(pairs)):
             vectors = np.zeros((1 + max(max(p) for p in pairs), 1 << (n - 1).bit_length()),
-                               dtype=product.numpy().dtype)  # zero-padded to the tree's width: x * 0 + ... is x
+                               dtype=product.numpy().dtype)  # padded with zeros as `add_each` pads: +0 products
             for i, row in enumerate(vectors):
                 destination = torch.from_numpy(row[:n])
                 v = vector(i, destination)
