@@ -281,6 +281,48 @@ def test_karcher_matches_reference(tmp_path):
         close(out["v"], ref_karcher([m["v"] for m in spread], max_iter, tol), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_models", [2, 3, 5])
+def test_sphere_coefficients_from_the_gram_matrix_equal_the_iteration_on_the_vectors(n_models):
+    """karcher's and multislerp's coefficients, computed on Python floats from the float64 Gram matrix, applied
+    to the float64 vectors, give mergekit's iteration on the whole vectors to float64 precision."""
+    from streammerge.methods.gram import mat_vec
+    from streammerge.methods.karcher import karcher_coefficients
+    from streammerge.methods.multislerp import multislerp_coefficients
+
+    g = torch.Generator().manual_seed(n_models)
+    vs = [torch.randn(700, generator=g, dtype=torch.float64) + 0.3 for _ in range(n_models)]
+    gram = [[float(a @ b) for b in vs] for a in vs]
+    assert mat_vec(gram, [1.0] * n_models) == pytest.approx([float(sum(row)) for row in gram], rel=1e-15)
+    for max_iter, tol in ((10, 1e-5), (3, 1e-5), (10, 0.3)):
+        coefficients = karcher_coefficients(gram, max_iter, tol)
+        got = sum(c * v for c, v in zip(coefficients, vs))
+        torch.testing.assert_close(got, ref_karcher(vs, max_iter, tol), rtol=1e-10, atol=1e-12)
+    weights = [0.5, 0.3, 0.2, 0.7, 0.1][:n_models]
+    for normalize in (True, False):
+        coefficients = multislerp_coefficients(gram, weights, normalize, 1e-8)
+        got = sum(c * v for c, v in zip(coefficients, vs))
+        torch.testing.assert_close(got, ref_multislerp(vs, weights, normalize=normalize), rtol=1e-10, atol=1e-12)
+
+
+def test_small_algebra_keeps_ieee_results_where_python_would_raise():
+    """A zero divisor gives a tensor division's inf or NaN (no ZeroDivisionError), clamps keep NaN: identical
+    directions with tol 0 give NaN coefficients (as mergekit's 0 / sin(0) does), not an exception."""
+    from streammerge.methods.gram import clamp, divide, root_of_clamped
+    from streammerge.methods.karcher import karcher_coefficients
+
+    specials = [0.0, -0.0, 1.0, -2.5, math.inf, -math.inf, math.nan]
+    for a in specials:
+        for b in specials:
+            expected = (torch.tensor(a, dtype=torch.float64) / torch.tensor(b, dtype=torch.float64)).item()
+            got = divide(a, b)
+            assert (math.isnan(got) and math.isnan(expected)) or (got == expected and
+                                                                  math.copysign(1, got) == math.copysign(1, expected))
+        assert repr(clamp(a, -1.0, 1.0)) == repr(torch.tensor(a, dtype=torch.float64).clamp(-1, 1).item())
+    assert math.isnan(root_of_clamped(math.nan)) and root_of_clamped(-4.0) == 0.0 and root_of_clamped(4.0) == 2.0
+    same = [[4.0, 4.0], [4.0, 4.0]]
+    assert all(math.isnan(c) for c in karcher_coefficients(same, 10, 0.0))
+
+
 def test_karcher_edge_cases(tmp_path):
     _, models = make_models(2, seed=7)
     out = run_merge(tmp_path / "one", "karcher", models[:1])

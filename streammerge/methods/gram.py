@@ -4,10 +4,15 @@ Methods on the sphere (karcher, multislerp) only ever form linear combinations o
 norm, angle and dot product they need is a quadratic form in these dot products: one statistics pass yields
 all of them, in float64, summed per grid block (`GroupSums`) so they do not depend on the chunking. The merge
 pass then applies one scalar coefficient per model.
+
+The algebra on the N x N matrix runs on Python floats, in a fixed order of IEEE double operations: the same bits
+on every machine (a BLAS product of tiny matrices may fuse or reorder its operations by CPU), without a tensor
+operation's overhead for each of a few dozen numbers, which dominated for small tensors.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -30,12 +35,41 @@ class Gram:
         scratch."""
         self.sums.add_products(offset, n, vector, self.pairs, product, first, second)
 
-    def matrix(self) -> torch.Tensor:
+    def matrix(self) -> list[list[float]]:
         sums = dict(zip(self.pairs, self.sums.sums[:, 0].tolist()))
-        return torch.tensor([[sums[min(i, j), max(i, j)] for j in range(self.n)] for i in range(self.n)],
-                            dtype=torch.float64)
+        return [[sums[min(i, j), max(i, j)] for j in range(self.n)] for i in range(self.n)]
 
 
-def quadratic_norm(gram: torch.Tensor, coefficients: torch.Tensor) -> float:
+def dot(a: list[float], b: list[float]) -> float:
+    total = 0.0
+    for x, y in zip(a, b):
+        total += x * y
+    return total
+
+
+def mat_vec(matrix: list[list[float]], vector: list[float]) -> list[float]:
+    return [dot(row, vector) for row in matrix]
+
+
+def quadratic_norm(gram: list[list[float]], coefficients: list[float]) -> float:
     """The norm of sum_i coefficients[i] * v_i, from the Gram matrix of the v_i."""
-    return max(0.0, float(coefficients @ gram @ coefficients)) ** 0.5
+    return max(0.0, dot(coefficients, mat_vec(gram, coefficients))) ** 0.5
+
+
+def divide(a: float, b: float) -> float:
+    """a / b with IEEE's results for a zero divisor (inf, -inf or NaN), as a tensor division gives them."""
+    if b:
+        return a / b
+    if a != a or not a:
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+def clamp(x: float, low: float, high: float) -> float:
+    """x limited to [low, high]; NaN stays NaN (as torch.clamp keeps it)."""
+    return x if x != x else min(max(x, low), high)
+
+
+def root_of_clamped(x: float) -> float:
+    """sqrt(max(x, 0)); NaN stays NaN."""
+    return x if x != x else math.sqrt(max(x, 0.0))

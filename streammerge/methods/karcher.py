@@ -18,48 +18,45 @@ import math
 import torch
 
 from streammerge.methods.method import ChunkContext, Method, Param, per_segment
-from streammerge.methods.gram import Gram, quadratic_norm
+from streammerge.methods.gram import Gram, clamp, divide, mat_vec, quadratic_norm, root_of_clamped
 
 
-def karcher_coefficients(gram: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:
+def karcher_coefficients(gram: list[list[float]], max_iter: int, tol: float) -> list[float]:
     """c such that sum_i c_i x_i is the scaled Karcher mean, from the Gram matrix of the x_i."""
-    n = gram.shape[0]
-    norms = gram.diagonal().clamp(min=0).sqrt()
-    coefficients = torch.zeros(n, dtype=torch.float64)
+    n = len(gram)
+    norms = [root_of_clamped(gram[i][i]) for i in range(n)]
+    coefficients = [0.0] * n
     valid = [i for i in range(n) if norms[i] > tol]
     if not valid:
         return coefficients
-    valid_norms = norms[valid]
-    units = gram[valid][:, valid] / (valid_norms[:, None] * valid_norms[None, :])  # Gram matrix of the u_i
+    valid_norms = [norms[i] for i in valid]
+    units = [[divide(gram[i][j], valid_norms[a] * valid_norms[b]) for b, j in enumerate(valid)]
+             for a, i in enumerate(valid)]  # Gram matrix of the u_i
     alpha = 1.0 / len(valid)
-    identity = torch.eye(len(valid), dtype=torch.float64)
-    mean = torch.full((len(valid),), alpha, dtype=torch.float64)  # coefficients over the u_i
+    mean = [alpha] * len(valid)  # coefficients over the u_i
     mean_norm = quadratic_norm(units, mean)
-    mean = (identity[0].clone() if mean_norm < tol else mean / mean_norm).tolist()
-    # The iteration's element-wise steps on N numbers run on Python floats (the same IEEE operations, in the same
-    # order, as on float64 tensors, without a tensor operation's overhead each); the products with the Gram
-    # matrix stay torch's, whose summation order they keep.
+    mean = ([1.0] + [0.0] * (len(valid) - 1) if mean_norm < tol else [divide(m, mean_norm) for m in mean])
     for _ in range(max_iter):
-        dots = (units @ torch.tensor(mean, dtype=torch.float64)).clamp(-1.0, 1.0).tolist()
+        dots = [clamp(d, -1.0, 1.0) for d in mat_vec(units, mean)]
         tangent = [0.0] * len(valid)
         for k, dot in enumerate(dots):
             theta = math.acos(dot)
             if theta < tol:
                 continue
-            step = alpha * (theta / math.sin(theta))
+            step = alpha * divide(theta, math.sin(theta))
             tangent = [t + step * ((1.0 if e == k else 0.0) - dot * m) for e, (t, m) in enumerate(zip(tangent, mean))]
-        tangent_norm = quadratic_norm(units, torch.tensor(tangent, dtype=torch.float64))
+        tangent_norm = quadratic_norm(units, tangent)
         if tangent_norm < tol:
             break
         cos, sin = math.cos(tangent_norm), math.sin(tangent_norm)
-        direction = ([t / tangent_norm for t in tangent] if tangent_norm  # (with tol 0: IEEE's 0/0 and x/0)
-                     else (torch.tensor(tangent, dtype=torch.float64) / tangent_norm).tolist())
+        direction = [divide(t, tangent_norm) for t in tangent]
         mean = [cos * m + sin * d for m, d in zip(mean, direction)]
-        unit_norm = quadratic_norm(units, torch.tensor(mean, dtype=torch.float64))
+        unit_norm = quadratic_norm(units, mean)
         if unit_norm > tol:
             mean = [m / unit_norm for m in mean]
-    scale = float(norms.sum()) / n  # every model's norm, as mergekit weighs them (1/N each)
-    coefficients[valid] = scale * torch.tensor(mean, dtype=torch.float64) / valid_norms
+    scale = sum(norms) / n  # every model's norm, as mergekit weighs them (1/N each)
+    for i, m, norm in zip(valid, mean, valid_norms):
+        coefficients[i] = scale * m / norm
     return coefficients
 
 
@@ -77,8 +74,7 @@ def karcher_observe(stats: KarcherStats, pass_index: int, ctx: ChunkContext) -> 
 
 
 def karcher_finish(stats: KarcherStats, pass_index: int) -> None:
-    stats.coefficients = karcher_coefficients(stats.gram.matrix(), stats.params["max_iter"],
-                                              stats.params["tol"]).tolist()
+    stats.coefficients = karcher_coefficients(stats.gram.matrix(), stats.params["max_iter"], stats.params["tol"])
 
 
 def karcher(ctx: ChunkContext, stats: KarcherStats | None) -> torch.Tensor:

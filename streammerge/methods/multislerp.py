@@ -19,33 +19,34 @@ import torch
 
 from streammerge.errors import StreamMergeError
 from streammerge.methods.method import ChunkContext, Method, Param, per_segment
-from streammerge.methods.gram import Gram, quadratic_norm
+from streammerge.methods.gram import Gram, divide, dot, mat_vec, quadratic_norm, root_of_clamped
 
 
-def multislerp_coefficients(gram: torch.Tensor, weights: list[float], normalize: bool, eps: float,
-                            name: str = "") -> torch.Tensor:
+def multislerp_coefficients(gram: list[list[float]], weights: list[float], normalize: bool, eps: float,
+                            name: str = "") -> list[float]:
     """c such that sum_i c_i v_i is the interpolated vector, from the Gram matrix of the v_i."""
-    w = torch.tensor(weights, dtype=torch.float64)
+    w = list(weights)
     if normalize:
-        w = w / w.sum()
-    norms = gram.diagonal().clamp(min=0).sqrt()
-    scale = 1.0 / (norms + eps)  # v_i -> u_i
-    units = gram * scale[:, None] * scale[None, :]  # Gram matrix of the u_i
+        total = sum(w)
+        w = [divide(x, total) for x in w]
+    norms = [root_of_clamped(gram[i][i]) for i in range(len(gram))]
+    scale = [divide(1.0, norm + eps) for norm in norms]  # v_i -> u_i
+    units = [[g * a * b for g, b in zip(row, scale)] for row, a in zip(gram, scale)]  # Gram matrix of the u_i
     mean_norm = quadratic_norm(units, w)
     if mean_norm < eps:
         if len(weights) == 2:
-            return w.clone()
+            return w
         raise StreamMergeError(
             f"multislerp: the weighted mean of the models' directions is zero for '{name}' (models pointing in "
             "opposite directions with weights that balance out); change the weights, or merge that tensor with "
             "another method through a rule.")
-    mean = w / mean_norm  # coefficients over the u_i
-    dots = units @ mean
-    tangent = w - float(w @ dots) * mean
+    mean = [divide(x, mean_norm) for x in w]  # coefficients over the u_i
+    along = dot(w, mat_vec(units, mean))
+    tangent = [x - along * m for x, m in zip(w, mean)]
     tangent_norm = quadratic_norm(units, tangent) + eps
-    result = mean * math.cos(tangent_norm) + tangent * (math.sin(tangent_norm) / tangent_norm)
-    average_norm = float(norms @ w)
-    return result * average_norm * scale
+    cos, sin_over_norm = math.cos(tangent_norm), divide(math.sin(tangent_norm), tangent_norm)
+    average_norm = dot(norms, w)
+    return [(m * cos + t * sin_over_norm) * average_norm * s for m, t, s in zip(mean, tangent, scale)]
 
 
 class MultislerpStats:
@@ -72,7 +73,7 @@ def multislerp_observe(stats: MultislerpStats, pass_index: int, ctx: ChunkContex
 def multislerp_finish(stats: MultislerpStats, pass_index: int) -> None:
     stats.coefficients = multislerp_coefficients(
         stats.gram.matrix(), [m["weight"] for m in stats.model_params], stats.params["normalize_weights"],
-        stats.params["eps"], stats.name).tolist()
+        stats.params["eps"], stats.name)
 
 
 def multislerp(ctx: ChunkContext, stats: MultislerpStats | None) -> torch.Tensor:
