@@ -324,6 +324,24 @@ def test_della_equals_plain_pruning_bit_for_bit(tmp_path, dtype, chunk, threads,
         assert torch.equal(out[name], expected), name
 
 
+def test_della_keeps_only_short_rank_probabilities(tmp_path, monkeypatch):
+    """The keep probabilities by rank are kept for row lengths that recur, not for a long 1-D tensor's (which
+    would stay in memory outside the budget); both give the plain pruning's bits."""
+    from streammerge.methods import sparsifiers
+    monkeypatch.setattr(sparsifiers, "CACHED_RANKS", 1000)
+    sparsifiers._probability_by_rank_cached.cache_clear()
+    g = torch.Generator().manual_seed(4)
+    shapes = {"w": (40, 300), "w2": (30, 300), "v": (3000,)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    model = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+    p = {"weight": 1.0, "density": 0.4, "epsilon": 0.25}
+    out = run_merge(tmp_path, "della_linear", [model], base, [p], seed=7)
+    assert sparsifiers._probability_by_rank_cached.cache_info().currsize == 1  # rows of 300 only
+    for name in shapes:
+        pruned = plain_della_prune(model[name] - base[name], p["density"], p["epsilon"], 7, name, 0)
+        assert torch.equal(out[name], torch.add(base[name], torch.zeros_like(base[name]).add_(pruned))), name
+
+
 @pytest.mark.parametrize("span", [1, 2, 3, 1000, 3001])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_della_rank_order_is_a_stable_argsort(span, threads):

@@ -403,13 +403,18 @@ def _magprune_scratch(ctx: ChunkContext, n: int) -> tuple[torch.Tensor, torch.Te
     return keys, probability, draws, kept
 
 
-@functools.lru_cache(maxsize=64)
 def _probability_by_rank(span: int, density: float, epsilon: float, dtype: torch.dtype) -> torch.Tensor:
     """DELLA's keep probability of each rank along a vector of `span` elements, the same arithmetic on each rank
     as on a whole tensor of ranks (shared by every vector of that length and parameters: read only)."""
     by_rank = torch.arange(span, dtype=dtype)
     by_rank = by_rank.div_(span - 1) if span > 1 else by_rank.zero_()
     return by_rank.mul_(2 * epsilon).add_(density - epsilon)
+
+
+# Row lengths (a matrix's dimension 1) recur tensor after tensor; a long 1-D tensor's probabilities are made for it
+# alone, so what the cache keeps outside the budget stays small (at most 16 x 32Ki float64: 4 MiB).
+CACHED_RANKS = 1 << 15
+_probability_by_rank_cached = functools.lru_cache(maxsize=16)(_probability_by_rank)
 
 
 def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, i: int, unit: int, inner: int,
@@ -425,7 +430,8 @@ def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, i: int, unit: 
     rows = probability.view(units, inner, span)
     torch.abs(grid.transpose(1, 2), out=rows)
     order = _rank_order(rows.view(-1, span), keys)
-    by_rank = _probability_by_rank(span, density, epsilon, delta.dtype)
+    by_rank = (_probability_by_rank_cached if span <= CACHED_RANKS else _probability_by_rank)(
+        span, density, epsilon, delta.dtype)
     rows.view(-1, span).scatter_(1, order, by_rank.expand(order.shape))
     probability_at = rows.transpose(1, 2)  # in delta's layout
     uniform.fill(start, draws)
