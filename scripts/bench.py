@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -133,10 +134,10 @@ def io_floor(inputs: list[Path], out_bytes: int, out_dir: Path, overlapped: bool
             os.fsync(f.fileno())
 
     if overlapped:
-        writer = threading.Thread(target=write)
-        writer.start()
-        read()
-        writer.join()
+        with ThreadPoolExecutor(1) as pool:
+            writing = pool.submit(write)
+            read()
+            writing.result()  # (raises what the write raised)
     else:
         read()
         write()
