@@ -17,7 +17,7 @@ output of the same size. Every run starts with no dirty data pending (sync), so 
 one's writeback.
 
     python scripts/bench.py [--data bench-data] [--shapes xtts,llama,llama-bf16|all] [--methods linear,ties,...|all]
-                            [--budgets 4GiB,256MiB] [--cold] [--mergekit PATH] [--repeat N]
+                            [--budgets 4GiB,256MiB] [--cold] [--mergekit PATH | --no-mergekit] [--repeat N]
                             [--xtts-shrink N] [--llama-layers N] [--llama-shrink N]
 """
 
@@ -238,6 +238,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cold", action="store_true", help="also run linear with a cold page cache (root)")
     parser.add_argument("--no-naive", action="store_true", help="skip the all-in-RAM approach")
     parser.add_argument("--mergekit", help="path to mergekit-pytorch (default: .venv-mergekit, then PATH)")
+    parser.add_argument("--no-mergekit", action="store_true", help="skip mergekit even where it is installed")
     parser.add_argument("--repeat", type=int, default=1, help="runs per row; the fastest is reported")
     parser.add_argument("--xtts-shrink", type=int, default=1,
                         help="divide the XTTS set's dimensions above 8 by this (1: real size, 1.87 GB a model)")
@@ -256,7 +257,7 @@ def main(argv=None) -> int:
         methods.insert(0, "linear")
     shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
     budgets = args.budgets.split(",")
-    mergekit = find_mergekit(args.mergekit)
+    mergekit = None if args.no_mergekit else find_mergekit(args.mergekit)
     streammerge = [sys.executable, "-m", "streammerge"]
     rows = []
     args.data.mkdir(parents=True, exist_ok=True)

@@ -56,12 +56,18 @@ def test_rank_select_matches_kthvalue(dtype, chunk):
             assert s.count_equal[j] == int((x == expected).sum())
 
 
+@pytest.mark.parametrize("partition_whole", [True, False])
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_rank_select_of_a_whole_tensor_at_once_equals_the_passes(dtype, in_place):
-    """A whole-tensor chunk is selected at once (a partition of a copy, or of the values themselves), with ranks
-    set after the first pass as sce sets them: the same value, ties before and count of equal elements as the
-    histogram passes."""
+def test_rank_select_of_a_whole_tensor_at_once_equals_the_passes(dtype, in_place, partition_whole, monkeypatch):
+    """A whole-tensor chunk is selected at once (a partition of a copy, or of the values themselves; all of it or
+    what sample brackets hold, whichever this machine does faster: both forced here), with ranks set after the
+    first pass as sce sets them: the same value, ties before and count of equal elements as the histogram
+    passes."""
+    bracketed = []
+    monkeypatch.setattr(streaming, "partition_beats_brackets", lambda: partition_whole)
+    spy = streaming._select_bracketed
+    monkeypatch.setattr(streaming, "_select_bracketed", lambda *args: bracketed.append(1) or spy(*args))
     n = GRID + 4321
     for seed, distinct in ((0, 50), (1, 100000), (2, 1)):
         x = tied_magnitudes(n, seed, dtype, distinct)
@@ -79,6 +85,24 @@ def test_rank_select_of_a_whole_tensor_at_once_equals_the_passes(dtype, in_place
         for j in range(len(ranks)):
             assert (whole.value(j), whole.ties_before(j), whole.count_equal[j]) == \
                 (passes.value(j), passes.ties_before(j), passes.count_equal[j])
+    assert bool(bracketed) != partition_whole  # (the path forced is the one taken)
+
+
+def test_the_faster_whole_tensor_selection_is_measured_once(monkeypatch):
+    """Whether a whole partition or the brackets select faster is timed once per process, on both."""
+    calls = []
+    for name in ("_select_partitioned", "_select_bracketed"):
+        real = getattr(streaming, name)
+        monkeypatch.setattr(streaming, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
+    streaming.partition_beats_brackets.cache_clear()
+    try:
+        faster = streaming.partition_beats_brackets()
+        assert isinstance(faster, bool)
+        assert set(calls) == {"_select_partitioned", "_select_bracketed"}
+        calls.clear()
+        assert streaming.partition_beats_brackets() is faster and not calls
+    finally:
+        streaming.partition_beats_brackets.cache_clear()
 
 
 def sorted_selection(bits: np.ndarray, ranks: list[int]) -> list[tuple[int, int, int]]:
