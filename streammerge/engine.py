@@ -125,7 +125,8 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
                                         staging_itemsize=max(unaligned, default=0))
         budget = Budget(requested, per_element, DEFAULT_MAX_RAM,
                         largest_tensor=max(t.numel for t in plan.tasks),
-                        output_tensors=sum(1 + len(t.aliases) for t in plan.tasks), reserve=reserve)
+                        output_tensors=sum(1 + len(t.aliases) for t in plan.tasks), reserve=reserve,
+                        statistics=statistics_bytes(config, plan))
     except BaseException:
         for c in inputs:
             c.close()
@@ -589,6 +590,23 @@ class Engine:
         return ChunkContext(task.name, start, task.numel, inputs, base, task.model_params, task.params,
                             ws.acc(stop - start), self.config.seed, task.shape, ws.extra, read_input,
                             read_base if task.base is not None else None, ws.views, ws.arena)
+
+
+def statistics_bytes(config: MergeConfig, plan: Plan) -> int:
+    """The most that one tensor's statistics hold while it is merged (`Method.stats_bytes`), or a run of small
+    tensors' together (a run holds at most a tile of elements: bounded by the largest share per element)."""
+    stats_bytes = config.method.stats_bytes
+    if stats_bytes is None:
+        return 0
+    largest, per_element = 0, 0.0
+    for task in plan.tasks:
+        if task.kind != MERGE:
+            continue
+        held = stats_bytes(task.params, task.model_params, config.dtype, task.numel, task.shape)
+        largest = max(largest, held)
+        if task.numel <= SMALL_TENSOR:
+            per_element = max(per_element, held / task.numel)
+    return max(largest, math.ceil(per_element * TILE))
 
 
 def statistics_passes(config: MergeConfig, task: TensorTask) -> int:

@@ -119,13 +119,15 @@ class Budget:
     """How big chunks may be, given the budget and what the process already holds."""
 
     def __init__(self, requested: int | None, per_element: int, default: int, baseline: int | None = None,
-                 largest_tensor: int | None = None, output_tensors: int = 0, reserve: int = 0):
-        self._args = (requested, per_element, default, largest_tensor, output_tensors, reserve)
-        self.reserve, self.largest_tensor = reserve, largest_tensor
+                 largest_tensor: int | None = None, output_tensors: int = 0, reserve: int = 0, statistics: int = 0):
+        self._args = (requested, per_element, default, largest_tensor, output_tensors, reserve, statistics)
+        self.reserve, self.largest_tensor, self.statistics = reserve, largest_tensor, statistics
         self.baseline = anon_rss() if baseline is None else baseline
-        # What the run will hold besides the buffers: the margin, the output's records beyond what it covers, and
-        # what the caller keeps for others in the same process.
-        self.reserved = OVERHEAD + reserve + max(0, output_tensors * OUTPUT_BYTES_PER_TENSOR - OVERHEAD // 2)
+        # What the run will hold besides the buffers: the margin, the output's records beyond what it covers, the
+        # largest statistics a tensor keeps (`Method.stats_bytes`) and what the caller keeps for others in the same
+        # process.
+        self.reserved = (OVERHEAD + reserve + statistics
+                         + max(0, output_tensors * OUTPUT_BYTES_PER_TENSOR - OVERHEAD // 2))
         self.per_element = per_element
         self.available = available_memory()  # more than the baseline, which the process already holds
         self.ceiling = self.baseline + self.available  # the most this process could hold without swapping or OOM
@@ -145,8 +147,10 @@ class Budget:
             raise MemoryBudgetError(
                 f"{why}: the process already holds {format_size(self.baseline)} (Python, torch and the plan) and "
                 f"needs {format_size(self.reserved + MIN_CHUNK_ELEMENTS * per_element)} more for its smallest "
-                "chunks and the output's records. "
-                f"The smallest budget that works is {format_size(self.minimum)}; "
+                "chunks and the output's records"
+                + (f", {format_size(statistics)} of them for the per-row or per-column statistics of its largest "
+                   "tensor. " if statistics else ". ")
+                + f"The smallest budget that works is {format_size(self.minimum)}; "
                 + ("set max_ram to at least that." if explicit else
                    f"free some memory, or set max_ram between {format_size(self.minimum)} and "
                    f"{format_size(self.ceiling)} to use more of what is left." if self.minimum <= self.ceiling else
@@ -173,8 +177,8 @@ class Budget:
 
     def remeasured(self) -> "Budget":
         """The same budget for what the process holds now (a long-lived worker's own memory moves between tasks)."""
-        requested, per_element, default, largest_tensor, output_tensors, reserve = self._args
-        return Budget(requested, per_element, default, None, largest_tensor, output_tensors, reserve)
+        requested, per_element, default, largest_tensor, output_tensors, reserve, statistics = self._args
+        return Budget(requested, per_element, default, None, largest_tensor, output_tensors, reserve, statistics)
 
     def chunk_at(self, limit: int, baseline: int, reserve: int) -> int:
         """The chunk this merge would get under `limit` in a process holding `baseline` (a task's, as the driver

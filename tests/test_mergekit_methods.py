@@ -260,6 +260,42 @@ def test_arcee_fusion_in_float64_streamed_and_in_memory(tmp_path):
         assert 0 < (streamed[name] != b).float().mean() < 0.5, name
 
 
+def test_arcee_fusion_of_one_element_rows_keeps_no_row_statistics(tmp_path, monkeypatch):
+    """Rows of one element (a [out, in, 1] convolution kernel) have KL 0, so their merge keeps no per-row
+    statistics (for a real kernel of 3 million rows they would hold about 130 MiB): the result has the bits of the
+    full computation, in memory and streamed, with infinite and NaN inputs, and matches the reference."""
+    from streammerge.methods import arcee_fusion
+    from test_methods import GRID
+
+    g = torch.Generator().manual_seed(8)
+    base = {"conv": torch.randn(300, 700, 1, generator=g), "plain": torch.randn(40, 333, generator=g)}
+    model = {n: v + 0.01 * torch.randn(v.shape, generator=g) for n, v in base.items()}
+    finite = run_merge(tmp_path / "finite", "arcee_fusion", [model], base)
+    for name in base:
+        assert torch.equal(finite[name], ref_arcee_fusion(base[name], model[name])), name
+    assert torch.equal(finite["conv"], model["conv"])  # every importance is 0, as is the threshold: all taken
+    model["conv"][0, :3, 0] = torch.tensor([math.inf, -math.inf, math.nan])
+
+    def both_ways(statistics: str) -> list[dict]:
+        return [run_merge(tmp_path / f"{statistics}-{chunk}", "arcee_fusion", [model], base, chunk=chunk,
+                          engine_options={"stats_in_memory": chunk is None, "allow_nonfinite": True})
+                for chunk in (None, GRID)]
+
+    runs = {}
+    monkeypatch.setattr(arcee_fusion, "one_element_rows", lambda shape: False)  # the computation of longer rows
+    runs["kept"] = both_ways("kept")
+    monkeypatch.undo()
+    made = []
+    monkeypatch.setattr(arcee_fusion, "RowLogSumExp",
+                        lambda groups, real=arcee_fusion.RowLogSumExp: made.append(groups.count) or real(groups))
+    runs["skipped"] = both_ways("skipped")
+    assert made and 300 * 700 not in made  # (the other tensor's 40 rows do keep theirs)
+    for name in base:
+        reference = runs["kept"][0][name]
+        for out in runs["kept"][1:] + runs["skipped"]:
+            assert torch.equal(out[name].view(torch.int32), reference.view(torch.int32)), name
+
+
 def test_arcee_fusion_of_an_unchanged_model_is_the_base(tmp_path):
     base, _ = make_models(1)
     out = run_merge(tmp_path, "arcee_fusion", [dict(base)], base)

@@ -24,7 +24,8 @@ import math
 import torch
 
 from streammerge.methods.method import GRID, ChunkContext, Method, per_segment
-from streammerge.methods.streaming import Groups, GroupSums, RankSelect, grid_blocks
+from streammerge.methods.streaming import (GROUP_SLICE, Groups, GroupSums, RankSelect, grid_blocks, group_stats_bytes,
+                                          per_group)
 
 SOFTMAX_EPS = 1e-8
 QUANTILES = (1, 4), (2, 4), (3, 4)  # 0.25, 0.5, 0.75 as fractions
@@ -62,8 +63,13 @@ class RowLogSumExp:
                 block_sum = torch.exp(part - block_max[:, None]).sum(1)
                 self._combine(rows, block_max, block_sum)
 
-    def value(self) -> torch.Tensor:
-        return self.max + torch.log(self.sum)
+    def finish(self, start: int = 0, stop: int | None = None) -> None:
+        """Rows [start, stop) are complete: their log-sum-exp, max + log(sum), is made in place of their max (`max`
+        is then the value), a slice of rows at a time (no temporary as long as all the rows)."""
+        stop = self.groups.count if stop is None else stop
+        for a in range(start, stop, GROUP_SLICE):
+            rows = slice(a, min(stop, a + GROUP_SLICE))
+            self.max[rows] += torch.log(self.sum[rows])
 
 
 def rows_stay_in_chunks(shape: tuple) -> bool:
@@ -71,14 +77,22 @@ def rows_stay_in_chunks(shape: tuple) -> bool:
     return len(shape) >= 2 and math.prod(shape) > 0 and GRID % shape[-1] == 0
 
 
-def _clamped_kl(kl: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _clamped_kl(kl: torch.Tensor) -> torch.Tensor:
     # KL between equal-mass vectors is >= 0; a rounding-level negative value is taken as 0, which keeps the
     # importances non-negative (as the radix selection needs)
-    return torch.where(kl > 0, kl, 0.0).to(dtype)
+    return torch.where(kl > 0, kl, 0.0)
 
 
 def quantile_ranks(numel: int) -> list[int]:
     return [(numel - 1) * num // den for num, den in QUANTILES]
+
+
+def one_element_rows(shape: tuple) -> bool:
+    """Rows of one element (a convolution's [out, in, 1] kernel): the softmax of one value is 1, whatever the
+    value, so such a row's KL is 0 (for an infinite or NaN value the KL is NaN, which `_clamped_kl` takes as 0
+    too). Their importances are then |x - b| * 0 with no per-row statistics: for a [3072, 1024, 1] weight those
+    would hold 44 bytes per element (3 million rows), beyond the chunk buffers."""
+    return len(shape) >= 2 and shape[-1] == 1
 
 
 class FusionStats:
@@ -88,12 +102,14 @@ class FusionStats:
 
     def setup(self, ctx: ChunkContext) -> None:
         self.groups = Groups("rows", ctx.shape)
-        self.lse = [RowLogSumExp(self.groups), RowLogSumExp(self.groups)]  # model, base
-        self.kl_sums = GroupSums(self.groups, 1)
         self.select = RankSelect(quantile_ranks(self.numel), ctx.out.dtype)
         self.threshold = None
         self.fused = rows_stay_in_chunks(ctx.shape)  # the first pass also gives the rows' KL and importances
-        self.kl = torch.zeros(self.groups.count, dtype=ctx.out.dtype)
+        self.kl: torch.Tensor | None = None  # None: every row's KL is 0 (`one_element_rows`)
+        if not one_element_rows(ctx.shape):
+            self.lse = [RowLogSumExp(self.groups), RowLogSumExp(self.groups)]  # model, base
+            self.kl_sums = GroupSums(self.groups, 1)
+            self.kl = torch.zeros(self.groups.count, dtype=ctx.out.dtype)
 
     def select_pass(self, pass_index: int) -> int | None:
         """The radix-selection pass that statistics pass `pass_index` is, or None (log-sum-exp or KL only)."""
@@ -103,7 +119,7 @@ class FusionStats:
 
 def _kl_terms(stats: FusionStats, offset: int, x: torch.Tensor, base: torch.Tensor) -> None:
     """Add sum_j p_j log(p_j / q_j) of this chunk's elements to their rows' sums (float64, per grid block)."""
-    log_z = [lse.value() for lse in stats.lse]
+    log_z = [lse.max for lse in stats.lse]  # (finished: the rows' log-sum-exp)
     for a, b in grid_blocks(offset, x.numel()):
         expanded = torch.empty(b - a, dtype=torch.float64)
         # copies (float64 chunks are the inputs themselves, which the later passes and the merge read again)
@@ -119,6 +135,8 @@ def _importance(stats: FusionStats, ctx: ChunkContext, out: torch.Tensor) -> tor
     value is taken after the product, which gives the same bits (the KL is not negative) and turns the NaN that
     an Inf input makes (-NaN on x86) into one the selection ranks, above +Inf."""
     torch.sub(ctx.inputs[0], ctx.base, out=out)
+    if stats.kl is None:  # (x * 0.0 has the bits of a product with a tensor of +0.0)
+        return out.mul_(0.0).abs_()
     return out.mul_(stats.groups.expand(stats.kl, ctx.offset, ctx.buffers[1][:out.numel()])).abs_()
 
 
@@ -126,15 +144,20 @@ def fusion_observe(stats: FusionStats, pass_index: int, ctx: ChunkContext) -> No
     if stats.groups is None:
         stats.setup(ctx)
     x, base = ctx.inputs[0], ctx.base
-    if pass_index == 0:
-        stats.lse[0].add(ctx.offset, x)
-        stats.lse[1].add(ctx.offset, base)
-    if stats.fused and pass_index == 0:  # this chunk's rows are whole: their KL now
-        _kl_terms(stats, ctx.offset, x, base)
-        rows = slice(ctx.offset // stats.groups.period, (ctx.offset + x.numel()) // stats.groups.period)
-        stats.kl[rows] = _clamped_kl(stats.kl_sums.sums[0][rows], stats.select.float_dtype)
-    elif pass_index == 1 and not stats.fused:
-        _kl_terms(stats, ctx.offset, x, base)
+    if stats.kl is not None:
+        if pass_index == 0:
+            stats.lse[0].add(ctx.offset, x)
+            stats.lse[1].add(ctx.offset, base)
+        if stats.fused and pass_index == 0:  # this chunk's rows are whole: their KL now
+            rows = slice(ctx.offset // stats.groups.period, (ctx.offset + x.numel()) // stats.groups.period)
+            for lse in stats.lse:
+                lse.finish(rows.start, rows.stop)
+            _kl_terms(stats, ctx.offset, x, base)
+            for a in range(rows.start, rows.stop, GROUP_SLICE):  # (into the accumulation dtype)
+                some = slice(a, min(rows.stop, a + GROUP_SLICE))
+                stats.kl[some] = _clamped_kl(stats.kl_sums.sums[0][some])
+        elif pass_index == 1 and not stats.fused:
+            _kl_terms(stats, ctx.offset, x, base)
     select_pass = stats.select_pass(pass_index)
     if select_pass is not None and not stats.select.done:
         n = ctx.out.numel()
@@ -143,14 +166,26 @@ def fusion_observe(stats: FusionStats, pass_index: int, ctx: ChunkContext) -> No
 
 
 def fusion_finish(stats: FusionStats, pass_index: int) -> None:
-    if pass_index == 1 and not stats.fused:
-        stats.kl = _clamped_kl(stats.kl_sums.sums[0], stats.select.float_dtype)
+    if stats.kl is not None and not stats.fused:
+        if pass_index == 0:
+            for lse in stats.lse:
+                lse.finish()
+        elif pass_index == 1:
+            kl = stats.kl_sums.sums[0]
+            stats.kl, = per_group(stats.groups.count, stats.select.float_dtype, lambda rows: (_clamped_kl(kl[rows]),))
     select_pass = stats.select_pass(pass_index)
     if select_pass is not None:
         stats.select.finish_pass(select_pass)
         if select_pass == stats.select.passes - 1:
             q1, median, q3 = (torch.tensor(stats.select.value(j), dtype=stats.select.float_dtype) for j in range(3))
             stats.threshold = float(median + IQR_FACTOR * (q3 - q1))
+
+
+def fusion_stats_bytes(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple) -> int:
+    """Per row: two log-sum-exps (a max and a sum each) and the KL sum in float64, the KL in `dtype`."""
+    if one_element_rows(shape):
+        return 0
+    return group_stats_bytes(Groups("rows", shape), 5 * 8 + dtype.itemsize)
 
 
 def fusion_passes(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple) -> int:
@@ -173,7 +208,7 @@ ARCEE_FUSION = Method(
          "divergence is an upper outlier (above median + 1.5 IQR)",
     merge=per_segment(arcee_fusion), segmented=True,
     needs_base=True, stat_passes=fusion_passes, init_stats=FusionStats, observe=fusion_observe,
-    finish_pass=fusion_finish, buffers=2, min_models=1, max_models=1,
+    finish_pass=fusion_finish, buffers=2, stats_bytes=fusion_stats_bytes, min_models=1, max_models=1,
 )
 
 METHODS = (ARCEE_FUSION,)

@@ -11,7 +11,7 @@ import math
 import torch
 
 from streammerge.methods.method import ChunkContext, Method, Param, per_segment
-from streammerge.methods.streaming import Groups, GroupSums
+from streammerge.methods.streaming import Groups, GroupSums, group_stats_bytes, per_group
 
 SLERP_LINEAR_DOT = 0.9995  # nearly parallel tensors: interpolate linearly (as mergekit does)
 SLERP_MIN_NORM = 1e-8
@@ -26,7 +26,9 @@ class Stats:
 
     def __init__(self):
         self.sums: GroupSums | None = None
+        self.groups: Groups | None = None
         self.coefficients = None
+        self.dtype: torch.dtype | None = None  # the accumulation dtype
 
 
 def _apply_coefficient(x: torch.Tensor, coefficient, groups: Groups, offset: int, buffer: torch.Tensor):
@@ -80,10 +82,14 @@ SLERP = Method(
 
 
 # -- nuslerp -------------------------------------------------------------------------------------------------
-def _nuslerp_groups(ctx: ChunkContext) -> Groups:
-    if ctx.params["nuslerp_flatten"]:
-        return Groups("tensor", ctx.shape)
-    return Groups("columns" if ctx.params["nuslerp_row_wise"] else "rows", ctx.shape)
+def _nuslerp_groups(params: dict, shape: tuple) -> Groups:
+    if params["nuslerp_flatten"]:
+        return Groups("tensor", shape)
+    return Groups("columns" if params["nuslerp_row_wise"] else "rows", shape)
+
+
+def nuslerp_stats_bytes(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple) -> int:
+    return group_stats_bytes(_nuslerp_groups(params, shape), 3 * 8 + 2 * dtype.itemsize)  # 3 sums, 2 coefficients
 
 
 def _task_vectors(ctx: ChunkContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +102,8 @@ def _task_vectors(ctx: ChunkContext) -> tuple[torch.Tensor, torch.Tensor]:
 
 def nuslerp_observe(stats: Stats, pass_index: int, ctx: ChunkContext) -> None:
     if stats.sums is None:
-        stats.sums = GroupSums(_nuslerp_groups(ctx), 3)
+        stats.sums = GroupSums(_nuslerp_groups(ctx.params, ctx.shape), 3)
+        stats.groups, stats.dtype = stats.sums.groups, ctx.out.dtype
     a, b = _task_vectors(ctx)
     _observe_pair(stats, a, b, ctx.offset, ctx.buffers[2])
 
@@ -114,7 +121,7 @@ def nuslerp_coefficients(t: float, aa: torch.Tensor, bb: torch.Tensor, ab: torch
 
 
 def nuslerp_finish(stats: Stats, pass_index: int) -> None:
-    stats.squares = stats.sums.sums
+    stats.squares, stats.sums = stats.sums.sums, None
 
 
 def nuslerp_t(model_params: list[dict]) -> float:
@@ -124,10 +131,16 @@ def nuslerp_t(model_params: list[dict]) -> float:
 
 
 def nuslerp(ctx: ChunkContext, stats: Stats) -> torch.Tensor:
-    groups = stats.sums.groups
-    coef_a, coef_b = nuslerp_coefficients(nuslerp_t(ctx.model_params), *stats.squares)
-    if groups.count == 1:
-        coef_a, coef_b = coef_a.item(), coef_b.item()
+    groups = stats.groups
+    if stats.coefficients is None:  # (made at the first chunk, which brings the weights)
+        t, squares = nuslerp_t(ctx.model_params), stats.squares
+        if groups.count == 1:
+            stats.coefficients = [c.item() for c in nuslerp_coefficients(t, *squares)]
+        else:
+            stats.coefficients = per_group(groups.count, stats.dtype,
+                                           lambda g: nuslerp_coefficients(t, *(s[g] for s in squares)))
+        stats.squares = None
+    coef_a, coef_b = stats.coefficients
     a, b = _task_vectors(ctx)
     n = ctx.out.numel()
     if ctx.base is None:  # the inputs may be read-only file pages: work on copies
@@ -150,7 +163,7 @@ NUSLERP = Method(
             Param("nuslerp_row_wise", False, "with nuslerp_flatten false: interpolate column vectors (along the "
                   "first dimension) instead of rows", kind=bool)),
     accepts_base=True, stat_passes=1, init_stats=lambda numel, n: Stats(), observe=nuslerp_observe,
-    finish_pass=nuslerp_finish, buffers=3, min_models=2, max_models=2,
+    finish_pass=nuslerp_finish, buffers=3, stats_bytes=nuslerp_stats_bytes, min_models=2, max_models=2,
 )
 
 
@@ -164,7 +177,7 @@ def stock_observe(stats: Stats, pass_index: int, ctx: ChunkContext) -> None:
     if stats.sums is None:
         groups = Groups("rows" if ctx.params["filter_wise"] else "tensor", ctx.shape)
         stats.sums = GroupSums(groups, n_models + len(_pairs(n_models)))
-        stats.n_models = n_models
+        stats.groups, stats.dtype, stats.n_models = groups, ctx.out.dtype, n_models
     n = ctx.out.numel()
     stats.sums.add_products(ctx.offset, n, lambda i, buffer: torch.sub(ctx.inputs[i], ctx.base, out=buffer[:n]),
                             [(i, i) for i in range(n_models)] + _pairs(n_models), *ctx.buffers[:3])
@@ -183,13 +196,23 @@ def stock_ratio(sums: torch.Tensor, n_models: int) -> torch.Tensor:
     return torch.where(singular, 0, n_models * cosine / torch.where(singular, 1, denominator))
 
 
+def stock_stats_bytes(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple) -> int:
+    n = len(model_params)
+    groups = Groups("rows" if params["filter_wise"] else "tensor", shape)
+    return group_stats_bytes(groups, (n + len(_pairs(n))) * 8 + dtype.itemsize)  # norms and dot products, the ratio
+
+
 def stock_finish(stats: Stats, pass_index: int) -> None:
-    stats.ratio = stock_ratio(stats.sums.sums, stats.n_models)
+    sums, stats.sums = stats.sums.sums, None
+    if stats.groups.count == 1:  # (a float64 number: the merge takes it as a Python float)
+        stats.ratio = stock_ratio(sums, stats.n_models)
+    else:
+        stats.ratio, = per_group(stats.groups.count, stats.dtype, lambda g: (stock_ratio(sums[:, g], stats.n_models),))
 
 
 def model_stock(ctx: ChunkContext, stats: Stats) -> torch.Tensor:
     n = ctx.out.numel()
-    groups = stats.sums.groups
+    groups = stats.groups
     out = ctx.out.copy_(ctx.inputs[0])
     for x in ctx.inputs[1:]:
         out.add_(x)
@@ -199,7 +222,7 @@ def model_stock(ctx: ChunkContext, stats: Stats) -> torch.Tensor:
         ratio = stats.ratio.item()
         out.mul_(ratio)
         return out.add_(torch.mul(ctx.base, 1 - ratio, out=rest))
-    groups.expand(stats.ratio.to(out.dtype), ctx.offset, t)
+    groups.expand(stats.ratio, ctx.offset, t)  # (already in the accumulation dtype)
     out.mul_(t)
     return out.add_(torch.mul(ctx.base, t.neg_().add_(1), out=rest))
 
@@ -210,7 +233,7 @@ MODEL_STOCK = Method(
     merge=per_segment(model_stock), segmented=True,
     params=(Param("filter_wise", False, "one ratio per row instead of per tensor", kind=bool),),
     needs_base=True, stat_passes=1, init_stats=lambda numel, n: Stats(), observe=stock_observe,
-    finish_pass=stock_finish, buffers=3, min_models=2,
+    finish_pass=stock_finish, buffers=3, stats_bytes=stock_stats_bytes, min_models=2,
 )
 
 METHODS = (SLERP, NUSLERP, MODEL_STOCK)

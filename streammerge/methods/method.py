@@ -155,6 +155,10 @@ class Method:
     # than the chunk reads its inputs, for a method whose `finish_pass` skips passes; else one per pass plus one
     streamed_reads: Callable[[dict, list[dict], torch.dtype, int, int], int] | None = None
     buffers: int = 0  # chunk-sized accumulation-dtype buffers the method needs beyond the accumulator
+    # (method params, per-model params, accumulation dtype, numel, shape) -> the most bytes a tensor's statistics
+    # hold beyond the buffers (per-row or per-column sums and what is made of them): the budget reserves the
+    # largest, so that chunks shrink to leave room for them
+    stats_bytes: Callable[[dict, list[dict], torch.dtype, int, tuple], int] | None = None
     min_models: int = 1
     max_models: int | None = None
     # (method params, per-model params) of one tensor -> why they cannot be used together, or None

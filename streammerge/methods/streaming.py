@@ -158,6 +158,34 @@ def padded_rows(values: torch.Tensor, width: int) -> torch.Tensor:
     return padded.view(1, m, width)
 
 
+GROUP_SLICE = 1 << 14  # groups whose per-group values are made at a time (`per_group`)
+GROUP_WORK_BYTES = 16 * 8  # what making them takes at most per group of a slice: a few float64 temporaries
+
+
+def group_stats_bytes(groups: Groups, per_group_bytes: int) -> int:
+    """What statistics of `per_group_bytes` per group hold, with the making of per-group values from them, a slice
+    of groups at a time (none for a whole-tensor group: a few numbers). For `Method.stats_bytes`."""
+    if groups.count == 1:
+        return 0
+    return groups.count * per_group_bytes + min(groups.count, GROUP_SLICE) * GROUP_WORK_BYTES
+
+
+def per_group(count: int, dtype: torch.dtype, make: Callable[[slice], tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+    """Per-group values (coefficients, ratios) of `count` groups in `dtype`: make(groups) gives them in float64 for
+    a slice of the groups, GROUP_SLICE at a time, so the temporaries of their arithmetic stay a few hundred KiB
+    however many groups there are (a [3072, 1024, 1] weight has 3 million rows); stored in `dtype` once, as the
+    merge multiplies by them (the same rounding as converting the whole at each chunk)."""
+    values: list[torch.Tensor] = []
+    for a in range(0, count, GROUP_SLICE):
+        groups = slice(a, min(count, a + GROUP_SLICE))
+        made = make(groups)
+        if not values:
+            values = [torch.empty(count, dtype=dtype) for _ in made]
+        for value, part in zip(values, made):
+            value[groups] = part
+    return values
+
+
 class GroupSums:
     """Float64 sums of several per-element quantities over the groups of a tensor. Each grid block is summed on
     its own (`pairwise_sums`) and the block sums are added in block order, so the sums depend on the data alone,
