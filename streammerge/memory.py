@@ -121,7 +121,7 @@ class Budget:
     def __init__(self, requested: int | None, per_element: int, default: int, baseline: int | None = None,
                  largest_tensor: int | None = None, output_tensors: int = 0, reserve: int = 0, statistics: int = 0):
         self._args = (requested, per_element, default, largest_tensor, output_tensors, reserve, statistics)
-        self.reserve, self.largest_tensor, self.statistics = reserve, largest_tensor, statistics
+        self.reserve, self.largest_tensor = reserve, largest_tensor
         self.baseline = anon_rss() if baseline is None else baseline
         # What the run will hold besides the buffers: the margin, the output's records beyond what it covers, the
         # largest statistics a tensor keeps (`Method.stats_bytes`) and what the caller keeps for others in the same
