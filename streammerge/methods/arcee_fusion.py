@@ -24,8 +24,8 @@ import math
 import torch
 
 from streammerge.methods.method import GRID, ChunkContext, Method, per_segment
-from streammerge.methods.streaming import (GROUP_SLICE, Groups, GroupSums, RankSelect, grid_blocks, group_stats_bytes,
-                                          per_group)
+from streammerge.methods.streaming import (Groups, GroupSums, RankSelect, grid_blocks, group_slices,
+                                          group_stats_bytes)
 
 SOFTMAX_EPS = 1e-8
 QUANTILES = (1, 4), (2, 4), (3, 4)  # 0.25, 0.5, 0.75 as fractions
@@ -66,9 +66,7 @@ class RowLogSumExp:
     def finish(self, start: int = 0, stop: int | None = None) -> None:
         """Rows [start, stop) are complete: their log-sum-exp, max + log(sum), is made in place of their max (`max`
         is then the value), a slice of rows at a time (no temporary as long as all the rows)."""
-        stop = self.groups.count if stop is None else stop
-        for a in range(start, stop, GROUP_SLICE):
-            rows = slice(a, min(stop, a + GROUP_SLICE))
+        for rows in group_slices(start, self.groups.count if stop is None else stop):
             self.max[rows] += torch.log(self.sum[rows])
 
 
@@ -77,10 +75,13 @@ def rows_stay_in_chunks(shape: tuple) -> bool:
     return len(shape) >= 2 and math.prod(shape) > 0 and GRID % shape[-1] == 0
 
 
-def _clamped_kl(kl: torch.Tensor) -> torch.Tensor:
-    # KL between equal-mass vectors is >= 0; a rounding-level negative value is taken as 0, which keeps the
-    # importances non-negative (as the radix selection needs)
-    return torch.where(kl > 0, kl, 0.0)
+def _clamp_kl(stats: "FusionStats", start: int, stop: int) -> None:
+    """stats.kl (accumulation dtype) of rows [start, stop) from their KL sums. KL between equal-mass vectors is >= 0;
+    a rounding-level negative value is taken as 0, which keeps the importances non-negative (as the radix selection
+    needs)."""
+    kl = stats.kl_sums.sums[0]
+    for rows in group_slices(start, stop):
+        stats.kl[rows] = torch.where(kl[rows] > 0, kl[rows], 0.0)
 
 
 def quantile_ranks(numel: int) -> list[int]:
@@ -89,7 +90,7 @@ def quantile_ranks(numel: int) -> list[int]:
 
 def one_element_rows(shape: tuple) -> bool:
     """Rows of one element (a convolution's [out, in, 1] kernel): the softmax of one value is 1, whatever the
-    value, so such a row's KL is 0 (for an infinite or NaN value the KL is NaN, which `_clamped_kl` takes as 0
+    value, so such a row's KL is 0 (for an infinite or NaN value the KL is NaN, which `_clamp_kl` takes as 0
     too). Their importances are then |x - b| * 0 with no per-row statistics: for a [3072, 1024, 1] weight those
     would hold 44 bytes per element (3 million rows), beyond the chunk buffers."""
     return len(shape) >= 2 and shape[-1] == 1
@@ -153,9 +154,7 @@ def fusion_observe(stats: FusionStats, pass_index: int, ctx: ChunkContext) -> No
             for lse in stats.lse:
                 lse.finish(rows.start, rows.stop)
             _kl_terms(stats, ctx.offset, x, base)
-            for a in range(rows.start, rows.stop, GROUP_SLICE):  # (into the accumulation dtype)
-                some = slice(a, min(rows.stop, a + GROUP_SLICE))
-                stats.kl[some] = _clamped_kl(stats.kl_sums.sums[0][some])
+            _clamp_kl(stats, rows.start, rows.stop)
         elif pass_index == 1 and not stats.fused:
             _kl_terms(stats, ctx.offset, x, base)
     select_pass = stats.select_pass(pass_index)
@@ -171,8 +170,7 @@ def fusion_finish(stats: FusionStats, pass_index: int) -> None:
             for lse in stats.lse:
                 lse.finish()
         elif pass_index == 1:
-            kl = stats.kl_sums.sums[0]
-            stats.kl, = per_group(stats.groups.count, stats.select.float_dtype, lambda rows: (_clamped_kl(kl[rows]),))
+            _clamp_kl(stats, 0, stats.groups.count)
     select_pass = stats.select_pass(pass_index)
     if select_pass is not None:
         stats.select.finish_pass(select_pass)

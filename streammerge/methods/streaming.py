@@ -170,14 +170,20 @@ def group_stats_bytes(groups: Groups, per_group_bytes: int) -> int:
     return groups.count * per_group_bytes + min(groups.count, GROUP_SLICE) * GROUP_WORK_BYTES
 
 
+def group_slices(start: int, stop: int):
+    """The groups [start, stop) as slices of at most GROUP_SLICE: per-group arithmetic made a slice at a time keeps
+    its temporaries a few hundred KiB however many groups there are."""
+    for a in range(start, stop, GROUP_SLICE):
+        yield slice(a, min(stop, a + GROUP_SLICE))
+
+
 def per_group(count: int, dtype: torch.dtype, make: Callable[[slice], tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
     """Per-group values (coefficients, ratios) of `count` groups in `dtype`: make(groups) gives them in float64 for
     a slice of the groups, GROUP_SLICE at a time, so the temporaries of their arithmetic stay a few hundred KiB
     however many groups there are (a [3072, 1024, 1] weight has 3 million rows); stored in `dtype` once, as the
     merge multiplies by them (the same rounding as converting the whole at each chunk)."""
     values: list[torch.Tensor] = []
-    for a in range(0, count, GROUP_SLICE):
-        groups = slice(a, min(count, a + GROUP_SLICE))
+    for groups in group_slices(0, count):
         made = make(groups)
         if not values:
             values = [torch.empty(count, dtype=dtype) for _ in made]
