@@ -558,20 +558,53 @@ def test_statistics_of_a_tensor_that_fits_take_one_read(tmp_path, big_set, monke
     assert torch.equal(fits["big"], streamed["big"])
 
 
-def test_sce_computes_the_variance_of_a_fitting_tensor_once(tmp_path, big_set, monkeypatch):
-    """Its two selection passes, the weights pass and the merge see the same chunk: one variance, same result."""
+def test_sce_computes_the_variance_once_where_it_fits_the_buffers(tmp_path, big_set, monkeypatch):
+    """A tensor that fits a chunk: its selection, weights and merge see the same chunk, one variance. A larger one
+    whose variance fits the method's buffers: gathered there by one pass, selected in memory, its kept entries
+    stored as bits, so one variance per chunk and three reads. Else every pass computes it again. Same bits."""
+    from streammerge.engine import Engine
     from streammerge.methods import sce
     base, models = big_set
-    calls = []
+    numel = base["big"].numel()
+    calls, reads = [], []
     original = sce.variance
     monkeypatch.setattr(sce, "variance", lambda ctx, out: calls.append(ctx.offset) or original(ctx, out))
+    context = Engine._context
+    monkeypatch.setattr(Engine, "_context", lambda self, task, ws, s, e: reads.append(s) or context(
+        self, task, ws, s, e))
     top = {"parameters": {"select_topk": 0.3}}
     fits = run_merge(tmp_path / "fits", "sce", models, base, chunk=64 * GRID, **top)
-    assert calls == [0]
-    calls.clear()
-    streamed = run_merge(tmp_path / "streamed", "sce", models, base, chunk=16 * GRID, **top)
-    assert len(calls) == 4 * math.ceil(base["big"].numel() / (16 * GRID))  # every pass reads every chunk
-    assert torch.equal(fits["big"], streamed["big"])
+    assert calls == [0] and reads == [0]
+    for name, chunk, variances, passes in (("gathered", 16 * GRID, 1, 3), ("histograms", 2 * GRID, 4, 4)):
+        calls.clear(), reads.clear()
+        streamed = run_merge(tmp_path / name, "sce", models, base, chunk=chunk, **top)
+        chunks = math.ceil(numel / chunk)
+        assert chunks > 1 and (numel <= sce.BUFFERS * chunk) == (name == "gathered")
+        assert len(calls) == variances * chunks and len(reads) == passes * chunks, name
+        assert torch.equal(fits["big"], streamed["big"]), name
+
+
+def test_sce_ties_at_the_threshold_are_kept_by_position_on_every_path(tmp_path):
+    """Deltas of a few quantized values: thousands of entries share the threshold's variance, and those kept are
+    the later ones, whether selected on the whole tensor, gathered in the buffers (the stored bits) or over
+    streamed passes, and as the reference keeps them."""
+    from test_mergekit_methods import ref_sce
+    from streammerge.methods import sce
+    g = torch.Generator().manual_seed(3)
+    shape = (640, 1001)
+    base = {"big": torch.randint(-64, 64, shape, generator=g) / 16}  # deltas of eighths: exact
+    models = [{"big": base["big"] + torch.randint(-2, 3, shape, generator=g) / 8} for _ in range(2)]
+    variance = torch.var(torch.stack([m["big"] - base["big"] for m in models]), dim=0, unbiased=False).flatten()
+    threshold = variance.sort().values[variance.numel() - int(int(variance.count_nonzero()) * 0.3)]
+    assert int((variance == threshold).sum()) > 10000  # the kept ones among them are chosen by position
+    top = {"parameters": {"select_topk": 0.3}}
+    runs = [run_merge(tmp_path / f"{chunk}", "sce", models, base, chunk=chunk, **top)["big"]
+            for chunk in (16 * GRID, GRID, 2 * GRID)]  # whole, streamed by histograms, gathered
+    assert GRID * sce.BUFFERS < variance.numel() <= 2 * GRID * sce.BUFFERS
+    for run in runs[1:]:
+        assert torch.equal(runs[0], run)
+    assert torch.allclose(runs[0].double(), ref_sce(base["big"], [m["big"] for m in models], 0.3),
+                          rtol=1e-6, atol=1e-6)
 
 
 def test_merge_threads_leave_a_core_for_the_writer_and_one_per_busy_core():

@@ -15,6 +15,10 @@ float64; the count of nonzero variances comes with the first), equal variances a
 position (mergekit's topk picks among them arbitrarily); then one pass sums each model's squares (float64, per
 grid block); then the merge pass. Without selection only the squares pass is needed. A tensor that fits in
 one chunk is selected on that chunk at once (`RankSelect`'s whole-tensor selection: the same order statistics).
+A larger tensor whose variance fits the method's buffers (`ChunkContext.arena`) has it gathered there by the
+first pass and selected in memory by the same histogram passes, then its kept entries stored as bits in the
+first buffer (the variance's, unused once they are stored): the variance is computed once instead of once per
+pass, and the squares and merge passes read the bits.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from streammerge.methods.masks import compare, keep_only
+from streammerge.methods.masks import INT_VIEW, compare, keep_only
 from streammerge.methods.method import GRID, ChunkContext, Method, Param, per_segment
 from streammerge.methods.streaming import Groups, GroupSums, RankSelect, bool_views
 from streammerge.methods.sparsifiers import Bounds, bounds_from
@@ -31,6 +35,8 @@ from streammerge.methods.task_vectors import INT8_MASK
 MIN_WEIGHT_SUM = 1e-6  # below this sum of mean squares the models get equal weights (mergekit)
 MIN_DIVISOR = 1e-6
 VARIANCE_BLOCK = GRID  # elements per block of the per-entry variance (float64 temporaries, n_models + 1 of them)
+BUFFERS = 5
+KEEP_SLICE = GRID  # elements whose kept bits are made or read back at a time (bool and int temporaries)
 
 
 def _select_all(params: dict) -> bool:
@@ -45,6 +51,18 @@ def sce_passes(params: dict, model_params: list[dict], dtype: torch.dtype, numel
     if _select_none(params):
         return 0  # nothing selected: the result is the base
     return 1 + (0 if _select_all(params) else RankSelect.passes_for(dtype))
+
+
+def _gathers(numel: int, arena_elements: int) -> bool:
+    """Whether a streamed tensor's variance fits the method's buffers (its kept bits then fit the first one)."""
+    return numel <= arena_elements
+
+
+def sce_streamed_reads(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, chunk: int) -> int:
+    passes = sce_passes(params, model_params, dtype, numel, ())
+    if passes > 1 and _gathers(numel, BUFFERS * chunk):
+        passes -= RankSelect.passes_for(dtype) - 1  # the selection's passes become one gathering pass
+    return passes + 1
 
 
 class Buffers:
@@ -94,6 +112,9 @@ class SceStats:
         self.squares: GroupSums | None = None
         self.weights: list[float] = []
         self.variance_of: tuple[int, int] | None = None  # (offset, length) of the chunk whose variance is held
+        self.gathered: torch.Tensor | None = None  # the whole tensor's variance, in the method's buffers
+        self.bits_area: np.ndarray | None = None  # where its kept entries are then stored: the first buffer's bytes
+        self.kept_bits: np.ndarray | None = None  # the kept entries, packed 8 to a byte, once stored there
 
     def chunk_variance(self, ctx: ChunkContext, b: Buffers) -> torch.Tensor:
         """The chunk's variance in b.variance, computed once per chunk: when the whole tensor is one chunk, every
@@ -109,10 +130,40 @@ class SceStats:
         self.squares = GroupSums(Groups("tensor", ctx.shape), self.n_models)
         if not _select_all(ctx.params):
             self.select = RankSelect([0], ctx.out.dtype)
+            arena = ctx.arena
+            if ctx.out.numel() < self.numel and arena is not None and _gathers(self.numel, arena.numel()):
+                self.gathered = arena[:self.numel]
+                self.bits_area = arena.view(torch.uint8)[:-(-self.numel // 8)].numpy()
         self.select_passes = self.select.passes if self.select is not None else 0
 
     def new_gates(self) -> None:
         self.gates = self.bounds.new_gates() if self.bounds is not None else []
+
+    def store_kept(self) -> None:
+        """The gathered variance's kept entries as bits (in tensor order, so the tie gates count as over chunks),
+        written over the variance as it is read: slice [a, b)'s bytes [a/8, b/8) lie before its values
+        [4a, 4b), so no value is overwritten before it is read."""
+        values, bits = self.gathered, self.bits_area
+        keep, equal, other = (torch.empty(min(self.numel, KEEP_SLICE), dtype=torch.bool) for _ in range(3))
+        counts = torch.empty(keep.numel(), dtype=INT_VIEW[values.dtype])
+        gates = self.bounds.new_gates()
+        for a in range(0, self.numel, KEEP_SLICE):
+            part = values[a:a + KEEP_SLICE]
+            n = part.numel()
+            self.bounds.admit(part, keep[:n], other[:n])
+            for gate in gates:
+                gate.apply(part, keep[:n], equal[:n], counts[:n])
+            bits[a // 8:-(-(a + n) // 8)] = np.packbits(keep[:n].numpy())
+        self.kept_bits, self.gathered = bits, None
+
+    def read_kept(self, offset: int, keep: torch.Tensor) -> torch.Tensor:
+        """keep = the stored kept bits of elements [offset, offset + len(keep)) (offset: on the grid)."""
+        kept = keep.numpy()
+        for a in range(0, kept.size, KEEP_SLICE):
+            n = min(KEEP_SLICE, kept.size - a)
+            start = (offset + a) // 8
+            kept[a:a + n] = np.unpackbits(self.kept_bits[start:start - (-n // 8)], count=n).view(bool)
+        return keep
 
 
 def _keep(stats: SceStats, ctx: ChunkContext, b: Buffers) -> torch.Tensor | None:
@@ -122,6 +173,8 @@ def _keep(stats: SceStats, ctx: ChunkContext, b: Buffers) -> torch.Tensor | None
     if stats.nothing:
         b.keep.zero_()
         return b.keep
+    if stats.kept_bits is not None:
+        return stats.read_kept(ctx.offset, b.keep)
     stats.chunk_variance(ctx, b)
     stats.bounds.admit(b.variance, b.keep, b.other)
     for gate in stats.gates:
@@ -142,6 +195,10 @@ def sce_observe(stats: SceStats, pass_index: int, ctx: ChunkContext) -> None:
     b = ctx.derived(Buffers)
     if pass_index < stats.select_passes:
         if stats.nothing or stats.select.done:
+            return
+        if stats.gathered is not None:  # (the first pass: the selection is made at its end)
+            part = variance(ctx, stats.gathered[ctx.offset:ctx.offset + ctx.out.numel()])
+            stats.zeros += part.numel() - int(part.count_nonzero())
             return
         stats.chunk_variance(ctx, b)
         if pass_index == 0:
@@ -165,22 +222,27 @@ def sce_observe(stats: SceStats, pass_index: int, ctx: ChunkContext) -> None:
         stats.squares.add(i, ctx.offset, torch.mul(delta, delta, out=b.total))
 
 
-def sce_finish(stats: SceStats, pass_index: int) -> None:
+def sce_finish(stats: SceStats, pass_index: int) -> int | None:
     if pass_index < stats.select_passes:
         if stats.nothing:
-            return
+            return None
         if pass_index == 0:
             nonzero = stats.numel - stats.zeros
             # int(nonzero * density) as mergekit evaluates it (an int64 tensor times a float gives float32)
             k = int(torch.tensor(nonzero) * stats.params["select_topk"])
             if k == 0:
                 stats.nothing = True
-                return
+                return None
             stats.select.set_rank(0, stats.numel - k)
+            if stats.gathered is not None:
+                stats.select.select_held(stats.gathered)
+                stats.bounds = bounds_from(stats.select, False)
+                stats.store_kept()
+                return stats.select_passes  # on to the squares pass
         stats.select.finish_pass(pass_index)
         if pass_index == stats.select_passes - 1:
             stats.bounds = bounds_from(stats.select, False)
-        return
+        return None
     means = stats.squares.sums[:, 0] / max(stats.numel, 1)
     total = float(means.sum())
     if abs(total) < MIN_WEIGHT_SUM:
@@ -232,7 +294,7 @@ SCE = Method(
                   check=lambda v: None if 0.0 <= v <= 1.0 else "must be between 0 and 1"),
             INT8_MASK),
     needs_base=True, stat_passes=sce_passes, init_stats=SceStats, observe=sce_observe, finish_pass=sce_finish,
-    buffers=5, min_models=1, typical={"parameters": {"select_topk": 0.5}},
+    streamed_reads=sce_streamed_reads, buffers=BUFFERS, min_models=1, typical={"parameters": {"select_topk": 0.5}},
 )
 
 METHODS = (SCE,)

@@ -442,6 +442,16 @@ class RankSelect:
             digits.sub_((self.prefix[j] << DIGIT_BITS) - 1).clamp_(0, BINS + 1)
             hist += _bincount(digits, BINS + 2)[1:BINS + 1]
 
+    def select_held(self, values: torch.Tensor) -> None:
+        """Every rank selected by the histogram passes over `values`, the whole tensor's magnitudes held in memory
+        (gathered from its chunks), a slice at a time; `values` stay untouched (a partition would reorder them)."""
+        digits = torch.empty(min(values.numel(), COUNT_SLICE), dtype=values.dtype)
+        for pass_index in range(self.passes):
+            for a in range(0, values.numel(), COUNT_SLICE):
+                part = values[a:a + COUNT_SLICE]
+                self._observe(pass_index, part, digits[:part.numel()])
+            self.finish_pass(pass_index)
+
     def set_rank(self, j: int, rank: int) -> None:
         """Choose rank j after the first pass has been observed, before `finish_pass(0)` (that pass's histogram
         does not depend on the ranks): for ranks that depend on a count made during the same pass."""
