@@ -526,7 +526,8 @@ def test_results_do_not_depend_on_chunk_size_or_threads(tmp_path, big_set, metho
 def test_statistics_of_a_tensor_that_fits_take_one_read(tmp_path, big_set, monkeypatch):
     """The in-memory path is the one taken when the tensor fits (and only then): its inputs are read once, and
     its thresholds are selected on the whole tensor at once rather than by histogram passes. Streamed, the
-    magnitudes are gathered in the method's buffers where they fit (one statistics read), else selected by the
+    magnitudes are gathered in the method's buffers where they fit (one statistics read per group of models whose
+    magnitudes fit together, as long as that takes no more reads than the radix passes), else selected by the
     histogram passes (one read each). Every path gives the same bits."""
     from streammerge.engine import Engine
     from streammerge.methods import sparsifiers, streaming
@@ -541,16 +542,18 @@ def test_statistics_of_a_tensor_that_fits_take_one_read(tmp_path, big_set, monke
     fits = run_merge(tmp_path / "fits", "ties", models[:2], base, mp, chunk=64 * GRID)
     assert reads == [(0, base["big"].numel())] and not histograms
     numel = base["big"].numel()
-    for name, chunk, gathered in (("whole chunk", 64 * GRID, True), ("two chunks", 16 * GRID, True),
-                                  ("too many chunks for the buffers", 2 * GRID, False)):
+    # gathered: one statistics pass per group of models whose |delta| fit ties' 7 buffers together, then the merge
+    # pass; else two radix-selection passes and the merge pass
+    for name, chunk, passes, gathered in (("whole chunk", 64 * GRID, 2, True), ("two chunks", 16 * GRID, 2, True),
+                                          ("one model's at a time", 4 * GRID, 3, True),
+                                          ("too many chunks for the buffers", 2 * GRID, 3, False)):
         reads.clear(), histograms.clear()
         streamed = run_merge(tmp_path / name, "ties", models[:2], base, mp, chunk=chunk,
                              engine_options={"stats_in_memory": False})
         chunks = -(-numel // chunk)
-        # gathered: one statistics pass and the merge pass; else two radix-selection passes and the merge pass
-        assert len(reads) == (2 if gathered else 3) * chunks and bool(histograms) != gathered, name
+        assert len(reads) == passes * chunks and bool(histograms) != gathered, name
         assert torch.equal(fits["big"], streamed["big"]), name
-    monkeypatch.setattr(sparsifiers, "gather_areas", lambda ctx, models: None)
+    monkeypatch.setattr(sparsifiers, "gather_groups", lambda ctx, models, dtype: None)
     reads.clear(), histograms.clear()
     streamed = run_merge(tmp_path / "histograms", "ties", models[:2], base, mp, chunk=64 * GRID,
                          engine_options={"stats_in_memory": False})

@@ -163,33 +163,48 @@ class MagnitudeStats:
         self.norms = GroupSums(Groups("tensor", ctx.shape), 2 * len(self.ranks))  # (all, kept) per model
         self.factors = [1.0] * len(self.ranks)
         self.merge_gates = None
-        self.areas = gather_areas(ctx, [i for i, s in enumerate(self.selects) if s is not None])
+        self.gathering = gather_groups(ctx, [i for i, s in enumerate(self.selects) if s is not None], dtype)
         self.ready = True
 
 
-def gather_areas(ctx: ChunkContext, models: list[int]) -> dict[int, torch.Tensor] | None:
-    """For a tensor streamed in chunks: a tensor-sized area of the method's buffers (`ChunkContext.arena`) per
-    model to select on, when they all fit. The first pass then gathers every |delta| there and each model's
-    thresholds are selected by partition, as for a tensor held whole: one read instead of one per radix pass. The
-    buffers are free until the selection is made (the rescale and merge passes come after it)."""
-    numel = ctx.numel
-    if ctx.out.numel() == numel or ctx.arena is None or not gathered(len(models), numel, ctx.arena.numel()):
+class Gathering:
+    """For a tensor streamed in chunks: its selecting models in groups whose |delta| fit the method's buffers
+    (`ChunkContext.arena`) together, one tensor-sized area each. Statistics pass p gathers group p's |delta| there
+    and selects their thresholds at its end by partition, as for a tensor held whole: one read per group instead
+    of one per radix pass. The buffers are free until the selection is made (the rescale and merge passes come
+    after it)."""
+
+    def __init__(self, groups: list[list[int]], arena: torch.Tensor, numel: int):
+        self.groups = groups
+        self.areas = {i: arena[k * numel:(k + 1) * numel] for group in groups for k, i in enumerate(group)}
+
+
+def model_groups(selecting: list[int], numel: int, arena_elements: int, dtype: torch.dtype) -> list[list[int]] | None:
+    """The selecting models in groups whose magnitudes fit `arena_elements` together, when gathering them takes
+    no more passes than the radix selection (one per group against `RankSelect.passes_for(dtype)`); else None."""
+    per_group = arena_elements // max(numel, 1)
+    if not selecting or per_group == 0:
         return None
-    return {i: ctx.arena[k * numel:(k + 1) * numel] for k, i in enumerate(models)}
+    groups = [selecting[a:a + per_group] for a in range(0, len(selecting), per_group)]
+    return groups if len(groups) <= RankSelect.passes_for(dtype) else None
 
 
-def gathered(selecting: int, numel: int, arena_elements: int) -> bool:
-    """Whether the magnitudes of `selecting` models' deltas fit the method's buffers together."""
-    return 0 < selecting and selecting * numel <= arena_elements
+def gather_groups(ctx: ChunkContext, models: list[int], dtype: torch.dtype) -> Gathering | None:
+    numel = ctx.numel
+    if ctx.out.numel() == numel or ctx.arena is None:
+        return None
+    groups = model_groups(models, numel, ctx.arena.numel(), dtype)
+    return Gathering(groups, ctx.arena, numel) if groups is not None else None
 
 
 def magnitude_streamed_reads(sparsifier: Sparsifier, buffers: int):
     """`Method.streamed_reads` of a magnitude sparsifier with `buffers` chunk-sized buffers."""
     def reads(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, chunk: int) -> int:
         passes = magnitude_passes(sparsifier, params, model_params, dtype, numel)
-        selecting = sum(isinstance(magnitude_ranks(sparsifier, m, numel), tuple) for m in model_params)
-        if gathered(selecting, numel, buffers * chunk):
-            passes -= RankSelect.passes_for(dtype) - 1  # the radix passes become one gathering pass
+        selecting = [i for i, m in enumerate(model_params) if isinstance(magnitude_ranks(sparsifier, m, numel), tuple)]
+        groups = model_groups(selecting, numel, buffers * chunk, dtype)
+        if groups is not None:
+            passes -= RankSelect.passes_for(dtype) - len(groups)  # the radix passes become one per group
         return passes + 1
 
     return reads
@@ -287,13 +302,13 @@ def magnitude_observe(sparsifier: Sparsifier):
         b = ctx.derived(Buffers)
         if pass_index < stats.select_passes:
             whole = pass_index == 0 and ctx.out.numel() == ctx.numel  # then selected at once: one pass
-            gather = pass_index == 0 and stats.areas is not None  # gathered, then selected at the pass's end
+            if stats.gathering is not None:  # this pass's group gathered, then selected at the pass's end
+                for i in stats.gathering.groups[pass_index]:
+                    area = stats.gathering.areas[i][ctx.offset:ctx.offset + ctx.out.numel()]
+                    torch.sub(ctx.inputs[i], ctx.base, out=area).abs_()
+                return
             for i, select in enumerate(stats.selects):
                 if select is None or select.done:
-                    continue
-                if gather:
-                    area = stats.areas[i][ctx.offset:ctx.offset + ctx.out.numel()]
-                    torch.sub(ctx.inputs[i], ctx.base, out=area).abs_()
                     continue
                 torch.sub(ctx.inputs[i], ctx.base, out=b.magnitude).abs_()
                 if whole:
@@ -318,11 +333,15 @@ def magnitude_observe(sparsifier: Sparsifier):
 
 def magnitude_finish(stats: MagnitudeStats, pass_index: int) -> int | None:
     if pass_index < stats.select_passes:
+        gathering = stats.gathering
         for i, select in enumerate(stats.selects):
-            if select is not None:
-                if pass_index == 0 and stats.areas is not None:
-                    select.select_whole(stats.areas[i], stats.areas[i])  # (its own scratch)
-                select.finish_pass(pass_index)
+            if select is None:
+                continue
+            if gathering is not None:
+                if i in gathering.groups[pass_index]:  # (magnitudes: no sign bit, so selected at once, `done`)
+                    select.select_whole(gathering.areas[i], gathering.areas[i])  # (its own scratch)
+                continue
+            select.finish_pass(pass_index)
         if pass_index < stats.select_passes - 1 and not all(s is None or s.done for s in stats.selects):
             return None
         for i, select in enumerate(stats.selects):
