@@ -624,7 +624,7 @@ def input_reads(config: MergeConfig, task: TensorTask, chunk: int) -> int:
         return 1
     method = config.method
     if method.streamed_reads is not None:
-        return method.streamed_reads(task.params, task.model_params, config.dtype, task.numel, chunk)
+        return method.streamed_reads(task.params, task.model_params, config.dtype, task.numel, task.shape, chunk)
     return statistics_passes(config, task) + 1
 
 

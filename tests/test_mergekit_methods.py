@@ -481,13 +481,14 @@ def test_mergekit_config_warns_about_parameters_a_method_does_not_take(tmp_path)
 
 def test_arcee_fusion_rows_that_divide_the_grid_take_three_reads(tmp_path, monkeypatch):
     """Rows of 1024 never straddle a chunk, so the first pass gives their log-sum-exp, KL and first histogram:
-    3 reads of each chunk instead of 5, and the same bits as the 5-read path, the in-memory path and the
-    reference."""
+    3 reads of each chunk instead of 5; and when the tensor's importances fit the method's buffers, the first
+    selection pass gathers them and selects at once: 2 reads instead of 4. The same bits on every path, in memory
+    and as the reference."""
     from streammerge.engine import Engine
     from streammerge.methods import arcee_fusion
     from test_methods import GRID
     g = torch.Generator().manual_seed(4)
-    base = {"w": torch.randn(1024, 1024, generator=g)}  # 16 grid blocks: 4 chunks of 4
+    base = {"w": torch.randn(1024, 1024, generator=g)}  # 16 grid blocks
     models = [{"w": base["w"] + 0.003 * torch.randn(1024, 1024, generator=g)}]
     models[0]["w"][:100] += 0.05 * torch.randn(100, 1024, generator=g)  # rows of large KL
     in_memory = run_merge(tmp_path / "memory", "arcee_fusion", models, base)
@@ -495,13 +496,17 @@ def test_arcee_fusion_rows_that_divide_the_grid_take_three_reads(tmp_path, monke
     original = Engine._context
     monkeypatch.setattr(Engine, "_context", lambda self, task, ws, s, e: reads.append(s) or original(
         self, task, ws, s, e))
-    streamed = {"chunk": 4 * GRID, "engine_options": {"stats_in_memory": False}}
-    fused = run_merge(tmp_path / "fused", "arcee_fusion", models, base, **streamed)
-    fused_reads = len(reads)
-    reads.clear()
-    monkeypatch.setattr(arcee_fusion, "rows_stay_in_chunks", lambda shape: False)
-    five = run_merge(tmp_path / "five", "arcee_fusion", models, base, **streamed)
-    assert (fused_reads, len(reads)) == (3 * 4, 5 * 4)
-    assert torch.equal(fused["w"], five["w"]) and torch.equal(fused["w"], in_memory["w"])
-    assert torch.equal(fused["w"], ref_arcee_fusion(base["w"], models[0]["w"]))
-    assert 0 < (fused["w"] != base["w"]).float().mean() < 0.5
+    runs = {}
+    # 4 chunks: the importances fit 4 of the 5 buffers; 8 chunks: they do not
+    for chunks, fused, expected_reads in ((4, True, 2), (4, False, 4), (8, True, 3), (8, False, 5)):
+        reads.clear()
+        monkeypatch.setattr(arcee_fusion, "rows_stay_in_chunks", lambda shape, fused=fused: fused)
+        runs[chunks, fused] = run_merge(tmp_path / f"{chunks}-{fused}", "arcee_fusion", models, base,
+                                        chunk=16 * GRID // chunks, engine_options={"stats_in_memory": False})["w"]
+        assert len(reads) == expected_reads * chunks, (chunks, fused)
+    fused = runs[4, True]
+    for other in runs.values():
+        assert torch.equal(fused, other)
+    assert torch.equal(fused, in_memory["w"])
+    assert torch.equal(fused, ref_arcee_fusion(base["w"], models[0]["w"]))
+    assert 0 < (fused != base["w"]).float().mean() < 0.5

@@ -12,9 +12,12 @@ float64), pass 2 each row's KL (float64 sums per grid block), passes 3-4 (float3
 quantiles by exact radix selection over the importances, then the merge pass. When the row length divides the
 grid (Llama-shaped matrices: rows of 1024, 2048, 4096...), no row straddles a chunk, so a chunk's rows get their
 log-sum-exp, KL and importances from that chunk alone: the first pass does all three and the first histogram
-(3 reads in all instead of 5 for float32, the same sums in the same order, so the same bits). mergekit sorts a random sample of
-10^6 importances (with replacement) instead of all of them for tensors larger than that, so its thresholds
-vary from run to run there; streammerge uses the exact quantiles (see the README for the difference).
+(3 reads in all instead of 5 for float32, the same sums in the same order, so the same bits). When the importances
+of the whole tensor fit the method's buffers but one (`ChunkContext.arena`), the first selection pass gathers them
+there and selects the quantiles at its end, as for a tensor held whole: the other selection passes are skipped.
+mergekit sorts a random sample of 10^6 importances (with replacement) instead of all of them for tensors larger
+than that, so its thresholds vary from run to run there; streammerge uses the exact quantiles (see the README for
+the difference).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from streammerge.methods.streaming import (Groups, GroupSums, RankSelect, grid_b
 SOFTMAX_EPS = 1e-8
 QUANTILES = (1, 4), (2, 4), (3, 4)  # 0.25, 0.5, 0.75 as fractions
 IQR_FACTOR = 1.5
+BUFFERS = 5  # the importance and a scratch for a chunk; or the whole tensor's importances and the scratch
 
 
 class RowLogSumExp:
@@ -107,6 +111,11 @@ class FusionStats:
         self.threshold = None
         self.fused = rows_stay_in_chunks(ctx.shape)  # the first pass also gives the rows' KL and importances
         self.kl: torch.Tensor | None = None  # None: every row's KL is 0 (`one_element_rows`)
+        # where the first selection pass gathers every importance of a streamed tensor, when they fit
+        self.gathered = None
+        scratch = ctx.buffers[-1].numel()
+        if ctx.out.numel() < self.numel and ctx.arena is not None and self.numel <= ctx.arena.numel() - scratch:
+            self.gathered = ctx.arena[:self.numel]
         if not one_element_rows(ctx.shape):
             self.lse = [RowLogSumExp(self.groups), RowLogSumExp(self.groups)]  # model, base
             self.kl_sums = GroupSums(self.groups, 1)
@@ -131,14 +140,14 @@ def _kl_terms(stats: FusionStats, offset: int, x: torch.Tensor, base: torch.Tens
         stats.kl_sums.add(0, offset + a, p.mul_(torch.log(p / q)))
 
 
-def _importance(stats: FusionStats, ctx: ChunkContext, out: torch.Tensor) -> torch.Tensor:
+def _importance(stats: FusionStats, ctx: ChunkContext, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """|x - b| * KL of the element's row, in the accumulation dtype (as mergekit multiplies them). The absolute
     value is taken after the product, which gives the same bits (the KL is not negative) and turns the NaN that
-    an Inf input makes (-NaN on x86) into one the selection ranks, above +Inf."""
+    an Inf input makes (-NaN on x86) into one the selection ranks, above +Inf. scratch: as long as `out`."""
     torch.sub(ctx.inputs[0], ctx.base, out=out)
     if stats.kl is None:  # (x * 0.0 has the bits of a product with a tensor of +0.0)
         return out.mul_(0.0).abs_()
-    return out.mul_(stats.groups.expand(stats.kl, ctx.offset, ctx.buffers[1][:out.numel()])).abs_()
+    return out.mul_(stats.groups.expand(stats.kl, ctx.offset, scratch)).abs_()
 
 
 def fusion_observe(stats: FusionStats, pass_index: int, ctx: ChunkContext) -> None:
@@ -160,11 +169,14 @@ def fusion_observe(stats: FusionStats, pass_index: int, ctx: ChunkContext) -> No
     select_pass = stats.select_pass(pass_index)
     if select_pass is not None and not stats.select.done:
         n = ctx.out.numel()
-        importance = _importance(stats, ctx, ctx.buffers[0][:n])
+        if stats.gathered is not None:  # (selected at the pass's end)
+            _importance(stats, ctx, stats.gathered[ctx.offset:ctx.offset + n], ctx.buffers[-1][:n])
+            return
+        importance = _importance(stats, ctx, ctx.buffers[0][:n], ctx.buffers[1][:n])
         stats.select.observe(select_pass, importance, ctx.buffers[1][:n], whole=n == ctx.numel)
 
 
-def fusion_finish(stats: FusionStats, pass_index: int) -> None:
+def fusion_finish(stats: FusionStats, pass_index: int) -> int | None:
     if stats.kl is not None and not stats.fused:
         if pass_index == 0:
             for lse in stats.lse:
@@ -172,11 +184,17 @@ def fusion_finish(stats: FusionStats, pass_index: int) -> None:
         elif pass_index == 1:
             _clamp_kl(stats, 0, stats.groups.count)
     select_pass = stats.select_pass(pass_index)
-    if select_pass is not None:
-        stats.select.finish_pass(select_pass)
-        if select_pass == stats.select.passes - 1:
-            q1, median, q3 = (torch.tensor(stats.select.value(j), dtype=stats.select.float_dtype) for j in range(3))
-            stats.threshold = float(median + IQR_FACTOR * (q3 - q1))
+    if select_pass is None:
+        return None
+    if stats.gathered is not None:
+        stats.select.select_whole(stats.gathered, stats.gathered)  # (its own scratch: made again to merge)
+        stats.gathered = None
+    stats.select.finish_pass(select_pass)
+    if not stats.select.done and select_pass < stats.select.passes - 1:
+        return None
+    q1, median, q3 = (torch.tensor(stats.select.value(j), dtype=stats.select.float_dtype) for j in range(3))
+    stats.threshold = float(median + IQR_FACTOR * (q3 - q1))
+    return pass_index + stats.select.passes - select_pass  # on to the merge (selected at once: the rest skipped)
 
 
 def fusion_stats_bytes(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple) -> int:
@@ -190,9 +208,19 @@ def fusion_passes(params: dict, model_params: list[dict], dtype: torch.dtype, nu
     return (0 if rows_stay_in_chunks(shape) else 2) + RankSelect.passes_for(dtype)
 
 
+def fusion_streamed_reads(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple,
+                          chunk: int) -> int:
+    """The passes and the merge; importances gathered in the buffers (`FusionStats.gathered`) take one selection
+    pass."""
+    passes = fusion_passes(params, model_params, dtype, numel, shape)
+    if numel <= (BUFFERS - 1) * chunk:
+        passes -= RankSelect.passes_for(dtype) - 1
+    return passes + 1
+
+
 def arcee_fusion(ctx: ChunkContext, stats: FusionStats) -> torch.Tensor:
     n = ctx.out.numel()
-    importance = _importance(stats, ctx, ctx.buffers[0][:n])
+    importance = _importance(stats, ctx, ctx.buffers[0][:n], ctx.buffers[1][:n])
     # kept: 1 where the importance reaches the threshold, else 0, compared straight into a float buffer (a bool
     # mask is slower to make, and a product with it would convert it into a chunk-sized temporary)
     keep_as_number = torch.ge(importance, stats.threshold, out=importance)
@@ -206,7 +234,8 @@ ARCEE_FUSION = Method(
          "divergence is an upper outlier (above median + 1.5 IQR)",
     merge=per_segment(arcee_fusion), segmented=True,
     needs_base=True, stat_passes=fusion_passes, init_stats=FusionStats, observe=fusion_observe,
-    finish_pass=fusion_finish, buffers=2, stats_bytes=fusion_stats_bytes, min_models=1, max_models=1,
+    finish_pass=fusion_finish, streamed_reads=fusion_streamed_reads, buffers=BUFFERS, stats_bytes=fusion_stats_bytes,
+    min_models=1, max_models=1,
 )
 
 METHODS = (ARCEE_FUSION,)

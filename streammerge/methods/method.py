@@ -151,9 +151,9 @@ class Method:
     # (state, pass index) -> None, or the index of the next pass to run when the passes in between have nothing
     # left to do (a selection completed early): the engine then skips their reads
     finish_pass: Callable[[Any, int], int | None] | None = None
-    # (method params, per-model params, accumulation dtype, numel, chunk) -> how many times merging a tensor larger
-    # than the chunk reads its inputs, for a method whose `finish_pass` skips passes; else one per pass plus one
-    streamed_reads: Callable[[dict, list[dict], torch.dtype, int, int], int] | None = None
+    # (method params, per-model params, accumulation dtype, numel, shape, chunk) -> how many times merging a tensor
+    # larger than the chunk reads its inputs, for a method whose `finish_pass` skips passes; else one per pass plus one
+    streamed_reads: Callable[[dict, list[dict], torch.dtype, int, tuple, int], int] | None = None
     buffers: int = 0  # chunk-sized accumulation-dtype buffers the method needs beyond the accumulator
     # (method params, per-model params, accumulation dtype, numel, shape) -> the most bytes a tensor's statistics
     # hold beyond the buffers (per-row or per-column sums and what is made of them): the budget reserves the

@@ -58,8 +58,9 @@ def _gathers(numel: int, arena_elements: int) -> bool:
     return numel <= arena_elements
 
 
-def sce_streamed_reads(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, chunk: int) -> int:
-    passes = sce_passes(params, model_params, dtype, numel, ())
+def sce_streamed_reads(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple,
+                       chunk: int) -> int:
+    passes = sce_passes(params, model_params, dtype, numel, shape)
     if passes > 1 and _gathers(numel, BUFFERS * chunk):
         passes -= RankSelect.passes_for(dtype) - 1  # the selection's passes become one gathering pass
     return passes + 1

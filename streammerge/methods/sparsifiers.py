@@ -199,7 +199,7 @@ def gather_groups(ctx: ChunkContext, models: list[int], dtype: torch.dtype) -> G
 
 def magnitude_streamed_reads(sparsifier: Sparsifier, buffers: int):
     """`Method.streamed_reads` of a magnitude sparsifier with `buffers` chunk-sized buffers."""
-    def reads(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, chunk: int) -> int:
+    def reads(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple, chunk: int) -> int:
         passes = magnitude_passes(sparsifier, params, model_params, dtype, numel)
         selecting = [i for i, m in enumerate(model_params) if isinstance(magnitude_ranks(sparsifier, m, numel), tuple)]
         groups = model_groups(selecting, numel, buffers * chunk, dtype)
