@@ -142,8 +142,8 @@ class SceStats:
 
     def store_kept(self) -> None:
         """The gathered variance's kept entries as bits (in tensor order, so the tie gates count as over chunks),
-        written over the variance as it is read: slice [a, b)'s bytes [a/8, b/8) lie before its values
-        [4a, 4b), so no value is overwritten before it is read."""
+        written over the variance as it is read: slice [a, b)'s bits, bytes [a/8, b/8), lie before its values,
+        bytes [a * s, b * s) for s bytes a value, so no value is overwritten before it is read."""
         values, bits = self.gathered, self.bits_area
         keep, equal, other = (torch.empty(min(self.numel, KEEP_SLICE), dtype=torch.bool) for _ in range(3))
         counts = torch.empty(keep.numel(), dtype=INT_VIEW[values.dtype])
