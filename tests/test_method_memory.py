@@ -34,18 +34,31 @@ def models(tmp_path_factory):
     return paths
 
 
+def workspace_buffers(workspace, threshold: int) -> int:
+    """How many of a workspace's buffers hold at least `threshold` bytes."""
+    buffers = workspace.accs + workspace.scratch + [workspace.arena] + sum(workspace.outs.values(), [])
+    buffers += [workspace.staging] if workspace.staging is not None else []
+    return sum(b.numel() * b.element_size() >= threshold for b in buffers)
+
+
 @pytest.mark.parametrize("method", sorted(m.name for m in methods()))
-def test_a_merge_makes_no_chunk_sized_temporaries(tmp_path, models, method):
+def test_a_merge_makes_no_chunk_sized_temporaries(tmp_path, models, method, monkeypatch):
+    from streammerge import engine
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(streammerge_config(method, models, tmp_path / "o.safetensors", None, "1GiB")))
     prepared = prepare(load_config(config), None, 1 << 30)
+    workspaces = []
+    workspace = engine.Workspace
+    monkeypatch.setattr(engine, "Workspace", lambda *a, **k: workspaces.append(workspace(*a, **k)) or workspaces[-1])
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             Engine(prepared, quiet=True).run()
     finally:
         prepared.close()
-    large = sorted({e.name for e in prof.events() if e.cpu_memory_usage >= 2 * ELEMENTS})  # half the chunk
-    assert large == ["aten::empty"], f"{method}: chunk-sized allocations by {large} beyond the workspace's"
+    threshold = 2 * ELEMENTS  # half the tensor, in float32 (the chunk holds it whole)
+    large = [e.name for e in prof.events() if e.cpu_memory_usage >= threshold]
+    assert set(large) == {"aten::empty"}, f"{method}: chunk-sized allocations by {sorted(set(large))}"
+    assert len(large) == sum(workspace_buffers(w, threshold) for w in workspaces), f"{method}: {len(large)}"
 
 
 ROWS = 1 << 22  # rows of two elements: 32 MiB a model in float32, and 4 million rows of statistics
@@ -84,3 +97,47 @@ def test_per_row_statistics_are_counted_in_the_budget(tmp_path, many_rows, cli, 
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["peak_anon_bytes"] <= budget * 2**20
     assert report["chunk_elements"] < 2 * ROWS  # (the tensor did not fit one chunk beside its statistics)
+
+
+# Methods whose streamed statistics are gathered in their buffers (a tensor of 4 chunks at most), with a chunk that
+# makes each take its gathered path: breadcrumbs' 4 buffers hold one model's |delta| at a time at 3/8 of the tensor
+GATHERED = {"ties": ELEMENTS // 2, "breadcrumbs": 3 * ELEMENTS // 8, "sce": ELEMENTS // 2,
+            "arcee_fusion": ELEMENTS // 2}
+
+
+@pytest.mark.parametrize("method", sorted(GATHERED))
+def test_statistics_gathered_in_the_buffers_make_no_chunk_sized_temporaries(tmp_path, models, method, monkeypatch):
+    """The whole tensor's magnitudes, variance or importances gathered in the method's buffers are selected there
+    and any per-element result stored there too: no allocation as large as half a chunk but the workspace's."""
+    from streammerge import engine
+    from streammerge.methods import arcee_fusion, sce, sparsifiers
+    chunk = GATHERED[method]
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(streammerge_config(method, models, tmp_path / "o.safetensors", None, "1GiB")))
+    prepared = prepare(load_config(config), None, 1 << 30)
+    prepared.budget.chunk_elements = chunk
+    gathered, workspaces = [], []
+    # what runs only on the gathered path (gather_groups: when it returns groups)
+    owner, name = {"ties": (sparsifiers, "gather_groups"), "breadcrumbs": (sparsifiers, "gather_groups"),
+                   "sce": (sce.SceStats, "store_kept"),
+                   "arcee_fusion": (arcee_fusion.RankSelect, "select_whole")}[method]
+    original = getattr(owner, name)
+
+    def counted(*args):
+        result = original(*args)
+        gathered.append(result is not None if owner is sparsifiers else True)
+        return result
+
+    monkeypatch.setattr(owner, name, counted)
+    workspace = engine.Workspace
+    monkeypatch.setattr(engine, "Workspace", lambda *a, **k: workspaces.append(workspace(*a, **k)) or workspaces[-1])
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            Engine(prepared, quiet=True, stats_in_memory=False).run()
+    finally:
+        prepared.close()
+    assert any(gathered)
+    threshold = 2 * chunk  # half the chunk, in float32
+    large = [e.name for e in prof.events() if e.cpu_memory_usage >= threshold]
+    assert set(large) == {"aten::empty"}, f"{method}: chunk-sized allocations by {sorted(set(large))}"
+    assert len(large) == sum(workspace_buffers(w, threshold) for w in workspaces), f"{method}: {len(large)}"

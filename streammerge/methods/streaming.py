@@ -369,6 +369,7 @@ HEAVY_FROM = 1 << 15  # fewer keys are partitioned without looking for a key man
 HEAVY_SAMPLE = 1 << 11  # keys sampled to look for one
 HEAVY_SHARE = 16  # a key held by over 1/HEAVY_SHARE of them is set aside before partitioning
 COUNT_SLICE = 1 << 18  # elements compared at a time when counting those below and equal to a selected value
+HELD_SLICE = 1 << 17  # elements of values held in memory observed at a time (`RankSelect.select_held`)
 BINCOUNT_SLICE = 1 << 21  # torch.bincount copies its int32 input whole (4 bytes per element): bound that copy
 
 
@@ -445,10 +446,10 @@ class RankSelect:
     def select_held(self, values: torch.Tensor) -> None:
         """Every rank selected by the histogram passes over `values`, the whole tensor's magnitudes held in memory
         (gathered from its chunks), a slice at a time; `values` stay untouched (a partition would reorder them)."""
-        digits = torch.empty(min(values.numel(), COUNT_SLICE), dtype=values.dtype)
+        digits = torch.empty(min(values.numel(), HELD_SLICE), dtype=values.dtype)
         for pass_index in range(self.passes):
-            for a in range(0, values.numel(), COUNT_SLICE):
-                part = values[a:a + COUNT_SLICE]
+            for a in range(0, values.numel(), HELD_SLICE):
+                part = values[a:a + HELD_SLICE]
                 self._observe(pass_index, part, digits[:part.numel()])
             self.finish_pass(pass_index)
 
