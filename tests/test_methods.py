@@ -587,10 +587,11 @@ def test_sce_computes_the_variance_once_where_it_fits_the_buffers(tmp_path, big_
         assert torch.equal(fits["big"], streamed["big"]), name
 
 
-def test_sce_ties_at_the_threshold_are_kept_by_position_on_every_path(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sce_ties_at_the_threshold_are_kept_by_position_on_every_path(tmp_path, dtype):
     """Deltas of a few quantized values: thousands of entries share the threshold's variance, and those kept are
     the later ones, whether selected on the whole tensor, gathered in the buffers (the stored bits) or over
-    streamed passes, and as the reference keeps them."""
+    streamed passes (4 radix passes in float64), and as the reference keeps them."""
     from test_mergekit_methods import ref_sce
     from streammerge.methods import sce
     g = torch.Generator().manual_seed(3)
@@ -601,7 +602,7 @@ def test_sce_ties_at_the_threshold_are_kept_by_position_on_every_path(tmp_path):
     threshold = variance.sort().values[variance.numel() - int(int(variance.count_nonzero()) * 0.3)]
     assert int((variance == threshold).sum()) > 10000  # the kept ones among them are chosen by position
     top = {"parameters": {"select_topk": 0.3}}
-    runs = [run_merge(tmp_path / f"{chunk}", "sce", models, base, chunk=chunk, **top)["big"]
+    runs = [run_merge(tmp_path / f"{chunk}", "sce", models, base, chunk=chunk, dtype=dtype, **top)["big"]
             for chunk in (16 * GRID, GRID, 2 * GRID)]  # whole, streamed by histograms, gathered
     assert GRID * sce.BUFFERS < variance.numel() <= 2 * GRID * sce.BUFFERS
     for run in runs[1:]:
