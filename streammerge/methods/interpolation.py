@@ -74,7 +74,7 @@ def slerp(ctx: ChunkContext, stats: Stats) -> torch.Tensor:
 SLERP = Method(
     name="slerp",
     help="spherical interpolation from models[0] (t=0) to models[1] (t=1) over each whole tensor",
-    merge=per_segment(slerp), segmented=True,
+    merge=per_segment(slerp), segmented=True, tiled=True,
     params=(Param("t", 0.5, "interpolation factor: 0 gives models[0], 1 gives models[1]"),),
     stat_passes=1, init_stats=lambda numel, n: Stats(), observe=slerp_observe, finish_pass=slerp_finish,
     buffers=1, min_models=2, max_models=2, typical={"parameters": {"t": 0.4}},
@@ -157,7 +157,7 @@ NUSLERP = Method(
     name="nuslerp",
     help="spherical interpolation with t = weight[1] / (weight[0] + weight[1]); of task vectors when a base is "
          "given; per tensor, per row or per column",
-    merge=per_segment(nuslerp), segmented=True,
+    merge=per_segment(nuslerp), segmented=True, tiled=True,
     params=(Param("weight", 1.0, "this model's weight (t = weight[1] / sum)", per_model=True),
             Param("nuslerp_flatten", True, "treat each tensor as one vector", kind=bool),
             Param("nuslerp_row_wise", False, "with nuslerp_flatten false: interpolate column vectors (along the "
@@ -230,7 +230,7 @@ def model_stock(ctx: ChunkContext, stats: Stats) -> torch.Tensor:
 MODEL_STOCK = Method(
     name="model_stock",
     help="Model Stock: interpolate between the base and the models' average by their task vectors' angles",
-    merge=per_segment(model_stock), segmented=True,
+    merge=per_segment(model_stock), segmented=True, tiled=True,
     params=(Param("filter_wise", False, "one ratio per row instead of per tensor", kind=bool),),
     needs_base=True, stat_passes=1, init_stats=lambda numel, n: Stats(), observe=stock_observe,
     finish_pass=stock_finish, buffers=3, stats_bytes=stock_stats_bytes, min_models=2,

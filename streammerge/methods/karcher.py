@@ -93,7 +93,7 @@ def _non_negative(value) -> str | None:
 KARCHER = Method(
     name="karcher",
     help="Karcher mean: the models' average direction on the unit sphere (iterated), times their mean norm",
-    merge=per_segment(karcher), segmented=True,
+    merge=per_segment(karcher), segmented=True, tiled=True,
     params=(Param("max_iter", 10, "most iterations of the Riemannian mean", kind=int, check=_non_negative),
             Param("tol", 1e-5, "convergence tolerance (also the smallest norm that counts as a direction)",
                   check=_non_negative)),

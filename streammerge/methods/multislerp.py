@@ -98,7 +98,7 @@ MULTISLERP = Method(
     name="multislerp",
     help="spherical interpolation of any number of models with weights (barycentric, via the tangent space at "
          "their mean direction); of task vectors when a base is given",
-    merge=per_segment(multislerp), segmented=True,
+    merge=per_segment(multislerp), segmented=True, tiled=True,
     params=(Param("weight", 1.0, "this model's weight", per_model=True),
             Param("normalize_weights", True, "divide the weights by their sum", kind=bool),
             Param("eps", 1e-8, "small constant added to norms", check=lambda v: None if v >= 0 else "must be 0 or "

@@ -39,7 +39,7 @@ NEARSWAP = Method(
     merge=nearswap,
     params=(Param("t", None, "distance to the base below which the model's value is taken (required)",
                   check=lambda v: None if v >= 0 else "must be 0 or more"),),
-    needs_base=True, buffers=2, check=_check, min_models=1, max_models=1, elementwise=True,
+    needs_base=True, buffers=2, check=_check, min_models=1, max_models=1, elementwise=True, tiled=True,
     typical={"parameters": {"t": 0.001}},
 )
 

@@ -101,13 +101,13 @@ RAM = Method(
     help="RAM: average each task-vector entry over the models that changed it (|delta| > epsilon)",
     merge=ram,
     params=(EPSILON,),
-    needs_base=True, buffers=3, min_models=1, elementwise=True,
+    needs_base=True, buffers=3, min_models=1, elementwise=True, tiled=True,
 )
 
 RAMPLUS_TL = Method(
     name="ramplus_tl",
     help="RAM+ (tensor-local): as ram, entries only one model changed scaled by 1 + r * min(alpha, shared/unique)",
-    merge=per_segment(ramplus_tl), segmented=True,
+    merge=per_segment(ramplus_tl), segmented=True, tiled=True,
     params=(Param("r", 0.1, "strength of the rescaling of entries only one model changed"),
             Param("alpha", 0.2, "upper clamp of the shared/unique ratio"),
             EPSILON),
