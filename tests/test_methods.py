@@ -562,28 +562,30 @@ def test_statistics_of_a_tensor_that_fits_take_one_read(tmp_path, big_set, monke
 
 
 def test_sce_computes_the_variance_once_where_it_fits_the_buffers(tmp_path, big_set, monkeypatch):
-    """A tensor that fits a chunk: its selection, weights and merge see the same chunk, one variance. A larger one
-    whose variance fits the method's buffers: gathered there by one pass, selected in memory, its kept entries
-    stored as bits, so one variance per chunk and three reads. Else every pass computes it again. Same bits."""
+    """A tensor that fits a chunk: its selection, weights and merge (a tile at a time) see the same chunk, one
+    variance. A larger one whose variance fits the method's buffers: gathered there by one pass, selected in memory,
+    its kept entries stored as bits, so one variance per element and three reads. Else every pass computes it again.
+    Same bits."""
     from streammerge.engine import Engine
     from streammerge.methods import sce
     base, models = big_set
     numel = base["big"].numel()
     calls, reads = [], []
     original = sce.variance
-    monkeypatch.setattr(sce, "variance", lambda ctx, out: calls.append(ctx.offset) or original(ctx, out))
+    monkeypatch.setattr(sce, "variance", lambda ctx, out: calls.append(out.numel()) or original(ctx, out))
     context = Engine._context
     monkeypatch.setattr(Engine, "_context", lambda self, task, ws, s, e: reads.append(s) or context(
         self, task, ws, s, e))
     top = {"parameters": {"select_topk": 0.3}}
     fits = run_merge(tmp_path / "fits", "sce", models, base, chunk=64 * GRID, **top)
-    assert calls == [0] and reads == [0]
+    assert calls == [numel] and reads == [0]
     for name, chunk, variances, passes in (("gathered", 16 * GRID, 1, 3), ("histograms", 2 * GRID, 4, 4)):
         calls.clear(), reads.clear()
         streamed = run_merge(tmp_path / name, "sce", models, base, chunk=chunk, **top)
         chunks = math.ceil(numel / chunk)
         assert chunks > 1 and (numel <= sce.BUFFERS * chunk) == (name == "gathered")
-        assert len(calls) == variances * chunks and len(reads) == passes * chunks, name
+        # (computed a tile at a time: counted in elements)
+        assert sum(calls) == variances * numel and len(reads) == passes * chunks, name
         assert torch.equal(fits["big"], streamed["big"]), name
 
 

@@ -112,18 +112,22 @@ class SceStats:
         self.gates = None
         self.squares: GroupSums | None = None
         self.weights: list[float] = []
-        self.variance_of: tuple[int, int] | None = None  # (offset, length) of the chunk whose variance is held
+        self.variance_of: tuple[int, torch.Tensor] | None = None  # (offset, variance) of the chunk last computed
         self.gathered: torch.Tensor | None = None  # the whole tensor's variance, in the method's buffers
         self.bits_area: np.ndarray | None = None  # where its kept entries are then stored: the first buffer's bytes
         self.kept_bits: np.ndarray | None = None  # the kept entries, packed 8 to a byte, once stored there
 
     def chunk_variance(self, ctx: ChunkContext, b: Buffers) -> torch.Tensor:
-        """The chunk's variance in b.variance, computed once per chunk: when the whole tensor is one chunk, every
-        pass sees the same chunk and reuses it (the buffer is the method's own, so nothing else writes it)."""
-        key = (ctx.offset, b.variance.numel())
-        if self.variance_of != key:
-            variance(ctx, b.variance)
-            self.variance_of = key
+        """The chunk's variance, computed into b.variance once per chunk: when the whole tensor is one chunk, every
+        pass sees the same chunk and the merge its tiles, which read their part of it (the first buffer is the
+        method's own and nothing else writes it: a tile's other buffers lie in the other ones)."""
+        n = ctx.out.numel()
+        if self.variance_of is not None:
+            start, held = self.variance_of
+            if start <= ctx.offset and ctx.offset + n <= start + held.numel():
+                return held[ctx.offset - start:ctx.offset - start + n]
+        variance(ctx, b.variance)
+        self.variance_of = (ctx.offset, b.variance)
         return b.variance
 
     def setup(self, ctx: ChunkContext) -> None:
@@ -176,10 +180,10 @@ def _keep(stats: SceStats, ctx: ChunkContext, b: Buffers) -> torch.Tensor | None
         return b.keep
     if stats.kept_bits is not None:
         return stats.read_kept(ctx.offset, b.keep)
-    stats.chunk_variance(ctx, b)
-    stats.bounds.admit(b.variance, b.keep, b.other)
+    values = stats.chunk_variance(ctx, b)
+    stats.bounds.admit(values, b.keep, b.other)
     for gate in stats.gates:
-        gate.apply(b.variance, b.keep, b.equal, b.counts)
+        gate.apply(values, b.keep, b.equal, b.counts)
     return b.keep
 
 
@@ -201,10 +205,10 @@ def sce_observe(stats: SceStats, pass_index: int, ctx: ChunkContext) -> None:
             part = variance(ctx, stats.gathered[ctx.offset:ctx.offset + ctx.out.numel()])
             stats.zeros += part.numel() - int(part.count_nonzero())
             return
-        stats.chunk_variance(ctx, b)
+        values = stats.chunk_variance(ctx, b)
         if pass_index == 0:
-            stats.zeros += b.variance.numel() - int(b.variance.count_nonzero())
-        stats.select.observe(pass_index, b.variance, b.counts, whole=b.variance.numel() == ctx.numel)
+            stats.zeros += values.numel() - int(values.count_nonzero())
+        stats.select.observe(pass_index, values, b.counts, whole=values.numel() == ctx.numel)
         return
     if stats.nothing:
         return
@@ -290,7 +294,7 @@ SCE = Method(
     name="sce",
     help="SCE: keep the entries of largest variance across the models (select_topk), weight each task vector by "
          "its mean square, TIES sign election",
-    merge=per_segment(sce), segmented=True,
+    merge=per_segment(sce), segmented=True, tiled=True,
     params=(Param("select_topk", 1.0, "fraction of the entries of nonzero variance to keep (largest variance)",
                   check=lambda v: None if 0.0 <= v <= 1.0 else "must be between 0 and 1"),
             INT8_MASK),
