@@ -699,11 +699,24 @@ def describe_plan(prepared: Prepared) -> str:
     if output_kind(prepared.output).sharded:
         lines.append(f"shards: {len(spec.files)} of at most {config.shard_size / 1e9:.2f} GB")
         lines.extend(describe_directory_files(spec))
-    lines.append(f"reads: {plan.read_bytes / 1e9:.2f} GB; chunk: {budget.chunk_elements} elements "
+    lines.append(f"reads: {plan.read_bytes / 1e9:.2f} GB{_statistics_rereads(config, plan, budget.chunk_elements)}; "
+                 f"chunk: {budget.chunk_elements} elements "
                  f"({math.ceil(budget.chunk_elements * budget.per_element / 2**20)} MiB of buffers)")
     lines.append(f"estimated peak anonymous RAM: {budget.estimated_peak / 2**20:.0f} MiB "
                  f"(budget {budget.limit / 2**20:.0f} MiB)")
     return "\n".join(lines)
+
+
+def _statistics_rereads(config: MergeConfig, plan, chunk: int) -> str:
+    """What the statistics passes of the tensors larger than a chunk read again (from the page cache where it holds
+    them), for `describe_plan`: empty when none does."""
+    again = [(task, input_reads(config, task, chunk) - 1) for task in plan.tasks]
+    again = [(task, reads) for task, reads in again if reads > 0]
+    if not again:
+        return ""
+    extra = sum(task.read_bytes * reads for task, reads in again)
+    return (f" once, {(plan.read_bytes + extra) / 1e9:.2f} GB with the statistics passes over the {len(again)} "
+            f"tensor(s) larger than a chunk")
 
 
 def describe_directory_files(spec: OutputSpec) -> list[str]:

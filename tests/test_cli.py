@@ -8,6 +8,7 @@ import sys
 from importlib.metadata import entry_points
 
 import pytest
+import torch
 import yaml
 
 from helpers import random_state_dict, save
@@ -143,3 +144,37 @@ def test_budget_too_small_is_refused_with_the_smallest_that_works(tmp_path, cli)
 def test_bad_size_argument(tmp_path, cli):
     result = cli("merge", write_config(tmp_path), "--max-ram", "lots")
     assert result.returncode == 2 and "cannot read 'lots' as a size" in result.stderr
+
+
+def test_dry_run_counts_the_statistics_passes_over_tensors_larger_than_a_chunk(tmp_path, cli):
+    """ties over a 4-million-element tensor at a budget whose chunks are smaller: the dry run says what the
+    statistics passes read again, as `input_reads` counts them (the distributed split uses the same count)."""
+    from streammerge.config import load_config
+    from streammerge.engine import input_reads, prepare
+    from streammerge.units import parse_size
+    g = torch.Generator().manual_seed(0)
+    paths = [save({"big": torch.randn(2048, 2048, generator=g), "small": torch.randn(64, generator=g)},
+                  tmp_path / f"m{i}.safetensors") for i in range(3)]
+    config = tmp_path / "ties.yaml"
+    config.write_text(yaml.safe_dump({
+        "method": "ties", "base": str(paths[0]), "output": str(tmp_path / "out.safetensors"),
+        "models": [{"path": str(p), "density": 0.5, "weight": 0.5} for p in paths[1:]]}))
+    prepared = prepare(load_config(config), None, parse_size("4GiB"))
+    try:
+        plan = prepared.plan
+        big = next(t for t in plan.tasks if t.name == "big")
+        for budget, streamed in (("4GiB", False), ("256MiB", True)):
+            result = cli("merge", config, "--dry-run", "--max-ram", budget)
+            assert result.returncode == 0, result.stderr
+            line = next(x for x in result.stdout.splitlines() if x.startswith("reads: "))
+            chunk = int(line.split("chunk: ")[1].split()[0])
+            reads = input_reads(prepared.config, big, chunk)
+            assert (reads > 1) == streamed == (chunk < big.numel), (budget, chunk)
+            if streamed:
+                total = plan.read_bytes + (reads - 1) * big.read_bytes
+                assert line.startswith(f"reads: {plan.read_bytes / 1e9:.2f} GB once, {total / 1e9:.2f} GB with the "
+                                       f"statistics passes over the 1 tensor(s) larger than a chunk;"), line
+            else:
+                assert line.startswith(f"reads: {plan.read_bytes / 1e9:.2f} GB; chunk: "), line
+    finally:
+        prepared.close()
