@@ -113,8 +113,7 @@ class FusionStats:
         self.kl: torch.Tensor | None = None  # None: every row's KL is 0 (`one_element_rows`)
         # where the first selection pass gathers every importance of a streamed tensor, when they fit
         self.gathered = None
-        scratch = ctx.buffers[-1].numel()
-        if ctx.out.numel() < self.numel and ctx.arena is not None and self.numel <= ctx.arena.numel() - scratch:
+        if _gathers(self.numel, ctx.gather_room(), ctx.buffers[-1].numel()):
             self.gathered = ctx.arena[:self.numel]
         if not one_element_rows(ctx.shape):
             self.lse = [RowLogSumExp(self.groups), RowLogSumExp(self.groups)]  # model, base
@@ -208,12 +207,17 @@ def fusion_passes(params: dict, model_params: list[dict], dtype: torch.dtype, nu
     return (0 if rows_stay_in_chunks(shape) else 2) + RankSelect.passes_for(dtype)
 
 
+def _gathers(numel: int, arena_elements: int, chunk: int) -> bool:
+    """Whether a streamed tensor's importances fit the method's buffers but the last (the KL-expansion scratch)."""
+    return 0 < numel <= arena_elements - chunk
+
+
 def fusion_streamed_reads(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple,
                           chunk: int) -> int:
     """The passes and the merge; importances gathered in the buffers (`FusionStats.gathered`) take one selection
     pass."""
     passes = fusion_passes(params, model_params, dtype, numel, shape)
-    if numel <= (BUFFERS - 1) * chunk:
+    if _gathers(numel, BUFFERS * chunk, chunk):
         passes -= RankSelect.passes_for(dtype) - 1
     return passes + 1
 

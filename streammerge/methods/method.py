@@ -77,6 +77,13 @@ class ChunkContext:
                 self.seed, segment.shape, [b[a:] for b in self.buffers])
         return context
 
+    def gather_room(self) -> int:
+        """Elements of `arena` a statistics pass may gather a whole tensor's values in: all of them for a tensor
+        streamed in chunks, none for one held whole (its chunk is the tensor, nothing to gather) or without buffers."""
+        if self.arena is None or self.out.numel() >= self.numel:
+            return 0
+        return self.arena.numel()
+
     def derived(self, make: Callable[["ChunkContext"], Any]) -> Any:
         """make(self), a method's named views of its buffers for a chunk of this length, made once per run and
         length: views cost a few microseconds each, which adds up over thousands of small tensors."""

@@ -55,7 +55,7 @@ def sce_passes(params: dict, model_params: list[dict], dtype: torch.dtype, numel
 
 def _gathers(numel: int, arena_elements: int) -> bool:
     """Whether a streamed tensor's variance fits the method's buffers (its kept bits then fit the first one)."""
-    return numel <= arena_elements
+    return 0 < numel <= arena_elements
 
 
 def sce_streamed_reads(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple,
@@ -135,10 +135,9 @@ class SceStats:
         self.squares = GroupSums(Groups("tensor", ctx.shape), self.n_models)
         if not _select_all(ctx.params):
             self.select = RankSelect([0], ctx.out.dtype)
-            arena = ctx.arena
-            if ctx.out.numel() < self.numel and arena is not None and _gathers(self.numel, arena.numel()):
-                self.gathered = arena[:self.numel]
-                self.bits_area = arena.view(torch.uint8)[:-(-self.numel // 8)].numpy()
+            if _gathers(self.numel, ctx.gather_room()):
+                self.gathered = ctx.arena[:self.numel]
+                self.bits_area = ctx.arena.view(torch.uint8)[:-(-self.numel // 8)].numpy()
         self.select_passes = self.select.passes if self.select is not None else 0
 
     def new_gates(self) -> None:

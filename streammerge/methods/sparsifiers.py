@@ -190,11 +190,8 @@ def model_groups(selecting: list[int], numel: int, arena_elements: int, dtype: t
 
 
 def gather_groups(ctx: ChunkContext, models: list[int], dtype: torch.dtype) -> Gathering | None:
-    numel = ctx.numel
-    if ctx.out.numel() == numel or ctx.arena is None:
-        return None
-    groups = model_groups(models, numel, ctx.arena.numel(), dtype)
-    return Gathering(groups, ctx.arena, numel) if groups is not None else None
+    groups = model_groups(models, ctx.numel, ctx.gather_room(), dtype)
+    return Gathering(groups, ctx.arena, ctx.numel) if groups is not None else None
 
 
 def magnitude_streamed_reads(sparsifier: Sparsifier, buffers: int):

@@ -444,8 +444,9 @@ class RankSelect:
             hist += _bincount(digits, BINS + 2)[1:BINS + 1]
 
     def select_held(self, values: torch.Tensor) -> None:
-        """Every rank selected by the histogram passes over `values`, the whole tensor's magnitudes held in memory
-        (gathered from its chunks), a slice at a time; `values` stay untouched (a partition would reorder them)."""
+        """Every rank selected by the histogram passes over `values`, the whole tensor's non-negative values held
+        in memory (gathered from its chunks), a slice at a time; `values` stay untouched (a partition would reorder
+        them)."""
         digits = torch.empty(min(values.numel(), HELD_SLICE), dtype=values.dtype)
         for pass_index in range(self.passes):
             for a in range(0, values.numel(), HELD_SLICE):
