@@ -119,6 +119,8 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
         plan = build_plan(config, checkpoints, base)
         out_itemsize = max(t.out_dtype.itemsize for t in plan.tasks)
         unaligned = [i.itemsize for t in plan.tasks for i in t.inputs if not i.aligned]
+        if config.method.load is not None:
+            config.method.load()
         low_rank = any(s.lora is not None for s in config.models + ([config.base] if config.base else []))
         per_element = bytes_per_element(plan.max_inputs, config.dtype.itemsize, out_itemsize,
                                         config.method.buffers + low_rank,  # one scratch buffer for LoRA updates

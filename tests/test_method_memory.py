@@ -141,3 +141,30 @@ def test_statistics_gathered_in_the_buffers_make_no_chunk_sized_temporaries(tmp_
     large = [e.name for e in prof.events() if e.cpu_memory_usage >= threshold]
     assert set(large) == {"aten::empty"}, f"{method}: chunk-sized allocations by {sorted(set(large))}"
     assert len(large) == sum(workspace_buffers(w, threshold) for w in workspaces), f"{method}: {len(large)}"
+
+
+LOADED_AT_BUDGET = """
+import sys, yaml
+from streammerge import engine
+from streammerge.config import load_config
+budget = engine.Budget
+engine.Budget = lambda *a, **k: (print("numba" in sys.modules), budget(*a, **k))[1]
+engine.prepare(load_config(sys.argv[1]), None, 1 << 30).close()
+"""
+
+
+@pytest.mark.parametrize("method, loads", [("dare_linear", True), ("della", True), ("dare_ties", True),
+                                           ("linear", False), ("ties", False)])
+def test_compiled_draws_are_loaded_before_the_budget_measures_the_process(tmp_path, models, method, loads):
+    """The methods that draw random numbers load numba and its compiled kernels (25-30 MiB of anonymous memory)
+    before the budget measures what the process holds, so that the budget counts them; the others never import
+    it (a command's start-up does not pay for it)."""
+    import subprocess
+    import sys
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(streammerge_config(method, models, tmp_path / "o.safetensors", models[0],
+                                                        "1GiB")))
+    run = subprocess.run([sys.executable, "-c", LOADED_AT_BUDGET, str(config)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [str(loads)]

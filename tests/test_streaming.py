@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from streammerge.methods.method import GRID
 from streammerge.methods import streaming
-from streammerge.methods.streaming import (Groups, GroupSums, RankSelect, TieGate, Uniform, pairwise_sums,
-                                           stream_key)
+from streammerge.methods.masks import INT_VIEW, keep_only
+from streammerge.methods.method import GRID
+from streammerge.methods.streaming import (DRAW_GRAIN, Groups, GroupSums, RankSelect, TieGate, Uniform,
+                                           pairwise_sums, stream_key)
 
 
 def tied_magnitudes(n: int, seed: int, dtype=torch.float32, distinct: int = 50) -> torch.Tensor:
@@ -337,17 +338,52 @@ def test_groups_expand_is_the_inverse_view(kind):
         assert torch.equal(grid, values[None, :].expand(shape))
 
 
+PHILOX_M = (np.uint64(0xD2511F53), np.uint64(0xCD9E8D57))
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def philox4x32_10(counter: list[np.ndarray], key: tuple[int, int]) -> list[np.ndarray]:
+    """Philox4x32-10 (Random123's round and key schedule) on arrays of counters, written with numpy's uint64
+    arithmetic: the reference the compiled generator is held to."""
+    x = [np.asarray(c, dtype=np.uint64) for c in counter]
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = PHILOX_M[0] * x[0], PHILOX_M[1] * x[2]
+        x = [(p1 >> np.uint64(32)) ^ x[1] ^ np.uint64(k0), p1 & np.uint64(0xFFFFFFFF),
+             (p0 >> np.uint64(32)) ^ x[3] ^ np.uint64(k1), p0 & np.uint64(0xFFFFFFFF)]
+        k0, k1 = (k0 + PHILOX_W[0]) & 0xFFFFFFFF, (k1 + PHILOX_W[1]) & 0xFFFFFFFF
+    return x
+
+
+@pytest.mark.parametrize("counter, key, expected", [
+    ((0, 0, 0, 0), (0, 0), (0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8)),
+    ((0xffffffff,) * 4, (0xffffffff,) * 2, (0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd)),
+    ((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344), (0xa4093822, 0x299f31d0),
+     (0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1))])
+def test_philox_blocks_are_random123s_known_answers(counter, key, expected):
+    """Random123's known-answer vectors for philox4x32_10, by the reference and by the compiled block."""
+    from numba import njit
+
+    from streammerge.kernels import philox
+    assert tuple(int(w[0]) for w in philox4x32_10([[c] for c in counter], key)) == expected
+    block = njit(lambda c, k: philox._block(c[0], c[1], c[2], c[3], k[0], k[1]))
+    assert tuple(int(w) for w in block(np.array(counter, np.uint32), np.array(key, np.uint32))) == expected
+
+
 def reference_uniform(seed: int, name: str, stream: int, start: int, stop: int) -> torch.Tensor:
-    """The documented draws from the raw Philox4x64 stream (whose outputs numpy keeps stable across versions):
-    element i is the i-th 32-bit word u (each 64-bit output gives its low half, then its high half) as
-    (u >> 8) / 2**24."""
-    raw = np.random.Philox(key=stream_key(seed, name, stream)).random_raw((stop + 1) // 2)
-    words = np.stack([raw & 0xFFFFFFFF, raw >> 32], axis=1).reshape(-1)[start:stop]
-    return torch.from_numpy((words >> 8).astype(np.float32) * np.float32(2.0**-24))
+    """The documented draws: element i is word i % 4 of the Philox4x32-10 block at counter (i // 4 as two words,
+    then the stream's words 0 and 1) under key (the stream's words 2 and 3), as (word >> 8) / 2**24."""
+    words = stream_key(seed, name, stream)
+    blocks = np.arange(start // 4, (stop + 3) // 4, dtype=np.uint64)
+    counter = [blocks & np.uint64(0xFFFFFFFF), blocks >> np.uint64(32), np.full_like(blocks, words[0]),
+               np.full_like(blocks, words[1])]
+    out = np.stack(philox4x32_10(counter, (int(words[2]), int(words[3]))), axis=1).reshape(-1)
+    out = out[start - 4 * (start // 4):][:stop - start]
+    return torch.from_numpy((out >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24))
 
 
 @pytest.mark.parametrize("start, stop", [(0, GRID), (0, 3 * GRID + 5), (GRID - 3, GRID + 4), (5 * GRID + 7, 7 * GRID),
-                                         (12, 13), (3, 9), (8, 16)])
+                                         (12, 13), (3, 9), (8, 16), (1, 3), (2**32 * 4 - 6, 2**32 * 4 + 9)])
 def test_uniform_draws_match_reference_and_any_split(start, stop):
     uniform = Uniform(7, "layer.weight", 2)
     whole = uniform.fill(start, torch.empty(stop - start))
@@ -359,19 +395,48 @@ def test_uniform_draws_match_reference_and_any_split(start, stop):
     assert float(whole.min()) >= 0 and float(whole.max()) < 1
 
 
+def _recording(monkeypatch, kernel: str) -> list[int]:
+    """Record the start of each call of a `philox` kernel."""
+    from streammerge.kernels import philox
+    starts, original = [], getattr(philox, kernel)
+    monkeypatch.setattr(philox, kernel, lambda array, at, *rest: (starts.append(at), original(array, at, *rest))[1])
+    return starts
+
+
 def test_uniform_draws_split_between_threads_are_the_same(monkeypatch):
     start, stop = GRID - 3, 5 * GRID + 11
-    starts = []
-    generator = Uniform._generator
-    monkeypatch.setattr(Uniform, "_generator", lambda self, at: (starts.append(at), generator(self, at))[1])
+    starts = _recording(monkeypatch, "fill")
     previous = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
         draws = Uniform(7, "layer.weight", 2).fill(start, torch.empty(stop - start))
     finally:
         torch.set_num_threads(previous)
-    assert len(starts) == 3 and starts[0] == start  # one generator per thread, each from its part's counter
+    assert len(starts) == 3 and starts[0] == start  # one call per thread, each from its part's first element
     assert torch.equal(draws, reference_uniform(7, "layer.weight", 2, start, stop))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("start, n", [(0, 5 * GRID + 3), (GRID - 3, 2 * GRID), (6, 5), (2, 1)])
+def test_keep_below_is_keep_only_where_the_draw_is_below(monkeypatch, dtype, start, n, threads):
+    """The fused draw-compare-zero equals the draws compared in the values' dtype, then `keep_only`: +0 where
+    dropped (also over NaN and -0), the values untouched where kept."""
+    values = torch.randn(n, dtype=dtype)
+    values[::7] = float("nan")
+    values[3::11] = -0.0
+    probability = 0.3  # not exact in float32: the comparison is made on the value each dtype holds
+    expected = keep_only(values.clone(), torch.lt(reference_uniform(3, "t", 1, start, start + n).to(dtype),
+                                                  torch.tensor(probability, dtype=dtype)), torch.empty(n, dtype=dtype))
+    starts = _recording(monkeypatch, "keep_below")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        kept = Uniform(3, "t", 1).keep_below(start, values, probability)
+    finally:
+        torch.set_num_threads(previous)
+    assert kept.view(INT_VIEW[dtype]).equal(expected.view(INT_VIEW[dtype]))
+    assert len(starts) == max(1, min(threads, n // DRAW_GRAIN)) and starts[0] == start
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -379,6 +444,22 @@ def test_uniform_into_other_dtypes_converts_the_same_draws(dtype):
     start, stop = GRID - 5, 3 * (1 << 20) + 11  # several conversion batches
     expected = reference_uniform(1, "w", 0, start, stop).to(dtype)
     assert torch.equal(Uniform(1, "w", 0).fill(start, torch.empty(stop - start, dtype=dtype)), expected)
+
+
+def test_uniform_draws_look_independent():
+    """Coarse checks that a weak generator (or a bug putting one number in several places) would fail: the share
+    kept at several probabilities, pairs of neighbours and the same element in two streams (chi-square of a
+    4x4 table of quarters, 9 degrees of freedom: 40 is beyond p = 1e-5)."""
+    n = 1 << 20
+    draws = Uniform(0, "w", 0).fill(0, torch.empty(n)).double()
+    other = Uniform(0, "w", 1).fill(0, torch.empty(n)).double()
+    for p in (0.01, 0.1, 0.5, 0.9):
+        kept = int((draws < p).sum())
+        assert abs(kept - n * p) < 6 * math.sqrt(n * p * (1 - p))
+    for a, b in ((draws[:-1], draws[1:]), (draws[:-4], draws[4:]), (draws, other)):
+        table = torch.zeros(16, dtype=torch.float64).index_add_(
+            0, ((a * 4).long() * 4 + (b * 4).long()), torch.ones(a.numel(), dtype=torch.float64))
+        assert float(((table - a.numel() / 16) ** 2 / (a.numel() / 16)).sum()) < 40
 
 
 def test_uniform_streams_differ():

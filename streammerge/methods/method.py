@@ -189,6 +189,9 @@ class Method:
     # For a segmented method with statistics passes: (the run's context, segments set) -> the statistics of every
     # segment at once (cheaper than each segment's own passes), or None to have each segment make its passes
     segment_stats: Callable[[ChunkContext], list | None] | None = None
+    # Loads what the method's math runs on beyond torch and numpy (compiled kernels), before the merge measures what
+    # the process holds, so that its budget counts it.
+    load: Callable[[], None] | None = None
     in_mergekit: bool = True  # mergekit has a method of this name and meaning (its configs may ask for it)
     # A typical use, for benchmarks: {"model": {per-model params}, "parameters": {method params}}
     typical: dict = field(default_factory=dict)

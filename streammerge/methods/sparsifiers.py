@@ -363,13 +363,12 @@ def prune_randomly(i: int, ctx: ChunkContext, b: Buffers) -> None:
     if density <= 0:
         b.delta.zero_()
         return
+    # kept where u < density, so P(keep) = density
     if ctx.segments:
         for seg in ctx.segments:
-            Uniform(ctx.seed, seg.name, i).fill(0, b.magnitude[seg.start:seg.stop])
+            Uniform(ctx.seed, seg.name, i).keep_below(0, b.delta[seg.start:seg.stop], density)
     else:
-        Uniform(ctx.seed, ctx.name, i).fill(ctx.offset, b.magnitude)
-    compare(np.less, b.magnitude, density, b.keep)  # kept: u < density, so P(keep) = density
-    keep_only(b.delta, b.keep, b.magnitude)
+        Uniform(ctx.seed, ctx.name, i).keep_below(ctx.offset, b.delta, density)
     if ctx.params["rescale"]:
         b.delta.div_(density)
 

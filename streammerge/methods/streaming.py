@@ -3,7 +3,7 @@
 Everything here is computed per block of a fixed grid (`GRID` elements, aligned to the start of the tensor)
 and combined in block order, so results depend on the data alone, never on where chunks begin and end:
 - `GroupSums`: float64 sums of per-element quantities over the whole tensor, its rows or its columns;
-- `Uniform`: uniform random numbers from a counter-based generator (Philox) keyed by (seed, tensor, stream),
+- `Uniform`: uniform random numbers from a counter-based generator (Philox4x32) keyed by (seed, tensor, stream),
   element i taking the stream's i-th number;
 - `RankSelect`: exact order statistics of magnitudes by radix selection over their bit patterns, a histogram of
   16 bits per pass (2 passes for float32, 4 for float64), instead of sorting the whole tensor; a tensor held
@@ -19,7 +19,6 @@ import functools
 import hashlib
 import math
 import struct
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -287,31 +286,15 @@ class GroupSums:
 
 
 # -- randomness ----------------------------------------------------------------------------------------------
-PHILOX_WORDS = 8  # 32-bit outputs per step of the Philox4x64 counter (four 64-bit words, low half first)
 DRAW_BATCH = 1 << 20  # draws converted at a time when the output is not float32
 DRAW_GRAIN = 1 << 16  # the fewest draws a thread makes
 
 
-def stream_key(seed: int, name: str, stream: int) -> int:
-    """The 128-bit Philox key of one random stream: (seed, tensor name, stream) hashed."""
+def stream_key(seed: int, name: str, stream: int) -> np.ndarray:
+    """The 128 bits that name one random stream, (seed, tensor name, stream) hashed: Philox4x32's two counter
+    words above the element's block and its two key words, as four uint32."""
     digest = hashlib.blake2b(f"{seed}\0{name}\0{stream}".encode(), digest_size=16).digest()
-    return int.from_bytes(digest, "little")
-
-
-_THREAD = threading.local()
-
-
-def _philox(key: int, counter: int) -> np.random.Philox:
-    """numpy's `Philox(key=key, counter=counter)`, as this thread's one Philox set to that state: building a new
-    one draws OS entropy for a seed it then ignores (about 40 us, once per tensor and stream)."""
-    philox = getattr(_THREAD, "philox", None)
-    if philox is None:
-        philox = _THREAD.philox = np.random.Philox(0)
-    philox.state = {"bit_generator": "Philox",
-                    "state": {"counter": np.array([counter, 0, 0, 0], dtype=np.uint64),
-                              "key": np.array([key & (2**64 - 1), key >> 64], dtype=np.uint64)},
-                    "buffer": np.zeros(4, dtype=np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
-    return philox
+    return np.frombuffer(digest, dtype="<u4").astype(np.uint32)
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -319,8 +302,8 @@ _POOL: ThreadPoolExecutor | None = None
 
 def in_parallel(n: int, work: Callable[[int, int], None], grain: int) -> None:
     """`work(a, b)` over the ranges that split [0, n), as many as the merge's intra-op threads (torch's count)
-    and each at least `grain` long, on a pool of threads: for numpy calls that release the GIL (sorts, random
-    draws), whose results depend on their range alone."""
+    and each at least `grain` long, on a pool of threads: for numpy and compiled calls that release the GIL
+    (sorts, random draws), whose results depend on their range alone."""
     global _POOL
     parts = max(1, min(torch.get_num_threads(), MAX_THREADS, n // max(grain, 1)))
     if parts < 2:
@@ -332,33 +315,43 @@ def in_parallel(n: int, work: Callable[[int, int], None], grain: int) -> None:
     list(_POOL.map(lambda a: work(a, min(n, a + step)), range(0, n, step)))
 
 
+def load_draws() -> None:
+    """Import and load the compiled draws (`Method.load` of the methods that draw)."""
+    from streammerge.kernels import philox
+    philox.load()
+
+
 class Uniform:
-    """U[0, 1) float32 numbers for any element range of a tensor, counter-based: element i gets the i-th 32-bit
-    output u of the Philox4x64 stream keyed by `stream_key(seed, name, stream)` (numpy's `Philox`), as
-    (u >> 8) / 2**24. A number depends on its element alone (so on no chunking, nor threads), and a range's
-    numbers come from one generator call per thread, each started at its part's first element's counter."""
+    """U[0, 1) float32 numbers for any element range of a tensor, counter-based: element i gets word i % 4 of the
+    Philox4x32-10 block at counter i // 4 of the stream `stream_key(seed, name, stream)`, as (word >> 8) / 2**24
+    (`philox`). A number depends on its element alone (so on no chunking, nor threads); a range is split
+    between the merge's threads."""
 
     def __init__(self, seed: int, name: str, stream: int):
-        self.key = stream_key(seed, name, stream)
-
-    def _generator(self, start: int) -> np.random.Generator:
-        generator = np.random.Generator(_philox(self.key, start // PHILOX_WORDS))
-        generator.random(start % PHILOX_WORDS, dtype=np.float32)  # one output each: now at element `start`
-        return generator
+        self.stream = stream_key(seed, name, stream)
 
     def fill(self, start: int, out: torch.Tensor) -> torch.Tensor:
+        from streammerge.kernels import philox  # (numba: imported by the merges that draw, not by every command)
         if out.dtype == torch.float32 and out.is_contiguous():
-            draws = out.numpy()  # (a part's numbers start at its own counter: the same numbers on any threads)
-            in_parallel(draws.size, lambda a, b: self._generator(start + a).random(dtype=np.float32, out=draws[a:b]),
-                        grain=DRAW_GRAIN)
+            draws = out.numpy()
+            in_parallel(draws.size, lambda a, b: philox.fill(draws[a:b], start + a, self.stream), grain=DRAW_GRAIN)
             return out
-        generator = self._generator(start)
         batch = np.empty(min(DRAW_BATCH, out.numel()), dtype=np.float32)
         for a in range(0, out.numel(), DRAW_BATCH):
             part = out[a:a + DRAW_BATCH]
-            generator.random(dtype=np.float32, out=batch[:part.numel()])
+            philox.fill(batch[:part.numel()], start + a, self.stream)
             part.copy_(torch.from_numpy(batch[:part.numel()]))
         return out
+
+    def keep_below(self, start: int, values: torch.Tensor, probability: float) -> torch.Tensor:
+        """Keep each of `values` (a contiguous float32 or float64 tensor) where its number is below `probability`
+        (as `values`' dtype holds it), +0 elsewhere: `masks.keep_only(values, fill(...) < probability)`."""
+        from streammerge.kernels import philox
+        array = values.numpy()
+        threshold = float(array.dtype.type(probability))
+        in_parallel(array.size, lambda a, b: philox.keep_below(array[a:b], start + a, self.stream, threshold),
+                    grain=DRAW_GRAIN)
+        return values
 
 
 # -- exact order statistics ----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, Magnitud
                                              magnitude_finish, magnitude_observe, magnitude_passes,
                                              magnitude_segment_stats, magnitude_streamed_reads, prune_by_magnitude,
                                              prune_by_magnitude_rank, prune_randomly, prune_segments_by_magnitude)
+from streammerge.methods.streaming import load_draws
 
 
 def _unit_interval(value: float) -> str | None:
@@ -208,6 +209,7 @@ def _method(family: Family) -> Method:
         elementwise=family.sparsifier is Sparsifier.NONE,
         segmented=family.sparsifier is not Sparsifier.NONE,
         segment_stats=magnitude_segment_stats(family.sparsifier) if magnitude else None,
+        load=load_draws if family.sparsifier in (Sparsifier.RANDOM, Sparsifier.MAGPRUNE) else None,
         typical=family.typical or {},
     )
 
