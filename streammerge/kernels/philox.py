@@ -6,7 +6,7 @@ counters makes a number in well under a nanosecond, where numpy's Philox4x64 (64
 time) takes 3-4 ns. Element `e` of a stream takes word `e % 4` of the block at counter (e // 4 as two words,
 then the stream's two nonce words), under the stream's two key words; a word `w` gives the float32
 `(w >> 8) / 2**24` in [0, 1), exactly. `tests/test_streaming.py` checks the blocks against Random123's
-known-answer vectors and a plain-Python Philox.
+known-answer vectors and a Philox written with numpy's integer arithmetic.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from streammerge.kernels import compiled
+
 MULTIPLIERS = (np.uint64(0xD2511F53), np.uint64(0xCD9E8D57))
 KEY_BUMPS = (np.uint32(0x9E3779B9), np.uint32(0xBB67AE85))
 ROUNDS = 10
 LOW = np.uint64(0xFFFFFFFF)
 TO_UNIT = np.float32(1.0 / (1 << 24))  # a word's top 24 bits, as a float32 in [0, 1)
-
-# compiled once per machine (numba's cache beside this file, or its user-wide one where that is read-only)
-_compile = njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 
 
 @njit(inline="always", cache=True)
@@ -60,7 +59,7 @@ def _unit_at(element, n0, n1, k0, k1):
 # The kernels take the stream as four uint32 (n0, n1, k0, k1) and pass them on as scalars: read from an array
 # inside the loop, they could alias the output, which keeps the compiler from vectorising it. The whole blocks go
 # to a loop of their own over a view that starts at one (an offset into the array kept it scalar too).
-@_compile
+@compiled
 def _fill_blocks(out, first, n0, n1, k0, k1):
     for b in range(out.size // 4):
         u0, u1, u2, u3 = _block_units(first + b, n0, n1, k0, k1)
@@ -71,7 +70,7 @@ def _fill_blocks(out, first, n0, n1, k0, k1):
         out[o + 3] = u3
 
 
-@_compile
+@compiled
 def fill(out, start, stream):
     """out[i] = the number of element start + i, for a float32 array `out`."""
     n0, n1, k0, k1 = stream[0], stream[1], stream[2], stream[3]
@@ -85,7 +84,7 @@ def fill(out, start, stream):
         out[i] = _unit_at(start + i, n0, n1, k0, k1)
 
 
-@_compile
+@compiled
 def _keep_blocks(values, first, n0, n1, k0, k1, threshold):
     zero = values.dtype.type(0)
     for b in range(values.size // 4):
@@ -97,7 +96,7 @@ def _keep_blocks(values, first, n0, n1, k0, k1, threshold):
         values[o + 3] = values[o + 3] if u3 < threshold else zero
 
 
-@_compile
+@compiled
 def keep_below(values, start, stream, threshold):
     """values[i] = +0 where the number of element start + i is not below `threshold` (a float64 the values' own
     dtype holds exactly, so the comparison is the one made in that dtype): `compare(np.less)` then `keep_only`

@@ -34,16 +34,6 @@ def select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tens
     return out
 
 
-def fill(x: torch.Tensor, mask: torch.Tensor, value: float, scratch: torch.Tensor) -> torch.Tensor:
-    """`x.masked_fill_(mask, value)` (x ^ (x & mask) | (value & mask))."""
-    bits = INT_VIEW[x.dtype]
-    pattern = int(torch.tensor(value, dtype=x.dtype).view(bits))
-    ints = x.view(bits)
-    ints.bitwise_xor_(mask_bits(mask, scratch, x.dtype).bitwise_and_(ints))
-    ints.bitwise_or_(mask_bits(mask, scratch, x.dtype).bitwise_and_(pattern))
-    return x
-
-
 def compare(op: np.ufunc, values: torch.Tensor, other: torch.Tensor | float, out: torch.Tensor) -> torch.Tensor:
     """out (bool) = op(values, other), op a numpy comparison such as `np.less`: into a bool mask, torch's CPU
     comparisons take about 1 ns per element, numpy's a tenth of that. A number is compared in the values' dtype,

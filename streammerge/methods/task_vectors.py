@@ -15,16 +15,14 @@ import dataclasses
 import enum
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from streammerge.methods.masks import compare, fill, select
 from streammerge.methods.method import ChunkContext, Method, Param
 from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, MagnitudeStats, Sparsifier,
                                              magnitude_finish, magnitude_observe, magnitude_passes,
                                              magnitude_segment_stats, magnitude_streamed_reads, prune_by_magnitude,
                                              prune_by_magnitude_rank, prune_randomly, prune_segments_by_magnitude)
-from streammerge.methods.streaming import load_draws
+from streammerge.methods.streaming import in_parallel
 
 
 def _unit_interval(value: float) -> str | None:
@@ -68,6 +66,8 @@ def task_vector_merge(family: Family):
     def merge(ctx: ChunkContext, stats) -> torch.Tensor:
         b = ctx.derived(Buffers)
         consensus = family.consensus is Consensus.SIGN
+        if consensus:  # (numba: imported by the merges that elect signs, not by every command)
+            from streammerge.kernels.consensus import add_by_sign, elect
         base = ctx.base
         mixed = ctx.out.zero_()
         if consensus:
@@ -78,25 +78,12 @@ def task_vector_merge(family: Family):
             torch.sub(x, base, out=b.delta)
             sparsify(family.sparsifier, i, ctx, stats, b)
             b.delta.mul_(weight)
-            if not consensus:
+            if consensus:
+                _on_threads(add_by_sign, (b.delta, mixed, negative, weight_pos, weight_neg), weight)
+            else:
                 mixed.add_(b.delta)
-                continue
-            torch.clamp(b.delta, min=0, out=b.magnitude)
-            mixed.add_(b.magnitude)
-            torch.clamp(b.delta, max=0, out=b.magnitude)
-            negative.add_(b.magnitude)
-            # weight * flag is exact (flag is 0 or 1), so adding it with alpha gives the same bits as a multiply
-            # and an add. The flag is compared straight into a float buffer: torch compares into a bool at a fifth
-            # of that speed, and adding a bool converts it into a chunk-sized temporary the budget does not count.
-            weight_pos.add_(torch.gt(b.delta, 0, out=b.magnitude), alpha=weight)
-            weight_neg.add_(torch.lt(b.delta, 0, out=b.magnitude), alpha=weight)
         if consensus:
-            torch.add(mixed, negative, out=b.magnitude)
-            compare(np.greater_equal, b.magnitude, 0, b.flag)  # the elected sign: + where the sum is >= 0
-            select(b.flag, mixed, negative, b.delta, b.counts)
-            select(b.flag, weight_pos, weight_neg, b.magnitude, b.counts)
-            compare(np.equal, b.magnitude, 0, b.flag)
-            fill(b.magnitude, b.flag, 1, b.counts)
+            _on_threads(elect, (mixed, negative, weight_pos, weight_neg, b.delta, b.magnitude))
             mixed = b.delta
             if ctx.params["normalize"]:
                 mixed.div_(b.magnitude)
@@ -108,6 +95,28 @@ def task_vector_merge(family: Family):
         return torch.add(base, mixed, out=ctx.out)
 
     return merge
+
+
+KERNEL_GRAIN = 1 << 15  # the fewest elements a thread takes
+
+
+def _on_threads(kernel, tensors: tuple[torch.Tensor, ...], *numbers) -> None:
+    """An element-wise compiled kernel over same-length contiguous tensors, split between the merge's threads."""
+    arrays = [t.numpy() for t in tensors]
+    in_parallel(arrays[0].size, lambda a, z: kernel(*(x[a:z] for x in arrays), *numbers), grain=KERNEL_GRAIN)
+
+
+def _loader(family: Family):
+    """`Method.load` of a family: the compiled kernels its merge runs on, if any."""
+    from streammerge.methods.streaming import load_draws
+
+    def load_consensus() -> None:
+        from streammerge.kernels import consensus
+        consensus.load()
+
+    loads = ([load_draws] if family.sparsifier in (Sparsifier.RANDOM, Sparsifier.MAGPRUNE) else []) + (
+        [load_consensus] if family.consensus is Consensus.SIGN else [])
+    return (lambda: [load() for load in loads] and None) if loads else None
 
 
 def sparsify(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats, b: Buffers) -> None:
@@ -209,7 +218,7 @@ def _method(family: Family) -> Method:
         elementwise=family.sparsifier is Sparsifier.NONE,
         segmented=family.sparsifier is not Sparsifier.NONE,
         segment_stats=magnitude_segment_stats(family.sparsifier) if magnitude else None,
-        load=load_draws if family.sparsifier in (Sparsifier.RANDOM, Sparsifier.MAGPRUNE) else None,
+        load=_loader(family),
         typical=family.typical or {},
     )
 
