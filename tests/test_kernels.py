@@ -1,5 +1,5 @@
-"""The compiled consensus kernels against the torch and numpy operations they replace (the same bits, edge
-values included), and a TIES merge through them against its in-memory reference at several chunk sizes."""
+"""The compiled consensus kernels against the torch and numpy operations they replace: the same bits, edge values
+included (the merges that run them are held to their references in `test_methods.py` and `test_tiles.py`)."""
 
 from __future__ import annotations
 

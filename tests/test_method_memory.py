@@ -144,7 +144,7 @@ def test_statistics_gathered_in_the_buffers_make_no_chunk_sized_temporaries(tmp_
 
 
 LOADED_AT_BUDGET = """
-import sys, yaml
+import sys
 from streammerge import engine
 from streammerge.config import load_config
 budget = engine.Budget
@@ -156,7 +156,7 @@ engine.prepare(load_config(sys.argv[1]), None, 1 << 30).close()
 @pytest.mark.parametrize("method, loads", [("dare_linear", True), ("della", True), ("dare_ties", True),
                                            ("ties", True), ("linear", False), ("breadcrumbs", False)])
 def test_compiled_kernels_are_loaded_before_the_budget_measures_the_process(tmp_path, models, method, loads):
-    """The methods that draw random numbers or elect signs load numba and their compiled kernels (25-30 MiB of
+    """The methods that draw random numbers or elect signs load numba and their compiled kernels (about 34 MiB of
     anonymous memory) before the budget measures what the process holds, so that the budget counts them; the
     others never import it (a command's start-up does not pay for it)."""
     import subprocess

@@ -58,7 +58,8 @@ def _unit_at(element, n0, n1, k0, k1):
 
 # The kernels take the stream as four uint32 (n0, n1, k0, k1) and pass them on as scalars: read from an array
 # inside the loop, they could alias the output, which keeps the compiler from vectorising it. The whole blocks go
-# to a loop of their own over a view that starts at one (an offset into the array kept it scalar too).
+# to a loop of their own over a view that starts at the first of them (indexing the whole array from an offset
+# kept that loop scalar too).
 @compiled
 def _fill_blocks(out, first, n0, n1, k0, k1):
     for b in range(out.size // 4):
