@@ -315,12 +315,6 @@ def in_parallel(n: int, work: Callable[[int, int], None], grain: int) -> None:
     list(_POOL.map(lambda a: work(a, min(n, a + step)), range(0, n, step)))
 
 
-def load_draws() -> None:
-    """Import and load the compiled draws (`Method.load` of the methods that draw)."""
-    from streammerge.kernels import philox
-    philox.load()
-
-
 class Uniform:
     """U[0, 1) float32 numbers for any element range of a tensor, counter-based: element i gets word i % 4 of the
     Philox4x32-10 block at counter i // 4 of the stream `stream_key(seed, name, stream)`, as (word >> 8) / 2**24

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -107,16 +108,17 @@ def _on_threads(kernel, tensors: tuple[torch.Tensor, ...], *numbers) -> None:
 
 
 def _loader(family: Family):
-    """`Method.load` of a family: the compiled kernels its merge runs on, if any."""
-    from streammerge.methods.streaming import load_draws
+    """`Method.load` of a family: loads the compiled kernels (`streammerge.kernels`) its merge runs on, if any."""
+    kernels = ((["philox"] if family.sparsifier in (Sparsifier.RANDOM, Sparsifier.MAGPRUNE) else [])
+               + (["consensus"] if family.consensus is Consensus.SIGN else []))
+    if not kernels:
+        return None
 
-    def load_consensus() -> None:
-        from streammerge.kernels import consensus
-        consensus.load()
+    def load() -> None:
+        for name in kernels:
+            importlib.import_module(f"streammerge.kernels.{name}").load()
 
-    loads = ([load_draws] if family.sparsifier in (Sparsifier.RANDOM, Sparsifier.MAGPRUNE) else []) + (
-        [load_consensus] if family.consensus is Consensus.SIGN else [])
-    return (lambda: [load() for load in loads] and None) if loads else None
+    return load
 
 
 def sparsify(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats, b: Buffers) -> None:
