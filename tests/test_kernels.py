@@ -1,14 +1,18 @@
-"""The compiled consensus kernels against the torch and numpy operations they replace: the same bits, edge values
-included (the merges that run them are held to their references in `test_methods.py` and `test_tiles.py`)."""
+"""The compiled consensus and DELLA kernels against the torch and numpy operations they replace: the same bits,
+edge values included (the merges that run them are held to their references in `test_methods.py` and
+`test_tiles.py`)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
 
+from streammerge.kernels import magprune
 from streammerge.kernels.consensus import add_by_sign, elect
-from streammerge.methods.masks import INT_VIEW, compare
+from streammerge.methods.masks import INT_VIEW, compare, keep_only
 
 
 def by_operations(deltas: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,3 +56,62 @@ def test_consensus_kernels_give_the_bits_of_the_operations(dtype, weights):
     bits = INT_VIEW[dtype]
     assert torch.equal(chosen.view(bits), expected_sum.view(bits))
     assert torch.equal(weight.view(bits), expected_weight.view(bits))
+
+
+@pytest.mark.parametrize("span", [1, 2, 3, 1000, 3001])
+@pytest.mark.parametrize("rest", [1, 3])
+def test_della_keys_sort_as_a_stable_argsort(span, rest):
+    """Sorted keys order each vector along dimension 1 like a stable argsort of the magnitudes: equal magnitudes
+    (+0 and -0 among them) by position, +Inf above every number and every NaN (whatever its sign and payload)
+    above +Inf, equal to each other."""
+    g = torch.Generator().manual_seed(span)
+    values = (torch.randint(-4, 5, (8, span, rest), generator=g) / 4).float()  # many ties
+    values[1::2] = torch.randn(4, span, rest, generator=g)
+    nans = torch.tensor([0x7FC00000, 0x7F800001, 0x7FFFFFFF, -0x7FC00123 - 1], dtype=torch.int32).view(torch.float32)
+    specials = torch.cat([nans, torch.tensor([math.inf, -math.inf, 0.0, -0.0, 3.0e38, 1e-45, -1e-45])])
+    for unit in range(0, 8, 3):
+        values[unit, torch.randint(0, span, (len(specials),), generator=g), 0] = specials
+    keys = np.empty((8 * rest, span), dtype=np.int64)
+    shift = magprune.position_bits(span)
+    magprune.rank_keys(values.numpy().view(np.int32), keys, shift)
+    keys.sort(axis=-1)
+    expected = torch.argsort(values.abs().transpose(1, 2).reshape(-1, span), dim=1, stable=True)
+    assert torch.equal(torch.from_numpy(keys & ((1 << shift) - 1)), expected)
+
+
+def by_rank_operations(grid, order, draws, by_rank, rescale):
+    """DELLA's keep-and-rescale as element-wise operations: the probabilities scattered to their elements,
+    compared with the draws, the rest masked to +0, the kept divided by their probability."""
+    units, span, rest = grid.shape
+    probability = torch.empty(units, rest, span, dtype=grid.dtype)
+    probability.view(-1, span).scatter_(1, order, by_rank.expand(order.shape))
+    probability = probability.transpose(1, 2)
+    kept = torch.empty(grid.shape, dtype=torch.bool)
+    compare(np.less, draws, probability.contiguous(), kept)
+    out = keep_only(grid.clone().view(-1), kept.view(-1), torch.empty(grid.numel(), dtype=INT_VIEW[grid.dtype]))
+    return out.view(grid.shape).div_(probability) if rescale else out.view(grid.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("packed", [True, False])
+def test_della_pruning_gives_the_bits_of_the_operations(dtype, rescale, packed):
+    """Probabilities at and below 0 (+0 / 0 is NaN, +0 / negative is -0), above 1, draws equal to them, and
+    NaN, infinities, zeros of either sign and denormals in the values."""
+    units, span, rest = 6, 257, 2
+    g = torch.Generator().manual_seed(5)
+    grid = edge_values(units * span * rest, dtype, 3).view(units, span, rest)
+    order = torch.stack([torch.randperm(span, generator=g) for _ in range(units * rest)])
+    by_rank = torch.linspace(-0.2, 1.1, span, dtype=dtype)
+    by_rank[::7] = 0.0
+    draws = torch.rand(grid.shape, generator=g)
+    draws.view(-1)[::5] = by_rank.float().repeat(units * rest)[::5].clamp(0, 1)  # draws equal to a probability
+    expected = by_rank_operations(grid, order, draws, by_rank, rescale)
+    shift = magprune.position_bits(span)
+    # packed: the order as sorted keys carry it, positions below a magnitude; else plain (argsort's order)
+    keys = (torch.randint(0, 1 << 20, order.shape, generator=g) << shift) | order if packed else order
+    got = grid.clone()
+    magprune.prune_ranked(got.numpy(), keys.numpy(), (1 << shift) - 1 if packed else -1, draws.numpy(),
+                          by_rank.numpy(), rescale)
+    bits = INT_VIEW[dtype]
+    assert torch.equal(got.view(bits), expected.view(bits))

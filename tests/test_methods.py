@@ -342,29 +342,6 @@ def test_della_keeps_only_short_rank_probabilities(tmp_path, monkeypatch):
         assert torch.equal(out[name], torch.add(base[name], torch.zeros_like(base[name]).add_(pruned))), name
 
 
-@pytest.mark.parametrize("span", [1, 2, 3, 1000, 3001])
-@pytest.mark.parametrize("threads", [1, 3])
-def test_della_rank_order_is_a_stable_argsort(span, threads):
-    """The float32 key sort orders like a stable argsort: equal magnitudes by position, +Inf above every
-    number and every NaN (whatever its payload) above +Inf, equal to each other."""
-    from streammerge.methods.sparsifiers import _rank_order
-    g = torch.Generator().manual_seed(span)
-    magnitudes = (torch.randint(0, 5, (64, span), generator=g) / 4).float()  # many ties
-    magnitudes[1::2] = torch.rand(32, span, generator=g)
-    nans = torch.tensor([0x7FC00000, 0x7F800001, 0x7FFFFFFF, 0x7FC00123], dtype=torch.int32).view(torch.float32)
-    specials = torch.cat([nans, torch.tensor([math.inf, 0.0, 3.0e38, 1e-45])])
-    for row in range(0, 64, 5):
-        where = torch.randint(0, span, (len(specials),), generator=g)
-        magnitudes[row, where] = specials
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        order = _rank_order(magnitudes.clone(), torch.empty(magnitudes.numel(), dtype=torch.int64))
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(order, torch.argsort(magnitudes, dim=1, stable=True))
-
-
 # -- interpolation methods -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
 def test_slerp_matches_reference(tmp_path, t):

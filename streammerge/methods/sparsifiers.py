@@ -27,8 +27,9 @@ from streammerge.methods.method import ChunkContext
 from streammerge.methods.streaming import Groups, GroupSums, RankSelect, TieGate, Uniform, bool_views, in_parallel
 
 RESCALE_EPS = 1e-7  # below this L1 norm a magnitude-pruned delta is left unscaled
-# DELLA ranks at most 1/MAGPRUNE_SHARE of a chunk at once: its temporaries (int64 order and ranks, float
-# probabilities and draws) take about 32 bytes per ranked element, which the two buffers it reserves cover.
+# DELLA ranks at most 1/MAGPRUNE_SHARE of a chunk at once: its temporaries (int64 sort keys, float32 draws and,
+# for float64 deltas, their magnitudes) take at most 20 bytes per ranked element, which the two buffers it
+# reserves cover.
 MAGPRUNE_SHARE = 8
 MAGPRUNE_BUFFERS = 2
 
@@ -381,41 +382,14 @@ def _magprune_unit(shape: tuple, numel: int) -> tuple[int, int]:
     return math.prod(shape[1:]), math.prod(shape[2:])
 
 
-NAN_BITS = 0x7F800001  # |float32| bit patterns at or above this are NaN: all rank as one value above +Inf
-
-
-def _sort_rows(keys: np.ndarray) -> None:
-    """Sort each row of a 2-D int64 array in place, the rows split between the merge's threads (the keys are
-    distinct, so the result is the same either way)."""
-    in_parallel(keys.shape[0], lambda a, b: keys[a:b].sort(axis=-1), grain=2)
-
-
-def _rank_order(magnitude: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """Per row of a [rows, span] tensor of magnitudes: the positions of its elements in ascending (magnitude,
-    position) order, as a stable argsort gives them. float32 magnitudes are sorted as distinct int64 keys
-    (bit pattern, which orders like the number, then position): an unstable SIMD sort of those is several
-    times faster than a stable argsort and gives the same order. `scratch`: int64, one per element."""
-    rows, span = magnitude.shape
-    shift = max(1, (span - 1).bit_length())
-    if magnitude.dtype != torch.float32 or 31 + shift > 63:
-        return torch.argsort(magnitude, dim=1, stable=True)
-    keys = scratch.view(rows, span)
-    keys.copy_(magnitude.view(torch.int32)).clamp_(max=NAN_BITS)
-    keys.bitwise_left_shift_(shift).bitwise_or_(torch.arange(span))
-    _sort_rows(keys.numpy())
-    return keys.bitwise_and_((1 << shift) - 1)
-
-
-def _magprune_scratch(ctx: ChunkContext, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """int64 keys, keep probabilities (accumulation dtype), float32 draws and a bool mask for n ranked elements,
+def _magprune_scratch(ctx: ChunkContext, n: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    """int64 sort keys or order, float64 magnitudes (for float64 deltas) and float32 draws for n ranked elements,
     carved from the method's two reserved buffers (n is at most an eighth of a chunk)."""
     first, second = (b.view(torch.uint8) for b in ctx.buffers[-MAGPRUNE_BUFFERS:])
-    dtype = ctx.buffers[0].dtype
-    keys = first[:8 * n].view(torch.int64)
-    probability = first[8 * n:(8 + dtype.itemsize) * n].view(dtype)
-    draws = second[:4 * n].view(torch.float32)
-    kept = second[4 * n:5 * n].view(torch.bool)
-    return keys, probability, draws, kept
+    keys = first[:8 * n].view(torch.int64).numpy()
+    magnitude = first[8 * n:16 * n].view(torch.float64)
+    draws = second[:4 * n].view(torch.float32).numpy()
+    return keys, magnitude, draws
 
 
 def _probability_by_rank(span: int, density: float, epsilon: float, dtype: torch.dtype) -> torch.Tensor:
@@ -426,6 +400,7 @@ def _probability_by_rank(span: int, density: float, epsilon: float, dtype: torch
     return by_rank.mul_(2 * epsilon).add_(density - epsilon)
 
 
+RANKED_BATCH = 1 << 16  # elements ranked and pruned at a time by a thread: keys, draws and values stay in its cache
 # Row lengths (a matrix's dimension 1) recur tensor after tensor; a long 1-D tensor's probabilities are made for it
 # alone, so what the cache keeps outside the budget stays small (at most 16 x 32Ki float64: 4 MiB).
 CACHED_RANKS = 1 << 15
@@ -434,26 +409,39 @@ _probability_by_rank_cached = functools.lru_cache(maxsize=16)(_probability_by_ra
 
 def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, i: int, unit: int, inner: int,
               uniform: Uniform) -> None:
-    """Prune (and rescale) `delta` in place: whole units starting at element `start` of the tensor."""
+    """Prune (and rescale) `delta` in place: whole units starting at element `start` of the tensor. The units
+    are split between the merge's threads; each ranks, draws and prunes a batch of them at a time."""
+    from streammerge.kernels import magprune  # (numba: imported by the merges that use it)
     model = ctx.model_params[i]
-    density, epsilon = model["density"], model["epsilon"]
     span = unit // inner
     units = delta.numel() // unit
-    keys, probability, draws, kept = _magprune_scratch(ctx, delta.numel())
-    grid = delta.view(units, span, inner)  # [units, ranked dimension, rest]
-    # ranked vectors as rows: [units, rest, ranked dimension] (the same layout when rest is 1)
-    rows = probability.view(units, inner, span)
-    torch.abs(grid.transpose(1, 2), out=rows)
-    order = _rank_order(rows.view(-1, span), keys)
+    keys, magnitude, draws = _magprune_scratch(ctx, delta.numel())
     by_rank = (_probability_by_rank_cached if span <= CACHED_RANKS else _probability_by_rank)(
-        span, density, epsilon, delta.dtype)
-    rows.view(-1, span).scatter_(1, order, by_rank.expand(order.shape))
-    probability_at = rows.transpose(1, 2)  # in delta's layout
-    uniform.fill(start, draws)
-    compare(np.less, draws.view(grid.shape), probability_at, kept.view(grid.shape))  # P(keep) = probability
-    keep_only(delta, kept, keys)
-    if ctx.params["rescale"]:
-        grid.div_(probability_at)
+        span, model["density"], model["epsilon"], delta.dtype).numpy()
+    grid = delta.numpy().reshape(units, span, inner)  # [units, ranked dimension, rest]
+    order = keys.reshape(units * inner, span)  # a row per ranked vector
+    rescale = bool(ctx.params["rescale"])
+    shift = magprune.position_bits(span)
+    if delta.dtype == torch.float32 and 31 + shift <= 63:
+        bits, positions = grid.view(np.int32), (1 << shift) - 1
+    else:  # float64: the order of a stable argsort, made at once on torch's threads
+        rows = magnitude[:delta.numel()].view(units, inner, span)
+        torch.abs(delta.view(units, span, inner).transpose(1, 2), out=rows)
+        torch.argsort(rows.view(-1, span), dim=1, stable=True, out=torch.from_numpy(order))
+        bits, positions = None, -1
+
+    def work(a: int, b: int) -> None:
+        for u in range(a, b, max(1, RANKED_BATCH // unit)):
+            z = min(b, u + max(1, RANKED_BATCH // unit))
+            uniform.fill_here(start + u * unit, draws[u * unit:z * unit])
+            rows = order[u * inner:z * inner]
+            if bits is not None:
+                magprune.rank_keys(bits[u:z], rows, shift)
+                rows.sort(axis=-1)
+            magprune.prune_ranked(grid[u:z], rows, positions, draws[u * unit:z * unit].reshape(z - u, span, inner),
+                                  by_rank, rescale)
+
+    in_parallel(units, work, grain=max(1, RANKED_BATCH // unit))
 
 
 def prune_by_magnitude_rank(i: int, ctx: ChunkContext, b: Buffers) -> None:

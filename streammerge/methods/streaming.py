@@ -337,6 +337,11 @@ class Uniform:
             part.copy_(torch.from_numpy(batch[:part.numel()]))
         return out
 
+    def fill_here(self, start: int, out: np.ndarray) -> None:
+        """`fill` on the calling thread, into a contiguous float32 array (for work already split between threads)."""
+        from streammerge.kernels import philox
+        philox.fill(out, start, self.stream)
+
     def keep_below(self, start: int, values: torch.Tensor, probability: float) -> torch.Tensor:
         """Keep each of `values` (a contiguous float32 or float64 tensor) where its number is below `probability`
         (as `values`' dtype holds it), +0 elsewhere: `masks.keep_only(values, fill(...) < probability)`."""
