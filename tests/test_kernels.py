@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from streammerge.kernels import magprune
+from streammerge.kernels import dare, magprune
 from streammerge.kernels.consensus import add_by_sign, elect
 from streammerge.methods.masks import INT_VIEW, compare, keep_only
+from streammerge.methods.streaming import Uniform
 
 
 def by_operations(deltas: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,3 +116,37 @@ def test_della_pruning_gives_the_bits_of_the_operations(dtype, rescale, packed):
                           by_rank.numpy(), rescale)
     bits = INT_VIEW[dtype]
     assert torch.equal(got.view(bits), expected.view(bits))
+
+
+def dare_by_operations(x, base, draws, density, rescale, weight):
+    """DARE's step as element-wise operations: the task vector, +0 where the draw is not below the density (as
+    the values' dtype holds it; +-inf to keep all or none), divided by the density, times the weight."""
+    delta = torch.sub(x, base)
+    keep_only(delta, draws.double() < density, torch.empty(delta.numel(), dtype=INT_VIEW[x.dtype]))
+    return (delta.div_(density) if rescale else delta).mul_(weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("density, rescale, weight", [(0.3, True, 0.7), (0.3, False, -1.3), (0.9, True, -0.2),
+                                                      (math.inf, False, 0.4), (-math.inf, False, -0.4)])
+@pytest.mark.parametrize("start", [0, 3, 2 ** 32 + 1])
+def test_dare_kernels_give_the_bits_of_the_operations(dtype, density, rescale, weight, start):
+    n = 5000  # several draw spans, not a whole number of blocks
+    x, base = edge_values(n, dtype, 1), edge_values(n, dtype, 2)
+    base[::9] = x[::9]  # task vectors of +-0
+    uniform = Uniform(5, "t", 1)
+    draws = uniform.fill(start, torch.empty(n))
+    threshold = float(torch.tensor(density, dtype=dtype)) if math.isfinite(density) else density
+    expected = dare_by_operations(x, base, draws, threshold, rescale, weight)
+    total = edge_values(n, dtype, 3)
+    expected_total = total.clone().add_(expected)
+    dare.add_dropped(x.numpy(), base.numpy(), total.numpy(), start, uniform.stream, threshold, density, rescale,
+                     weight)
+    sums = [torch.zeros(n, dtype=dtype) for _ in range(4)]
+    expected_sums = [s.clone() for s in sums]
+    add_by_sign(expected.numpy(), *(s.numpy() for s in expected_sums), weight)
+    dare.add_dropped_by_sign(x.numpy(), base.numpy(), *(s.numpy() for s in sums), start, uniform.stream, threshold,
+                             density, rescale, weight)
+    bits = INT_VIEW[dtype]
+    assert torch.equal(total.view(bits), expected_total.view(bits))
+    assert all(torch.equal(got.view(bits), want.view(bits)) for got, want in zip(sums, expected_sums))

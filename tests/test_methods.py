@@ -227,6 +227,36 @@ def test_dare_linear_keeps_density_rescaled_and_is_reproducible(tmp_path):
     assert not torch.equal(other_seed["w"], runs[0]["w"])
 
 
+def plain_dare_prune(delta, density, weight, seed, name, stream):
+    """DARE of a whole tensor written plainly (the tensor's Philox draws compared in its dtype, dropped entries
+    +0, kept ones divided by the density), times the weight: what the fused per-thread pass must equal."""
+    from streammerge.methods.streaming import Uniform
+    draws = Uniform(seed, name, stream).fill(0, torch.empty(delta.numel())).view(delta.shape)
+    kept = torch.where(draws.double() < torch.tensor(density, dtype=delta.dtype).item(), delta,
+                       torch.zeros((), dtype=delta.dtype))
+    return kept.div_(density).mul_(weight)
+
+
+@pytest.mark.parametrize("dtype, chunk, threads", [("float32", None, 1), ("float32", None, 3),
+                                                   ("float64", GRID, 2)])
+def test_dare_equals_plain_pruning_bit_for_bit(tmp_path, dtype, chunk, threads, monkeypatch):
+    """Tensors split between chunks and threads (each part drawing from its first element), and small tensors
+    merged as one run (each from its own stream): the bits of pruning each whole tensor plainly."""
+    from streammerge import cpu
+    monkeypatch.setattr(cpu, "merge_threads", lambda cores, load, writer_core: threads)
+    g = torch.Generator().manual_seed(8)
+    shapes = {"w": (600, 500), "v": (3001,), "b1": (7,), "b2": (130,)}  # "w": 4 threads' worth of draws
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    model = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+    p = {"weight": 0.7, "density": 0.3}
+    out = run_merge(tmp_path, "dare_linear", [model], base, [p], chunk=chunk, seed=7, dtype=dtype)
+    acc = getattr(torch, dtype)
+    for name in shapes:
+        b = base[name].to(acc)
+        pruned = plain_dare_prune(model[name].to(acc) - b, p["density"], p["weight"], 7, name, 0)
+        assert torch.equal(out[name], torch.add(b, torch.zeros_like(b).add_(pruned)).float()), name
+
+
 def _masks_from_single_runs(tmp_path, method, models, base, mp, **top):
     """Each model's kept entries and their scale, read off runs where only that model has weight."""
     masks = []

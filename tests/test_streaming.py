@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from streammerge.methods import streaming
-from streammerge.methods.masks import INT_VIEW, keep_only
 from streammerge.methods.method import GRID
-from streammerge.methods.streaming import (DRAW_GRAIN, Groups, GroupSums, RankSelect, TieGate, Uniform,
-                                           pairwise_sums, stream_key)
+from streammerge.methods.streaming import (Groups, GroupSums, RankSelect, TieGate, Uniform, pairwise_sums,
+                                           stream_key)
 
 
 def tied_magnitudes(n: int, seed: int, dtype=torch.float32, distinct: int = 50) -> torch.Tensor:
@@ -414,29 +413,6 @@ def test_uniform_draws_split_between_threads_are_the_same(monkeypatch):
         torch.set_num_threads(previous)
     assert len(starts) == 3 and starts[0] == start  # one call per thread, each from its part's first element
     assert torch.equal(draws, reference_uniform(7, "layer.weight", 2, start, stop))
-
-
-@pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("start, n", [(0, 5 * GRID + 3), (GRID - 3, 2 * GRID), (6, 5), (2, 1)])
-def test_keep_below_is_keep_only_where_the_draw_is_below(monkeypatch, dtype, start, n, threads):
-    """The fused draw-compare-zero equals the draws compared in the values' dtype, then `keep_only`: +0 where
-    dropped (also over NaN and -0), the values untouched where kept."""
-    values = torch.randn(n, dtype=dtype)
-    values[::7] = float("nan")
-    values[3::11] = -0.0
-    probability = 0.3  # not exact in float32: the comparison is made on the value each dtype holds
-    expected = keep_only(values.clone(), torch.lt(reference_uniform(3, "t", 1, start, start + n).to(dtype),
-                                                  torch.tensor(probability, dtype=dtype)), torch.empty(n, dtype=dtype))
-    starts = _recording(monkeypatch, "keep_below")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        kept = Uniform(3, "t", 1).keep_below(start, values, probability)
-    finally:
-        torch.set_num_threads(previous)
-    assert kept.view(INT_VIEW[dtype]).equal(expected.view(INT_VIEW[dtype]))
-    assert len(starts) == max(1, min(threads, n // DRAW_GRAIN)) and starts[0] == start
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

@@ -6,8 +6,18 @@ holds the kernels to them, zeros of either sign, NaN and infinities included."""
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from streammerge.kernels import compiled
+
+
+@njit(inline="always", cache=True)
+def sign_add(x, j, positive, negative, weight_positive, weight_negative, weight, zero):
+    """Element j of `add_by_sign`, for the weighted delta x."""
+    positive[j] += zero if x < zero else x
+    negative[j] += zero if x > zero else x
+    weight_positive[j] += weight if x > zero else zero
+    weight_negative[j] += weight if x < zero else zero
 
 
 @compiled
@@ -17,11 +27,7 @@ def add_by_sign(delta, positive, negative, weight_positive, weight_negative, wei
     zero = delta.dtype.type(0)
     w = delta.dtype.type(weight)  # (rounded to the buffers' dtype, as torch rounds a Python number)
     for j in range(delta.size):
-        x = delta[j]
-        positive[j] += zero if x < zero else x
-        negative[j] += zero if x > zero else x
-        weight_positive[j] += w if x > zero else zero
-        weight_negative[j] += w if x < zero else zero
+        sign_add(delta[j], j, positive, negative, weight_positive, weight_negative, w, zero)
 
 
 @compiled

@@ -85,39 +85,7 @@ def fill(out, start, stream):
         out[i] = _unit_at(start + i, n0, n1, k0, k1)
 
 
-@compiled
-def _keep_blocks(values, first, n0, n1, k0, k1, threshold):
-    zero = values.dtype.type(0)
-    for b in range(values.size // 4):
-        u0, u1, u2, u3 = _block_units(first + b, n0, n1, k0, k1)
-        o = 4 * b
-        values[o] = values[o] if u0 < threshold else zero
-        values[o + 1] = values[o + 1] if u1 < threshold else zero
-        values[o + 2] = values[o + 2] if u2 < threshold else zero
-        values[o + 3] = values[o + 3] if u3 < threshold else zero
-
-
-@compiled
-def keep_below(values, start, stream, threshold):
-    """values[i] = +0 where the number of element start + i is not below `threshold` (a float64 the values' own
-    dtype holds exactly, so the comparison is the one made in that dtype): `compare(np.less)` then `keep_only`
-    in one pass."""
-    n0, n1, k0, k1 = stream[0], stream[1], stream[2], stream[3]
-    zero = values.dtype.type(0)
-    n = values.size
-    head = min(-start % 4, n)
-    for i in range(head):
-        values[i] = values[i] if _unit_at(start + i, n0, n1, k0, k1) < threshold else zero
-    end = head + (n - head) // 4 * 4
-    _keep_blocks(values[head:end], (start + head) // 4, n0, n1, k0, k1, threshold)
-    for i in range(end, n):
-        values[i] = values[i] if _unit_at(start + i, n0, n1, k0, k1) < threshold else zero
-
-
 def load() -> None:
     """Compile the kernels, or load them from numba's cache, for every type the merges call them with (a first
     call does it: about 2 s per kernel and type to compile, 0.3 s in all to load from the cache)."""
-    stream = np.zeros(4, dtype=np.uint32)
-    fill(np.empty(1, dtype=np.float32), 0, stream)
-    for dtype in (np.float32, np.float64):
-        keep_below(np.zeros(1, dtype=dtype), 0, stream, 0.5)
+    fill(np.empty(1, dtype=np.float32), 0, np.zeros(4, dtype=np.uint32))

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from streammerge.errors import StreamMergeError
-from streammerge.methods.masks import INT_VIEW, compare, keep_only
+from streammerge.methods.masks import INT_VIEW, keep_only
 from streammerge.methods.method import ChunkContext
-from streammerge.methods.streaming import Groups, GroupSums, RankSelect, TieGate, Uniform, bool_views, in_parallel
+from streammerge.methods.streaming import (DRAW_GRAIN, Groups, GroupSums, RankSelect, TieGate, Uniform, bool_views,
+                                           in_parallel)
 
 RESCALE_EPS = 1e-7  # below this L1 norm a magnitude-pruned delta is left unscaled
 # DELLA ranks at most 1/MAGPRUNE_SHARE of a chunk at once: its temporaries (int64 sort keys, float32 draws and,
@@ -355,23 +356,26 @@ def magnitude_finish(stats: MagnitudeStats, pass_index: int) -> int | None:
 
 
 # -- random sparsifiers --------------------------------------------------------------------------------------
-def prune_randomly(i: int, ctx: ChunkContext, b: Buffers) -> None:
-    """DARE: keep each entry with probability `density` (rescaled by 1/density with `rescale`). In a run of small
-    tensors (`ctx.segments`) each tensor's numbers are drawn on its segment, from its own stream."""
+def add_randomly_pruned(i: int, ctx: ChunkContext, x: torch.Tensor, sums: tuple[torch.Tensor, ...],
+                        weight: float) -> None:
+    """DARE, fused with the merge's step (`kernels.dare`): model i's task vector `x - base`, each entry kept with
+    probability `density` (divided by it with `rescale`), times `weight`, added to `sums` (the total, or the four
+    sums of TIES' sign consensus). In a run of small tensors (`ctx.segments`) each tensor's numbers are drawn on
+    its segment, from its own stream."""
+    from streammerge.kernels import dare  # (numba: imported by the merges that draw)
     density = ctx.model_params[i]["density"]
-    if density >= 1:
-        return
-    if density <= 0:
-        b.delta.zero_()
-        return
-    # kept where u < density, so P(keep) = density
-    if ctx.segments:
-        for seg in ctx.segments:
-            Uniform(ctx.seed, seg.name, i).keep_below(0, b.delta[seg.start:seg.stop], density)
-    else:
-        Uniform(ctx.seed, ctx.name, i).keep_below(ctx.offset, b.delta, density)
-    if ctx.params["rescale"]:
-        b.delta.div_(density)
+    drops = 0 < density < 1  # (at 1 every entry is kept unscaled, at 0 none: the same bits as no draw at all)
+    as_dtype = sums[0].numpy().dtype.type
+    threshold = float(as_dtype(density)) if drops else math.inf if density >= 1 else -math.inf  # kept: u < it
+    rescale = drops and bool(ctx.params["rescale"])
+    kernel = dare.add_dropped_by_sign if len(sums) > 1 else dare.add_dropped
+    arrays = [t.numpy() for t in (x, ctx.base, *sums)]
+    ranges = ([(Uniform(ctx.seed, seg.name, i), 0, seg.start, seg.stop) for seg in ctx.segments] if ctx.segments
+              else [(Uniform(ctx.seed, ctx.name, i), ctx.offset, 0, arrays[0].size)])
+    for uniform, start, low, high in ranges:
+        in_parallel(high - low, lambda a, z: kernel(*(array[low + a:low + z] for array in arrays), start + a,
+                                                    uniform.stream, threshold, density, rescale, weight),
+                    grain=DRAW_GRAIN)
 
 
 def _magprune_unit(shape: tuple, numel: int) -> tuple[int, int]:

@@ -342,16 +342,6 @@ class Uniform:
         from streammerge.kernels import philox
         philox.fill(out, start, self.stream)
 
-    def keep_below(self, start: int, values: torch.Tensor, probability: float) -> torch.Tensor:
-        """Keep each of `values` (a contiguous float32 or float64 tensor) where its number is below `probability`
-        (as `values`' dtype holds it), +0 elsewhere: `masks.keep_only(values, fill(...) < probability)`."""
-        from streammerge.kernels import philox
-        array = values.numpy()
-        threshold = float(array.dtype.type(probability))
-        in_parallel(array.size, lambda a, b: philox.keep_below(array[a:b], start + a, self.stream, threshold),
-                    grain=DRAW_GRAIN)
-        return values
-
 
 # -- exact order statistics ----------------------------------------------------------------------------------
 SAMPLE = 1 << 13  # elements of the strided sample that brackets each selected rank

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from streammerge.methods.method import ChunkContext, Method, Param
-from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, MagnitudeStats, Sparsifier,
+from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, MagnitudeStats, Sparsifier, add_randomly_pruned,
                                              magnitude_finish, magnitude_observe, magnitude_passes,
                                              magnitude_segment_stats, magnitude_streamed_reads, prune_by_magnitude,
-                                             prune_by_magnitude_rank, prune_randomly, prune_segments_by_magnitude)
+                                             prune_by_magnitude_rank, prune_segments_by_magnitude)
 from streammerge.methods.streaming import in_parallel
 
 
@@ -74,8 +74,12 @@ def task_vector_merge(family: Family):
         if consensus:
             negative, weight_pos, weight_neg = b.rest[:3]
             negative.zero_(), weight_pos.zero_(), weight_neg.zero_()
+        sums = (mixed, negative, weight_pos, weight_neg) if consensus else (mixed,)
         for i, x in enumerate(ctx.inputs):
             weight = ctx.model_params[i]["weight"]
+            if family.sparsifier is Sparsifier.RANDOM:  # made, drawn, weighted and added in one pass
+                add_randomly_pruned(i, ctx, x, sums, weight)
+                continue
             torch.sub(x, base, out=b.delta)
             sparsify(family.sparsifier, i, ctx, stats, b)
             b.delta.mul_(weight)
@@ -110,6 +114,7 @@ def _on_threads(kernel, tensors: tuple[torch.Tensor, ...], *numbers) -> None:
 def _loader(family: Family):
     """`Method.load` of a family: loads the compiled kernels (`streammerge.kernels`) its merge runs on, if any."""
     kernels = ((["philox"] if family.sparsifier in (Sparsifier.RANDOM, Sparsifier.MAGPRUNE) else [])
+               + (["dare"] if family.sparsifier is Sparsifier.RANDOM else [])
                + (["magprune"] if family.sparsifier is Sparsifier.MAGPRUNE else [])
                + (["consensus"] if family.consensus is Consensus.SIGN else []))
     if not kernels:
@@ -137,8 +142,6 @@ def sparsify(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats, b: Buffer
         prune_by_magnitude(sparsifier, i, ctx, stats, b, gates)
         if stats is not None and stats.factors[i] != 1.0:
             b.delta.mul_(stats.factors[i])
-    elif sparsifier is Sparsifier.RANDOM:
-        prune_randomly(i, ctx, b)
     elif sparsifier is Sparsifier.MAGPRUNE:
         if not ctx.segments:
             prune_by_magnitude_rank(i, ctx, b)
