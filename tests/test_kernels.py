@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from streammerge.kernels import dare, magprune
+from streammerge.kernels import dare, magnitude, magprune
 from streammerge.kernels.consensus import add_by_sign, elect
 from streammerge.methods.masks import INT_VIEW, compare, keep_only
 from streammerge.methods.streaming import Uniform
@@ -147,6 +147,35 @@ def test_dare_kernels_give_the_bits_of_the_operations(dtype, density, rescale, w
     add_by_sign(expected.numpy(), *(s.numpy() for s in expected_sums), weight)
     dare.add_dropped_by_sign(x.numpy(), base.numpy(), *(s.numpy() for s in sums), start, uniform.stream, threshold,
                              density, rescale, weight)
+    bits = INT_VIEW[dtype]
+    assert torch.equal(total.view(bits), expected_total.view(bits))
+    assert all(torch.equal(got.view(bits), want.view(bits)) for got, want in zip(sums, expected_sums))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("low, high", [(0.25, None), (0.25, 1.0), (0.0, 1e-45), (0.0, 0.0), (math.inf, None),
+                                       (1e-45, math.inf)])
+@pytest.mark.parametrize("inclusive", [(False, False), (True, False), (False, True), (True, True)])
+def test_magnitude_kernels_give_the_bits_of_the_operations(dtype, low, high, inclusive):
+    """Bounds of either kind as `Bounds.limits` makes them inclusive, against the comparisons of `Bounds.admit`
+    and `keep_only`, on values with many ties at the bounds, NaN, infinities, zeros of either sign, denormals."""
+    from streammerge.methods.sparsifiers import Bounds
+    n = 20_000
+    g = torch.Generator().manual_seed(9)
+    x, base = ((torch.randint(-8, 9, (n,), generator=g) / 8).to(dtype) for _ in range(2))  # many equal magnitudes
+    x[::3], base[1::3] = edge_values(len(x[::3]), dtype, 4), edge_values(len(base[1::3]), dtype, 5)
+    bounds = Bounds(low, high, [], low_inclusive=inclusive[0], high_inclusive=inclusive[1])
+    weight = -0.3
+    delta = torch.sub(x, base)
+    keep, scratch = torch.empty(n, dtype=torch.bool), torch.empty(n, dtype=torch.bool)
+    bounds.admit(delta.abs(), keep, scratch)
+    expected = keep_only(delta, keep, torch.empty(n, dtype=INT_VIEW[dtype])).mul_(weight)
+    low_limit, high_limit = bounds.limits(x.numpy().dtype)
+    total, sums = edge_values(n, dtype, 6), [torch.zeros(n, dtype=dtype) for _ in range(4)]
+    expected_total, expected_sums = total.clone().add_(expected), [s.clone() for s in sums]
+    add_by_sign(expected.numpy(), *(s.numpy() for s in expected_sums), weight)
+    magnitude.add_within(x.numpy(), base.numpy(), total.numpy(), low_limit, high_limit, weight)
+    magnitude.add_within_by_sign(x.numpy(), base.numpy(), *(s.numpy() for s in sums), low_limit, high_limit, weight)
     bits = INT_VIEW[dtype]
     assert torch.equal(total.view(bits), expected_total.view(bits))
     assert all(torch.equal(got.view(bits), want.view(bits)) for got, want in zip(sums, expected_sums))

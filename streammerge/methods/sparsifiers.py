@@ -24,8 +24,8 @@ import torch
 from streammerge.errors import StreamMergeError
 from streammerge.methods.masks import INT_VIEW, keep_only
 from streammerge.methods.method import ChunkContext
-from streammerge.methods.streaming import (DRAW_GRAIN, Groups, GroupSums, RankSelect, TieGate, Uniform, bool_views,
-                                           in_parallel)
+from streammerge.methods.streaming import (DRAW_GRAIN, KERNEL_GRAIN, Groups, GroupSums, RankSelect, TieGate,
+                                           Uniform, bool_views, in_parallel)
 
 RESCALE_EPS = 1e-7  # below this L1 norm a magnitude-pruned delta is left unscaled
 # DELLA ranks at most 1/MAGPRUNE_SHARE of a chunk at once: its temporaries (int64 sort keys, float32 draws and,
@@ -103,6 +103,18 @@ class Bounds:
 
     def new_gates(self) -> list[TieGate]:
         return [TieGate(*g) for g in self.gates]
+
+    def limits(self, dtype: np.dtype) -> tuple[np.floating, np.floating]:
+        """The kept magnitudes as an inclusive range of `dtype` (before the gates): an exclusive bound becomes the
+        next value inward, which keeps the same values of that dtype (+Inf as an exclusive low bound keeps
+        nothing: NaN)."""
+        as_dtype = np.dtype(dtype).type
+        low, high = as_dtype(self.low), as_dtype(math.inf if self.high is None else self.high)
+        if not self.low_inclusive:
+            low = np.nextafter(low, as_dtype(math.inf)) if low < math.inf else as_dtype(math.nan)
+        if self.high is not None and not self.high_inclusive:
+            high = np.nextafter(high, as_dtype(-math.inf))
+        return low, high
 
     def admit(self, values: torch.Tensor, keep: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
         """keep = the values within the bounds (before the gates); scratch: a bool mask as long."""
@@ -230,6 +242,23 @@ def prune_by_magnitude(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats:
     for gate in gates:
         gate.apply(b.magnitude, b.keep, b.equal, b.counts)
     keep_only(b.delta, b.keep, b.magnitude)  # the magnitudes are no longer needed
+
+
+def add_within_bounds(i: int, ctx: ChunkContext, stats: MagnitudeStats | None, x: torch.Tensor,
+                      sums: tuple[torch.Tensor, ...], weight: float) -> bool:
+    """`prune_by_magnitude` fused with the merge's step (`kernels.magnitude`): model i's task vector `x - base`,
+    pruned to its magnitude bounds, times `weight`, added to `sums` (the total, or the four sums of TIES' sign
+    consensus), on the merge's threads. Where a gate must count ties at a bound in tensor order, or a rescale
+    factor applies, it does nothing and says False: the caller then takes the steps one at a time."""
+    if stats is None or not isinstance(stats.ranks[i], tuple) or stats.merge_gates[i] or stats.factors[i] != 1.0:
+        return False
+    from streammerge.kernels import magnitude  # (numba: imported by the merges that select)
+    arrays = [t.numpy() for t in (x, ctx.base, *sums)]
+    low, high = stats.bounds[i].limits(arrays[0].dtype)
+    kernel = magnitude.add_within_by_sign if len(sums) > 1 else magnitude.add_within
+    in_parallel(arrays[0].size, lambda a, z: kernel(*(array[a:z] for array in arrays), low, high, weight),
+                grain=KERNEL_GRAIN)
+    return True
 
 
 # -- runs of whole small tensors (`Method.segmented`): per-tensor work on numpy views, the rest on the run -----

@@ -288,6 +288,7 @@ class GroupSums:
 # -- randomness ----------------------------------------------------------------------------------------------
 DRAW_BATCH = 1 << 20  # draws converted at a time when the output is not float32
 DRAW_GRAIN = 1 << 16  # the fewest draws a thread makes
+KERNEL_GRAIN = 1 << 15  # the fewest elements a thread takes in an element-wise compiled kernel
 
 
 def stream_key(seed: int, name: str, stream: int) -> np.ndarray:

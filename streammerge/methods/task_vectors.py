@@ -20,10 +20,11 @@ import torch
 
 from streammerge.methods.method import ChunkContext, Method, Param
 from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, MagnitudeStats, Sparsifier, add_randomly_pruned,
+                                             add_within_bounds,
                                              magnitude_finish, magnitude_observe, magnitude_passes,
                                              magnitude_segment_stats, magnitude_streamed_reads, prune_by_magnitude,
                                              prune_by_magnitude_rank, prune_segments_by_magnitude)
-from streammerge.methods.streaming import in_parallel
+from streammerge.methods.streaming import KERNEL_GRAIN, in_parallel
 
 
 def _unit_interval(value: float) -> str | None:
@@ -75,10 +76,17 @@ def task_vector_merge(family: Family):
             negative, weight_pos, weight_neg = b.rest[:3]
             negative.zero_(), weight_pos.zero_(), weight_neg.zero_()
         sums = (mixed, negative, weight_pos, weight_neg) if consensus else (mixed,)
+        # one statistics object per tensor: not in a run of small tensors (one each there: `sparsify`)
+        magnitude_stats = stats if family.sparsifier.by_magnitude and not ctx.segments else None
+        if magnitude_stats is not None and ctx.offset == 0:  # the merge's gates count the elements from the start
+            magnitude_stats.merge_gates = [bd.new_gates() if bd is not None else [] for bd in magnitude_stats.bounds]
         for i, x in enumerate(ctx.inputs):
             weight = ctx.model_params[i]["weight"]
-            if family.sparsifier is Sparsifier.RANDOM:  # made, drawn, weighted and added in one pass
+            # made, sparsified, weighted and added in one pass where the sparsifier allows it
+            if family.sparsifier is Sparsifier.RANDOM:
                 add_randomly_pruned(i, ctx, x, sums, weight)
+                continue
+            if add_within_bounds(i, ctx, magnitude_stats, x, sums, weight):
                 continue
             torch.sub(x, base, out=b.delta)
             sparsify(family.sparsifier, i, ctx, stats, b)
@@ -102,9 +110,6 @@ def task_vector_merge(family: Family):
     return merge
 
 
-KERNEL_GRAIN = 1 << 15  # the fewest elements a thread takes
-
-
 def _on_threads(kernel, tensors: tuple[torch.Tensor, ...], *numbers) -> None:
     """An element-wise compiled kernel over same-length contiguous tensors, split between the merge's threads."""
     arrays = [t.numpy() for t in tensors]
@@ -115,6 +120,7 @@ def _loader(family: Family):
     """`Method.load` of a family: loads the compiled kernels (`streammerge.kernels`) its merge runs on, if any."""
     kernels = ((["philox"] if family.sparsifier in (Sparsifier.RANDOM, Sparsifier.MAGPRUNE) else [])
                + (["dare"] if family.sparsifier is Sparsifier.RANDOM else [])
+               + (["magnitude"] if family.sparsifier.by_magnitude else [])
                + (["magprune"] if family.sparsifier is Sparsifier.MAGPRUNE else [])
                + (["consensus"] if family.consensus is Consensus.SIGN else []))
     if not kernels:
@@ -134,12 +140,7 @@ def sparsify(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats, b: Buffer
         if ctx.segments:
             prune_segments_by_magnitude(sparsifier, i, ctx, stats, b)
             return
-        gates = []
-        if stats is not None:
-            if ctx.offset == 0 and i == 0:  # the merge pass's gates count the elements seen from the start
-                stats.merge_gates = [bd.new_gates() if bd is not None else [] for bd in stats.bounds]
-            gates = stats.merge_gates[i]
-        prune_by_magnitude(sparsifier, i, ctx, stats, b, gates)
+        prune_by_magnitude(sparsifier, i, ctx, stats, b, stats.merge_gates[i] if stats is not None else [])
         if stats is not None and stats.factors[i] != 1.0:
             b.delta.mul_(stats.factors[i])
     elif sparsifier is Sparsifier.MAGPRUNE:
