@@ -247,17 +247,16 @@ def prune_by_magnitude(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats:
 def add_within_bounds(i: int, ctx: ChunkContext, stats: MagnitudeStats | None, x: torch.Tensor,
                       sums: tuple[torch.Tensor, ...], weight: float) -> bool:
     """`prune_by_magnitude` fused with the merge's step (`kernels.magnitude`): model i's task vector `x - base`,
-    pruned to its magnitude bounds, times `weight`, added to `sums` (the total, or the four sums of TIES' sign
-    consensus), on the merge's threads. Where a gate must count ties at a bound in tensor order, or a rescale
-    factor applies, it does nothing and says False: the caller then takes the steps one at a time."""
+    pruned to its magnitude bounds, times `weight`, added to `sums` (the four sums of TIES' sign consensus), on the
+    merge's threads. Where a gate must count ties at a bound in tensor order, or a rescale factor applies, it does
+    nothing and says False: the caller then takes the steps one at a time."""
     if stats is None or not isinstance(stats.ranks[i], tuple) or stats.merge_gates[i] or stats.factors[i] != 1.0:
         return False
-    from streammerge.kernels import magnitude  # (numba: imported by the merges that select)
+    from streammerge.kernels import magnitude  # (numba: imported by the merges that elect signs)
     arrays = [t.numpy() for t in (x, ctx.base, *sums)]
     low, high = stats.bounds[i].limits(arrays[0].dtype)
-    kernel = magnitude.add_within_by_sign if len(sums) > 1 else magnitude.add_within
-    in_parallel(arrays[0].size, lambda a, z: kernel(*(array[a:z] for array in arrays), low, high, weight),
-                grain=KERNEL_GRAIN)
+    in_parallel(arrays[0].size, lambda a, z: magnitude.add_within_by_sign(*(array[a:z] for array in arrays), low,
+                                                                          high, weight), grain=KERNEL_GRAIN)
     return True
 
 

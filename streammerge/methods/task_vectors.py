@@ -63,6 +63,14 @@ class Family:
         own = Buffers.MIN_BUFFERS + (3 if self.consensus is Consensus.SIGN else 0)
         return own + (MAGPRUNE_BUFFERS if self.sparsifier is Sparsifier.MAGPRUNE else 0)
 
+    @property
+    def fused_magnitude(self) -> bool:
+        """Whether each model's step runs in one compiled pass within its magnitude bounds (`add_within_bounds`):
+        where the sign consensus loads numba anyway. Without it, numba's 34 MiB would shrink the chunks at a
+        small budget, which cost more than the pass saves (`breadcrumbs` at 256 MiB on the full-size XTTS set:
+        12-14 s against 8-10 s)."""
+        return self.sparsifier.by_magnitude and self.consensus is Consensus.SIGN
+
 
 def task_vector_merge(family: Family):
     def merge(ctx: ChunkContext, stats) -> torch.Tensor:
@@ -78,6 +86,7 @@ def task_vector_merge(family: Family):
         sums = (mixed, negative, weight_pos, weight_neg) if consensus else (mixed,)
         # one statistics object per tensor: not in a run of small tensors (one each there: `sparsify`)
         magnitude_stats = stats if family.sparsifier.by_magnitude and not ctx.segments else None
+        fused_magnitude = family.fused_magnitude and magnitude_stats is not None
         if magnitude_stats is not None and ctx.offset == 0:  # the merge's gates count the elements from the start
             magnitude_stats.merge_gates = [bd.new_gates() if bd is not None else [] for bd in magnitude_stats.bounds]
         for i, x in enumerate(ctx.inputs):
@@ -86,7 +95,7 @@ def task_vector_merge(family: Family):
             if family.sparsifier is Sparsifier.RANDOM:
                 add_randomly_pruned(i, ctx, x, sums, weight)
                 continue
-            if add_within_bounds(i, ctx, magnitude_stats, x, sums, weight):
+            if fused_magnitude and add_within_bounds(i, ctx, magnitude_stats, x, sums, weight):
                 continue
             torch.sub(x, base, out=b.delta)
             sparsify(family.sparsifier, i, ctx, stats, b)
@@ -120,7 +129,7 @@ def _loader(family: Family):
     """`Method.load` of a family: loads the compiled kernels (`streammerge.kernels`) its merge runs on, if any."""
     kernels = ((["philox"] if family.sparsifier in (Sparsifier.RANDOM, Sparsifier.MAGPRUNE) else [])
                + (["dare"] if family.sparsifier is Sparsifier.RANDOM else [])
-               + (["magnitude"] if family.sparsifier.by_magnitude else [])
+               + (["magnitude"] if family.fused_magnitude else [])
                + (["magprune"] if family.sparsifier is Sparsifier.MAGPRUNE else [])
                + (["consensus"] if family.consensus is Consensus.SIGN else []))
     if not kernels:
