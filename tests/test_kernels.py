@@ -135,7 +135,7 @@ def test_dare_kernels_give_the_bits_of_the_operations(dtype, density, rescale, w
     x, base = edge_values(n, dtype, 1), edge_values(n, dtype, 2)
     base[::9] = x[::9]  # task vectors of +-0
     uniform = Uniform(5, "t", 1)
-    draws = uniform.fill(start, torch.empty(n))
+    draws = torch.from_numpy(uniform.fill(start, np.empty(n, dtype=np.float32)))
     threshold = float(torch.tensor(density, dtype=dtype)) if math.isfinite(density) else density
     expected = dare_by_operations(x, base, draws, threshold, rescale, weight)
     total = edge_values(n, dtype, 3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -231,7 +232,8 @@ def plain_dare_prune(delta, density, weight, seed, name, stream):
     """DARE of a whole tensor written plainly (the tensor's Philox draws compared in its dtype, dropped entries
     +0, kept ones divided by the density), times the weight: what the fused per-thread pass must equal."""
     from streammerge.methods.streaming import Uniform
-    draws = Uniform(seed, name, stream).fill(0, torch.empty(delta.numel())).view(delta.shape)
+    draws = torch.from_numpy(Uniform(seed, name, stream).fill(0, np.empty(delta.numel(), dtype=np.float32)))
+    draws = draws.view(delta.shape)
     kept = torch.where(draws.double() < torch.tensor(density, dtype=delta.dtype).item(), delta,
                        torch.zeros((), dtype=delta.dtype))
     return kept.div_(density).mul_(weight)
@@ -327,7 +329,8 @@ def plain_della_prune(delta, density, epsilon, seed, name, stream):
     ranks = torch.empty_like(order).scatter_(1, order, torch.arange(span).view(1, -1, 1).expand_as(order))
     probability = ranks.to(delta.dtype) / (span - 1) if span > 1 else torch.zeros(grid.shape, dtype=delta.dtype)
     probability = (probability * (2 * epsilon) + (density - epsilon)).flatten()
-    draws = Uniform(seed, name, stream).fill(0, torch.empty(delta.numel())).to(delta.dtype)
+    draws = torch.from_numpy(Uniform(seed, name, stream).fill(0, np.empty(delta.numel(), dtype=np.float32)))
+    draws = draws.to(delta.dtype)
     kept = torch.where(draws < probability, delta.flatten(), torch.zeros((), dtype=delta.dtype))
     return (kept / probability).view(delta.shape)
 

@@ -381,45 +381,20 @@ def reference_uniform(seed: int, name: str, stream: int, start: int, stop: int) 
     return torch.from_numpy((out >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24))
 
 
+def draws_of(uniform: Uniform, start: int, n: int) -> torch.Tensor:
+    return torch.from_numpy(uniform.fill(start, np.empty(n, dtype=np.float32)))
+
+
 @pytest.mark.parametrize("start, stop", [(0, GRID), (0, 3 * GRID + 5), (GRID - 3, GRID + 4), (5 * GRID + 7, 7 * GRID),
                                          (12, 13), (3, 9), (8, 16), (1, 3), (2**32 * 4 - 6, 2**32 * 4 + 9)])
 def test_uniform_draws_match_reference_and_any_split(start, stop):
-    uniform = Uniform(7, "layer.weight", 2)
-    whole = uniform.fill(start, torch.empty(stop - start))
+    whole = draws_of(Uniform(7, "layer.weight", 2), start, stop - start)
     assert torch.equal(whole, reference_uniform(7, "layer.weight", 2, start, stop))
     middle = (start + stop) // 2
-    parts = torch.cat([Uniform(7, "layer.weight", 2).fill(start, torch.empty(middle - start)),
-                       Uniform(7, "layer.weight", 2).fill(middle, torch.empty(stop - middle))])
+    parts = torch.cat([draws_of(Uniform(7, "layer.weight", 2), start, middle - start),
+                       draws_of(Uniform(7, "layer.weight", 2), middle, stop - middle)])
     assert torch.equal(whole, parts)
     assert float(whole.min()) >= 0 and float(whole.max()) < 1
-
-
-def _recording(monkeypatch, kernel: str) -> list[int]:
-    """Record the start of each call of a `philox` kernel."""
-    from streammerge.kernels import philox
-    starts, original = [], getattr(philox, kernel)
-    monkeypatch.setattr(philox, kernel, lambda array, at, *rest: (starts.append(at), original(array, at, *rest))[1])
-    return starts
-
-
-def test_uniform_draws_split_between_threads_are_the_same(monkeypatch):
-    start, stop = GRID - 3, 5 * GRID + 11
-    starts = _recording(monkeypatch, "fill")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        draws = Uniform(7, "layer.weight", 2).fill(start, torch.empty(stop - start))
-    finally:
-        torch.set_num_threads(previous)
-    assert len(starts) == 3 and starts[0] == start  # one call per thread, each from its part's first element
-    assert torch.equal(draws, reference_uniform(7, "layer.weight", 2, start, stop))
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_uniform_into_other_dtypes_converts_the_same_draws(dtype):
-    start, stop = GRID - 5, 3 * (1 << 20) + 11  # several conversion batches
-    expected = reference_uniform(1, "w", 0, start, stop).to(dtype)
-    assert torch.equal(Uniform(1, "w", 0).fill(start, torch.empty(stop - start, dtype=dtype)), expected)
 
 
 def test_uniform_draws_look_independent():
@@ -427,8 +402,8 @@ def test_uniform_draws_look_independent():
     kept at several probabilities, pairs of neighbours and the same element in two streams (chi-square of a
     4x4 table of quarters, 9 degrees of freedom: 40 is beyond p = 1e-5)."""
     n = 1 << 20
-    draws = Uniform(0, "w", 0).fill(0, torch.empty(n)).double()
-    other = Uniform(0, "w", 1).fill(0, torch.empty(n)).double()
+    draws = draws_of(Uniform(0, "w", 0), 0, n).double()
+    other = draws_of(Uniform(0, "w", 1), 0, n).double()
     for p in (0.01, 0.1, 0.5, 0.9):
         kept = int((draws < p).sum())
         assert abs(kept - n * p) < 6 * math.sqrt(n * p * (1 - p))
@@ -439,8 +414,7 @@ def test_uniform_draws_look_independent():
 
 
 def test_uniform_streams_differ():
-    draws = [Uniform(s, n, k).fill(0, torch.empty(1000)) for s, n, k in ((0, "a", 0), (1, "a", 0), (0, "b", 0),
-                                                                          (0, "a", 1))]
+    draws = [draws_of(Uniform(s, n, k), 0, 1000) for s, n, k in ((0, "a", 0), (1, "a", 0), (0, "b", 0), (0, "a", 1))]
     for i in range(len(draws)):
         for j in range(i + 1, len(draws)):
             assert not torch.equal(draws[i], draws[j])

@@ -8,7 +8,8 @@
   density +- epsilon.
 
 The magnitude thresholds are exact whole-tensor order statistics (streaming radix selection, with ties broken
-by position), the random draws come from per-block generators, so what is kept never depends on the chunk size.
+by position), the random draws are counter-based (`streaming.Uniform`), so what is kept never depends on the
+chunk size.
 """
 
 from __future__ import annotations
@@ -465,7 +466,7 @@ def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, i: int, unit: 
     def work(a: int, b: int) -> None:
         for u in range(a, b, max(1, RANKED_BATCH // unit)):
             z = min(b, u + max(1, RANKED_BATCH // unit))
-            uniform.fill_here(start + u * unit, draws[u * unit:z * unit])
+            uniform.fill(start + u * unit, draws[u * unit:z * unit])
             rows = order[u * inner:z * inner]
             if bits is not None:
                 magprune.rank_keys(bits[u:z], rows, shift)

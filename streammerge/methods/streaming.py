@@ -286,7 +286,6 @@ class GroupSums:
 
 
 # -- randomness ----------------------------------------------------------------------------------------------
-DRAW_BATCH = 1 << 20  # draws converted at a time when the output is not float32
 DRAW_GRAIN = 1 << 16  # the fewest draws a thread makes
 KERNEL_GRAIN = 1 << 15  # the fewest elements a thread takes in an element-wise compiled kernel
 
@@ -319,29 +318,17 @@ def in_parallel(n: int, work: Callable[[int, int], None], grain: int) -> None:
 class Uniform:
     """U[0, 1) float32 numbers for any element range of a tensor, counter-based: element i gets word i % 4 of the
     Philox4x32-10 block at counter i // 4 of the stream `stream_key(seed, name, stream)`, as (word >> 8) / 2**24
-    (`philox`). A number depends on its element alone (so on no chunking, nor threads); a range is split
-    between the merge's threads."""
+    (`philox`). A number depends on its element alone, so on no chunking, nor threads."""
 
     def __init__(self, seed: int, name: str, stream: int):
         self.stream = stream_key(seed, name, stream)
 
-    def fill(self, start: int, out: torch.Tensor) -> torch.Tensor:
+    def fill(self, start: int, out: np.ndarray) -> np.ndarray:
+        """out[i] = the number of element start + i, into a contiguous float32 array, on the calling thread (the
+        merges split their work between threads, each part drawing from its first element)."""
         from streammerge.kernels import philox  # (numba: imported by the merges that draw, not by every command)
-        if out.dtype == torch.float32 and out.is_contiguous():
-            draws = out.numpy()
-            in_parallel(draws.size, lambda a, b: philox.fill(draws[a:b], start + a, self.stream), grain=DRAW_GRAIN)
-            return out
-        batch = np.empty(min(DRAW_BATCH, out.numel()), dtype=np.float32)
-        for a in range(0, out.numel(), DRAW_BATCH):
-            part = out[a:a + DRAW_BATCH]
-            philox.fill(batch[:part.numel()], start + a, self.stream)
-            part.copy_(torch.from_numpy(batch[:part.numel()]))
-        return out
-
-    def fill_here(self, start: int, out: np.ndarray) -> None:
-        """`fill` on the calling thread, into a contiguous float32 array (for work already split between threads)."""
-        from streammerge.kernels import philox
         philox.fill(out, start, self.stream)
+        return out
 
 
 # -- exact order statistics ----------------------------------------------------------------------------------

@@ -20,8 +20,7 @@ import torch
 
 from streammerge.methods.method import ChunkContext, Method, Param
 from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, MagnitudeStats, Sparsifier, add_randomly_pruned,
-                                             add_within_bounds,
-                                             magnitude_finish, magnitude_observe, magnitude_passes,
+                                             add_within_bounds, magnitude_finish, magnitude_observe, magnitude_passes,
                                              magnitude_segment_stats, magnitude_streamed_reads, prune_by_magnitude,
                                              prune_by_magnitude_rank, prune_segments_by_magnitude)
 from streammerge.methods.streaming import KERNEL_GRAIN, in_parallel
