@@ -335,7 +335,7 @@ def plain_della_prune(delta, density, epsilon, seed, name, stream):
     return (kept / probability).view(delta.shape)
 
 
-@pytest.mark.parametrize("dtype, chunk, threads", [("float32", None, 1), ("float32", GRID, 3),
+@pytest.mark.parametrize("dtype, chunk, threads", [("float32", None, 1), ("float32", 32 * GRID, 3), ("float32", GRID, 3),
                                                    ("float64", GRID, 1)])
 def test_della_equals_plain_pruning_bit_for_bit(tmp_path, dtype, chunk, threads, monkeypatch):
     """Rows ranked in batches by sorted keys (float32) or argsort (float64), units straddling chunk edges,
@@ -343,7 +343,8 @@ def test_della_equals_plain_pruning_bit_for_bit(tmp_path, dtype, chunk, threads,
     from streammerge import cpu
     monkeypatch.setattr(cpu, "merge_threads", lambda cores, load, writer_core: threads)
     g = torch.Generator().manual_seed(3)
-    shapes = {"w": (400, 300), "conv": (50, 40, 3, 3), "v": (3000,)}  # "w": 2 chunks of GRID, rows straddle
+    # "w": 3 chunks of GRID, rows straddle; in a chunk of 32 GRID, enough rows to rank on 3 threads
+    shapes = {"w": (700, 300), "conv": (50, 40, 3, 3), "v": (3000,)}
     base = {k: dyadic(s, g) for k, s in shapes.items()}  # dyadic: many equal magnitudes within a row
     model = {k: v + dyadic(v.shape, g) for k, v in base.items()}
     model["w"][:200] = base["w"][:200] + torch.randn(200, 300, generator=g)  # and distinct ones
