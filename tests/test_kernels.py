@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from streammerge.kernels import dare, magnitude, magprune
-from streammerge.kernels.consensus import add_by_sign, elect
+from streammerge.kernels.consensus import add_by_sign, finish
 from streammerge.methods.masks import INT_VIEW, compare, keep_only
 from streammerge.methods.streaming import Uniform
 
 
-def by_operations(deltas: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sign consensus as element-wise torch and numpy operations: (the elected sign's sum, its weight or 1)."""
+def by_operations(deltas: list[torch.Tensor], weights: list[float], base: torch.Tensor, normalize: bool,
+                  scale: float) -> torch.Tensor:
+    """Sign consensus as element-wise torch and numpy operations, as `task_vector_merge` ran them: the elected
+    sign's sum, divided by its weight (1 where that is 0) with `normalize`, times `scale` unless 1, plus the base."""
     n, dtype = deltas[0].numel(), deltas[0].dtype
     positive, negative, weight_pos, weight_neg, scratch = (torch.zeros(n, dtype=dtype) for _ in range(5))
     for delta, weight in zip(deltas, weights):
@@ -28,7 +30,12 @@ def by_operations(deltas: list[torch.Tensor], weights: list[float]) -> tuple[tor
     up = torch.empty(n, dtype=torch.bool)
     compare(np.greater_equal, torch.add(positive, negative), 0, up)
     weight = torch.where(up, weight_pos, weight_neg)
-    return torch.where(up, positive, negative), weight.masked_fill_(weight == 0, 1)
+    mixed = torch.where(up, positive, negative)
+    if normalize:
+        mixed.div_(weight.masked_fill_(weight == 0, 1))
+    if scale != 1:
+        mixed.mul_(scale)
+    return torch.add(base, mixed)
 
 
 def edge_values(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -43,20 +50,22 @@ def edge_values(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("weights", [[0.5, 0.3, 0.2], [1.0, -0.7], [0.1, 0.1, 0.1, 0.1, -0.4], [0.3]])
-def test_consensus_kernels_give_the_bits_of_the_operations(dtype, weights):
+@pytest.mark.parametrize("normalize, scale", [(True, 1.0), (False, 1.0), (True, 0.7), (False, -1.3)])
+def test_consensus_kernels_give_the_bits_of_the_operations(dtype, weights, normalize, scale):
+    """Each model's step added by sign (the first to sums it does not read: they start as garbage here), then
+    the election and the rest in one pass, written over the positive sum."""
     n = 50_000
     deltas = [edge_values(n, dtype, seed) for seed in range(len(weights))]
     deltas.append(deltas[0].neg())  # sums that cancel exactly
     weights = weights + [weights[0]]
-    expected_sum, expected_weight = by_operations(deltas, weights)
-    positive, negative, weight_pos, weight_neg, chosen, weight = (torch.zeros(n, dtype=dtype) for _ in range(6))
-    for delta, w in zip(deltas, weights):
-        add_by_sign(delta.numpy(), positive.numpy(), negative.numpy(), weight_pos.numpy(), weight_neg.numpy(), w)
-    elect(positive.numpy(), negative.numpy(), weight_pos.numpy(), weight_neg.numpy(), chosen.numpy(),
-          weight.numpy())
+    base = edge_values(n, dtype, 99)
+    expected = by_operations(deltas, weights, base, normalize, scale)
+    sums = [edge_values(n, dtype, 100 + k) for k in range(4)]
+    for k, (delta, w) in enumerate(zip(deltas, weights)):
+        add_by_sign(delta.numpy(), *(s.numpy() for s in sums), w, k == 0)
+    finish(*(s.numpy() for s in sums), base.numpy(), normalize, scale)
     bits = INT_VIEW[dtype]
-    assert torch.equal(chosen.view(bits), expected_sum.view(bits))
-    assert torch.equal(weight.view(bits), expected_weight.view(bits))
+    assert torch.equal(sums[0].view(bits), expected.view(bits))
 
 
 @pytest.mark.parametrize("span", [1, 2, 3, 1000, 3001])
@@ -141,15 +150,24 @@ def test_dare_kernels_give_the_bits_of_the_operations(dtype, density, rescale, w
     total = edge_values(n, dtype, 3)
     expected_total = total.clone().add_(expected)
     dare.add_dropped(x.numpy(), base.numpy(), total.numpy(), start, uniform.stream, threshold, density, rescale,
-                     weight)
-    sums = [torch.zeros(n, dtype=dtype) for _ in range(4)]
+                     weight, False)
+    first_total = edge_values(n, dtype, 4)  # not read: the first model's step adds to +0
+    dare.add_dropped(x.numpy(), base.numpy(), first_total.numpy(), start, uniform.stream, threshold, density,
+                     rescale, weight, True)
+    sums = [edge_values(n, dtype, 5 + k) for k in range(4)]
     expected_sums = [s.clone() for s in sums]
-    add_by_sign(expected.numpy(), *(s.numpy() for s in expected_sums), weight)
+    add_by_sign(expected.numpy(), *(s.numpy() for s in expected_sums), weight, False)
     dare.add_dropped_by_sign(x.numpy(), base.numpy(), *(s.numpy() for s in sums), start, uniform.stream, threshold,
-                             density, rescale, weight)
+                             density, rescale, weight, False)
     bits = INT_VIEW[dtype]
     assert torch.equal(total.view(bits), expected_total.view(bits))
+    assert torch.equal(first_total.view(bits), torch.zeros(n, dtype=dtype).add_(expected).view(bits))
     assert all(torch.equal(got.view(bits), want.view(bits)) for got, want in zip(sums, expected_sums))
+    dare.add_dropped_by_sign(x.numpy(), base.numpy(), *(s.numpy() for s in sums), start, uniform.stream, threshold,
+                             density, rescale, weight, True)
+    zeros = [torch.zeros(n, dtype=dtype) for _ in range(4)]
+    add_by_sign(expected.numpy(), *(s.numpy() for s in zeros), weight, False)
+    assert all(torch.equal(got.view(bits), want.view(bits)) for got, want in zip(sums, zeros))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -173,7 +191,13 @@ def test_magnitude_kernels_give_the_bits_of_the_operations(dtype, low, high, inc
     low_limit, high_limit = bounds.limits(x.numpy().dtype)
     sums = [edge_values(n, dtype, 6 + k) for k in range(4)]
     expected_sums = [s.clone() for s in sums]
-    add_by_sign(expected.numpy(), *(s.numpy() for s in expected_sums), weight)
-    magnitude.add_within_by_sign(x.numpy(), base.numpy(), *(s.numpy() for s in sums), low_limit, high_limit, weight)
+    add_by_sign(expected.numpy(), *(s.numpy() for s in expected_sums), weight, False)
+    magnitude.add_within_by_sign(x.numpy(), base.numpy(), *(s.numpy() for s in sums), low_limit, high_limit, weight,
+                                 False)
     bits = INT_VIEW[dtype]
     assert all(torch.equal(got.view(bits), want.view(bits)) for got, want in zip(sums, expected_sums))
+    magnitude.add_within_by_sign(x.numpy(), base.numpy(), *(s.numpy() for s in sums), low_limit, high_limit, weight,
+                                 True)  # the first model's step: the sums' contents not read
+    zeros = [torch.zeros(n, dtype=dtype) for _ in range(4)]
+    add_by_sign(expected.numpy(), *(s.numpy() for s in zeros), weight, False)
+    assert all(torch.equal(got.view(bits), want.view(bits)) for got, want in zip(sums, zeros))

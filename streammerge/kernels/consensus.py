@@ -12,39 +12,53 @@ from streammerge.kernels import compiled
 
 
 @njit(inline="always", cache=True)
-def sign_add(x, j, positive, negative, weight_positive, weight_negative, weight, zero):
-    """Element j of `add_by_sign`, for the weighted delta x."""
-    positive[j] += zero if x < zero else x
-    negative[j] += zero if x > zero else x
-    weight_positive[j] += weight if x > zero else zero
-    weight_negative[j] += weight if x < zero else zero
+def sign_add(x, j, positive, negative, weight_positive, weight_negative, weight, zero, first):
+    """Element j of `add_by_sign`, for the weighted delta x. With `first` the sums are not read but start at +0:
+    what adding to zeroed sums gives (+0 + -0 is +0), without a pass to zero them."""
+    positive[j] = (zero if first else positive[j]) + (zero if x < zero else x)
+    negative[j] = (zero if first else negative[j]) + (zero if x > zero else x)
+    weight_positive[j] = (zero if first else weight_positive[j]) + (weight if x > zero else zero)
+    weight_negative[j] = (zero if first else weight_negative[j]) + (weight if x < zero else zero)
 
 
 @compiled
-def add_by_sign(delta, positive, negative, weight_positive, weight_negative, weight):
+def add_by_sign(delta, positive, negative, weight_positive, weight_negative, weight, first):
     """Add one model's weighted delta: its positive part to `positive`, its negative part to `negative` (a NaN
-    to both), and `weight` to `weight_positive` where it is above zero, to `weight_negative` where below."""
+    to both), and `weight` to `weight_positive` where it is above zero, to `weight_negative` where below; the
+    `first` model's to sums of +0 (their contents not read)."""
     zero = delta.dtype.type(0)
     w = delta.dtype.type(weight)  # (rounded to the buffers' dtype, as torch rounds a Python number)
     for j in range(delta.size):
-        sign_add(delta[j], j, positive, negative, weight_positive, weight_negative, w, zero)
+        sign_add(delta[j], j, positive, negative, weight_positive, weight_negative, w, zero, first)
+
+
+@njit(inline="always", cache=True)
+def _elected(positive, negative, weight_positive, weight_negative, zero, one):
+    """The elected sign is + where positive + negative >= 0 (not where that sum is NaN): that sign's sum and its
+    weight, or 1 where that is zero (nothing to normalise)."""
+    up = positive + negative >= zero
+    weight = weight_positive if up else weight_negative
+    return (positive if up else negative), (one if weight == zero else weight)
 
 
 @compiled
-def elect(positive, negative, weight_positive, weight_negative, chosen, weight):
-    """The elected sign is + where positive + negative >= 0 (not where that sum is NaN): `chosen` takes that
-    sign's sum and `weight` that sign's weight, or 1 where it is zero (nothing to normalise)."""
+def finish(positive, negative, weight_positive, weight_negative, base, normalize, scale):
+    """positive = base + the elected sum (`_elected`) [/ its weight with `normalize`] [* scale where it is not 1]:
+    the election, the division, the multiplication by the merge's lambda and the addition of the base in one pass,
+    written over the positive sum (an output array of its own that is the positive sum would keep the loop from
+    vectorising: the compiler's overlap check fails and the scalar loop runs, five times slower)."""
     zero, one = positive.dtype.type(0), positive.dtype.type(1)
+    factor = positive.dtype.type(scale)  # (rounded to the buffers' dtype, as torch rounds a Python number)
+    scaled = scale != 1
     for j in range(positive.size):
-        up = positive[j] + negative[j] >= zero
-        chosen[j] = positive[j] if up else negative[j]
-        w = weight_positive[j] if up else weight_negative[j]
-        weight[j] = one if w == zero else w
+        chosen, weight = _elected(positive[j], negative[j], weight_positive[j], weight_negative[j], zero, one)
+        value = chosen / weight if normalize else chosen  # (selects: both sides are computed, the loop vectorises)
+        positive[j] = base[j] + (value * factor if scaled else value)
 
 
 def load() -> None:
     """Compile the kernels, or load them from numba's cache, for both accumulation dtypes."""
     for dtype in (np.float32, np.float64):
         a = [np.zeros(1, dtype=dtype) for _ in range(6)]
-        add_by_sign(*a[:5], 1.0)
-        elect(*a)
+        add_by_sign(*a[:5], 1.0, True)
+        finish(*a[:5], True, 1.0)

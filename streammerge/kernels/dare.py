@@ -26,45 +26,48 @@ def _kept(x, base, draw, threshold, zero):
 # The loops run over views that start at their first element and branch on `rescale` outside the loop: indexing
 # from an offset, or a branch inside, kept them from vectorising.
 @compiled
-def _add_span(x, base, total, draws, threshold, density, rescale, weight, zero):
+def _add_span(x, base, total, draws, threshold, density, rescale, weight, zero, first):
     if rescale:
         for j in range(x.size):
-            total[j] += (_kept(x[j], base[j], draws[j], threshold, zero) / density) * weight
+            value = (_kept(x[j], base[j], draws[j], threshold, zero) / density) * weight
+            total[j] = (zero if first else total[j]) + value
     else:
         for j in range(x.size):
-            total[j] += _kept(x[j], base[j], draws[j], threshold, zero) * weight
+            value = _kept(x[j], base[j], draws[j], threshold, zero) * weight
+            total[j] = (zero if first else total[j]) + value
 
 
 @compiled
 def _add_span_by_sign(x, base, positive, negative, weight_positive, weight_negative, draws, threshold, density,
-                      rescale, weight, zero):
+                      rescale, weight, zero, first):
     if rescale:
         for j in range(x.size):
             value = (_kept(x[j], base[j], draws[j], threshold, zero) / density) * weight
-            sign_add(value, j, positive, negative, weight_positive, weight_negative, weight, zero)
+            sign_add(value, j, positive, negative, weight_positive, weight_negative, weight, zero, first)
     else:
         for j in range(x.size):
             value = _kept(x[j], base[j], draws[j], threshold, zero) * weight
-            sign_add(value, j, positive, negative, weight_positive, weight_negative, weight, zero)
+            sign_add(value, j, positive, negative, weight_positive, weight_negative, weight, zero, first)
 
 
 @compiled
-def add_dropped(x, base, total, start, stream, threshold, density, rescale, weight):
+def add_dropped(x, base, total, start, stream, threshold, density, rescale, weight, first):
     """total += ((x - base) where the draw of the element (start + its index in the stream) is below `threshold`
-    (a float64 the values' dtype holds exactly), else +0) [/ density with `rescale`] * weight."""
+    (a float64 the values' dtype holds exactly), else +0) [/ density with `rescale`] * weight; for the `first`
+    model, total = +0 + that (its contents not read: what adding to a zeroed total gives)."""
     draws = np.empty(DRAWS, dtype=np.float32)
     as_dtype = total.dtype.type
     zero, density, weight = as_dtype(0), as_dtype(density), as_dtype(weight)
     for a in range(0, x.size, DRAWS):
         z = min(x.size, a + DRAWS)
         fill(draws[:z - a], start + a, stream)
-        _add_span(x[a:z], base[a:z], total[a:z], draws, threshold, density, rescale, weight, zero)
+        _add_span(x[a:z], base[a:z], total[a:z], draws, threshold, density, rescale, weight, zero, first)
 
 
 @compiled
 def add_dropped_by_sign(x, base, positive, negative, weight_positive, weight_negative, start, stream, threshold,
-                        density, rescale, weight):
-    """`add_dropped`'s weighted task vector, added by sign as `consensus.add_by_sign` adds it."""
+                        density, rescale, weight, first):
+    """`add_dropped`'s weighted task vector, added by sign as `consensus.add_by_sign` adds it (`first` as there)."""
     draws = np.empty(DRAWS, dtype=np.float32)
     as_dtype = positive.dtype.type
     zero, density, weight = as_dtype(0), as_dtype(density), as_dtype(weight)
@@ -72,7 +75,7 @@ def add_dropped_by_sign(x, base, positive, negative, weight_positive, weight_neg
         z = min(x.size, a + DRAWS)
         fill(draws[:z - a], start + a, stream)
         _add_span_by_sign(x[a:z], base[a:z], positive[a:z], negative[a:z], weight_positive[a:z],
-                          weight_negative[a:z], draws, threshold, density, rescale, weight, zero)
+                          weight_negative[a:z], draws, threshold, density, rescale, weight, zero, first)
 
 
 def load() -> None:
@@ -80,5 +83,5 @@ def load() -> None:
     stream = np.zeros(4, dtype=np.uint32)
     for dtype in (np.float32, np.float64):
         a = [np.zeros(1, dtype=dtype) for _ in range(6)]
-        add_dropped(a[0], a[1], a[2], 0, stream, 0.5, 0.5, True, 1.0)
-        add_dropped_by_sign(*a, 0, stream, 0.5, 0.5, True, 1.0)
+        add_dropped(a[0], a[1], a[2], 0, stream, 0.5, 0.5, True, 1.0, True)
+        add_dropped_by_sign(*a, 0, stream, 0.5, 0.5, True, 1.0, True)

@@ -21,17 +21,18 @@ def _kept(x, base, low, high, zero):
 
 
 @compiled
-def add_within_by_sign(x, base, positive, negative, weight_positive, weight_negative, low, high, weight):
+def add_within_by_sign(x, base, positive, negative, weight_positive, weight_negative, low, high, weight, first):
     """((x - base) where low <= |x - base| <= high, else +0) * weight, added by sign as `consensus.add_by_sign`
-    adds it; `low` and `high` of the values' dtype (an exclusive bound becomes the next value inward)."""
+    adds it (to sums of +0, not read, for the `first` model); `low` and `high` of the values' dtype (an exclusive
+    bound becomes the next value inward)."""
     zero, weight = positive.dtype.type(0), positive.dtype.type(weight)
     for j in range(x.size):
         value = _kept(x[j], base[j], low, high, zero) * weight
-        sign_add(value, j, positive, negative, weight_positive, weight_negative, weight, zero)
+        sign_add(value, j, positive, negative, weight_positive, weight_negative, weight, zero, first)
 
 
 def load() -> None:
     """Compile the kernel, or load it from numba's cache, for both accumulation dtypes."""
     for dtype in (np.float32, np.float64):
         bound = np.dtype(dtype).type(1)
-        add_within_by_sign(*(np.zeros(1, dtype=dtype) for _ in range(6)), bound, bound, 1.0)
+        add_within_by_sign(*(np.zeros(1, dtype=dtype) for _ in range(6)), bound, bound, 1.0, True)

@@ -246,18 +246,19 @@ def prune_by_magnitude(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats:
 
 
 def add_within_bounds(i: int, ctx: ChunkContext, stats: MagnitudeStats | None, x: torch.Tensor,
-                      sums: tuple[torch.Tensor, ...], weight: float) -> bool:
+                      sums: tuple[torch.Tensor, ...], weight: float, first: bool) -> bool:
     """`prune_by_magnitude` fused with the merge's step (`kernels.magnitude`): model i's task vector `x - base`,
-    pruned to its magnitude bounds, times `weight`, added to `sums` (the four sums of TIES' sign consensus), on the
-    merge's threads. Where a gate must count ties at a bound in tensor order, or a rescale factor applies, it does
-    nothing and says False: the caller then takes the steps one at a time."""
+    pruned to its magnitude bounds, times `weight`, added to `sums` (the four sums of TIES' sign consensus; to
+    +0 for the `first` model, their contents not read), on the merge's threads. Where a gate must count ties at a
+    bound in tensor order, or a rescale factor applies, it does nothing and says False: the caller then takes the
+    steps one at a time."""
     if stats is None or not isinstance(stats.ranks[i], tuple) or stats.merge_gates[i] or stats.factors[i] != 1.0:
         return False
     from streammerge.kernels import magnitude  # (numba: imported by the merges that elect signs)
     arrays = [t.numpy() for t in (x, ctx.base, *sums)]
     low, high = stats.bounds[i].limits(arrays[0].dtype)
     in_parallel(arrays[0].size, lambda a, z: magnitude.add_within_by_sign(*(array[a:z] for array in arrays), low,
-                                                                          high, weight), grain=KERNEL_GRAIN)
+                                                                          high, weight, first), grain=KERNEL_GRAIN)
     return True
 
 
@@ -386,11 +387,11 @@ def magnitude_finish(stats: MagnitudeStats, pass_index: int) -> int | None:
 
 # -- random sparsifiers --------------------------------------------------------------------------------------
 def add_randomly_pruned(i: int, ctx: ChunkContext, x: torch.Tensor, sums: tuple[torch.Tensor, ...],
-                        weight: float) -> None:
+                        weight: float, first: bool) -> None:
     """DARE, fused with the merge's step (`kernels.dare`): model i's task vector `x - base`, each entry kept with
     probability `density` (divided by it with `rescale`), times `weight`, added to `sums` (the total, or the four
-    sums of TIES' sign consensus). In a run of small tensors (`ctx.segments`) each tensor's numbers are drawn on
-    its segment, from its own stream."""
+    sums of TIES' sign consensus; to +0 for the `first` model, their contents not read). In a run of small tensors
+    (`ctx.segments`) each tensor's numbers are drawn on its segment, from its own stream."""
     from streammerge.kernels import dare  # (numba: imported by the merges that draw)
     density = ctx.model_params[i]["density"]
     drops = 0 < density < 1  # (at 1 every entry is kept unscaled, at 0 none: the same bits as no draw at all)
@@ -403,7 +404,7 @@ def add_randomly_pruned(i: int, ctx: ChunkContext, x: torch.Tensor, sums: tuple[
               else [(Uniform(ctx.seed, ctx.name, i), ctx.offset, 0, arrays[0].size)])
     for uniform, start, low, high in ranges:
         in_parallel(high - low, lambda a, z: kernel(*(array[low + a:low + z] for array in arrays), start + a,
-                                                    uniform.stream, threshold, density, rescale, weight),
+                                                    uniform.stream, threshold, density, rescale, weight, first),
                     grain=DRAW_GRAIN)
 
 

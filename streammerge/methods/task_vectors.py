@@ -76,39 +76,36 @@ def task_vector_merge(family: Family):
         b = ctx.derived(Buffers)
         consensus = family.consensus is Consensus.SIGN
         if consensus:  # (numba: imported by the merges that elect signs, not by every command)
-            from streammerge.kernels.consensus import add_by_sign, elect
+            from streammerge.kernels.consensus import add_by_sign, finish
         base = ctx.base
-        mixed = ctx.out.zero_()
-        if consensus:
-            negative, weight_pos, weight_neg = b.rest[:3]
-            negative.zero_(), weight_pos.zero_(), weight_neg.zero_()
-        sums = (mixed, negative, weight_pos, weight_neg) if consensus else (mixed,)
+        mixed = ctx.out
+        sums = (mixed, *b.rest[:3]) if consensus else (mixed,)  # (TIES': positive, negative and their weights)
+        if not consensus and family.sparsifier is not Sparsifier.RANDOM:  # (else compiled steps: the first writes)
+            mixed.zero_()
         # one statistics object per tensor: not in a run of small tensors (one each there: `sparsify`)
         magnitude_stats = stats if family.sparsifier.by_magnitude and not ctx.segments else None
         fused_magnitude = family.fused_magnitude and magnitude_stats is not None
         if magnitude_stats is not None and ctx.offset == 0:  # the merge's gates count the elements from the start
             magnitude_stats.merge_gates = [bd.new_gates() if bd is not None else [] for bd in magnitude_stats.bounds]
         for i, x in enumerate(ctx.inputs):
-            weight = ctx.model_params[i]["weight"]
+            weight, first = ctx.model_params[i]["weight"], i == 0
             # made, sparsified, weighted and added in one pass where the sparsifier allows it
             if family.sparsifier is Sparsifier.RANDOM:
-                add_randomly_pruned(i, ctx, x, sums, weight)
+                add_randomly_pruned(i, ctx, x, sums, weight, first)
                 continue
-            if fused_magnitude and add_within_bounds(i, ctx, magnitude_stats, x, sums, weight):
+            if fused_magnitude and add_within_bounds(i, ctx, magnitude_stats, x, sums, weight, first):
                 continue
             torch.sub(x, base, out=b.delta)
             sparsify(family.sparsifier, i, ctx, stats, b)
             b.delta.mul_(weight)
             if consensus:
-                _on_threads(add_by_sign, (b.delta, mixed, negative, weight_pos, weight_neg), weight)
+                _on_threads(add_by_sign, (b.delta, *sums), weight, first)
             else:
                 mixed.add_(b.delta)
-        if consensus:
-            _on_threads(elect, (mixed, negative, weight_pos, weight_neg, b.delta, b.magnitude))
-            mixed = b.delta
-            if ctx.params["normalize"]:
-                mixed.div_(b.magnitude)
-        elif ctx.params["normalize"]:
+        if consensus:  # the election, its normalisation, lambda and the base's addition in one pass, over `mixed`
+            _on_threads(finish, (*sums, base), bool(ctx.params["normalize"]), float(ctx.params["lambda"]))
+            return mixed
+        if ctx.params["normalize"]:
             divisor = sum(m["weight"] for m in ctx.model_params)
             mixed.div_(divisor if abs(divisor) >= 1e-8 else 1.0)
         if ctx.params["lambda"] != 1:
