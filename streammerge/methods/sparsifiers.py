@@ -18,6 +18,7 @@ import enum
 import functools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ import torch
 from streammerge.errors import StreamMergeError
 from streammerge.methods.masks import INT_VIEW, keep_only
 from streammerge.methods.method import ChunkContext
-from streammerge.methods.streaming import (DRAW_GRAIN, KERNEL_GRAIN, Groups, GroupSums, RankSelect, TieGate,
+from streammerge.methods.streaming import (DRAW_GRAIN, Groups, GroupSums, RankSelect, TieGate,
                                            Uniform, bool_views, in_parallel)
 
 RESCALE_EPS = 1e-7  # below this L1 norm a magnitude-pruned delta is left unscaled
@@ -245,21 +246,19 @@ def prune_by_magnitude(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats:
     keep_only(b.delta, b.keep, b.magnitude)  # the magnitudes are no longer needed
 
 
-def add_within_bounds(i: int, ctx: ChunkContext, stats: MagnitudeStats | None, x: torch.Tensor,
-                      sums: tuple[torch.Tensor, ...], weight: float, first: bool) -> bool:
-    """`prune_by_magnitude` fused with the merge's step (`kernels.magnitude`): model i's task vector `x - base`,
-    pruned to its magnitude bounds, times `weight`, added to `sums` (the four sums of TIES' sign consensus; to
-    +0 for the `first` model, their contents not read), on the merge's threads. Where a gate must count ties at a
-    bound in tensor order, or a rescale factor applies, it does nothing and says False: the caller then takes the
+def within_bounds_step(i: int, ctx: ChunkContext, stats: MagnitudeStats | None, x: torch.Tensor,
+                       sums: tuple[torch.Tensor, ...], weight: float, first: bool) -> Callable[[int, int], None] | None:
+    """`prune_by_magnitude` fused with the merge's step (`kernels.magnitude`), as a function of an element range
+    [a, z) of the chunk: model i's task vector `x - base`, pruned to its magnitude bounds, times `weight`, added to
+    `sums` (the four sums of TIES' sign consensus; to +0 for the `first` model, their contents not read). None where
+    a gate must count ties at a bound in tensor order, or a rescale factor applies: the caller then takes the
     steps one at a time."""
     if stats is None or not isinstance(stats.ranks[i], tuple) or stats.merge_gates[i] or stats.factors[i] != 1.0:
-        return False
+        return None
     from streammerge.kernels import magnitude  # (numba: imported by the merges that elect signs)
     arrays = [t.numpy() for t in (x, ctx.base, *sums)]
     low, high = stats.bounds[i].limits(arrays[0].dtype)
-    in_parallel(arrays[0].size, lambda a, z: magnitude.add_within_by_sign(*(array[a:z] for array in arrays), low,
-                                                                          high, weight, first), grain=KERNEL_GRAIN)
-    return True
+    return lambda a, z: magnitude.add_within_by_sign(*(array[a:z] for array in arrays), low, high, weight, first)
 
 
 # -- runs of whole small tensors (`Method.segmented`): per-tensor work on numpy views, the rest on the run -----
@@ -386,12 +385,12 @@ def magnitude_finish(stats: MagnitudeStats, pass_index: int) -> int | None:
 
 
 # -- random sparsifiers --------------------------------------------------------------------------------------
-def add_randomly_pruned(i: int, ctx: ChunkContext, x: torch.Tensor, sums: tuple[torch.Tensor, ...],
-                        weight: float, first: bool) -> None:
-    """DARE, fused with the merge's step (`kernels.dare`): model i's task vector `x - base`, each entry kept with
-    probability `density` (divided by it with `rescale`), times `weight`, added to `sums` (the total, or the four
-    sums of TIES' sign consensus; to +0 for the `first` model, their contents not read). In a run of small tensors
-    (`ctx.segments`) each tensor's numbers are drawn on its segment, from its own stream."""
+def _dare_draws(i: int, ctx: ChunkContext, x: torch.Tensor, sums: tuple[torch.Tensor, ...], weight: float,
+                first: bool) -> Callable[[Uniform, int, int, int], None]:
+    """DARE, fused with the merge's step (`kernels.dare`): `draw(uniform, start, a, z)` takes model i's task vector
+    `x - base` over the chunk's elements [a, z), keeps each entry with probability `density` by the numbers of
+    `uniform` from element `start` on (divided by it with `rescale`), times `weight`, and adds it to `sums` (the
+    total, or the four sums of TIES' sign consensus; to +0 for the `first` model, their contents not read)."""
     from streammerge.kernels import dare  # (numba: imported by the merges that draw)
     density = ctx.model_params[i]["density"]
     drops = 0 < density < 1  # (at 1 every entry is kept unscaled, at 0 none: the same bits as no draw at all)
@@ -400,12 +399,28 @@ def add_randomly_pruned(i: int, ctx: ChunkContext, x: torch.Tensor, sums: tuple[
     rescale = drops and bool(ctx.params["rescale"])
     kernel = dare.add_dropped_by_sign if len(sums) > 1 else dare.add_dropped
     arrays = [t.numpy() for t in (x, ctx.base, *sums)]
-    ranges = ([(Uniform(ctx.seed, seg.name, i), 0, seg.start, seg.stop) for seg in ctx.segments] if ctx.segments
-              else [(Uniform(ctx.seed, ctx.name, i), ctx.offset, 0, arrays[0].size)])
-    for uniform, start, low, high in ranges:
-        in_parallel(high - low, lambda a, z: kernel(*(array[low + a:low + z] for array in arrays), start + a,
-                                                    uniform.stream, threshold, density, rescale, weight, first),
-                    grain=DRAW_GRAIN)
+
+    def draw(uniform: Uniform, start: int, a: int, z: int) -> None:
+        kernel(*(array[a:z] for array in arrays), start, uniform.stream, threshold, density, rescale, weight, first)
+
+    return draw
+
+
+def randomly_pruned_step(i: int, ctx: ChunkContext, x: torch.Tensor, sums: tuple[torch.Tensor, ...],
+                         weight: float, first: bool) -> Callable[[int, int], None]:
+    """`_dare_draws` of a chunk of one tensor as a function of an element range [a, z) of the chunk."""
+    draw, uniform = _dare_draws(i, ctx, x, sums, weight, first), Uniform(ctx.seed, ctx.name, i)
+    return lambda a, z: draw(uniform, ctx.offset + a, a, z)
+
+
+def add_randomly_pruned(i: int, ctx: ChunkContext, x: torch.Tensor, sums: tuple[torch.Tensor, ...],
+                        weight: float, first: bool) -> None:
+    """`_dare_draws` in a run of small tensors (`ctx.segments`): each tensor's numbers drawn on its segment, from
+    its own stream, split between the merge's threads."""
+    draw = _dare_draws(i, ctx, x, sums, weight, first)
+    for seg in ctx.segments:
+        uniform = Uniform(ctx.seed, seg.name, i)
+        in_parallel(seg.numel, lambda a, z: draw(uniform, a, seg.start + a, seg.start + z), grain=DRAW_GRAIN)
 
 
 def _magprune_unit(shape: tuple, numel: int) -> tuple[int, int]:

@@ -15,15 +15,17 @@ import dataclasses
 import enum
 import importlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from streammerge.methods.method import ChunkContext, Method, Param
 from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, MagnitudeStats, Sparsifier, add_randomly_pruned,
-                                             add_within_bounds, magnitude_finish, magnitude_observe, magnitude_passes,
+                                             magnitude_finish, magnitude_observe, magnitude_passes,
                                              magnitude_segment_stats, magnitude_streamed_reads, prune_by_magnitude,
-                                             prune_by_magnitude_rank, prune_segments_by_magnitude)
-from streammerge.methods.streaming import KERNEL_GRAIN, in_parallel
+                                             prune_by_magnitude_rank, prune_segments_by_magnitude,
+                                             randomly_pruned_step, within_bounds_step)
+from streammerge.methods.streaming import DRAW_GRAIN, KERNEL_GRAIN, in_parallel
 
 
 def _unit_interval(value: float) -> str | None:
@@ -64,7 +66,7 @@ class Family:
 
     @property
     def fused_magnitude(self) -> bool:
-        """Whether each model's step runs in one compiled pass within its magnitude bounds (`add_within_bounds`):
+        """Whether each model's step runs in one compiled pass within its magnitude bounds (`within_bounds_step`):
         where the sign consensus loads numba anyway. Without it, numba's 34 MiB would shrink the chunks at a
         small budget, which cost more than the pass saves (`breadcrumbs` at 256 MiB on the full-size XTTS set:
         12-14 s against 8-10 s)."""
@@ -87,23 +89,41 @@ def task_vector_merge(family: Family):
         fused_magnitude = family.fused_magnitude and magnitude_stats is not None
         if magnitude_stats is not None and ctx.offset == 0:  # the merge's gates count the elements from the start
             magnitude_stats.merge_gates = [bd.new_gates() if bd is not None else [] for bd in magnitude_stats.bounds]
+        # Compiled steps over element ranges, run together: each thread takes its range through every step in turn
+        # (one dispatch, the range in its core's cache), before anything else reads or writes the sums.
+        steps: list[Callable[[int, int], None]] = []
+        grain = DRAW_GRAIN if family.sparsifier is Sparsifier.RANDOM else KERNEL_GRAIN
+
+        def run_steps() -> None:
+            if steps:
+                in_parallel(mixed.numel(), lambda a, z: [step(a, z) for step in steps], grain=grain)
+                steps.clear()
+
         for i, x in enumerate(ctx.inputs):
             weight, first = ctx.model_params[i]["weight"], i == 0
             # made, sparsified, weighted and added in one pass where the sparsifier allows it
             if family.sparsifier is Sparsifier.RANDOM:
-                add_randomly_pruned(i, ctx, x, sums, weight, first)
+                if ctx.segments:  # (each tensor of the run draws its own numbers)
+                    add_randomly_pruned(i, ctx, x, sums, weight, first)
+                else:
+                    steps.append(randomly_pruned_step(i, ctx, x, sums, weight, first))
                 continue
-            if fused_magnitude and add_within_bounds(i, ctx, magnitude_stats, x, sums, weight, first):
+            step = within_bounds_step(i, ctx, magnitude_stats, x, sums, weight, first) if fused_magnitude else None
+            if step is not None:
+                steps.append(step)
                 continue
+            run_steps()  # (b.delta is made again below)
             torch.sub(x, base, out=b.delta)
             sparsify(family.sparsifier, i, ctx, stats, b)
             b.delta.mul_(weight)
             if consensus:
-                _on_threads(add_by_sign, (b.delta, *sums), weight, first)
+                steps.append(_span(add_by_sign, (b.delta, *sums), weight, first))
             else:
                 mixed.add_(b.delta)
         if consensus:  # the election, its normalisation, lambda and the base's addition in one pass, over `mixed`
-            _on_threads(finish, (*sums, base), bool(ctx.params["normalize"]), float(ctx.params["lambda"]))
+            steps.append(_span(finish, (*sums, base), bool(ctx.params["normalize"]), float(ctx.params["lambda"])))
+        run_steps()
+        if consensus:
             return mixed
         if ctx.params["normalize"]:
             divisor = sum(m["weight"] for m in ctx.model_params)
@@ -115,10 +135,10 @@ def task_vector_merge(family: Family):
     return merge
 
 
-def _on_threads(kernel, tensors: tuple[torch.Tensor, ...], *numbers) -> None:
-    """An element-wise compiled kernel over same-length contiguous tensors, split between the merge's threads."""
+def _span(kernel, tensors: tuple[torch.Tensor, ...], *numbers) -> Callable[[int, int], None]:
+    """An element-wise compiled kernel over same-length contiguous tensors, as a function of an element range."""
     arrays = [t.numpy() for t in tensors]
-    in_parallel(arrays[0].size, lambda a, z: kernel(*(x[a:z] for x in arrays), *numbers), grain=KERNEL_GRAIN)
+    return lambda a, z: kernel(*(x[a:z] for x in arrays), *numbers)
 
 
 def _loader(family: Family):
