@@ -1,7 +1,8 @@
-"""TIES sign consensus, one pass per model and one to elect, instead of the eight and eleven torch and numpy
-operations it takes element-wise (`task_vectors.task_vector_merge` documents the arithmetic). Each sum is the same
-single float addition in the same order as those operations, so the bits are theirs: `tests/test_kernels.py`
-holds the kernels to them, zeros of either sign, NaN and infinities included."""
+"""TIES sign consensus, one pass per model and one to elect and end the merge (normalise, lambda, base), instead
+of the eight and fourteen torch and numpy operations it takes element-wise (`task_vectors.task_vector_merge`
+documents the arithmetic). Each sum is the same single float addition in the same order as those operations, so
+the bits are theirs: `tests/test_kernels.py` holds the kernels to them, zeros of either sign, NaN and infinities
+included."""
 
 from __future__ import annotations
 

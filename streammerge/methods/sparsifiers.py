@@ -413,8 +413,8 @@ def randomly_pruned_step(i: int, ctx: ChunkContext, x: torch.Tensor, sums: tuple
     return lambda a, z: draw(uniform, ctx.offset + a, a, z)
 
 
-def add_randomly_pruned(i: int, ctx: ChunkContext, x: torch.Tensor, sums: tuple[torch.Tensor, ...],
-                        weight: float, first: bool) -> None:
+def add_randomly_pruned_segments(i: int, ctx: ChunkContext, x: torch.Tensor, sums: tuple[torch.Tensor, ...],
+                                 weight: float, first: bool) -> None:
     """`_dare_draws` in a run of small tensors (`ctx.segments`): each tensor's numbers drawn on its segment, from
     its own stream, split between the merge's threads."""
     draw = _dare_draws(i, ctx, x, sums, weight, first)

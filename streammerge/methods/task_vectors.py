@@ -20,10 +20,10 @@ from typing import Callable
 import torch
 
 from streammerge.methods.method import ChunkContext, Method, Param
-from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, MagnitudeStats, Sparsifier, add_randomly_pruned,
-                                             magnitude_finish, magnitude_observe, magnitude_passes,
-                                             magnitude_segment_stats, magnitude_streamed_reads, prune_by_magnitude,
-                                             prune_by_magnitude_rank, prune_segments_by_magnitude,
+from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, MagnitudeStats, Sparsifier,
+                                             add_randomly_pruned_segments, magnitude_finish, magnitude_observe,
+                                             magnitude_passes, magnitude_segment_stats, magnitude_streamed_reads,
+                                             prune_by_magnitude, prune_by_magnitude_rank, prune_segments_by_magnitude,
                                              randomly_pruned_step, within_bounds_step)
 from streammerge.methods.streaming import DRAW_GRAIN, KERNEL_GRAIN, in_parallel
 
@@ -104,7 +104,7 @@ def task_vector_merge(family: Family):
             # made, sparsified, weighted and added in one pass where the sparsifier allows it
             if family.sparsifier is Sparsifier.RANDOM:
                 if ctx.segments:  # (each tensor of the run draws its own numbers)
-                    add_randomly_pruned(i, ctx, x, sums, weight, first)
+                    add_randomly_pruned_segments(i, ctx, x, sums, weight, first)
                 else:
                     steps.append(randomly_pruned_step(i, ctx, x, sums, weight, first))
                 continue
