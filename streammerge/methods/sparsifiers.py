@@ -27,7 +27,7 @@ from streammerge.errors import StreamMergeError
 from streammerge.methods.masks import INT_VIEW, keep_only
 from streammerge.methods.method import ChunkContext
 from streammerge.methods.streaming import (DRAW_GRAIN, Groups, GroupSums, RankSelect, TieGate,
-                                           Uniform, bool_views, in_parallel)
+                                           Uniform, bool_views, in_parallel, range_step)
 
 RESCALE_EPS = 1e-7  # below this L1 norm a magnitude-pruned delta is left unscaled
 # DELLA ranks at most 1/MAGPRUNE_SHARE of a chunk at once: its temporaries (int64 sort keys, float32 draws and,
@@ -256,9 +256,8 @@ def within_bounds_step(i: int, ctx: ChunkContext, stats: MagnitudeStats | None, 
     if stats is None or not isinstance(stats.ranks[i], tuple) or stats.merge_gates[i] or stats.factors[i] != 1.0:
         return None
     from streammerge.kernels import magnitude  # (numba: imported by the merges that elect signs)
-    arrays = [t.numpy() for t in (x, ctx.base, *sums)]
-    low, high = stats.bounds[i].limits(arrays[0].dtype)
-    return lambda a, z: magnitude.add_within_by_sign(*(array[a:z] for array in arrays), low, high, weight, first)
+    low, high = stats.bounds[i].limits(x.numpy().dtype)
+    return range_step(magnitude.add_within_by_sign, (x, ctx.base, *sums), low, high, weight, first)
 
 
 # -- runs of whole small tensors (`Method.segmented`): per-tensor work on numpy views, the rest on the run -----

@@ -315,6 +315,13 @@ def in_parallel(n: int, work: Callable[[int, int], None], grain: int) -> None:
     list(_POOL.map(lambda a: work(a, min(n, a + step)), range(0, n, step)))
 
 
+def range_step(kernel: Callable, tensors: tuple[torch.Tensor, ...], *numbers) -> Callable[[int, int], None]:
+    """An element-wise compiled kernel over same-length contiguous tensors, as a function of an element range
+    [a, z) (for `in_parallel`, or for a merge that runs several such steps on each thread's range)."""
+    arrays = [t.numpy() for t in tensors]
+    return lambda a, z: kernel(*(x[a:z] for x in arrays), *numbers)
+
+
 class Uniform:
     """U[0, 1) float32 numbers for any element range of a tensor, counter-based: element i gets word i % 4 of the
     Philox4x32-10 block at counter i // 4 of the stream `stream_key(seed, name, stream)`, as (word >> 8) / 2**24

@@ -25,7 +25,7 @@ from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, Magnitud
                                              magnitude_passes, magnitude_segment_stats, magnitude_streamed_reads,
                                              prune_by_magnitude, prune_by_magnitude_rank, prune_segments_by_magnitude,
                                              randomly_pruned_step, within_bounds_step)
-from streammerge.methods.streaming import DRAW_GRAIN, KERNEL_GRAIN, in_parallel
+from streammerge.methods.streaming import DRAW_GRAIN, KERNEL_GRAIN, in_parallel, range_step
 
 
 def _unit_interval(value: float) -> str | None:
@@ -117,11 +117,11 @@ def task_vector_merge(family: Family):
             sparsify(family.sparsifier, i, ctx, stats, b)
             b.delta.mul_(weight)
             if consensus:
-                steps.append(_span(add_by_sign, (b.delta, *sums), weight, first))
+                steps.append(range_step(add_by_sign, (b.delta, *sums), weight, first))
             else:
                 mixed.add_(b.delta)
         if consensus:  # the election, its normalisation, lambda and the base's addition in one pass, over `mixed`
-            steps.append(_span(finish, (*sums, base), bool(ctx.params["normalize"]), float(ctx.params["lambda"])))
+            steps.append(range_step(finish, (*sums, base), bool(ctx.params["normalize"]), float(ctx.params["lambda"])))
         run_steps()
         if consensus:
             return mixed
@@ -133,12 +133,6 @@ def task_vector_merge(family: Family):
         return torch.add(base, mixed, out=ctx.out)
 
     return merge
-
-
-def _span(kernel, tensors: tuple[torch.Tensor, ...], *numbers) -> Callable[[int, int], None]:
-    """An element-wise compiled kernel over same-length contiguous tensors, as a function of an element range."""
-    arrays = [t.numpy() for t in tensors]
-    return lambda a, z: kernel(*(x[a:z] for x in arrays), *numbers)
 
 
 def _loader(family: Family):
