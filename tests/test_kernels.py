@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from streammerge.kernels import dare, magnitude, magprune
+from streammerge.kernels import dare, magnitude, magprune, sce
 from streammerge.kernels.consensus import add_by_sign, finish
 from streammerge.methods.masks import INT_VIEW, compare, keep_only
 from streammerge.methods.streaming import Uniform
@@ -201,3 +201,66 @@ def test_magnitude_kernels_give_the_bits_of_the_operations(dtype, low, high, inc
     zeros = [torch.zeros(n, dtype=dtype) for _ in range(4)]
     add_by_sign(expected.numpy(), *(s.numpy() for s in zeros), weight, False)
     assert all(torch.equal(got.view(bits), want.view(bits)) for got, want in zip(sums, zeros))
+
+
+def same_bits_or_both_nan(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal bit patterns, but for NaN, whose sign and payload depend on the order of a commutative addition's
+    operands (x86 keeps the first NaN), which the compiler may swap (and torch's vectorised body and scalar tail
+    may differ in): a NaN for a NaN."""
+    bits = INT_VIEW[got.dtype]
+    both_nan = got.isnan() & expected.isnan()
+    return bool((both_nan | (got.view(bits) == expected.view(bits))).all())
+
+
+def sce_by_operations(inputs: list[torch.Tensor], base: torch.Tensor, keep: torch.Tensor | None,
+                      weights: list[float]) -> torch.Tensor:
+    """sce's merge as the element-wise torch operations mergekit's definition takes (`methods.sce` documents it)."""
+    def delta(x: torch.Tensor) -> torch.Tensor:
+        d = torch.sub(x, base)
+        return d.masked_fill_(~keep, 0) if keep is not None else d
+
+    n, dtype = base.numel(), base.dtype
+    total = torch.zeros(n, dtype=dtype)
+    for x in inputs:
+        total.add_(delta(x))
+    positive = total >= 0
+    mixed, divisor = torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype)
+    for x, weight in zip(inputs, weights):
+        d = delta(x)
+        flags = torch.where(positive, d > 0, d < 0).to(dtype)
+        mixed.add_(d.mul_(flags).mul_(weight))
+        divisor.add_(flags.mul_(torch.tensor(weight, dtype=torch.float32).item()))
+    mixed.div_(divisor.clamp_(min=1e-6))
+    return mixed.add_(base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weights", [[0.5, 0.3, 0.2], [1.0], [0.1, 0.7], [0.25, 0.25, 0.25, 0.25], [1e-9, 0.3, 0.1]])
+@pytest.mark.parametrize("selects", [False, True])
+def test_sce_kernels_give_the_bits_of_the_operations(dtype, weights, selects):
+    """sce's merge and its squares, on deltas with many ties, NaN, infinities, zeros of either sign, denormals, sums
+    that cancel, with and without a selection mask."""
+    n = 30_000
+    g = torch.Generator().manual_seed(len(weights))
+    base = (torch.randint(-8, 9, (n,), generator=g) / 8).to(dtype)
+    base[::5] = edge_values(len(base[::5]), dtype, 1)
+    inputs = [(torch.randint(-8, 9, (n,), generator=g) / 8).to(dtype) for _ in weights]
+    for k, x in enumerate(inputs):
+        x[k::3] = edge_values(len(x[k::3]), dtype, 10 + k)
+    if len(inputs) > 1:
+        inputs[-1][::7] = 2 * base[::7] - inputs[0][::7]  # deltas that cancel
+    keep = torch.rand(n, generator=g) < 0.6 if selects else None
+    mask = keep.numpy() if selects else np.zeros(1, dtype=bool)
+    expected = sce_by_operations(inputs, base, keep, weights)
+    out = edge_values(n, dtype, 3)  # (written, not read)
+    as_dtype = base.numpy().dtype
+    sce.merge(tuple(x.numpy() for x in inputs), base.numpy(), mask, selects, np.array(weights, dtype=as_dtype),
+              np.array([torch.tensor(w, dtype=torch.float32).item() for w in weights], dtype=as_dtype), out.numpy())
+    assert same_bits_or_both_nan(out, expected)
+    bits = INT_VIEW[dtype]
+    for x in inputs:
+        d = torch.sub(x, base)
+        if selects:
+            d.masked_fill_(~keep, 0)
+        sce.squared_delta(x.numpy(), base.numpy(), mask, selects, out.numpy())
+        assert torch.equal(out.view(bits), torch.mul(d, d).view(bits))

@@ -19,22 +19,25 @@ A larger tensor whose variance fits the method's buffers (`ChunkContext.arena`) 
 first pass and selected in memory by the same histogram passes, then its kept entries stored as bits in the
 first buffer (the variance's, unused once they are stored): the variance is computed once instead of once per
 pass, and the squares and merge passes read the bits.
+
+The variance, each model's squares and the merge are compiled passes (`kernels.sce`: the same arithmetic as the
+element-wise operations, bit for bit), split between the merge's threads.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import torch
 
-from streammerge.methods.masks import INT_VIEW, compare, keep_only
+from streammerge.methods.masks import INT_VIEW
 from streammerge.methods.method import GRID, ChunkContext, Method, Param, per_segment
-from streammerge.methods.streaming import Groups, GroupSums, RankSelect, bool_views
+from streammerge.methods.streaming import KERNEL_GRAIN, Groups, GroupSums, RankSelect, bool_views, in_parallel
 from streammerge.methods.sparsifiers import Bounds, bounds_from
 from streammerge.methods.task_vectors import INT8_MASK
 
 MIN_WEIGHT_SUM = 1e-6  # below this sum of mean squares the models get equal weights (mergekit)
-MIN_DIVISOR = 1e-6
-VARIANCE_BLOCK = GRID  # elements per block of the per-entry variance (float64 temporaries, n_models + 1 of them)
 BUFFERS = 5
 KEEP_SLICE = GRID  # elements whose kept bits are made or read back at a time (bool and int temporaries)
 
@@ -72,33 +75,37 @@ class Buffers:
         scratch = [b[:n] for b in ctx.buffers]
         self.variance, counts, masks, self.delta, self.total = scratch[:5]
         self.counts = counts.view({4: torch.int32, 8: torch.int64}[counts.element_size()])
-        self.flags = counts  # 0/1 as numbers, once the tie counts are done with (a product with a bool
-        # tensor would convert it into a chunk-sized temporary first)
-        self.keep, self.equal, self.other, self.positive = bool_views(masks, n)[:4]
+        self.keep, self.equal, self.other = bool_views(masks, n)[:3]
+
+
+NO_MASK = np.zeros(1, dtype=bool)  # what the kernels get for a mask they do not read
+
+
+def _arrays(ctx: ChunkContext, a: int, z: int) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Elements [a, z) of the models' inputs (a tuple, as the kernels take them) and of the base."""
+    return tuple(x.numpy()[a:z] for x in ctx.inputs), ctx.base.numpy()[a:z]
 
 
 def variance(ctx: ChunkContext, out: torch.Tensor) -> torch.Tensor:
-    """Population variance across the models of delta_i per entry: summed in float64 and rounded to the
-    accumulation dtype, as torch.var (mergekit's) computes it for float32, a block at a time (elementwise, so
-    ~6x faster than torch.var over a stacked dimension)."""
-    n = out.numel()
-    count = len(ctx.inputs)
-    for a in range(0, n, VARIANCE_BLOCK):
-        b = min(n, a + VARIANCE_BLOCK)
-        # the task vectors as mergekit forms them (in the accumulation dtype), then widened
-        deltas = [torch.sub(x[a:b], ctx.base[a:b], out=out[a:b]).to(torch.float64, copy=True) for x in ctx.inputs]
-        # Sums start from their first term rather than from zero: they differ only in the sign of a zero mean,
-        # which squaring removes, and a sum of squares never starts at -0.
-        mean = torch.add(deltas[0], deltas[1]) if count > 1 else deltas[0].clone()
-        for d in deltas[2:]:
-            mean.add_(d)
-        mean.div_(count)
-        squares = deltas[0].sub_(mean).square_()
-        for d in deltas[1:]:
-            squares.add_(d.sub_(mean).square_())
-        # (abs: the same bits for a variance, and the NaN an Inf input makes, -NaN on x86, one the selection ranks;
-        # taken after the rounding to the output's dtype, which keeps the sign)
-        out[a:b].copy_(squares.div_(count)).abs_()
+    """Population variance across the models of delta_i per entry (`kernels.sce.variance`): each task vector made
+    as mergekit forms it (in the accumulation dtype), summed in float64 and rounded to the accumulation dtype, as
+    torch.var (mergekit's) computes it for float32. The sums start from their first term rather than from zero:
+    they differ only in the sign of a zero mean, which squaring removes. Its absolute value: the same bits for a
+    variance, and the NaN an Inf input makes (-NaN on x86) becomes one the selection ranks."""
+    from streammerge.kernels import sce as kernels  # (numba: imported by this method's merges)
+    values = out.numpy()
+    in_parallel(out.numel(), lambda a, z: kernels.variance(*_arrays(ctx, a, z), values[a:z]), grain=KERNEL_GRAIN)
+    return out
+
+
+def _squares(ctx: ChunkContext, i: int, keep: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """out = the square of model i's task vector where `keep` holds (+0 elsewhere; None: everywhere)."""
+    from streammerge.kernels import sce as kernels
+    x, base, squares = ctx.inputs[i].numpy(), ctx.base.numpy(), out.numpy()
+    kept = keep.numpy() if keep is not None else NO_MASK
+    selects = keep is not None
+    in_parallel(out.numel(), lambda a, z: kernels.squared_delta(x[a:z], base[a:z], kept[a:z] if selects else kept,
+                                                                 selects, squares[a:z]), grain=KERNEL_GRAIN)
     return out
 
 
@@ -186,13 +193,6 @@ def _keep(stats: SceStats, ctx: ChunkContext, b: Buffers) -> torch.Tensor | None
     return b.keep
 
 
-def _delta(ctx: ChunkContext, i: int, keep: torch.Tensor | None, b: Buffers) -> torch.Tensor:
-    torch.sub(ctx.inputs[i], ctx.base, out=b.delta)
-    if keep is not None:
-        keep_only(b.delta, keep, b.flags)  # (the flags' buffer is free here: scratch for the mask's bits)
-    return b.delta
-
-
 def sce_observe(stats: SceStats, pass_index: int, ctx: ChunkContext) -> None:
     if stats.squares is None:
         stats.setup(ctx)
@@ -215,15 +215,11 @@ def sce_observe(stats: SceStats, pass_index: int, ctx: ChunkContext) -> None:
         stats.new_gates()
     keep = _keep(stats, ctx, b)
     if b.delta.numel() <= GRID:  # one grid block: every model's squares summed in one call
-        squares = []
-        for i in range(len(ctx.inputs)):
-            delta = _delta(ctx, i, keep, b)  # (the same buffer for every model: squared before the next)
-            squares.append(torch.mul(delta, delta))
-        stats.squares.add_each(ctx.offset, squares)
+        stats.squares.add_each(ctx.offset, [_squares(ctx, i, keep, torch.empty_like(b.delta))
+                                            for i in range(len(ctx.inputs))])
         return
     for i in range(len(ctx.inputs)):
-        delta = _delta(ctx, i, keep, b)
-        stats.squares.add(i, ctx.offset, torch.mul(delta, delta, out=b.total))
+        stats.squares.add(i, ctx.offset, _squares(ctx, i, keep, b.total))
 
 
 def sce_finish(stats: SceStats, pass_index: int) -> int | None:
@@ -262,31 +258,26 @@ def _default_dtype(weight: float) -> float:
 
 
 def sce(ctx: ChunkContext, stats: SceStats | None) -> torch.Tensor:
+    """The elected sign is + where the sum of the (selected) deltas is >= 0; each model's delta counts where it has
+    that sign, times its weight, and the sum of those weights divides (`kernels.sce.merge`). A weight is rounded
+    to the accumulation dtype as a product with a tensor rounds a Python number, its share of the divisor first
+    to float32 (mergekit multiplies it by a bool tensor)."""
     if stats is None or stats.nothing:  # nothing selected
         return ctx.out.copy_(ctx.base)
+    from streammerge.kernels import sce as kernels
     b = ctx.derived(Buffers)
     if ctx.offset == 0:
         stats.new_gates()
     keep = _keep(stats, ctx, b)
-    b.total.zero_()
-    for i in range(len(ctx.inputs)):
-        b.total.add_(_delta(ctx, i, keep, b))
-    compare(np.greater_equal, b.total, 0, b.positive)  # the elected sign: + where the sum is >= 0
-    mixed, divisor = ctx.out.zero_(), b.total.zero_()
-    positive, agree, other = b.positive.numpy(), b.equal.numpy(), b.other.numpy()
-    for i, weight in enumerate(stats.weights):
-        delta = _delta(ctx, i, keep, b)
-        # agree = where(positive, delta > 0, delta < 0), in numpy's bool operations (see masks.compare)
-        compare(np.greater, delta, 0, b.equal)
-        np.logical_and(agree, positive, out=agree)
-        compare(np.less, delta, 0, b.other)
-        np.greater(other, positive, out=other)  # delta < 0 where the sign is not positive
-        np.logical_or(agree, other, out=agree)
-        np.copyto(b.flags.numpy(), agree)  # as 0/1 numbers
-        mixed.add_(delta.mul_(b.flags).mul_(weight))
-        divisor.add_(b.flags.mul_(_default_dtype(weight)))
-    mixed.div_(divisor.clamp_(min=MIN_DIVISOR))
-    return mixed.add_(ctx.base)
+    kept, selects = (keep.numpy(), True) if keep is not None else (NO_MASK, False)
+    dtype = ctx.out.numpy().dtype
+    weights = np.array(stats.weights, dtype=dtype)
+    divisor_weights = np.array([_default_dtype(w) for w in stats.weights], dtype=dtype)
+    out = ctx.out.numpy()
+    in_parallel(ctx.out.numel(), lambda a, z: kernels.merge(*_arrays(ctx, a, z), kept[a:z] if selects else kept,
+                                                            selects, weights, divisor_weights, out[a:z]),
+                grain=KERNEL_GRAIN)
+    return ctx.out
 
 
 SCE = Method(
@@ -299,6 +290,7 @@ SCE = Method(
             INT8_MASK),
     needs_base=True, stat_passes=sce_passes, init_stats=SceStats, observe=sce_observe, finish_pass=sce_finish,
     streamed_reads=sce_streamed_reads, buffers=BUFFERS, min_models=1, typical={"parameters": {"select_topk": 0.5}},
+    load=lambda: importlib.import_module("streammerge.kernels.sce").load(),
 )
 
 METHODS = (SCE,)
