@@ -4,6 +4,7 @@ and the seeded uniform draws (`Uniform`), on random data with many ties, fed in 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -235,12 +236,13 @@ SHAPES = [(5 * GRID + 99,), (300, 1001), (GRID // 2 + 3, 5), (7, 3, GRID // 4 + 
 @pytest.mark.parametrize("kind", ["tensor", "rows", "columns"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_group_sums_match_torch_and_are_chunk_invariant(kind, shape):
+    """The same bits whatever the chunking, summed by numpy or by the compiled kernel."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(shape, generator=g)
     groups = Groups(kind, shape)
     results = []
-    for chunk in (GRID, 2 * GRID, 5 * GRID, 6 * GRID):
-        sums = GroupSums(groups, 2)
+    for chunk, compiled in itertools.product((GRID, 2 * GRID, 5 * GRID, 6 * GRID), (False, True)):
+        sums = GroupSums(groups, 2, compiled=compiled)
         flat = x.flatten()
         for a, b in chunked(flat.numel(), chunk):
             sums.add(0, a, flat[a:b])
@@ -260,14 +262,15 @@ def test_group_sums_match_torch_and_are_chunk_invariant(kind, shape):
 
 @pytest.mark.parametrize("kind, shape", [("tensor", (5 * GRID + 99,)), ("tensor", (1000,)), ("tensor", (1,)),
                                          ("columns", (GRID // 64 + 3, 64)), ("columns", (GRID // 128 + 1, 64))])
-def test_a_short_last_block_sums_as_if_padded_to_the_grid(kind, shape):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_short_last_block_sums_as_if_padded_to_the_grid(kind, shape, compiled):
     """The tensor's last, shorter block is summed over the next power of two: the bits of the documented sum of a
     whole grid block padded with zeros (signed zeros included)."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(shape, generator=g)
     x[x.abs() < 0.3] = -0.0
     flat, groups = x.flatten(), Groups(kind, shape)
-    sums = GroupSums(groups, 1)
+    sums = GroupSums(groups, 1, compiled=compiled)
     for a, b in chunked(flat.numel(), 2 * GRID):
         sums.add(0, a, flat[a:b])
     width = 1 if groups.kind == "tensor" else groups.period

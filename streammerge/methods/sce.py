@@ -21,7 +21,8 @@ first buffer (the variance's, unused once they are stored): the variance is comp
 pass, and the squares and merge passes read the bits.
 
 The variance, each model's squares and the merge are compiled passes (`kernels.sce`: the same arithmetic as the
-element-wise operations, bit for bit), split between the merge's threads.
+element-wise operations, bit for bit), split between the merge's threads, and so are the squares' sums
+(`kernels.pairwise`).
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ class SceStats:
 
     def setup(self, ctx: ChunkContext) -> None:
         self.params = ctx.params
-        self.squares = GroupSums(Groups("tensor", ctx.shape), self.n_models)
+        self.squares = GroupSums(Groups("tensor", ctx.shape), self.n_models, compiled=True)
         if not _select_all(ctx.params):
             self.select = RankSelect([0], ctx.out.dtype)
             if _gathers(self.numel, ctx.gather_room()):
@@ -290,7 +291,7 @@ SCE = Method(
             INT8_MASK),
     needs_base=True, stat_passes=sce_passes, init_stats=SceStats, observe=sce_observe, finish_pass=sce_finish,
     streamed_reads=sce_streamed_reads, buffers=BUFFERS, min_models=1, typical={"parameters": {"select_topk": 0.5}},
-    load=lambda: importlib.import_module("streammerge.kernels.sce").load(),
+    load=lambda: [importlib.import_module(f"streammerge.kernels.{name}").load() for name in ("sce", "pairwise")],
 )
 
 METHODS = (SCE,)

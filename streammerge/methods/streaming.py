@@ -120,6 +120,7 @@ class Groups:
 
 
 SUM_BATCH = 4  # grid blocks summed per call (their float64 temporaries: 1 MiB for the halves of 4 blocks)
+COMPILED_SUM_BATCH = 64  # grid blocks summed per call by the compiled kernel (a half block's temporary per thread)
 
 
 def pairwise_sums(values: torch.Tensor) -> torch.Tensor:
@@ -137,6 +138,16 @@ def pairwise_sums(values: torch.Tensor) -> torch.Tensor:
         half = acc.shape[1] // 2
         acc = np.add(acc[:, :half], acc[:, half:], out=acc[:, :half])
     return torch.from_numpy(acc[:, 0])
+
+
+def compiled_pairwise_sums(values: torch.Tensor) -> torch.Tensor:
+    """`pairwise_sums` by the compiled kernel (`kernels.pairwise`: the same additions, so the same bits), its
+    blocks split between the merge's threads."""
+    from streammerge.kernels import pairwise  # (numba: imported by the methods that load it)
+    array = values.numpy()
+    out = np.empty((array.shape[0], array.shape[2]), dtype=np.float64)
+    in_parallel(array.shape[0], lambda a, z: pairwise.block_sums(array[a:z], out[a:z]), grain=1)
+    return torch.from_numpy(out)
 
 
 def padded_rows(values: torch.Tensor, width: int) -> torch.Tensor:
@@ -195,11 +206,14 @@ class GroupSums:
     """Float64 sums of several per-element quantities over the groups of a tensor. Each grid block is summed on
     its own (`pairwise_sums`) and the block sums are added in block order, so the sums depend on the data alone,
     never on the chunking. A chunk's blocks are summed a few at a time in one call where the groups allow (the
-    whole tensor; rows or column periods that divide the grid), else block by block."""
+    whole tensor; rows or column periods that divide the grid), else block by block. With `compiled`, the blocks
+    are summed by `compiled_pairwise_sums` (for a method that loads `kernels.pairwise`)."""
 
-    def __init__(self, groups: Groups, quantities: int):
+    def __init__(self, groups: Groups, quantities: int, compiled: bool = False):
         self.groups = groups
         self.sums = torch.zeros(quantities, groups.count, dtype=torch.float64)
+        self.pairwise_sums = compiled_pairwise_sums if compiled else pairwise_sums
+        self.batch = COMPILED_SUM_BATCH if compiled else SUM_BATCH
 
     def add(self, quantity: int, offset: int, values: torch.Tensor) -> None:
         if offset % GRID:
@@ -207,8 +221,8 @@ class GroupSums:
         groups, sums = self.groups, self.sums[quantity]
         p = groups.period
         if groups.kind == "tensor" or GRID % p == 0:
-            for a in range(0, values.numel(), SUM_BATCH * GRID):
-                self._add_blocks(sums, offset + a, values[a:a + SUM_BATCH * GRID])
+            for a in range(0, values.numel(), self.batch * GRID):
+                self._add_blocks(sums, offset + a, values[a:a + self.batch * GRID])
         else:
             for a, b in grid_blocks(offset, values.numel()):
                 groups.accumulate(sums, offset + a, values[a:b])
@@ -258,7 +272,7 @@ class GroupSums:
         """Each quantity's values, one row of `block` each, zero-padded to a power of two, for one grid block."""
         if offset % GRID:
             raise RuntimeError(f"chunk offset {offset} is not on the {GRID}-element grid")
-        block_sums = pairwise_sums(torch.from_numpy(block)[:, :, None]).flatten().tolist()
+        block_sums = self.pairwise_sums(torch.from_numpy(block)[:, :, None]).flatten().tolist()
         self.sums[:, 0] = torch.tensor([total + s for total, s in zip(self.sums[:, 0].tolist(), block_sums)],
                                        dtype=torch.float64)
 
@@ -269,7 +283,7 @@ class GroupSums:
         kind, p = self.groups.kind, self.groups.period
         if kind == "rows":  # rows divide the grid: each row lies in one block (and the tensor ends with a row)
             first = offset // p
-            sums[first:first + n // p] += pairwise_sums(values.view(-1, p, 1)).flatten()
+            sums[first:first + n // p] += self.pairwise_sums(values.view(-1, p, 1)).flatten()
             return
         width = 1 if kind == "tensor" else p  # columns: the tensor ends with a whole column period
         whole = n // GRID * GRID
@@ -279,10 +293,10 @@ class GroupSums:
         for block in blocks:
             if kind == "tensor":
                 total = sums.numpy()  # (a view of the sums: written in place)
-                for block_sum in pairwise_sums(block).numpy().ravel().tolist():
+                for block_sum in self.pairwise_sums(block).numpy().ravel().tolist():
                     total[0] += block_sum
             else:  # column periods divide the grid: each block adds to every column, in block order
-                sums.copy_(torch.cat([sums[None], pairwise_sums(block)]).cumsum(0)[-1])
+                sums.copy_(torch.cat([sums[None], self.pairwise_sums(block)]).cumsum(0)[-1])
 
 
 # -- randomness ----------------------------------------------------------------------------------------------
