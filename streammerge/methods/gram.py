@@ -26,7 +26,7 @@ class Gram:
     def __init__(self, n: int, shape: tuple):
         self.n = n
         self.pairs = [(i, j) for i in range(n) for j in range(i, n)]
-        self.sums = GroupSums(Groups("tensor", shape), len(self.pairs))
+        self.sums = GroupSums(Groups("tensor", shape), len(self.pairs), compiled=True)  # (`kernels.pairwise`)
 
     def observe(self, vector: Callable[[int, torch.Tensor | None], torch.Tensor], offset: int, n: int,
                 product: torch.Tensor, first: torch.Tensor | None = None, second: torch.Tensor | None = None) -> None:

@@ -1,7 +1,8 @@
 """Methods driven by angles and norms of whole tensors (or of their rows): slerp, nuslerp, model_stock.
 
-One statistics pass sums squares and dot products per grid block in float64 (`GroupSums`); the merge pass
-then applies scalar (or per-row) coefficients, so the result is the same whatever the chunk size.
+One statistics pass sums squares and dot products per grid block in float64 (`GroupSums`, by the compiled
+`kernels.pairwise`); the merge pass then applies scalar (or per-row) coefficients, so the result is the same
+whatever the chunk size.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import math
 
 import torch
 
-from streammerge.methods.method import ChunkContext, Method, Param, per_segment
+from streammerge.methods.method import ChunkContext, Method, Param, kernel_loader, per_segment
 from streammerge.methods.streaming import Groups, GroupSums, group_stats_bytes, per_group
 
 SLERP_LINEAR_DOT = 0.9995  # nearly parallel tensors: interpolate linearly (as mergekit does)
@@ -56,7 +57,7 @@ def _observe_pair(stats: Stats, a: torch.Tensor, b: torch.Tensor, offset: int, p
 
 def slerp_observe(stats: Stats, pass_index: int, ctx: ChunkContext) -> None:
     if stats.sums is None:
-        stats.sums = GroupSums(Groups("tensor", ctx.shape), 3)
+        stats.sums = GroupSums(Groups("tensor", ctx.shape), 3, compiled=True)
     _observe_pair(stats, ctx.inputs[0], ctx.inputs[1], ctx.offset, ctx.buffers[0])
 
 
@@ -77,7 +78,7 @@ SLERP = Method(
     merge=per_segment(slerp), segmented=True, tiled=True,
     params=(Param("t", 0.5, "interpolation factor: 0 gives models[0], 1 gives models[1]"),),
     stat_passes=1, init_stats=lambda numel, n: Stats(), observe=slerp_observe, finish_pass=slerp_finish,
-    buffers=1, min_models=2, max_models=2, typical={"parameters": {"t": 0.4}},
+    buffers=1, min_models=2, max_models=2, typical={"parameters": {"t": 0.4}}, load=kernel_loader("pairwise"),
 )
 
 
@@ -102,7 +103,7 @@ def _task_vectors(ctx: ChunkContext) -> tuple[torch.Tensor, torch.Tensor]:
 
 def nuslerp_observe(stats: Stats, pass_index: int, ctx: ChunkContext) -> None:
     if stats.sums is None:
-        stats.sums = GroupSums(_nuslerp_groups(ctx.params, ctx.shape), 3)
+        stats.sums = GroupSums(_nuslerp_groups(ctx.params, ctx.shape), 3, compiled=True)
         stats.groups, stats.dtype = stats.sums.groups, ctx.out.dtype
     a, b = _task_vectors(ctx)
     _observe_pair(stats, a, b, ctx.offset, ctx.buffers[2])
@@ -164,6 +165,7 @@ NUSLERP = Method(
                   "first dimension) instead of rows", kind=bool)),
     accepts_base=True, stat_passes=1, init_stats=lambda numel, n: Stats(), observe=nuslerp_observe,
     finish_pass=nuslerp_finish, buffers=3, stats_bytes=nuslerp_stats_bytes, min_models=2, max_models=2,
+    load=kernel_loader("pairwise"),
 )
 
 
@@ -176,7 +178,7 @@ def stock_observe(stats: Stats, pass_index: int, ctx: ChunkContext) -> None:
     n_models = len(ctx.inputs)
     if stats.sums is None:
         groups = Groups("rows" if ctx.params["filter_wise"] else "tensor", ctx.shape)
-        stats.sums = GroupSums(groups, n_models + len(_pairs(n_models)))
+        stats.sums = GroupSums(groups, n_models + len(_pairs(n_models)), compiled=True)
         stats.groups, stats.dtype, stats.n_models = groups, ctx.out.dtype, n_models
     n = ctx.out.numel()
     stats.sums.add_products(ctx.offset, n, lambda i, buffer: torch.sub(ctx.inputs[i], ctx.base, out=buffer[:n]),
@@ -233,7 +235,7 @@ MODEL_STOCK = Method(
     merge=per_segment(model_stock), segmented=True, tiled=True,
     params=(Param("filter_wise", False, "one ratio per row instead of per tensor", kind=bool),),
     needs_base=True, stat_passes=1, init_stats=lambda numel, n: Stats(), observe=stock_observe,
-    finish_pass=stock_finish, buffers=3, stats_bytes=stock_stats_bytes, min_models=2,
+    finish_pass=stock_finish, buffers=3, stats_bytes=stock_stats_bytes, min_models=2, load=kernel_loader("pairwise"),
 )
 
 METHODS = (SLERP, NUSLERP, MODEL_STOCK)

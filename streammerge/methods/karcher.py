@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from streammerge.methods.method import ChunkContext, Method, Param, per_segment
+from streammerge.methods.method import ChunkContext, Method, Param, kernel_loader, per_segment
 from streammerge.methods.gram import Gram, clamp, divide, mat_vec, quadratic_norm, root_of_clamped
 
 
@@ -99,7 +99,7 @@ KARCHER = Method(
                   check=_non_negative)),
     stat_passes=lambda params, model_params, dtype, numel, shape: 1 if len(model_params) > 1 else 0,
     init_stats=lambda numel, n: KarcherStats(), observe=karcher_observe, finish_pass=karcher_finish,
-    buffers=1, min_models=1,
+    buffers=1, min_models=1, load=kernel_loader("pairwise"),
 )
 
 METHODS = (KARCHER,)

@@ -14,6 +14,7 @@ therefore give bit-identical results whatever the chunk size is.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -109,6 +110,16 @@ class Segment:
     @property
     def stop(self) -> int:
         return self.start + self.numel
+
+
+def kernel_loader(*names: str) -> Callable[[], None]:
+    """`Method.load` for a method whose math runs on the compiled kernels `streammerge.kernels.<name>`: imported
+    (numba with them) only when such a merge runs, not by every command."""
+    def load() -> None:
+        for name in names:
+            importlib.import_module(f"streammerge.kernels.{name}").load()
+
+    return load
 
 
 def per_segment(merge: Callable[[ChunkContext, Any], torch.Tensor]) -> Callable[[ChunkContext, Any], torch.Tensor]:

@@ -18,7 +18,7 @@ import math
 import torch
 
 from streammerge.errors import StreamMergeError
-from streammerge.methods.method import ChunkContext, Method, Param, per_segment
+from streammerge.methods.method import ChunkContext, Method, Param, kernel_loader, per_segment
 from streammerge.methods.gram import Gram, divide, dot, mat_vec, quadratic_norm, root_of_clamped
 
 
@@ -106,7 +106,7 @@ MULTISLERP = Method(
     accepts_base=True,
     stat_passes=lambda params, model_params, dtype, numel, shape: 1 if len(model_params) > 1 else 0,
     init_stats=lambda numel, n: MultislerpStats(), observe=multislerp_observe, finish_pass=multislerp_finish,
-    buffers=3, check=_check, min_models=1,
+    buffers=3, check=_check, min_models=1, load=kernel_loader("pairwise"),
 )
 
 METHODS = (MULTISLERP,)

@@ -27,13 +27,11 @@ element-wise operations, bit for bit), split between the merge's threads, and so
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import torch
 
 from streammerge.methods.masks import INT_VIEW
-from streammerge.methods.method import GRID, ChunkContext, Method, Param, per_segment
+from streammerge.methods.method import GRID, ChunkContext, Method, Param, kernel_loader, per_segment
 from streammerge.methods.streaming import KERNEL_GRAIN, Groups, GroupSums, RankSelect, bool_views, in_parallel
 from streammerge.methods.sparsifiers import Bounds, bounds_from
 from streammerge.methods.task_vectors import INT8_MASK
@@ -291,7 +289,7 @@ SCE = Method(
             INT8_MASK),
     needs_base=True, stat_passes=sce_passes, init_stats=SceStats, observe=sce_observe, finish_pass=sce_finish,
     streamed_reads=sce_streamed_reads, buffers=BUFFERS, min_models=1, typical={"parameters": {"select_topk": 0.5}},
-    load=lambda: [importlib.import_module(f"streammerge.kernels.{name}").load() for name in ("sce", "pairwise")],
+    load=kernel_loader("sce", "pairwise"),
 )
 
 METHODS = (SCE,)

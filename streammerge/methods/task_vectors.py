@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from streammerge.methods.method import ChunkContext, Method, Param
+from streammerge.methods.method import ChunkContext, Method, Param, kernel_loader
 from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, MagnitudeStats, Sparsifier,
                                              add_randomly_pruned_segments, magnitude_finish, magnitude_observe,
                                              magnitude_passes, magnitude_segment_stats, magnitude_streamed_reads,
@@ -142,14 +141,7 @@ def _loader(family: Family):
                + (["magnitude"] if family.fused_magnitude else [])
                + (["magprune"] if family.sparsifier is Sparsifier.MAGPRUNE else [])
                + (["consensus"] if family.consensus is Consensus.SIGN else []))
-    if not kernels:
-        return None
-
-    def load() -> None:
-        for name in kernels:
-            importlib.import_module(f"streammerge.kernels.{name}").load()
-
-    return load
+    return kernel_loader(*kernels) if kernels else None
 
 
 def sparsify(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats, b: Buffers) -> None:
