@@ -1,7 +1,7 @@
 """The pairwise tree sums of `streaming.pairwise_sums`, compiled: the same float64 additions in the same order
 (each row of the first half of a block plus the matching row of the second half, then halving), in one call for
-many blocks instead of a numpy call per level. For the methods that load compiled kernels anyway (numba's start-up
-costs more than it saves on small merges). `tests/test_kernels.py` holds it to the numpy sums."""
+many blocks instead of a numpy call per level: for `GroupSums(compiled=True)`, in the methods whose statistics are
+such sums or that load compiled kernels anyway. `tests/test_streaming.py` holds it to the numpy sums."""
 
 from __future__ import annotations
 
