@@ -575,8 +575,8 @@ def test_statistics_of_a_tensor_that_fits_take_one_read(tmp_path, big_set, monke
 def test_sce_computes_the_variance_once_where_it_fits_the_buffers(tmp_path, big_set, monkeypatch):
     """A tensor that fits a chunk: its selection, weights and merge (a tile at a time) see the same chunk, one
     variance. A larger one whose variance fits the method's buffers: gathered there by one pass, selected in memory,
-    its kept entries stored as bits, so one variance per element and three reads. Else every pass computes it again.
-    Same bits."""
+    its kept entries stored as bits, so one variance per element and three reads. Else the selection's passes and
+    the squares pass compute it, the squares pass storing the kept entries as bits for the merge pass. Same bits."""
     from streammerge.engine import Engine
     from streammerge.methods import sce
     base, models = big_set
@@ -590,7 +590,7 @@ def test_sce_computes_the_variance_once_where_it_fits_the_buffers(tmp_path, big_
     top = {"parameters": {"select_topk": 0.3}}
     fits = run_merge(tmp_path / "fits", "sce", models, base, chunk=64 * GRID, **top)
     assert calls == [numel] and reads == [0]
-    for name, chunk, variances, passes in (("gathered", 16 * GRID, 1, 3), ("histograms", 2 * GRID, 4, 4)):
+    for name, chunk, variances, passes in (("gathered", 16 * GRID, 1, 3), ("histograms", 2 * GRID, 3, 4)):
         calls.clear(), reads.clear()
         streamed = run_merge(tmp_path / name, "sce", models, base, chunk=chunk, **top)
         chunks = math.ceil(numel / chunk)

@@ -18,7 +18,9 @@ one chunk is selected on that chunk at once (`RankSelect`'s whole-tensor selecti
 A larger tensor whose variance fits the method's buffers (`ChunkContext.arena`) has it gathered there by the
 first pass and selected in memory by the same histogram passes, then its kept entries stored as bits in the
 first buffer (the variance's, unused once they are stored): the variance is computed once instead of once per
-pass, and the squares and merge passes read the bits.
+pass, and the squares and merge passes read the bits. Any other streamed tensor has its kept entries stored as
+bits by the squares pass (numel / 8 bytes, counted in `stats_bytes`), which the merge pass reads instead of
+computing the variance a fourth time.
 
 The variance, each model's squares and the merge are compiled passes (`kernels.sce`: the same arithmetic as the
 element-wise operations, bit for bit), split between the merge's threads, and so are the squares' sums
@@ -58,6 +60,15 @@ def sce_passes(params: dict, model_params: list[dict], dtype: torch.dtype, numel
 def _gathers(numel: int, arena_elements: int) -> bool:
     """Whether a streamed tensor's variance fits the method's buffers (its kept bits then fit the first one)."""
     return 0 < numel <= arena_elements
+
+
+def kept_bytes(numel: int) -> int:
+    return -(-numel // 8)
+
+
+def sce_stats_bytes(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple) -> int:
+    """A streamed tensor's kept entries as bits, from its squares pass to its merge pass."""
+    return kept_bytes(numel) if 0 < params["select_topk"] < 1 else 0
 
 
 def sce_streamed_reads(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple,
@@ -122,6 +133,7 @@ class SceStats:
         self.gathered: torch.Tensor | None = None  # the whole tensor's variance, in the method's buffers
         self.bits_area: np.ndarray | None = None  # where its kept entries are then stored: the first buffer's bytes
         self.kept_bits: np.ndarray | None = None  # the kept entries, packed 8 to a byte, once stored there
+        self.storing: np.ndarray | None = None  # where the squares pass of a streamed tensor stores them
 
     def chunk_variance(self, ctx: ChunkContext, b: Buffers) -> torch.Tensor:
         """The chunk's variance, computed into b.variance once per chunk: when the whole tensor is one chunk, every
@@ -143,7 +155,7 @@ class SceStats:
             self.select = RankSelect([0], ctx.out.dtype)
             if _gathers(self.numel, ctx.gather_room()):
                 self.gathered = ctx.arena[:self.numel]
-                self.bits_area = ctx.arena.view(torch.uint8)[:-(-self.numel // 8)].numpy()
+                self.bits_area = ctx.arena.view(torch.uint8)[:kept_bytes(self.numel)].numpy()
         self.select_passes = self.select.passes if self.select is not None else 0
 
     def new_gates(self) -> None:
@@ -189,6 +201,9 @@ def _keep(stats: SceStats, ctx: ChunkContext, b: Buffers) -> torch.Tensor | None
     stats.bounds.admit(values, b.keep, b.other)
     for gate in stats.gates:
         gate.apply(values, b.keep, b.equal, b.counts)
+    if stats.storing is not None:  # (chunks start on the grid, so on a byte)
+        n = ctx.out.numel()
+        stats.storing[ctx.offset // 8:-(-(ctx.offset + n) // 8)] = np.packbits(b.keep.numpy())
     return b.keep
 
 
@@ -212,6 +227,8 @@ def sce_observe(stats: SceStats, pass_index: int, ctx: ChunkContext) -> None:
         return
     if ctx.offset == 0:
         stats.new_gates()
+        if stats.select is not None and stats.kept_bits is None and ctx.out.numel() < stats.numel:
+            stats.storing = np.empty(kept_bytes(stats.numel), dtype=np.uint8)
     keep = _keep(stats, ctx, b)
     if b.delta.numel() <= GRID:  # one grid block: every model's squares summed in one call
         stats.squares.add_each(ctx.offset, [_squares(ctx, i, keep, torch.empty_like(b.delta))
@@ -242,6 +259,8 @@ def sce_finish(stats: SceStats, pass_index: int) -> int | None:
         if pass_index == stats.select_passes - 1:
             stats.bounds = bounds_from(stats.select, False)
         return None
+    if stats.storing is not None:  # the squares pass has stored every chunk's kept entries
+        stats.kept_bits, stats.storing = stats.storing, None
     means = stats.squares.sums[:, 0] / max(stats.numel, 1)
     total = float(means.sum())
     if abs(total) < MIN_WEIGHT_SUM:
@@ -288,7 +307,7 @@ SCE = Method(
                   check=lambda v: None if 0.0 <= v <= 1.0 else "must be between 0 and 1"),
             INT8_MASK),
     needs_base=True, stat_passes=sce_passes, init_stats=SceStats, observe=sce_observe, finish_pass=sce_finish,
-    streamed_reads=sce_streamed_reads, buffers=BUFFERS, min_models=1, typical={"parameters": {"select_topk": 0.5}},
+    streamed_reads=sce_streamed_reads, buffers=BUFFERS, stats_bytes=sce_stats_bytes, min_models=1, typical={"parameters": {"select_topk": 0.5}},
     load=kernel_loader("sce", "pairwise"),
 )
 
