@@ -63,6 +63,7 @@ def _gathers(numel: int, arena_elements: int) -> bool:
 
 
 def kept_bytes(numel: int) -> int:
+    """The bytes that hold one bit for each of `numel` entries."""
     return -(-numel // 8)
 
 
@@ -307,8 +308,8 @@ SCE = Method(
                   check=lambda v: None if 0.0 <= v <= 1.0 else "must be between 0 and 1"),
             INT8_MASK),
     needs_base=True, stat_passes=sce_passes, init_stats=SceStats, observe=sce_observe, finish_pass=sce_finish,
-    streamed_reads=sce_streamed_reads, buffers=BUFFERS, stats_bytes=sce_stats_bytes, min_models=1, typical={"parameters": {"select_topk": 0.5}},
-    load=kernel_loader("sce", "pairwise"),
+    streamed_reads=sce_streamed_reads, buffers=BUFFERS, stats_bytes=sce_stats_bytes, min_models=1,
+    typical={"parameters": {"select_topk": 0.5}}, load=kernel_loader("sce", "pairwise"),
 )
 
 METHODS = (SCE,)
