@@ -29,6 +29,8 @@ element-wise operations, bit for bit), split between the merge's threads, and so
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -109,15 +111,28 @@ def variance(ctx: ChunkContext, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _mask(keep: torch.Tensor | None) -> tuple[Callable[[int, int], np.ndarray], bool]:
+    """The kernels' selection mask of an element range, and whether they read it (None: every entry is selected,
+    and they get a stand-in)."""
+    if keep is None:
+        return (lambda a, z: NO_MASK), False
+    kept = keep.numpy()
+    return (lambda a, z: kept[a:z]), True
+
+
 def _squares(ctx: ChunkContext, i: int, keep: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     """out = the square of model i's task vector where `keep` holds (+0 elsewhere; None: everywhere)."""
     from streammerge.kernels import sce as kernels
     x, base, squares = ctx.inputs[i].numpy(), ctx.base.numpy(), out.numpy()
-    kept = keep.numpy() if keep is not None else NO_MASK
-    selects = keep is not None
-    in_parallel(out.numel(), lambda a, z: kernels.squared_delta(x[a:z], base[a:z], kept[a:z] if selects else kept,
-                                                                 selects, squares[a:z]), grain=KERNEL_GRAIN)
+    mask, selects = _mask(keep)
+    in_parallel(out.numel(), lambda a, z: kernels.squared_delta(x[a:z], base[a:z], mask(a, z), selects, squares[a:z]),
+                grain=KERNEL_GRAIN)
     return out
+
+
+def _store_bits(bits: np.ndarray, offset: int, keep: np.ndarray) -> None:
+    """Elements [offset, offset + len(keep)) of `keep` packed 8 to a byte into `bits` (offset: a multiple of 8)."""
+    bits[offset // 8:kept_bytes(offset + keep.size)] = np.packbits(keep)
 
 
 class SceStats:
@@ -129,7 +144,7 @@ class SceStats:
         self.bounds: Bounds | None = None
         self.gates = None
         self.squares: GroupSums | None = None
-        self.weights: list[float] = []
+        self.weights: tuple[np.ndarray, np.ndarray] | None = None  # (w_i, v_i) as `kernels.sce.merge` takes them
         self.variance_of: tuple[int, torch.Tensor] | None = None  # (offset, variance) of the chunk last computed
         self.gathered: torch.Tensor | None = None  # the whole tensor's variance, in the method's buffers
         self.bits_area: np.ndarray | None = None  # where its kept entries are then stored: the first buffer's bytes
@@ -151,6 +166,7 @@ class SceStats:
 
     def setup(self, ctx: ChunkContext) -> None:
         self.params = ctx.params
+        self.dtype = ctx.out.numpy().dtype  # (the accumulation dtype, numpy's: the kernels' weights are in it)
         self.squares = GroupSums(Groups("tensor", ctx.shape), self.n_models, compiled=True)
         if not _select_all(ctx.params):
             self.select = RankSelect([0], ctx.out.dtype)
@@ -176,7 +192,7 @@ class SceStats:
             self.bounds.admit(part, keep[:n], other[:n])
             for gate in gates:
                 gate.apply(part, keep[:n], equal[:n], counts[:n])
-            bits[a // 8:-(-(a + n) // 8)] = np.packbits(keep[:n].numpy())
+            _store_bits(bits, a, keep[:n].numpy())
         self.kept_bits, self.gathered = bits, None
 
     def read_kept(self, offset: int, keep: torch.Tensor) -> torch.Tensor:
@@ -203,8 +219,7 @@ def _keep(stats: SceStats, ctx: ChunkContext, b: Buffers) -> torch.Tensor | None
     for gate in stats.gates:
         gate.apply(values, b.keep, b.equal, b.counts)
     if stats.storing is not None:  # (chunks start on the grid, so on a byte)
-        n = ctx.out.numel()
-        stats.storing[ctx.offset // 8:-(-(ctx.offset + n) // 8)] = np.packbits(b.keep.numpy())
+        _store_bits(stats.storing, ctx.offset, b.keep.numpy())
     return b.keep
 
 
@@ -264,10 +279,11 @@ def sce_finish(stats: SceStats, pass_index: int) -> int | None:
         stats.kept_bits, stats.storing = stats.storing, None
     means = stats.squares.sums[:, 0] / max(stats.numel, 1)
     total = float(means.sum())
-    if abs(total) < MIN_WEIGHT_SUM:
-        stats.weights = [1.0 / stats.n_models] * stats.n_models
-    else:
-        stats.weights = (means / total).tolist()
+    weights = [1.0 / stats.n_models] * stats.n_models if abs(total) < MIN_WEIGHT_SUM else (means / total).tolist()
+    # each weight rounded to the accumulation dtype as a product with a tensor rounds a Python number, its share of
+    # the divisor first to float32 (mergekit multiplies it by a bool tensor)
+    stats.weights = (np.array(weights, dtype=stats.dtype),
+                     np.array([_default_dtype(w) for w in weights], dtype=stats.dtype))
 
 
 def _default_dtype(weight: float) -> float:
@@ -278,24 +294,17 @@ def _default_dtype(weight: float) -> float:
 
 def sce(ctx: ChunkContext, stats: SceStats | None) -> torch.Tensor:
     """The elected sign is + where the sum of the (selected) deltas is >= 0; each model's delta counts where it has
-    that sign, times its weight, and the sum of those weights divides (`kernels.sce.merge`). A weight is rounded
-    to the accumulation dtype as a product with a tensor rounds a Python number, its share of the divisor first
-    to float32 (mergekit multiplies it by a bool tensor)."""
+    that sign, times its weight, and the sum of those weights divides (`kernels.sce.merge`)."""
     if stats is None or stats.nothing:  # nothing selected
         return ctx.out.copy_(ctx.base)
     from streammerge.kernels import sce as kernels
     b = ctx.derived(Buffers)
     if ctx.offset == 0:
         stats.new_gates()
-    keep = _keep(stats, ctx, b)
-    kept, selects = (keep.numpy(), True) if keep is not None else (NO_MASK, False)
-    dtype = ctx.out.numpy().dtype
-    weights = np.array(stats.weights, dtype=dtype)
-    divisor_weights = np.array([_default_dtype(w) for w in stats.weights], dtype=dtype)
+    mask, selects = _mask(_keep(stats, ctx, b))
     out = ctx.out.numpy()
-    in_parallel(ctx.out.numel(), lambda a, z: kernels.merge(*_arrays(ctx, a, z), kept[a:z] if selects else kept,
-                                                            selects, weights, divisor_weights, out[a:z]),
-                grain=KERNEL_GRAIN)
+    in_parallel(ctx.out.numel(), lambda a, z: kernels.merge(*_arrays(ctx, a, z), mask(a, z), selects,
+                                                            *stats.weights, out[a:z]), grain=KERNEL_GRAIN)
     return ctx.out
 
 
