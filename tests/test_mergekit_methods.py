@@ -484,7 +484,8 @@ def test_arcee_fusion_rows_that_divide_the_grid_take_three_reads(tmp_path, monke
     """Rows of 1024 never straddle a chunk, so the first pass gives their log-sum-exp, KL and first histogram:
     3 reads of each chunk instead of 5; and when the tensor's importances fit the method's buffers, the first
     selection pass gathers them and selects at once: 2 reads instead of 4. The same bits on every path, in memory
-    and as the reference."""
+    and as the reference. Rows the model shifts by a constant have the base's softmax, so a KL of 0: far from the
+    threshold unless a row's probabilities were normalised by the other model's log-sum-exp."""
     from streammerge.engine import Engine
     from streammerge.methods import arcee_fusion
     from test_methods import GRID
@@ -492,6 +493,7 @@ def test_arcee_fusion_rows_that_divide_the_grid_take_three_reads(tmp_path, monke
     base = {"w": torch.randn(1024, 1024, generator=g)}  # 16 grid blocks
     models = [{"w": base["w"] + 0.003 * torch.randn(1024, 1024, generator=g)}]
     models[0]["w"][:100] += 0.05 * torch.randn(100, 1024, generator=g)  # rows of large KL
+    models[0]["w"][100:110] = base["w"][100:110] + 0.5
     in_memory = run_merge(tmp_path / "memory", "arcee_fusion", models, base)
     reads = []
     original = Engine._context
@@ -511,3 +513,4 @@ def test_arcee_fusion_rows_that_divide_the_grid_take_three_reads(tmp_path, monke
     assert torch.equal(fused, in_memory["w"])
     assert torch.equal(fused, ref_arcee_fusion(base["w"], models[0]["w"]))
     assert 0 < (fused != base["w"]).float().mean() < 0.5
+    assert torch.equal(fused[100:110], base["w"][100:110])

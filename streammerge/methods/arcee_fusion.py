@@ -57,15 +57,15 @@ class RowLogSumExp:
             for start, stop, full in self.groups.pieces(offset + a, offset + b):
                 part = values[start - offset:stop - offset].to(torch.float64)
                 if full and self.groups.kind != "tensor":
-                    part = part.view(-1, p)
-                    rows = slice(start // p, stop // p)
+                    self.add_rows(slice(start // p, stop // p), part.view(-1, p))
                 else:
-                    part = part.view(1, -1)
                     row = start // p if self.groups.kind != "tensor" else 0
-                    rows = slice(row, row + 1)
-                block_max = part.max(1).values
-                block_sum = torch.exp(part - block_max[:, None]).sum(1)
-                self._combine(rows, block_max, block_sum)
+                    self.add_rows(slice(row, row + 1), part.view(1, -1))
+
+    def add_rows(self, rows: slice, part: torch.Tensor) -> None:
+        """Add one grid block's piece of these rows (float64, [rows, elements]; read only)."""
+        block_max = part.max(1).values
+        self._combine(rows, block_max, (part - block_max[:, None]).exp_().sum(1))
 
     def finish(self, start: int = 0, stop: int | None = None) -> None:
         """Rows [start, stop) are complete: their log-sum-exp, max + log(sum), is made in place of their max (`max`
@@ -139,6 +139,24 @@ def _kl_terms(stats: FusionStats, offset: int, x: torch.Tensor, base: torch.Tens
         stats.kl_sums.add(0, offset + a, p.mul_(torch.log(p / q)))
 
 
+def _whole_rows_first_pass(stats: FusionStats, offset: int, x: torch.Tensor, base: torch.Tensor) -> None:
+    """Rows that divide the grid (`rows_stay_in_chunks`): each grid block holds whole rows, so their log-sum-exps
+    are complete with the block, and their KL terms follow on the same float64 copies of x and b (the operations
+    of `RowLogSumExp.add` and `_kl_terms`, the row's log-sum-exp subtracted by broadcasting instead of from an
+    expanded copy: the same bits)."""
+    p = stats.groups.period
+    for a, b in grid_blocks(offset, x.numel()):
+        rows = slice((offset + a) // p, (offset + b) // p)
+        pair = [v[a:b].to(torch.float64, copy=True).view(-1, p) for v in (x, base)]
+        for lse, part in zip(stats.lse, pair):
+            lse.add_rows(rows, part)
+            lse.finish(rows.start, rows.stop)
+            part.sub_(lse.max[rows, None]).exp_().add_(SOFTMAX_EPS)
+        p_x, q_b = pair
+        log_ratio = torch.div(p_x, q_b, out=q_b).log_()
+        stats.kl_sums.add(0, offset + a, p_x.mul_(log_ratio).view(-1))
+
+
 def _importance(stats: FusionStats, ctx: ChunkContext, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """|x - b| * KL of the element's row, in the accumulation dtype (as mergekit multiplies them). The absolute
     value is taken after the product, which gives the same bits (the KL is not negative) and turns the NaN that
@@ -146,6 +164,10 @@ def _importance(stats: FusionStats, ctx: ChunkContext, out: torch.Tensor, scratc
     torch.sub(ctx.inputs[0], ctx.base, out=out)
     if stats.kl is None:  # (x * 0.0 has the bits of a product with a tensor of +0.0)
         return out.mul_(0.0).abs_()
+    p, n = stats.groups.period, out.numel()
+    if stats.groups.kind == "rows" and ctx.offset % p == 0 and n % p == 0:  # whole rows: the KL broadcast
+        out.view(-1, p).mul_(stats.kl[ctx.offset // p:(ctx.offset + n) // p, None])
+        return out.abs_()
     return out.mul_(stats.groups.expand(stats.kl, ctx.offset, scratch)).abs_()
 
 
@@ -154,15 +176,13 @@ def fusion_observe(stats: FusionStats, pass_index: int, ctx: ChunkContext) -> No
         stats.setup(ctx)
     x, base = ctx.inputs[0], ctx.base
     if stats.kl is not None:
-        if pass_index == 0:
+        if stats.fused and pass_index == 0:  # this chunk's rows are whole: their KL now
+            _whole_rows_first_pass(stats, ctx.offset, x, base)
+            p = stats.groups.period
+            _clamp_kl(stats, ctx.offset // p, (ctx.offset + x.numel()) // p)
+        elif pass_index == 0:
             stats.lse[0].add(ctx.offset, x)
             stats.lse[1].add(ctx.offset, base)
-        if stats.fused and pass_index == 0:  # this chunk's rows are whole: their KL now
-            rows = slice(ctx.offset // stats.groups.period, (ctx.offset + x.numel()) // stats.groups.period)
-            for lse in stats.lse:
-                lse.finish(rows.start, rows.stop)
-            _kl_terms(stats, ctx.offset, x, base)
-            _clamp_kl(stats, rows.start, rows.stop)
         elif pass_index == 1 and not stats.fused:
             _kl_terms(stats, ctx.offset, x, base)
     select_pass = stats.select_pass(pass_index)
