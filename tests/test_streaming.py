@@ -472,3 +472,35 @@ def test_statistics_make_no_chunk_sized_temporaries():
         assert peak_growth(work) < 24 * 2**20
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 1000, GRID, GRID + 1, 3 * GRID + GRID // 2 + 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_task_vector_products_formed_in_the_sums_give_the_bits_of_the_products(n, dtype):
+    """`add_task_vector_products` forms the task vectors and their products inside the compiled tree's first level:
+    the bits of `add_products` on the differences as torch makes them, over whole and short blocks, in chunks, with
+    zeros of either sign, infinities and NaN among the values."""
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g, dtype=dtype)
+    inputs = [base + torch.randn(n, generator=g, dtype=dtype) * 10.0 ** -k for k in range(3)]
+    inputs[0][::5] = base[::5]  # zero differences, products of -0 among them
+    inputs[1][1::7] = -base[1::7] * 1e30
+    if n > 20:
+        inputs[2][[3, 11, n - 1]] = torch.tensor([math.inf, -math.inf, math.nan], dtype=dtype)
+    else:  # a pair whose products are all -0 (+0 times negative differences)
+        inputs[0], inputs[1] = base.clone(), base - 1
+    pairs = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
+    chunk = 2 * GRID
+    sums = {}
+    for compiled, fused in ((False, False), (True, False), (True, True)):
+        group_sums = GroupSums(Groups("tensor", (n,)), len(pairs), compiled=compiled)
+        for a, b in chunked(n, chunk):
+            buffers = [torch.empty(b - a, dtype=dtype) for _ in range(3)]
+            if fused:
+                group_sums.add_task_vector_products(a, b - a, [x[a:b] for x in inputs], base[a:b], pairs, *buffers)
+            else:
+                group_sums.add_products(a, b - a, lambda i, buffer: torch.sub(inputs[i][a:b], base[a:b],
+                                                                              out=buffer[:b - a]), pairs, *buffers)
+        sums[compiled, fused] = group_sums.sums
+    for result in sums.values():
+        assert torch.equal(result.view(torch.int64), sums[False, False].view(torch.int64))

@@ -1,7 +1,9 @@
 """The pairwise tree sums of `streaming.pairwise_sums`, compiled: the same float64 additions in the same order
 (each row of the first half of a block plus the matching row of the second half, then halving), in one call for
 many blocks instead of a numpy call per level: for `GroupSums(compiled=True)`, in the methods whose statistics are
-such sums or that load compiled kernels anyway. `tests/test_streaming.py` holds it to the numpy sums."""
+such sums or that load compiled kernels anyway. `product_block_sums` sums the products of task vectors the same way,
+forming them in the tree's first level (`GroupSums.add_task_vector_products`, for `model_stock`).
+`tests/test_streaming.py` holds both to the numpy sums of the element-wise operations."""
 
 from __future__ import annotations
 
@@ -36,7 +38,52 @@ def block_sums(values, out):
             out[b, c] = acc[c]
 
 
+@compiled
+def product_block_sums(vectors, base, left, right, grid, out):
+    """out[b, q] = the pairwise tree sum of `block_sums`, in float64, of the products d_i * d_j, (i, j) =
+    (left[q], right[q]), d_i = vectors[i] - base (in the vectors' dtype, as the element-wise operations round the
+    difference and the product), over grid block b: elements [b * grid, (b + 1) * grid) of the 1-D arrays, the last
+    block, if shorter, padded with +0 products to a power of two (as `GroupSums` pads it). The task vectors and
+    their products are formed in the tree's first level instead of in arrays of their own."""
+    n = base.size
+    blocks = out.shape[0]
+    acc = np.empty(max(grid // 2, 1), dtype=np.float64)
+    for b in range(blocks):
+        start = b * grid
+        length = min(grid, n - start)
+        m = 1
+        while m < length:
+            m *= 2
+        half = m // 2
+        for q in range(left.size):
+            xl, xr = vectors[left[q]], vectors[right[q]]
+            if half == 0:
+                out[b, q] = np.float64((xl[start] - base[start]) * (xr[start] - base[start]))
+                continue
+            paired = length - half  # elements whose partner in the second half is a value, not padding
+            for i in range(start, start + paired):
+                k = i + half
+                low = (xl[i] - base[i]) * (xr[i] - base[i])
+                high = (xl[k] - base[k]) * (xr[k] - base[k])
+                acc[i - start] = np.float64(low) + np.float64(high)
+            for i in range(start + paired, start + half):
+                acc[i - start] = np.float64((xl[i] - base[i]) * (xr[i] - base[i])) + 0.0
+            rows = half
+            while rows > 1:
+                rows //= 2
+                for i in range(rows):
+                    acc[i] += acc[i + rows]
+            out[b, q] = acc[0]
+
+
+MODEL_COUNTS = (2, 3, 4)  # compiled by `load` (a tuple of arrays compiles per length; others on first use)
+
+
 def load() -> None:
-    """Compile the kernel, or load it from numba's cache, for both value dtypes."""
+    """Compile the kernels, or load them from numba's cache, for both value dtypes."""
+    pairs = np.zeros(1, dtype=np.int64)
     for dtype in (np.float32, np.float64):
         block_sums(np.zeros((1, 2, 1), dtype=dtype), np.zeros((1, 1), dtype=np.float64))
+        for count in MODEL_COUNTS:
+            vectors = tuple(np.zeros(1, dtype=dtype) for _ in range(count))
+            product_block_sums(vectors, np.zeros(1, dtype=dtype), pairs, pairs, 2, np.zeros((1, 1), dtype=np.float64))

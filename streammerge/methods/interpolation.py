@@ -181,8 +181,8 @@ def stock_observe(stats: Stats, pass_index: int, ctx: ChunkContext) -> None:
         stats.sums = GroupSums(groups, n_models + len(_pairs(n_models)), compiled=True)
         stats.groups, stats.dtype, stats.n_models = groups, ctx.out.dtype, n_models
     n = ctx.out.numel()
-    stats.sums.add_products(ctx.offset, n, lambda i, buffer: torch.sub(ctx.inputs[i], ctx.base, out=buffer[:n]),
-                            [(i, i) for i in range(n_models)] + _pairs(n_models), *ctx.buffers[:3])
+    stats.sums.add_task_vector_products(ctx.offset, n, ctx.inputs, ctx.base,
+                                        [(i, i) for i in range(n_models)] + _pairs(n_models), *ctx.buffers[:3])
 
 
 def stock_ratio(sums: torch.Tensor, n_models: int) -> torch.Tensor:

@@ -265,6 +265,35 @@ class GroupSums:
             b = computed if j == i else vector(j, second)
             self.add(q, offset, torch.mul(computed, b, out=product[:n]))
 
+    def add_task_vector_products(self, offset: int, n: int, inputs: list[torch.Tensor], base: torch.Tensor,
+                                 pairs: list[tuple[int, int]], product: torch.Tensor, first: torch.Tensor,
+                                 second: torch.Tensor) -> None:
+        """`add_products` of the task vectors v_i = inputs[i] - base (n elements each). Whole-tensor compiled sums
+        form the differences and products inside the kernel's first level (`kernels.pairwise`), a pass per pair
+        over each grid block instead of arrays of differences and products; otherwise as `add_products` (the
+        buffers: its scratch)."""
+        if self.groups.kind != "tensor" or self.pairwise_sums is not compiled_pairwise_sums:
+            self.add_products(offset, n, lambda i, buffer: torch.sub(inputs[i], base, out=buffer[:n]), pairs,
+                              product, first, second)
+            return
+        if offset % GRID:
+            raise RuntimeError(f"chunk offset {offset} is not on the {GRID}-element grid")
+        from streammerge.kernels import pairwise
+        vectors, base_values = tuple(x.numpy()[:n] for x in inputs), base.numpy()[:n]
+        left, right = (np.array(side, dtype=np.int64) for side in zip(*pairs))
+        block_sums = np.empty((-(-n // GRID), len(pairs)), dtype=np.float64)
+
+        def work(a: int, z: int) -> None:
+            elements = slice(a * GRID, min(n, z * GRID))
+            pairwise.product_block_sums(tuple(v[elements] for v in vectors), base_values[elements], left, right,
+                                        GRID, block_sums[a:z])
+
+        in_parallel(block_sums.shape[0], work, grain=1)
+        totals = self.sums.numpy()[:, 0]  # (a view of the sums: added to in place, block by block)
+        for q, column in enumerate(block_sums.T.tolist()):
+            for block_sum in column:
+                totals[q] += block_sum
+
     def _one_block(self, n: int, quantities: int) -> bool:
         return self.groups.kind == "tensor" and n <= GRID and quantities == self.sums.shape[0]
 
