@@ -133,10 +133,16 @@ def _kl_terms(stats: FusionStats, offset: int, x: torch.Tensor, base: torch.Tens
         expanded = torch.empty(b - a, dtype=torch.float64)
         # copies (float64 chunks are the inputs themselves, which the later passes and the merge read again)
         p = x[a:b].to(torch.float64, copy=True).sub_(stats.groups.expand(log_z[0], offset + a, expanded))
-        p.exp_().add_(SOFTMAX_EPS)
         q = base[a:b].to(torch.float64, copy=True).sub_(stats.groups.expand(log_z[1], offset + a, expanded))
-        q.exp_().add_(SOFTMAX_EPS)
-        stats.kl_sums.add(0, offset + a, p.mul_(torch.log(p / q)))
+        _add_kl_terms(stats, offset + a, p, q)
+
+
+def _add_kl_terms(stats: FusionStats, offset: int, p: torch.Tensor, q: torch.Tensor) -> None:
+    """Add p log(p / q) to the rows' KL sums, p and q the elements of one grid block (from `offset`) less their
+    rows' log-sum-exps (float64, contiguous; both overwritten): p = exp(p) + 1e-8, the same for q."""
+    p.exp_().add_(SOFTMAX_EPS)
+    log_ratio = torch.div(p, q.exp_().add_(SOFTMAX_EPS), out=q).log_()
+    stats.kl_sums.add(0, offset, p.mul_(log_ratio).view(-1))
 
 
 def _whole_rows_first_pass(stats: FusionStats, offset: int, x: torch.Tensor, base: torch.Tensor) -> None:
@@ -151,10 +157,8 @@ def _whole_rows_first_pass(stats: FusionStats, offset: int, x: torch.Tensor, bas
         for lse, part in zip(stats.lse, pair):
             lse.add_rows(rows, part)
             lse.finish(rows.start, rows.stop)
-            part.sub_(lse.max[rows, None]).exp_().add_(SOFTMAX_EPS)
-        p_x, q_b = pair
-        log_ratio = torch.div(p_x, q_b, out=q_b).log_()
-        stats.kl_sums.add(0, offset + a, p_x.mul_(log_ratio).view(-1))
+            part.sub_(lse.max[rows, None])
+        _add_kl_terms(stats, offset + a, *pair)
 
 
 def _importance(stats: FusionStats, ctx: ChunkContext, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:

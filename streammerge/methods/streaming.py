@@ -35,10 +35,15 @@ BINS = 1 << DIGIT_BITS
 PACK_FORMATS = {32: ("<i", "<f"), 64: ("<q", "<d")}  # (integer, float) of each width, for struct
 
 
-def grid_blocks(offset: int, n: int):
-    """(local start, local stop) of the grid blocks that make up the chunk [offset, offset + n)."""
+def require_grid(offset: int) -> None:
+    """Chunks start on the grid: per-block sums and draws depend on it."""
     if offset % GRID:
         raise RuntimeError(f"chunk offset {offset} is not on the {GRID}-element grid")
+
+
+def grid_blocks(offset: int, n: int):
+    """(local start, local stop) of the grid blocks that make up the chunk [offset, offset + n)."""
+    require_grid(offset)
     for start in range(0, n, GRID):
         yield start, min(n, start + GRID)
 
@@ -216,8 +221,7 @@ class GroupSums:
         self.batch = COMPILED_SUM_BATCH if compiled else SUM_BATCH
 
     def add(self, quantity: int, offset: int, values: torch.Tensor) -> None:
-        if offset % GRID:
-            raise RuntimeError(f"chunk offset {offset} is not on the {GRID}-element grid")
+        require_grid(offset)
         groups, sums = self.groups, self.sums[quantity]
         p = groups.period
         if groups.kind == "tensor" or GRID % p == 0:
@@ -276,8 +280,7 @@ class GroupSums:
             self.add_products(offset, n, lambda i, buffer: torch.sub(inputs[i], base, out=buffer[:n]), pairs,
                               product, first, second)
             return
-        if offset % GRID:
-            raise RuntimeError(f"chunk offset {offset} is not on the {GRID}-element grid")
+        require_grid(offset)
         from streammerge.kernels import pairwise
         vectors, base_values = tuple(x.numpy()[:n] for x in inputs), base.numpy()[:n]
         left, right = (np.array(side, dtype=np.int64) for side in zip(*pairs))
@@ -289,21 +292,23 @@ class GroupSums:
                                         GRID, block_sums[a:z])
 
         in_parallel(block_sums.shape[0], work, grain=1)
-        totals = self.sums.numpy()[:, 0]  # (a view of the sums: added to in place, block by block)
-        for q, column in enumerate(block_sums.T.tolist()):
-            for block_sum in column:
-                totals[q] += block_sum
+        self._add_block_sums(block_sums)
 
     def _one_block(self, n: int, quantities: int) -> bool:
         return self.groups.kind == "tensor" and n <= GRID and quantities == self.sums.shape[0]
 
     def _add_block(self, offset: int, block: np.ndarray) -> None:
         """Each quantity's values, one row of `block` each, zero-padded to a power of two, for one grid block."""
-        if offset % GRID:
-            raise RuntimeError(f"chunk offset {offset} is not on the {GRID}-element grid")
-        block_sums = self.pairwise_sums(torch.from_numpy(block)[:, :, None]).flatten().tolist()
-        self.sums[:, 0] = torch.tensor([total + s for total, s in zip(self.sums[:, 0].tolist(), block_sums)],
-                                       dtype=torch.float64)
+        require_grid(offset)
+        self._add_block_sums(self.pairwise_sums(torch.from_numpy(block)[:, :, None]).numpy().reshape(1, -1))
+
+    def _add_block_sums(self, block_sums: np.ndarray) -> None:
+        """Whole-tensor sums: block_sums[b, q] (the grid blocks' sums of each quantity) added to each quantity's
+        total in block order."""
+        totals = self.sums.numpy()[:, 0]  # (a view of the sums: added to in place)
+        for q, column in enumerate(block_sums.T.tolist()):
+            for block_sum in column:
+                totals[q] += block_sum
 
     def _add_blocks(self, sums: torch.Tensor, offset: int, values: torch.Tensor) -> None:
         """Whole grid blocks, or a last, shorter block (the end of the tensor), which counts as padded with zeros
