@@ -43,31 +43,35 @@ def product_block_sums(vectors, base, left, right, grid, out):
     """out[b, q] = the pairwise tree sum of `block_sums`, in float64, of the products d_i * d_j, (i, j) =
     (left[q], right[q]), d_i = vectors[i] - base (in the vectors' dtype, as the element-wise operations round the
     difference and the product), over grid block b: elements [b * grid, (b + 1) * grid) of the 1-D arrays, the last
-    block, if shorter, padded with +0 products to a power of two (as `GroupSums` pads it). The task vectors and
-    their products are formed in the tree's first level instead of in arrays of their own."""
+    block, if shorter, padded with +0 products to a power of two (as `GroupSums` pads it). A block's task vectors
+    are formed once, into a block-sized scratch, and their products in the tree's first level, a pass per pair over
+    data in the CPU's caches."""
     n = base.size
     blocks = out.shape[0]
     acc = np.empty(max(grid // 2, 1), dtype=np.float64)
+    deltas = np.empty((len(vectors), grid), dtype=base.dtype)
     for b in range(blocks):
         start = b * grid
         length = min(grid, n - start)
+        block_base = base[start:start + length]
+        for v in range(len(vectors)):
+            values, delta = vectors[v][start:start + length], deltas[v]
+            for i in range(length):
+                delta[i] = values[i] - block_base[i]
         m = 1
         while m < length:
             m *= 2
         half = m // 2
+        paired = length - half  # elements whose partner in the second half is a value, not padding
         for q in range(left.size):
-            xl, xr = vectors[left[q]], vectors[right[q]]
+            dl, dr = deltas[left[q]], deltas[right[q]]
             if half == 0:
-                out[b, q] = np.float64((xl[start] - base[start]) * (xr[start] - base[start]))
+                out[b, q] = np.float64(dl[0] * dr[0])
                 continue
-            paired = length - half  # elements whose partner in the second half is a value, not padding
-            for i in range(start, start + paired):
-                k = i + half
-                low = (xl[i] - base[i]) * (xr[i] - base[i])
-                high = (xl[k] - base[k]) * (xr[k] - base[k])
-                acc[i - start] = np.float64(low) + np.float64(high)
-            for i in range(start + paired, start + half):
-                acc[i - start] = np.float64((xl[i] - base[i]) * (xr[i] - base[i])) + 0.0
+            for i in range(paired):
+                acc[i] = np.float64(dl[i] * dr[i]) + np.float64(dl[i + half] * dr[i + half])
+            for i in range(paired, half):
+                acc[i] = np.float64(dl[i] * dr[i]) + 0.0
             rows = half
             while rows > 1:
                 rows //= 2
