@@ -537,9 +537,11 @@ def test_results_do_not_depend_on_chunk_size_or_threads(tmp_path, big_set, metho
 def test_statistics_of_a_tensor_that_fits_take_one_read(tmp_path, big_set, monkeypatch):
     """The in-memory path is the one taken when the tensor fits (and only then): its inputs are read once, and
     its thresholds are selected on the whole tensor at once rather than by histogram passes. Streamed, the
-    magnitudes are gathered in the method's buffers where they fit (one statistics read per group of models whose
-    magnitudes fit together, as long as that takes no more reads than the radix passes), else selected by the
-    histogram passes (one read each). Every path gives the same bits."""
+    magnitudes are gathered in the method's buffers where they fit together (one statistics read), else bracketed
+    in one pass
+    (ranges around the ranks from the first chunk, the elements inside them kept in the free buffers), and where a
+    range misses its rank, selected by the histogram passes after it (one read each). Every path gives the same
+    bits."""
     from streammerge.engine import Engine
     from streammerge.methods import sparsifiers, streaming
     base, models = big_set
@@ -553,22 +555,26 @@ def test_statistics_of_a_tensor_that_fits_take_one_read(tmp_path, big_set, monke
     fits = run_merge(tmp_path / "fits", "ties", models[:2], base, mp, chunk=64 * GRID)
     assert reads == [(0, base["big"].numel())] and not histograms
     numel = base["big"].numel()
-    # gathered: one statistics pass per group of models whose |delta| fit ties' 7 buffers together, then the merge
-    # pass; else two radix-selection passes and the merge pass
-    for name, chunk, passes, gathered in (("whole chunk", 64 * GRID, 2, True), ("two chunks", 16 * GRID, 2, True),
-                                          ("one model's at a time", 4 * GRID, 3, True),
-                                          ("too many chunks for the buffers", 2 * GRID, 3, False)):
+    bracketed = streaming._bracketed
+    # gathered: one statistics pass where the models' |delta| fit ties' 7 buffers together, then the merge pass;
+    # else one bracketing pass and the merge pass; where a range misses, two radix-selection passes more
+    for name, chunk, passes, counted, misses in (
+            ("whole chunk", 64 * GRID, 2, False, False), ("two chunks", 16 * GRID, 2, False, False),
+            ("magnitudes that do not fit the buffers together", 4 * GRID, 2, False, False),
+            ("a range that misses its rank", 2 * GRID, 4, True, True)):
         reads.clear(), histograms.clear()
+        monkeypatch.setattr(streaming, "_bracketed", (lambda *a: False) if misses else bracketed)
         streamed = run_merge(tmp_path / name, "ties", models[:2], base, mp, chunk=chunk,
                              engine_options={"stats_in_memory": False})
         chunks = -(-numel // chunk)
-        assert len(reads) == passes * chunks and bool(histograms) != gathered, name
+        assert len(reads) == passes * chunks and bool(histograms) == counted, name
         assert torch.equal(fits["big"], streamed["big"]), name
-    monkeypatch.setattr(sparsifiers, "gather_groups", lambda ctx, models, dtype: None)
+    monkeypatch.setattr(sparsifiers, "gather_groups", lambda ctx, models: None)
+    monkeypatch.setattr(streaming, "_bracketed", bracketed)
     reads.clear(), histograms.clear()
-    streamed = run_merge(tmp_path / "histograms", "ties", models[:2], base, mp, chunk=64 * GRID,
+    streamed = run_merge(tmp_path / "bracketed", "ties", models[:2], base, mp, chunk=64 * GRID,
                          engine_options={"stats_in_memory": False})
-    assert len(reads) == 3 and histograms
+    assert len(reads) == 2 and not histograms  # (a chunk of the whole tensor, observed a tile at a time)
     assert torch.equal(fits["big"], streamed["big"])
 
 

@@ -476,10 +476,11 @@ def test_statistics_make_no_chunk_sized_temporaries():
 
 @pytest.mark.parametrize("n", [1, 2, 3, 1000, GRID, GRID + 1, 3 * GRID + GRID // 2 + 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_task_vector_products_formed_in_the_sums_give_the_bits_of_the_products(n, dtype):
-    """`add_task_vector_products` forms the task vectors and their products inside the compiled tree's first level:
-    the bits of `add_products` on the differences as torch makes them, over whole and short blocks, in chunks, with
-    zeros of either sign, infinities and NaN among the values."""
+@pytest.mark.parametrize("with_base", [True, False])
+def test_vector_products_formed_in_the_sums_give_the_bits_of_the_products(n, dtype, with_base):
+    """`add_vector_products` forms the vectors (the task vectors, or the inputs themselves without a base) and
+    their products inside the compiled tree's first level: the bits of `add_products` on the vectors as torch makes
+    them, over whole and short blocks, in chunks, with zeros of either sign, infinities and NaN among the values."""
     g = torch.Generator().manual_seed(n)
     base = torch.randn(n, generator=g, dtype=dtype)
     inputs = [base + torch.randn(n, generator=g, dtype=dtype) * 10.0 ** -k for k in range(3)]
@@ -489,18 +490,75 @@ def test_task_vector_products_formed_in_the_sums_give_the_bits_of_the_products(n
         inputs[2][[3, 11, n - 1]] = torch.tensor([math.inf, -math.inf, math.nan], dtype=dtype)
     else:  # a pair whose products are all -0 (+0 times negative differences)
         inputs[0], inputs[1] = base.clone(), base - 1
+    if not with_base:
+        inputs[0][1::3] = -0.0
+        base = None
     pairs = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
     chunk = 2 * GRID
     sums = {}
-    for compiled, fused in ((False, False), (True, False), (True, True)):
+    for compiled, fused in ((False, False), (True, False), (True, True), (False, True)):
         group_sums = GroupSums(Groups("tensor", (n,)), len(pairs), compiled=compiled)
         for a, b in chunked(n, chunk):
             buffers = [torch.empty(b - a, dtype=dtype) for _ in range(3)]
+            chunk_base = None if base is None else base[a:b]
             if fused:
-                group_sums.add_task_vector_products(a, b - a, [x[a:b] for x in inputs], base[a:b], pairs, *buffers)
+                group_sums.add_vector_products(a, b - a, [x[a:b] for x in inputs], chunk_base, pairs, *buffers)
             else:
-                group_sums.add_products(a, b - a, lambda i, buffer: torch.sub(inputs[i][a:b], base[a:b],
-                                                                              out=buffer[:b - a]), pairs, *buffers)
+                group_sums.add_products(a, b - a, lambda i, buffer: inputs[i][a:b] if chunk_base is None else
+                                        torch.sub(inputs[i][a:b], chunk_base, out=buffer[:b - a]), pairs, *buffers)
         sums[compiled, fused] = group_sums.sums
     for result in sums.values():
         assert torch.equal(result.view(torch.int64), sums[False, False].view(torch.int64))
+
+
+def select_streamed(x: torch.Tensor, ranks: list[int], chunk: int, room: int, late_ranks: list[int] | None = None):
+    """`select` with a first pass that brackets the ranks (`RankSelect.bracket_streamed`), the passes started
+    over where it asks, as the engine does; late_ranks: set after the first chunk, as sce sets its rank. Returns
+    the selection and the passes it took."""
+    s = RankSelect(ranks, x.dtype)
+    s.bracket_streamed(torch.empty(room, dtype=x.dtype), x.numel())
+    digits = torch.empty(chunk, dtype=x.dtype)
+    p, passes = 0, 0
+    while p < s.passes:
+        for a, b in chunked(x.numel(), chunk):
+            s.observe(p, x[a:b], digits[:b - a])
+            if late_ranks and passes == 0 and a == 0:
+                for j, rank in enumerate(late_ranks):
+                    s.set_rank(j, rank)
+        following = s.finish_pass(p)
+        p, passes = p + 1 if following is None else following, passes + 1
+        if s.done:
+            break
+    return s, passes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_streamed_brackets_select_in_one_pass_what_the_passes_select(dtype):
+    """A tensor streamed in chunks whose ranks lie inside the ranges estimated from its first chunk is selected at
+    the end of one pass, with the value, ties before and count of equal elements of the histogram passes; where a
+    range misses its rank (a first chunk unlike the rest), the room cannot hold the ranges or fills up, or the
+    ranks change after the first chunk, the histogram passes start over and give the same."""
+    n, chunk = 5 * GRID + 999, 20011
+    g = torch.Generator().manual_seed(7)
+    normal = torch.randn(n, generator=g, dtype=dtype).abs()
+    skewed = normal.clone()
+    skewed[:chunk] *= 1.5  # the first chunk's quantiles lie above the rest's
+    cases = [  # values, room, ranks set late, passes
+        (normal, n // 4, None, 1),
+        (tied_magnitudes(n, 3, dtype, 100000), n // 4, None, 1),
+        (tied_magnitudes(n, 4, dtype, 50), n // 2, None, 1),  # ranks among many equal values
+        (tied_magnitudes(n, 4, dtype, 1), n, None, 1 + RankSelect.passes_for(dtype)),  # all zeros: ranges too wide
+        (skewed, n // 4, None, 1 + RankSelect.passes_for(dtype)),
+        (normal, 1000, None, 1 + RankSelect.passes_for(dtype)),
+        (normal, n // 4, [n // 5, n - 3, 0, n // 2, n - 1, 1], 1 + RankSelect.passes_for(dtype)),
+    ]
+    ranks = [0, 1, n // 3, n // 2, n - 2, n - 1]
+    for case, (values, room, late, passes) in enumerate(cases):
+        final = late or ranks
+        streamed, taken = select_streamed(values, ranks, chunk, room, late)
+        reference = select(values, final, chunk)
+        assert taken == passes, (case, taken)
+        for j, rank in enumerate(final):
+            assert (streamed.value(j), streamed.ties_before(j), streamed.count_equal[j]) == \
+                (reference.value(j), reference.ties_before(j), reference.count_equal[j])
+            assert streamed.value(j) == torch.kthvalue(values, rank + 1).values.item()

@@ -2,7 +2,7 @@
 (each row of the first half of a block plus the matching row of the second half, then halving), in one call for
 many blocks instead of a numpy call per level: for `GroupSums(compiled=True)`, in the methods whose statistics are
 such sums or that load compiled kernels anyway. `product_block_sums` sums the products of task vectors the same way,
-forming them in the tree's first level (`GroupSums.add_task_vector_products`, for `model_stock`).
+forming them in the tree's first level (`GroupSums.add_vector_products`, for the methods' dot products).
 `tests/test_streaming.py` holds both to the numpy sums of the element-wise operations."""
 
 from __future__ import annotations
@@ -41,23 +41,26 @@ def block_sums(values, out):
 @compiled
 def product_block_sums(vectors, base, left, right, grid, out):
     """out[b, q] = the pairwise tree sum of `block_sums`, in float64, of the products d_i * d_j, (i, j) =
-    (left[q], right[q]), d_i = vectors[i] - base (in the vectors' dtype, as the element-wise operations round the
-    difference and the product), over grid block b: elements [b * grid, (b + 1) * grid) of the 1-D arrays, the last
-    block, if shorter, padded with +0 products to a power of two (as `GroupSums` pads it). A block's task vectors
-    are formed once, into a block-sized scratch, and their products in the tree's first level, a pass per pair over
-    data in the CPU's caches."""
-    n = base.size
+    (left[q], right[q]), d_i = vectors[i] - base, or vectors[i] where base is None (in the vectors' dtype, as the
+    element-wise operations round the difference and the product), over grid block b: elements [b * grid,
+    (b + 1) * grid) of the 1-D arrays, the last block, if shorter, padded with +0 products to a power of two (as
+    `GroupSums` pads it). A block's vectors are formed once, into a block-sized scratch, and their products in the
+    tree's first level, a pass per pair over data in the CPU's caches, instead of chunk-sized arrays of products."""
+    n = vectors[0].size
     blocks = out.shape[0]
     acc = np.empty(max(grid // 2, 1), dtype=np.float64)
-    deltas = np.empty((len(vectors), grid), dtype=base.dtype)
+    deltas = np.empty((len(vectors), grid), dtype=vectors[0].dtype)
     for b in range(blocks):
         start = b * grid
         length = min(grid, n - start)
-        block_base = base[start:start + length]
         for v in range(len(vectors)):
             values, delta = vectors[v][start:start + length], deltas[v]
-            for i in range(length):
-                delta[i] = values[i] - block_base[i]
+            if base is None:  # (numba compiles this branch alone for a None base)
+                delta[:length] = values
+            else:
+                block_base = base[start:start + length]
+                for i in range(length):
+                    delta[i] = values[i] - block_base[i]
         m = 1
         while m < length:
             m *= 2
@@ -90,4 +93,5 @@ def load() -> None:
         block_sums(np.zeros((1, 2, 1), dtype=dtype), np.zeros((1, 1), dtype=np.float64))
         for count in MODEL_COUNTS:
             vectors = tuple(np.zeros(1, dtype=dtype) for _ in range(count))
-            product_block_sums(vectors, np.zeros(1, dtype=dtype), pairs, pairs, 2, np.zeros((1, 1), dtype=np.float64))
+            for base in (np.zeros(1, dtype=dtype), None):
+                product_block_sums(vectors, base, pairs, pairs, 2, np.zeros((1, 1), dtype=np.float64))

@@ -13,8 +13,6 @@ operation's overhead for each of a few dozen numbers, which dominated for small 
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 
 from streammerge.methods.streaming import Groups, GroupSums
@@ -28,12 +26,12 @@ class Gram:
         self.pairs = [(i, j) for i in range(n) for j in range(i, n)]
         self.sums = GroupSums(Groups("tensor", shape), len(self.pairs), compiled=True)  # (`kernels.pairwise`)
 
-    def observe(self, vector: Callable[[int, torch.Tensor | None], torch.Tensor], offset: int, n: int,
+    def observe(self, inputs: list[torch.Tensor], base: torch.Tensor | None, offset: int, n: int,
                 product: torch.Tensor, first: torch.Tensor | None = None, second: torch.Tensor | None = None) -> None:
-        """The n elements at `offset` of every v_i = vector(i, buffer): a view, or computed into `buffer` (first
-        or second, chunk-sized scratch buffers that vectors computed on the fly need); product: chunk-sized
-        scratch."""
-        self.sums.add_products(offset, n, vector, self.pairs, product, first, second)
+        """The n elements at `offset` of every v_i = inputs[i] - base, or inputs[i] where base is None (first and
+        second: chunk-sized scratch for the differences, where they are made in arrays; product: chunk-sized
+        scratch)."""
+        self.sums.add_vector_products(offset, n, inputs, base, self.pairs, product, first, second)
 
     def matrix(self) -> list[list[float]]:
         sums = dict(zip(self.pairs, self.sums.sums[:, 0].tolist()))

@@ -51,14 +51,13 @@ def slerp_coefficients(t: float, norm_a: float, norm_b: float, dot: float) -> tu
     return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
-def _observe_pair(stats: Stats, a: torch.Tensor, b: torch.Tensor, offset: int, product: torch.Tensor) -> None:
-    stats.sums.add_products(offset, a.numel(), lambda i, buffer: (a, b)[i], ((0, 0), (1, 1), (0, 1)), product)
+PAIR_PRODUCTS = ((0, 0), (1, 1), (0, 1))  # |a|^2, |b|^2, a.b
 
 
 def slerp_observe(stats: Stats, pass_index: int, ctx: ChunkContext) -> None:
     if stats.sums is None:
         stats.sums = GroupSums(Groups("tensor", ctx.shape), 3, compiled=True)
-    _observe_pair(stats, ctx.inputs[0], ctx.inputs[1], ctx.offset, ctx.buffers[0])
+    stats.sums.add_vector_products(ctx.offset, ctx.out.numel(), ctx.inputs[:2], None, PAIR_PRODUCTS, ctx.buffers[0])
 
 
 def slerp_finish(stats: Stats, pass_index: int) -> None:
@@ -105,8 +104,8 @@ def nuslerp_observe(stats: Stats, pass_index: int, ctx: ChunkContext) -> None:
     if stats.sums is None:
         stats.sums = GroupSums(_nuslerp_groups(ctx.params, ctx.shape), 3, compiled=True)
         stats.groups, stats.dtype = stats.sums.groups, ctx.out.dtype
-    a, b = _task_vectors(ctx)
-    _observe_pair(stats, a, b, ctx.offset, ctx.buffers[2])
+    stats.sums.add_vector_products(ctx.offset, ctx.out.numel(), ctx.inputs[:2], ctx.base, PAIR_PRODUCTS,
+                                   ctx.buffers[2], *ctx.buffers[:2])
 
 
 def nuslerp_coefficients(t: float, aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor):
@@ -181,8 +180,8 @@ def stock_observe(stats: Stats, pass_index: int, ctx: ChunkContext) -> None:
         stats.sums = GroupSums(groups, n_models + len(_pairs(n_models)), compiled=True)
         stats.groups, stats.dtype, stats.n_models = groups, ctx.out.dtype, n_models
     n = ctx.out.numel()
-    stats.sums.add_task_vector_products(ctx.offset, n, ctx.inputs, ctx.base,
-                                        [(i, i) for i in range(n_models)] + _pairs(n_models), *ctx.buffers[:3])
+    stats.sums.add_vector_products(ctx.offset, n, ctx.inputs, ctx.base,
+                                   [(i, i) for i in range(n_models)] + _pairs(n_models), *ctx.buffers[:3])
 
 
 def stock_ratio(sums: torch.Tensor, n_models: int) -> torch.Tensor:

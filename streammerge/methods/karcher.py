@@ -70,7 +70,7 @@ def karcher_observe(stats: KarcherStats, pass_index: int, ctx: ChunkContext) -> 
     if stats.gram is None:
         stats.gram = Gram(len(ctx.inputs), ctx.shape)
         stats.params = ctx.params
-    stats.gram.observe(lambda i, buffer: ctx.inputs[i], ctx.offset, ctx.out.numel(), ctx.buffers[0])
+    stats.gram.observe(ctx.inputs, None, ctx.offset, ctx.out.numel(), ctx.buffers[0])
 
 
 def karcher_finish(stats: KarcherStats, pass_index: int) -> None:

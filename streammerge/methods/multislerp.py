@@ -55,19 +55,11 @@ class MultislerpStats:
         self.coefficients: list[float] = []
 
 
-def _vector(ctx: ChunkContext):
-    """This chunk of v_i: the model, or its difference to the base."""
-    n = ctx.out.numel()
-    if ctx.base is None:
-        return lambda i, buffer: ctx.inputs[i]
-    return lambda i, buffer: torch.sub(ctx.inputs[i], ctx.base, out=buffer[:n])
-
-
 def multislerp_observe(stats: MultislerpStats, pass_index: int, ctx: ChunkContext) -> None:
     if stats.gram is None:
         stats.gram = Gram(len(ctx.inputs), ctx.shape)
         stats.params, stats.model_params, stats.name = ctx.params, ctx.model_params, ctx.name
-    stats.gram.observe(_vector(ctx), ctx.offset, ctx.out.numel(), *ctx.buffers[:3])
+    stats.gram.observe(ctx.inputs, ctx.base, ctx.offset, ctx.out.numel(), *ctx.buffers[:3])
 
 
 def multislerp_finish(stats: MultislerpStats, pass_index: int) -> None:

@@ -179,46 +179,43 @@ class MagnitudeStats:
         self.norms = GroupSums(Groups("tensor", ctx.shape), 2 * len(self.ranks))  # (all, kept) per model
         self.factors = [1.0] * len(self.ranks)
         self.merge_gates = None
-        self.gathering = gather_groups(ctx, [i for i, s in enumerate(self.selects) if s is not None], dtype)
+        selecting = [i for i, s in enumerate(self.selects) if s is not None]
+        self.gathering = gather_groups(ctx, selecting)
+        if self.gathering is None and selecting and ctx.gather_room():
+            # (the first pass observes in the first two buffers: the others are free until the selection is made)
+            rooms = ctx.arena[2 * ctx.buffers[0].numel():]
+            per = rooms.numel() // len(selecting)
+            for k, i in enumerate(selecting):
+                self.selects[i].bracket_streamed(rooms[k * per:(k + 1) * per], ctx.numel)
         self.ready = True
 
 
 class Gathering:
-    """For a tensor streamed in chunks: its selecting models in groups whose |delta| fit the method's buffers
-    (`ChunkContext.arena`) together, one tensor-sized area each. Statistics pass p gathers group p's |delta| there
-    and selects their thresholds at its end by partition, as for a tensor held whole: one read per group instead
-    of one per radix pass. The buffers are free until the selection is made (the rescale and merge passes come
-    after it)."""
+    """For a tensor streamed in chunks: the |delta| of its selecting models, where they fit the method's buffers
+    (`ChunkContext.arena`) together, one tensor-sized area each. The first statistics pass gathers them there and
+    selects their thresholds at its end by partition, as for a tensor held whole: one read instead of one per radix
+    pass. The buffers are free until the selection is made (the rescale and merge passes come after it)."""
 
-    def __init__(self, groups: list[list[int]], arena: torch.Tensor, numel: int):
-        self.groups = groups
-        self.areas = {i: arena[k * numel:(k + 1) * numel] for group in groups for k, i in enumerate(group)}
+    def __init__(self, models: list[int], arena: torch.Tensor, numel: int):
+        self.areas = {i: arena[k * numel:(k + 1) * numel] for k, i in enumerate(models)}
 
 
-def model_groups(selecting: list[int], numel: int, arena_elements: int, dtype: torch.dtype) -> list[list[int]] | None:
-    """The selecting models in groups whose magnitudes fit `arena_elements` together, when gathering them takes
-    no more passes than the radix selection (one per group against `RankSelect.passes_for(dtype)`); else None."""
-    per_group = arena_elements // max(numel, 1)
-    if not selecting or per_group == 0:
-        return None
-    groups = [selecting[a:a + per_group] for a in range(0, len(selecting), per_group)]
-    return groups if len(groups) <= RankSelect.passes_for(dtype) else None
+def gathered_together(selecting: list[int], numel: int, arena_elements: int) -> bool:
+    """Whether the selecting models' magnitudes fit `arena_elements` together (else the first pass brackets them)."""
+    return bool(selecting) and len(selecting) * numel <= arena_elements
 
 
-def gather_groups(ctx: ChunkContext, models: list[int], dtype: torch.dtype) -> Gathering | None:
-    groups = model_groups(models, ctx.numel, ctx.gather_room(), dtype)
-    return Gathering(groups, ctx.arena, ctx.numel) if groups is not None else None
+def gather_groups(ctx: ChunkContext, models: list[int]) -> Gathering | None:
+    return Gathering(models, ctx.arena, ctx.numel) if gathered_together(models, ctx.numel, ctx.gather_room()) else None
 
 
-def magnitude_streamed_reads(sparsifier: Sparsifier, buffers: int):
-    """`Method.streamed_reads` of a magnitude sparsifier with `buffers` chunk-sized buffers."""
+def magnitude_streamed_reads(sparsifier: Sparsifier):
+    """`Method.streamed_reads` of a magnitude sparsifier: the radix passes become one, which gathers the models'
+    magnitudes where they fit the buffers, else brackets the ranks (their ranges hold them but for a tensor whose
+    first chunk is unlike the rest: then the radix passes follow)."""
     def reads(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple, chunk: int) -> int:
         passes = magnitude_passes(sparsifier, params, model_params, dtype, numel)
-        selecting = [i for i, m in enumerate(model_params) if isinstance(magnitude_ranks(sparsifier, m, numel), tuple)]
-        groups = model_groups(selecting, numel, buffers * chunk, dtype)
-        if groups is not None:
-            passes -= RankSelect.passes_for(dtype) - len(groups)  # the radix passes become one per group
-        return passes + 1
+        return passes - RankSelect.passes_for(dtype) + 2 if passes else 1  # (+ the merge pass)
 
     return reads
 
@@ -329,19 +326,19 @@ def magnitude_observe(sparsifier: Sparsifier):
         b = ctx.derived(Buffers)
         if pass_index < stats.select_passes:
             whole = pass_index == 0 and ctx.out.numel() == ctx.numel  # then selected at once: one pass
-            if stats.gathering is not None:  # this pass's group gathered, then selected at the pass's end
-                for i in stats.gathering.groups[pass_index]:
-                    area = stats.gathering.areas[i][ctx.offset:ctx.offset + ctx.out.numel()]
+            if stats.gathering is not None:  # gathered, then selected at the pass's end
+                for i, area in stats.gathering.areas.items():
+                    area = area[ctx.offset:ctx.offset + ctx.out.numel()]
                     torch.sub(ctx.inputs[i], ctx.base, out=area).abs_()
                 return
             for i, select in enumerate(stats.selects):
                 if select is None or select.done:
                     continue
-                torch.sub(ctx.inputs[i], ctx.base, out=b.magnitude).abs_()
                 if whole:
+                    torch.sub(ctx.inputs[i], ctx.base, out=b.magnitude).abs_()
                     select.select_whole(b.magnitude, b.magnitude)  # (its own scratch: made again to merge)
                 else:
-                    select.observe(pass_index, b.magnitude, b.counts)
+                    select.observe(pass_index, torch.sub(ctx.inputs[i], ctx.base, out=b.delta).abs_(), b.magnitude)
             return
         # the rescale pass: L1 norm of each pruned delta against that of the whole delta
         if ctx.offset == 0:
@@ -361,14 +358,16 @@ def magnitude_observe(sparsifier: Sparsifier):
 def magnitude_finish(stats: MagnitudeStats, pass_index: int) -> int | None:
     if pass_index < stats.select_passes:
         gathering = stats.gathering
+        restart = False
         for i, select in enumerate(stats.selects):
             if select is None:
                 continue
-            if gathering is not None:
-                if i in gathering.groups[pass_index]:  # (magnitudes: no sign bit, so selected at once, `done`)
-                    select.select_whole(gathering.areas[i], gathering.areas[i])  # (its own scratch)
+            if gathering is not None:  # (magnitudes: no sign bit, so selected at once, `done`)
+                select.select_whole(gathering.areas[i], gathering.areas[i])  # (its own scratch)
                 continue
-            select.finish_pass(pass_index)
+            restart |= select.finish_pass(pass_index) == 0  # (a bracketing pass that missed: the histograms' turn)
+        if restart:
+            return 0
         if pass_index < stats.select_passes - 1 and not all(s is None or s.done for s in stats.selects):
             return None
         for i, select in enumerate(stats.selects):

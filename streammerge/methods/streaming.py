@@ -269,27 +269,29 @@ class GroupSums:
             b = computed if j == i else vector(j, second)
             self.add(q, offset, torch.mul(computed, b, out=product[:n]))
 
-    def add_task_vector_products(self, offset: int, n: int, inputs: list[torch.Tensor], base: torch.Tensor,
-                                 pairs: list[tuple[int, int]], product: torch.Tensor, first: torch.Tensor,
-                                 second: torch.Tensor) -> None:
-        """`add_products` of the task vectors v_i = inputs[i] - base (n elements each). Whole-tensor compiled sums
-        form the differences and products inside the kernel's first level (`kernels.pairwise`), a pass per pair
-        over each grid block instead of arrays of differences and products; otherwise as `add_products` (the
-        buffers: its scratch)."""
+    def add_vector_products(self, offset: int, n: int, inputs: list[torch.Tensor], base: torch.Tensor | None,
+                            pairs: list[tuple[int, int]], product: torch.Tensor, first: torch.Tensor | None = None,
+                            second: torch.Tensor | None = None) -> None:
+        """`add_products` of the vectors v_i = inputs[i] - base, or inputs[i] where base is None (n elements
+        each). Whole-tensor compiled sums form the vectors and their products inside the kernel's first level
+        (`kernels.pairwise`), a grid block at a time, instead of chunk-sized arrays of differences and products;
+        otherwise as `add_products` (the buffers: its scratch; first and second serve the differences)."""
         if self.groups.kind != "tensor" or self.pairwise_sums is not compiled_pairwise_sums:
-            self.add_products(offset, n, lambda i, buffer: torch.sub(inputs[i], base, out=buffer[:n]), pairs,
-                              product, first, second)
+            vector = ((lambda i, buffer: inputs[i]) if base is None else
+                      (lambda i, buffer: torch.sub(inputs[i], base, out=buffer[:n])))
+            self.add_products(offset, n, vector, pairs, product, first, second)
             return
         require_grid(offset)
         from streammerge.kernels import pairwise
-        vectors, base_values = tuple(x.numpy()[:n] for x in inputs), base.numpy()[:n]
+        vectors, base_values = tuple(x.numpy()[:n] for x in inputs), None if base is None else base.numpy()[:n]
         left, right = (np.array(side, dtype=np.int64) for side in zip(*pairs))
         block_sums = np.empty((-(-n // GRID), len(pairs)), dtype=np.float64)
 
         def work(a: int, z: int) -> None:
             elements = slice(a * GRID, min(n, z * GRID))
-            pairwise.product_block_sums(tuple(v[elements] for v in vectors), base_values[elements], left, right,
-                                        GRID, block_sums[a:z])
+            block_base = None if base_values is None else base_values[elements]
+            pairwise.product_block_sums(tuple(v[elements] for v in vectors), block_base, left, right, GRID,
+                                        block_sums[a:z])
 
         in_parallel(block_sums.shape[0], work, grain=1)
         self._add_block_sums(block_sums)
@@ -388,6 +390,11 @@ class Uniform:
 
 # -- exact order statistics ----------------------------------------------------------------------------------
 SAMPLE = 1 << 13  # elements of the strided sample that brackets each selected rank
+UNSIGNED = {4: np.uint32, 8: np.uint64}
+STREAMED_SAMPLE = 1 << 16  # the same from the first chunk of a tensor streamed in chunks (`StreamedBrackets`)
+# and the share of the elements either side of each rank its ranges take at least, where the room allows: wider
+# than the sample's error, for the rest of a tensor that differs a little from its first chunk, but few to copy
+STREAMED_SHARE = 0.01
 BRACKET_FROM = 1 << 16  # fewer elements are partitioned whole: bracketing them first saves nothing
 CALIBRATION_KEYS = 1 << 18  # magnitudes both whole-tensor selections are timed on, once per process
 HEAVY_FROM = 1 << 15  # fewer keys are partitioned without looking for a key many of them share
@@ -430,6 +437,7 @@ class RankSelect:
         self.hist: list[torch.Tensor] = []  # one histogram per rank, from the first pass that needs them
         self.done = False  # every rank selected (from a whole-tensor chunk)
         self._whole: tuple | None = None  # (values, digits buffer) held from observe to finish_pass(0)
+        self._streamed: StreamedBrackets | None = None
 
     @staticmethod
     def passes_for(dtype: torch.dtype) -> int:
@@ -448,7 +456,18 @@ class RankSelect:
             return
         self._observe(pass_index, values, digits_buffer)
 
+    def bracket_streamed(self, room: torch.Tensor, numel: int) -> None:
+        """For a tensor of `numel` elements streamed in chunks: make the first pass bracket the ranks and keep the
+        values near them in `room` (scratch of the values' width, untouched until `finish_pass(0)`) instead of
+        counting digits, so that where the ranges hold every rank they are selected at that pass's end (`done`),
+        and where they do not, `finish_pass(0)` asks for the histogram passes from the first on (it returns 0;
+        `StreamedBrackets`)."""
+        self._streamed = StreamedBrackets(room.view(self.int_dtype).numpy(), numel)
+
     def _observe(self, pass_index: int, values: torch.Tensor, digits_buffer: torch.Tensor) -> None:
+        if self._streamed is not None:
+            self._streamed.observe(values.view(self.int_dtype).numpy(), self.ranks)
+            return
         if not self.hist:
             self.hist = [torch.zeros(BINS, dtype=torch.int64) for _ in self.ranks]
         bits = values.view(self.int_dtype)
@@ -513,14 +532,24 @@ class RankSelect:
         self.done = True
         return True
 
-    def finish_pass(self, pass_index: int) -> None:
+    def finish_pass(self, pass_index: int) -> int | None:
+        """The end of pass `pass_index`; 0 where the passes must start over (a streamed bracketing that missed)."""
         if self.done:
-            return
+            return None
         if self._whole is not None:
             whole, self._whole = self._whole, None
             if self._select_whole(*whole):
-                return
+                return None
             self._observe(pass_index, *whole)  # the histogram passes then refuse the values
+        if self._streamed is not None:
+            streamed, self._streamed = self._streamed, None
+            selected = streamed.select(self.ranks)
+            if selected is None:
+                return 0
+            for j, (key, equal_before, count_equal) in enumerate(selected):
+                self.prefix[j], self.remaining[j], self.count_equal[j] = int(key), equal_before, count_equal
+            self.done = True
+            return None
         for j, hist in enumerate(self.hist):
             cumulative = hist.cumsum(0)
             bucket = int(torch.searchsorted(cumulative, self.remaining[j], right=True))
@@ -636,26 +665,15 @@ def partition_beats_brackets() -> bool:
 
 
 def _select_bracketed(bits: np.ndarray, keys: np.ndarray, ranks: list[int]) -> list[tuple[int, int, int]] | None:
-    """`_select_partitioned` of `bits` without partitioning them whole: a sorted strided sample brackets each
-    rank with a range of values [low, high] that holds it with near certainty; one pass counts the elements below
-    and inside each range (`bits` untouched), and where every rank does lie inside its range, a second moves the
-    elements inside the ranges, in order, to the front of `keys` (which may be `bits`: written only where already
-    read), where a partition of those few finds every rank, shifted by the elements below its range that were
-    left out. The same keys and counts: every element equal to a selected key lies inside its range. None
-    (nothing written) where a range misses its rank or the ranges hold too much to be worth it."""
+    """`_select_partitioned` of `bits` without partitioning them whole: a strided sample brackets each rank with a
+    range of values [low, high] that holds it with near certainty; one pass counts the elements below and inside
+    each range (`bits` untouched), and where every rank does lie inside its range, a second moves the elements
+    inside the ranges, in order, to the front of `keys` (which may be `bits`: written only where already read),
+    where a partition of those few finds every rank, shifted by the elements below its range that were left out.
+    The same keys and counts: every element equal to a selected key lies inside its range. None (nothing written)
+    where a range misses its rank or the ranges hold too much to be worth it."""
     n = bits.size
-    sample = np.sort(bits[::max(n // SAMPLE, 1) | 1])  # (an odd stride: rows of a power-of-two width vary)
-    brackets: list[list] = []  # [low, high, ranks] of disjoint ranges, ascending
-    for rank in sorted(set(ranks)):
-        q = rank / n
-        at, margin = q * sample.size, 4 * math.sqrt(sample.size * q * (1 - q)) + 8  # (four standard errors)
-        first, last = int(at - margin), int(at + margin) + 1  # (past either end: open on that side)
-        low = sample[first] if first > 0 else sample.dtype.type(0)
-        high = sample[last] if last < sample.size - 1 else np.iinfo(sample.dtype).max
-        if brackets and low <= brackets[-1][1]:
-            brackets[-1][1], brackets[-1][2] = max(high, brackets[-1][1]), brackets[-1][2] + [rank]
-        else:
-            brackets.append([low, high, [rank]])
+    brackets = _rank_brackets(bits, ranks, n, SAMPLE, 0.0)
     below, inside = [0] * len(brackets), [0] * len(brackets)
     for a in range(0, n, COUNT_SLICE):
         part = bits[a:a + COUNT_SLICE]
@@ -663,26 +681,123 @@ def _select_bracketed(bits: np.ndarray, keys: np.ndarray, ranks: list[int]) -> l
             under = int(np.count_nonzero(part < low))
             below[k] += under
             inside[k] += int(np.count_nonzero(part <= high)) - under
-    if sum(inside) > n // 4 or any(not below[k] <= r < below[k] + inside[k]
-                                   for k, (_, _, rs) in enumerate(brackets) for r in rs):
+    if sum(inside) > n // 4 or not _bracketed(brackets, below, inside):
         return None
-    masks = np.empty((3, min(n, COUNT_SLICE)), dtype=bool)
+    masks, scratch = np.empty((2, min(n, COUNT_SLICE)), dtype=bool), np.empty(min(n, COUNT_SLICE), dtype=bits.dtype)
     written = 0
     for a in range(0, n, COUNT_SLICE):
-        part = bits[a:a + COUNT_SLICE]
-        inside_any, at_least, at_most = masks[:, :part.size]
-        for k, (low, high, _) in enumerate(brackets):
-            np.logical_and(np.greater_equal(part, low, out=at_least), np.less_equal(part, high, out=at_most),
-                           out=at_least if k else inside_any)
-            if k:
-                np.logical_or(inside_any, at_least, out=inside_any)
-        kept = part[inside_any]  # (a copy: safe to write over what it came from)
+        kept = _inside(bits[a:a + COUNT_SLICE], brackets, scratch, masks)  # (a copy: may write over its source)
         keys[written:written + kept.size] = kept
         written += kept.size
-    moved_rank = {}  # rank -> its rank among the elements moved: less the elements below its range not moved
+    return _select_moved(keys[:written], brackets, below, inside, ranks)
+
+
+def _rank_brackets(bits: np.ndarray, ranks: list[int], n: int, sample_size: int, share: float) -> list[list]:
+    """[low, high, ranks] of disjoint ranges of bit patterns, ascending, that hold the given ranks among n values
+    with near certainty, from a strided sample of about `sample_size` of `bits` (which are those values, or a part
+    of them): four standard errors of the sample's quantile either side of each rank, or `share` of n where that
+    is wider."""
+    sample = bits[::max(bits.size // sample_size, 1) | 1].copy()  # (an odd stride: rows of a power-of-two width vary)
+    places = []
+    for rank in sorted(set(ranks)):
+        q = rank / n
+        at = q * sample.size
+        margin = max(4 * math.sqrt(sample.size * q * (1 - q)) + 8, share * sample.size)
+        places.append((int(at - margin), int(at + margin) + 1, rank))  # (past either end: open on that side)
+    inner = sorted({i for first, last, _ in places for i in (first, last) if 0 < i < sample.size - 1})
+    if inner:
+        sample.partition(inner)  # (sample[i] is then the sample's i-th smallest at each of those places)
+    brackets: list[list] = []
+    for first, last, rank in places:
+        low = sample[first] if first > 0 else sample.dtype.type(0)
+        high = sample[last] if last < sample.size - 1 else np.iinfo(sample.dtype).max
+        if brackets and low <= brackets[-1][1]:
+            brackets[-1][1], brackets[-1][2] = max(high, brackets[-1][1]), brackets[-1][2] + [rank]
+        else:
+            brackets.append([low, high, [rank]])
+    return brackets
+
+
+def _bracketed(brackets: list[list], below: list[int], inside: list[int]) -> bool:
+    """Whether every rank lies inside its range, given the elements below and inside each."""
+    return all(below[k] <= r < below[k] + inside[k] for k, (_, _, rs) in enumerate(brackets) for r in rs)
+
+
+def _inside(part: np.ndarray, brackets: list[list], scratch: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """The elements of `part` inside any of the ranges, in order (a copy); scratch: integers as long, masks:
+    2 x len(part) bool. low <= x <= high as one unsigned comparison of x - low (x and low non-negative: no
+    overflow), which numpy does in a third of the time of two comparisons and their conjunction."""
+    inside_any, at = masks[:, :part.size]
+    difference = scratch[:part.size]
+    unsigned = difference.view(UNSIGNED[difference.dtype.itemsize])
+    for k, (low, high, _) in enumerate(brackets):
+        np.subtract(part, low, out=difference)
+        np.less_equal(unsigned, unsigned.dtype.type(int(high) - int(low)), out=at if k else inside_any)
+        if k:
+            np.logical_or(inside_any, at, out=inside_any)
+    return part[inside_any]
+
+
+def _select_moved(moved: np.ndarray, brackets: list[list], below: list[int], inside: list[int],
+                  ranks: list[int]) -> list[tuple[int, int, int]]:
+    """`_select_partitioned` of the ranks among the values whose elements inside the ranges are `moved`
+    (rearranged in place): each rank less the elements below its range that were left out."""
+    moved_rank = {}
     for k, (_, _, rs) in enumerate(brackets):
         moved_rank.update({r: r - (below[k] - sum(inside[:k])) for r in rs})
-    return _select_partitioned(keys[:written], [moved_rank[r] for r in ranks])
+    return _select_partitioned(moved, [moved_rank[r] for r in ranks])
+
+
+class StreamedBrackets:
+    """The ranks of a `RankSelect` over a tensor streamed in chunks, found in one pass where they can be: ranges of
+    values around them are estimated from the first chunk (`_rank_brackets`, as wide as `room` allows), then every
+    chunk adds its elements below each range to a count and copies those inside into `room`. At the pass's end,
+    where every rank lies inside its range, a partition of what was kept selects them (as `_select_bracketed` does
+    for a tensor held whole). Where a range missed its rank (the first chunk was not like the rest) or `room`
+    filled up, `select` gives None and the histogram passes start over."""
+
+    def __init__(self, room: np.ndarray, numel: int):
+        self.room, self.numel = room, numel
+        self.brackets: list[list] | None = None
+        self.below: list[int] = []
+        self.written = 0
+        self.full = False
+
+    def observe(self, bits: np.ndarray, ranks: list[int]) -> None:
+        if self.full or (self.brackets is None and not self._start(bits, ranks)):
+            return
+        for a in range(0, bits.size, COUNT_SLICE):
+            part = bits[a:a + COUNT_SLICE]
+            for k, (low, _, _) in enumerate(self.brackets):
+                self.below[k] += int(np.count_nonzero(part < low))
+            kept = _inside(part, self.brackets, self.scratch, self.masks)
+            if self.written + kept.size > self.room.size:
+                self.full = True
+                return
+            self.room[self.written:self.written + kept.size] = kept
+            self.written += kept.size
+
+    def _start(self, bits: np.ndarray, ranks: list[int]) -> bool:
+        """The ranges, from the first chunk; False (and `full`) where they would not fit the room."""
+        share = self.room.size / (4 * max(len(ranks), 1) * max(self.numel, 1))  # (half the room, expected)
+        self.brackets = _rank_brackets(bits, ranks, self.numel, STREAMED_SAMPLE, min(share, STREAMED_SHARE))
+        self.below = [0] * len(self.brackets)
+        self.masks = np.empty((2, min(bits.size, COUNT_SLICE)), dtype=bool)
+        self.scratch = np.empty(min(bits.size, COUNT_SLICE), dtype=bits.dtype)
+        sample = bits[:COUNT_SLICE]
+        expected = _inside(sample, self.brackets, self.scratch, self.masks).size / sample.size * self.numel
+        self.full = expected > self.room.size * 3 // 4  # (narrower ranges would miss their ranks: not worth a try)
+        return not self.full
+
+    def select(self, ranks: list[int]) -> list[tuple[int, int, int]] | None:
+        self.masks = self.scratch = None
+        if self.full or self.brackets is None or sorted(set(ranks)) != [r for _, _, rs in self.brackets for r in rs]:
+            return None  # (ranks set after the first chunk: its ranges were for others)
+        moved = self.room[:self.written]
+        inside = [int(np.count_nonzero((moved >= low) & (moved <= high))) for low, high, _ in self.brackets]
+        if not _bracketed(self.brackets, self.below, inside):
+            return None
+        return _select_moved(moved, self.brackets, self.below, inside, ranks)
 
 
 class TieGate:

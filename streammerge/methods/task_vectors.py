@@ -226,7 +226,7 @@ def _method(family: Family) -> Method:
         init_stats=(lambda numel, n: MagnitudeStats()) if magnitude else None,
         observe=magnitude_observe(family.sparsifier) if magnitude else None,
         finish_pass=magnitude_finish if magnitude else None,
-        streamed_reads=magnitude_streamed_reads(family.sparsifier, family.buffers) if magnitude else None,
+        streamed_reads=magnitude_streamed_reads(family.sparsifier) if magnitude else None,
         buffers=family.buffers,
         check=_della_check if family.sparsifier is Sparsifier.MAGPRUNE else None,
         # magprune ranks whole rows, which tiles would cut (each cut row read again): its chunks stay whole
