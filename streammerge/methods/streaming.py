@@ -779,11 +779,11 @@ class StreamedBrackets:
 
     def _start(self, bits: np.ndarray, ranks: list[int]) -> bool:
         """The ranges, from the first chunk; False (and `full`) where they would not fit the room."""
-        share = self.room.size / (4 * max(len(ranks), 1) * max(self.numel, 1))  # (half the room, expected)
+        share = self.room.size / (4 * max(len(ranks), 1) * max(self.numel, 1))  # (at most half the room, expected)
         self.brackets = _rank_brackets(bits, ranks, self.numel, STREAMED_SAMPLE, min(share, STREAMED_SHARE))
         self.below = [0] * len(self.brackets)
-        self.masks = np.empty((2, min(bits.size, COUNT_SLICE)), dtype=bool)
-        self.scratch = np.empty(min(bits.size, COUNT_SLICE), dtype=bits.dtype)
+        self.masks = np.empty((2, COUNT_SLICE), dtype=bool)  # (scratch for a slice of any later chunk)
+        self.scratch = np.empty(COUNT_SLICE, dtype=bits.dtype)
         sample = bits[:COUNT_SLICE]
         expected = _inside(sample, self.brackets, self.scratch, self.masks).size / sample.size * self.numel
         self.full = expected > self.room.size * 3 // 4  # (narrower ranges would miss their ranks: not worth a try)
