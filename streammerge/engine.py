@@ -520,7 +520,7 @@ class Engine:
         return stats
 
     def _finish_pass(self, stats, pass_index: int) -> int:
-        """The method's end of a statistics pass; the index of the next pass to run (it may skip passes)."""
+        """The method's end of a statistics pass; the index of the next pass to run (it may skip passes or go back)."""
         following = self.method.finish_pass(stats, pass_index) if self.method.finish_pass else None
         return pass_index + 1 if following is None else following
 

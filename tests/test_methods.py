@@ -555,7 +555,7 @@ def test_statistics_of_a_tensor_that_fits_take_one_read(tmp_path, big_set, monke
     fits = run_merge(tmp_path / "fits", "ties", models[:2], base, mp, chunk=64 * GRID)
     assert reads == [(0, base["big"].numel())] and not histograms
     numel = base["big"].numel()
-    bracketed = streaming._bracketed
+    moved_ranks = streaming._moved_ranks
     # gathered: one statistics pass where the models' |delta| fit ties' 7 buffers together, then the merge pass;
     # else one bracketing pass and the merge pass; where a range misses, two radix-selection passes more
     for name, chunk, passes, counted, misses in (
@@ -563,14 +563,14 @@ def test_statistics_of_a_tensor_that_fits_take_one_read(tmp_path, big_set, monke
             ("magnitudes that do not fit the buffers together", 4 * GRID, 2, False, False),
             ("a range that misses its rank", 2 * GRID, 4, True, True)):
         reads.clear(), histograms.clear()
-        monkeypatch.setattr(streaming, "_bracketed", (lambda *a: False) if misses else bracketed)
+        monkeypatch.setattr(streaming, "_moved_ranks", (lambda *a: None) if misses else moved_ranks)
         streamed = run_merge(tmp_path / name, "ties", models[:2], base, mp, chunk=chunk,
                              engine_options={"stats_in_memory": False})
         chunks = -(-numel // chunk)
         assert len(reads) == passes * chunks and bool(histograms) == counted, name
         assert torch.equal(fits["big"], streamed["big"]), name
     monkeypatch.setattr(sparsifiers, "gather_groups", lambda ctx, models: None)
-    monkeypatch.setattr(streaming, "_bracketed", bracketed)
+    monkeypatch.setattr(streaming, "_moved_ranks", moved_ranks)
     reads.clear(), histograms.clear()
     streamed = run_merge(tmp_path / "bracketed", "ties", models[:2], base, mp, chunk=64 * GRID,
                          engine_options={"stats_in_memory": False})
@@ -581,11 +581,16 @@ def test_statistics_of_a_tensor_that_fits_take_one_read(tmp_path, big_set, monke
 def test_sce_computes_the_variance_once_where_it_fits_the_buffers(tmp_path, big_set, monkeypatch):
     """A tensor that fits a chunk: its selection, weights and merge (a tile at a time) see the same chunk, one
     variance. A larger one whose variance fits the method's buffers: gathered there by one pass, selected in memory,
-    its kept entries stored as bits, so one variance per element and three reads. Else the selection's passes and
-    the squares pass compute it, the squares pass storing the kept entries as bits for the merge pass. Same bits."""
+    its kept entries stored as bits, so one variance per element and three reads. Else the bracketing pass and the
+    squares pass compute it (and, where the rank lies outside the ranges the first chunk foretold, the histogram
+    passes after the bracketing one), the squares pass storing the kept entries as bits for the merge pass. Same
+    bits."""
     from streammerge.engine import Engine
-    from streammerge.methods import sce
+    from streammerge.methods import sce, streaming
     base, models = big_set
+    models = [{"big": m["big"].clone()} for m in models]
+    for m in models:  # entries every model leaves as the base has them: zero variances, which the rank discounts
+        m["big"][::3, 7::5] = base["big"][::3, 7::5]
     numel = base["big"].numel()
     calls, reads = [], []
     original = sce.variance
@@ -596,8 +601,12 @@ def test_sce_computes_the_variance_once_where_it_fits_the_buffers(tmp_path, big_
     top = {"parameters": {"select_topk": 0.3}}
     fits = run_merge(tmp_path / "fits", "sce", models, base, chunk=64 * GRID, **top)
     assert calls == [numel] and reads == [0]
-    for name, chunk, variances, passes in (("gathered", 16 * GRID, 1, 3), ("histograms", 2 * GRID, 3, 4)):
+    moved_ranks = streaming._moved_ranks
+    for name, chunk, variances, passes in (("gathered", 16 * GRID, 1, 3), ("bracketed", 2 * GRID, 2, 3),
+                                           ("outside the ranges", 2 * GRID, 4, 5)):
         calls.clear(), reads.clear()
+        monkeypatch.setattr(streaming, "_moved_ranks", (lambda *a: None) if name == "outside the ranges" else
+                            moved_ranks)
         streamed = run_merge(tmp_path / name, "sce", models, base, chunk=chunk, **top)
         chunks = math.ceil(numel / chunk)
         assert chunks > 1 and (numel <= sce.BUFFERS * chunk) == (name == "gathered")

@@ -536,8 +536,9 @@ def select_streamed(x: torch.Tensor, ranks: list[int], chunk: int, room: int, la
 def test_streamed_brackets_select_in_one_pass_what_the_passes_select(dtype):
     """A tensor streamed in chunks whose ranks lie inside the ranges estimated from its first chunk is selected at
     the end of one pass, with the value, ties before and count of equal elements of the histogram passes; where a
-    range misses its rank (a first chunk unlike the rest), the room cannot hold the ranges or fills up, or the
-    ranks change after the first chunk, the histogram passes start over and give the same."""
+    rank lies inside none of the ranges (a first chunk unlike the rest, or ranks set after the first chunk far from
+    those the ranges were made for), or the room cannot hold the ranges or fills up, the histogram passes start over
+    and give the same."""
     n, chunk = 5 * GRID + 999, 20011
     g = torch.Generator().manual_seed(7)
     normal = torch.randn(n, generator=g, dtype=dtype).abs()
@@ -550,7 +551,8 @@ def test_streamed_brackets_select_in_one_pass_what_the_passes_select(dtype):
         (tied_magnitudes(n, 4, dtype, 1), n, None, 1 + RankSelect.passes_for(dtype)),  # all zeros: ranges too wide
         (skewed, n // 4, None, 1 + RankSelect.passes_for(dtype)),
         (normal, 1000, None, 1 + RankSelect.passes_for(dtype)),
-        (normal, n // 4, [n // 5, n - 3, 0, n // 2, n - 1, 1], 1 + RankSelect.passes_for(dtype)),
+        (normal, n // 4, [0, 1, n // 3 + 10, n // 2 - 10, n - 2, n - 1], 1),  # set late, inside the ranges
+        (normal, n // 4, [n // 5, n - 3, 0, n // 2, n - 1, 1], 1 + RankSelect.passes_for(dtype)),  # n // 5: outside
     ]
     ranks = [0, 1, n // 3, n // 2, n - 2, n - 1]
     for case, (values, room, late, passes) in enumerate(cases):

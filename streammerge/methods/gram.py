@@ -13,6 +13,7 @@ operation's overhead for each of a few dozen numbers, which dominated for small 
 from __future__ import annotations
 
 import math
+
 import torch
 
 from streammerge.methods.streaming import Groups, GroupSums

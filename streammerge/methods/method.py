@@ -167,10 +167,12 @@ class Method:
     init_stats: Callable[[int, int], Any] | None = None  # (numel, n_models) -> state
     observe: Callable[[Any, int, ChunkContext], None] | None = None  # (state, pass index, chunk)
     # (state, pass index) -> None, or the index of the next pass to run when the passes in between have nothing
-    # left to do (a selection completed early): the engine then skips their reads
+    # left to do (a selection completed early): the engine then skips their reads; or an earlier one, to go over
+    # passes again (a bracketing pass that missed, followed by the histogram passes)
     finish_pass: Callable[[Any, int], int | None] | None = None
     # (method params, per-model params, accumulation dtype, numel, shape, chunk) -> how many times merging a tensor
-    # larger than the chunk reads its inputs, for a method whose `finish_pass` skips passes; else one per pass plus one
+    # larger than the chunk reads its inputs, for a method whose `finish_pass` skips passes (as they usually go: a
+    # selection that brackets its ranks reads more where a range misses); else one per pass plus one
     streamed_reads: Callable[[dict, list[dict], torch.dtype, int, tuple, int], int] | None = None
     buffers: int = 0  # chunk-sized accumulation-dtype buffers the method needs beyond the accumulator
     # (method params, per-model params, accumulation dtype, numel, shape) -> the most bytes a tensor's statistics

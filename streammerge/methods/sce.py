@@ -77,8 +77,8 @@ def sce_stats_bytes(params: dict, model_params: list[dict], dtype: torch.dtype, 
 def sce_streamed_reads(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple,
                        chunk: int) -> int:
     passes = sce_passes(params, model_params, dtype, numel, shape)
-    if passes > 1 and _gathers(numel, BUFFERS * chunk):
-        passes -= RankSelect.passes_for(dtype) - 1  # the selection's passes become one gathering pass
+    if passes > 1:  # the selection's passes become one, which gathers the variance or brackets the rank
+        passes -= RankSelect.passes_for(dtype) - 1
     return passes + 1
 
 
@@ -173,6 +173,8 @@ class SceStats:
             if _gathers(self.numel, ctx.gather_room()):
                 self.gathered = ctx.arena[:self.numel]
                 self.bits_area = ctx.arena.view(torch.uint8)[:kept_bytes(self.numel)].numpy()
+            elif ctx.gather_room():  # (the first pass holds the variance in the first buffer: the others are free)
+                self.select.bracket_streamed(ctx.arena[ctx.buffers[0].numel():], self.numel)
         self.select_passes = self.select.passes if self.select is not None else 0
 
     def new_gates(self) -> None:
@@ -236,7 +238,10 @@ def sce_observe(stats: SceStats, pass_index: int, ctx: ChunkContext) -> None:
             return
         values = stats.chunk_variance(ctx, b)
         if pass_index == 0:
-            stats.zeros += values.numel() - int(values.count_nonzero())
+            zeros = values.numel() - int(values.count_nonzero())
+            stats.zeros += zeros
+            if ctx.offset == 0:  # the rank as the first chunk's share of zeros foretells it (for a bracketing pass)
+                stats.select.set_rank(0, _rank(stats, round(stats.numel * (1 - zeros / values.numel()))))
         stats.select.observe(pass_index, values, b.counts, whole=values.numel() == ctx.numel)
         return
     if stats.nothing:
@@ -259,21 +264,22 @@ def sce_finish(stats: SceStats, pass_index: int) -> int | None:
         if stats.nothing:
             return None
         if pass_index == 0:
-            nonzero = stats.numel - stats.zeros
-            # int(nonzero * density) as mergekit evaluates it (an int64 tensor times a float gives float32)
-            k = int(torch.tensor(nonzero) * stats.params["select_topk"])
-            if k == 0:
+            rank = _rank(stats, stats.numel - stats.zeros)
+            if rank == stats.numel:
                 stats.nothing = True
                 return None
-            stats.select.set_rank(0, stats.numel - k)
+            stats.select.set_rank(0, rank)
             if stats.gathered is not None:
                 stats.select.select_held(stats.gathered)
                 stats.bounds = bounds_from(stats.select, False)
                 stats.store_kept()
                 return stats.select_passes  # on to the squares pass
-        stats.select.finish_pass(pass_index)
-        if pass_index == stats.select_passes - 1:
+        if stats.select.finish_pass(pass_index) == 0:  # a bracketing pass that missed: the histogram passes
+            stats.zeros = 0  # (counted again by their first)
+            return 0
+        if stats.select.done or pass_index == stats.select_passes - 1:
             stats.bounds = bounds_from(stats.select, False)
+            return stats.select_passes  # (the squares pass, at once where the selection was bracketed)
         return None
     if stats.storing is not None:  # the squares pass has stored every chunk's kept entries
         stats.kept_bits, stats.storing = stats.storing, None
@@ -284,6 +290,12 @@ def sce_finish(stats: SceStats, pass_index: int) -> int | None:
     # the divisor first to float32 (mergekit multiplies it by a bool tensor)
     stats.weights = (np.array(weights, dtype=stats.dtype),
                      np.array([_default_dtype(w) for w in weights], dtype=stats.dtype))
+
+
+def _rank(stats: SceStats, nonzero: int) -> int:
+    """The rank of the threshold: the largest k = int(nonzero * select_topk) variances are kept (k as mergekit
+    evaluates it: an int64 tensor times a float gives float32); the tensor's size where k is 0."""
+    return stats.numel - int(torch.tensor(nonzero) * stats.params["select_topk"])
 
 
 def _default_dtype(weight: float) -> float:

@@ -677,11 +677,12 @@ def _select_bracketed(bits: np.ndarray, keys: np.ndarray, ranks: list[int]) -> l
     below, inside = [0] * len(brackets), [0] * len(brackets)
     for a in range(0, n, COUNT_SLICE):
         part = bits[a:a + COUNT_SLICE]
-        for k, (low, high, _) in enumerate(brackets):
+        for k, (low, high) in enumerate(brackets):
             under = int(np.count_nonzero(part < low))
             below[k] += under
             inside[k] += int(np.count_nonzero(part <= high)) - under
-    if sum(inside) > n // 4 or not _bracketed(brackets, below, inside):
+    moved_ranks = _moved_ranks(below, inside, ranks)
+    if sum(inside) > n // 4 or moved_ranks is None:
         return None
     masks, scratch = np.empty((2, min(n, COUNT_SLICE)), dtype=bool), np.empty(min(n, COUNT_SLICE), dtype=bits.dtype)
     written = 0
@@ -689,11 +690,11 @@ def _select_bracketed(bits: np.ndarray, keys: np.ndarray, ranks: list[int]) -> l
         kept = _inside(bits[a:a + COUNT_SLICE], brackets, scratch, masks)  # (a copy: may write over its source)
         keys[written:written + kept.size] = kept
         written += kept.size
-    return _select_moved(keys[:written], brackets, below, inside, ranks)
+    return _select_partitioned(keys[:written], moved_ranks)
 
 
 def _rank_brackets(bits: np.ndarray, ranks: list[int], n: int, sample_size: int, share: float) -> list[list]:
-    """[low, high, ranks] of disjoint ranges of bit patterns, ascending, that hold the given ranks among n values
+    """[low, high] of disjoint ranges of bit patterns, ascending, that hold the given ranks among n values
     with near certainty, from a strided sample of about `sample_size` of `bits` (which are those values, or a part
     of them): four standard errors of the sample's quantile either side of each rank, or `share` of n where that
     is wider."""
@@ -703,24 +704,32 @@ def _rank_brackets(bits: np.ndarray, ranks: list[int], n: int, sample_size: int,
         q = rank / n
         at = q * sample.size
         margin = max(4 * math.sqrt(sample.size * q * (1 - q)) + 8, share * sample.size)
-        places.append((int(at - margin), int(at + margin) + 1, rank))  # (past either end: open on that side)
-    inner = sorted({i for first, last, _ in places for i in (first, last) if 0 < i < sample.size - 1})
+        places.append((int(at - margin), int(at + margin) + 1))  # (past either end: open on that side)
+    inner = sorted({i for place in places for i in place if 0 < i < sample.size - 1})
     if inner:
         sample.partition(inner)  # (sample[i] is then the sample's i-th smallest at each of those places)
     brackets: list[list] = []
-    for first, last, rank in places:
+    for first, last in places:
         low = sample[first] if first > 0 else sample.dtype.type(0)
         high = sample[last] if last < sample.size - 1 else np.iinfo(sample.dtype).max
         if brackets and low <= brackets[-1][1]:
-            brackets[-1][1], brackets[-1][2] = max(high, brackets[-1][1]), brackets[-1][2] + [rank]
+            brackets[-1][1] = max(high, brackets[-1][1])
         else:
-            brackets.append([low, high, [rank]])
+            brackets.append([low, high])
     return brackets
 
 
-def _bracketed(brackets: list[list], below: list[int], inside: list[int]) -> bool:
-    """Whether every rank lies inside its range, given the elements below and inside each."""
-    return all(below[k] <= r < below[k] + inside[k] for k, (_, _, rs) in enumerate(brackets) for r in rs)
+def _moved_ranks(below: list[int], inside: list[int], ranks: list[int]) -> list[int] | None:
+    """Each rank's place among the elements inside the ranges (moved to the front, in order), given the elements
+    below and inside each range: the rank less the elements below its range that were not moved. None where a
+    rank lies inside none of them."""
+    moved = []
+    for rank in ranks:
+        k = next((k for k in range(len(below)) if below[k] <= rank < below[k] + inside[k]), None)
+        if k is None:
+            return None
+        moved.append(rank - (below[k] - sum(inside[:k])))
+    return moved
 
 
 def _inside(part: np.ndarray, brackets: list[list], scratch: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -730,7 +739,7 @@ def _inside(part: np.ndarray, brackets: list[list], scratch: np.ndarray, masks: 
     inside_any, at = masks[:, :part.size]
     difference = scratch[:part.size]
     unsigned = difference.view(UNSIGNED[difference.dtype.itemsize])
-    for k, (low, high, _) in enumerate(brackets):
+    for k, (low, high) in enumerate(brackets):
         np.subtract(part, low, out=difference)
         np.less_equal(unsigned, unsigned.dtype.type(int(high) - int(low)), out=at if k else inside_any)
         if k:
@@ -738,22 +747,12 @@ def _inside(part: np.ndarray, brackets: list[list], scratch: np.ndarray, masks: 
     return part[inside_any]
 
 
-def _select_moved(moved: np.ndarray, brackets: list[list], below: list[int], inside: list[int],
-                  ranks: list[int]) -> list[tuple[int, int, int]]:
-    """`_select_partitioned` of the ranks among the values whose elements inside the ranges are `moved`
-    (rearranged in place): each rank less the elements below its range that were left out."""
-    moved_rank = {}
-    for k, (_, _, rs) in enumerate(brackets):
-        moved_rank.update({r: r - (below[k] - sum(inside[:k])) for r in rs})
-    return _select_partitioned(moved, [moved_rank[r] for r in ranks])
-
-
 class StreamedBrackets:
     """The ranks of a `RankSelect` over a tensor streamed in chunks, found in one pass where they can be: ranges of
     values around them are estimated from the first chunk (`_rank_brackets`, as wide as `room` allows), then every
     chunk adds its elements below each range to a count and copies those inside into `room`. At the pass's end,
-    where every rank lies inside its range, a partition of what was kept selects them (as `_select_bracketed` does
-    for a tensor held whole). Where a range missed its rank (the first chunk was not like the rest) or `room`
+    where every rank lies inside a range, a partition of what was kept selects them (as `_select_bracketed` does
+    for a tensor held whole). Where a rank lies inside none (the first chunk was not like the rest) or `room`
     filled up, `select` gives None and the histogram passes start over."""
 
     def __init__(self, room: np.ndarray, numel: int):
@@ -768,7 +767,7 @@ class StreamedBrackets:
             return
         for a in range(0, bits.size, COUNT_SLICE):
             part = bits[a:a + COUNT_SLICE]
-            for k, (low, _, _) in enumerate(self.brackets):
+            for k, (low, _) in enumerate(self.brackets):
                 self.below[k] += int(np.count_nonzero(part < low))
             kept = _inside(part, self.brackets, self.scratch, self.masks)
             if self.written + kept.size > self.room.size:
@@ -790,14 +789,15 @@ class StreamedBrackets:
         return not self.full
 
     def select(self, ranks: list[int]) -> list[tuple[int, int, int]] | None:
+        """The ranks (those the ranges were made for, or ranks set since, as `sce` sets its rank once it has
+        counted a whole pass) selected among the elements kept, or None where one lies inside no range."""
         self.masks = self.scratch = None
-        if self.full or self.brackets is None or sorted(set(ranks)) != [r for _, _, rs in self.brackets for r in rs]:
-            return None  # (ranks set after the first chunk: its ranges were for others)
-        moved = self.room[:self.written]
-        inside = [int(np.count_nonzero((moved >= low) & (moved <= high))) for low, high, _ in self.brackets]
-        if not _bracketed(self.brackets, self.below, inside):
+        if self.full or self.brackets is None:
             return None
-        return _select_moved(moved, self.brackets, self.below, inside, ranks)
+        moved = self.room[:self.written]
+        inside = [int(np.count_nonzero((moved >= low) & (moved <= high))) for low, high in self.brackets]
+        moved_ranks = _moved_ranks(self.below, inside, ranks)
+        return None if moved_ranks is None else _select_partitioned(moved, moved_ranks)
 
 
 class TieGate:
