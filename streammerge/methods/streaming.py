@@ -423,7 +423,8 @@ class RankSelect:
     bit patterns inside sample brackets of the ranks (or all of them) are partitioned (numpy's introselect) in the
     digits buffer, and the elements below and equal to each selected pattern counted. The order statistics of
     the patterns are what the radix passes find, so the results are the same; the later passes then have nothing
-    left to do (`done`)."""
+    left to do (`done`). For a tensor streamed in chunks, the first pass may bracket the ranks instead
+    (`bracket_streamed`)."""
 
     def __init__(self, ranks: list[int], dtype: torch.dtype):
         self.ranks = list(ranks)
@@ -435,7 +436,7 @@ class RankSelect:
         self.remaining = list(ranks)
         self.count_equal = [0] * len(ranks)
         self.hist: list[torch.Tensor] = []  # one histogram per rank, from the first pass that needs them
-        self.done = False  # every rank selected (from a whole-tensor chunk)
+        self.done = False  # every rank selected at once (from a whole-tensor chunk, or by a bracketing pass)
         self._whole: tuple | None = None  # (values, digits buffer) held from observe to finish_pass(0)
         self._streamed: StreamedBrackets | None = None
 
