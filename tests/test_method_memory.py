@@ -117,8 +117,8 @@ def test_statistics_gathered_in_the_buffers_make_no_chunk_sized_temporaries(tmp_
     prepared = prepare(load_config(config), None, 1 << 30)
     prepared.budget.chunk_elements = chunk
     gathered, workspaces = [], []
-    # what runs only on the gathered path (gather_groups: when it returns groups)
-    owner, name = {"ties": (sparsifiers, "gather_groups"), "breadcrumbs": (sparsifiers, "gather_groups"),
+    # what runs only on the gathered path (`sparsifiers.gathering`: when it returns a Gathering)
+    owner, name = {"ties": (sparsifiers, "gathering"), "breadcrumbs": (sparsifiers, "gathering"),
                    "sce": (sce.SceStats, "store_kept"),
                    "arcee_fusion": (arcee_fusion.RankSelect, "select_whole")}[method]
     original = getattr(owner, name)

@@ -569,7 +569,7 @@ def test_statistics_of_a_tensor_that_fits_take_one_read(tmp_path, big_set, monke
         chunks = -(-numel // chunk)
         assert len(reads) == passes * chunks and bool(histograms) == counted, name
         assert torch.equal(fits["big"], streamed["big"]), name
-    monkeypatch.setattr(sparsifiers, "gather_groups", lambda ctx, models: None)
+    monkeypatch.setattr(sparsifiers, "gathering", lambda ctx, models: None)
     monkeypatch.setattr(streaming, "_moved_ranks", moved_ranks)
     reads.clear(), histograms.clear()
     streamed = run_merge(tmp_path / "bracketed", "ties", models[:2], base, mp, chunk=64 * GRID,

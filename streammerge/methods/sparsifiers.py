@@ -180,7 +180,7 @@ class MagnitudeStats:
         self.factors = [1.0] * len(self.ranks)
         self.merge_gates = None
         selecting = [i for i, s in enumerate(self.selects) if s is not None]
-        self.gathering = gather_groups(ctx, selecting)
+        self.gathering = gathering(ctx, selecting)
         if self.gathering is None and selecting and ctx.gather_room():
             # (the first pass observes in the first two buffers: the others are free until the selection is made)
             rooms = ctx.arena[2 * ctx.buffers[0].numel():]
@@ -200,13 +200,11 @@ class Gathering:
         self.areas = {i: arena[k * numel:(k + 1) * numel] for k, i in enumerate(models)}
 
 
-def gathered_together(selecting: list[int], numel: int, arena_elements: int) -> bool:
-    """Whether the selecting models' magnitudes fit `arena_elements` together (else the first pass brackets them)."""
-    return bool(selecting) and len(selecting) * numel <= arena_elements
-
-
-def gather_groups(ctx: ChunkContext, models: list[int]) -> Gathering | None:
-    return Gathering(models, ctx.arena, ctx.numel) if gathered_together(models, ctx.numel, ctx.gather_room()) else None
+def gathering(ctx: ChunkContext, models: list[int]) -> Gathering | None:
+    """Where the selecting models' magnitudes fit the buffers together, their `Gathering` (else the first pass
+    brackets their ranks)."""
+    fits = bool(models) and len(models) * ctx.numel <= ctx.gather_room()
+    return Gathering(models, ctx.arena, ctx.numel) if fits else None
 
 
 def magnitude_streamed_reads(sparsifier: Sparsifier):

@@ -528,10 +528,15 @@ class RankSelect:
             if not np.may_share_memory(keys, bits):  # (else the same memory: partitioned in place)
                 np.copyto(keys, bits)
             selected = _select_partitioned(keys, self.ranks)
+        self._take(selected)
+        return True
+
+    def _take(self, selected: list[tuple[int, int, int]]) -> None:
+        """Every rank selected at once: (bit pattern, equal elements before it, equal elements in all) each, what
+        the histogram passes leave in `prefix`, `remaining` and `count_equal` after their last pass (`done`)."""
         for j, (key, equal_before, count_equal) in enumerate(selected):
             self.prefix[j], self.remaining[j], self.count_equal[j] = int(key), equal_before, count_equal
         self.done = True
-        return True
 
     def finish_pass(self, pass_index: int) -> int | None:
         """The end of pass `pass_index`; 0 where the passes must start over (a streamed bracketing that missed)."""
@@ -547,9 +552,7 @@ class RankSelect:
             selected = streamed.select(self.ranks)
             if selected is None:
                 return 0
-            for j, (key, equal_before, count_equal) in enumerate(selected):
-                self.prefix[j], self.remaining[j], self.count_equal[j] = int(key), equal_before, count_equal
-            self.done = True
+            self._take(selected)
             return None
         for j, hist in enumerate(self.hist):
             cumulative = hist.cumsum(0)
