@@ -174,33 +174,61 @@ def test_dare_kernels_give_the_bits_of_the_operations(dtype, density, rescale, w
 @pytest.mark.parametrize("low, high", [(0.25, None), (0.25, 1.0), (0.0, 1e-45), (0.0, 0.0), (math.inf, None),
                                        (1e-45, math.inf)])
 @pytest.mark.parametrize("inclusive", [(False, False), (True, False), (False, True), (True, True)])
-def test_magnitude_kernels_give_the_bits_of_the_operations(dtype, low, high, inclusive):
+@pytest.mark.parametrize("normalize, scale", [(True, 1.0), (False, -1.3)])
+def test_magnitude_kernel_gives_the_bits_of_the_operations(dtype, low, high, inclusive, normalize, scale):
     """Bounds of either kind as `Bounds.limits` makes them inclusive, against the comparisons of `Bounds.admit`
-    and `keep_only`, on values with many ties at the bounds, NaN, infinities, zeros of either sign, denormals."""
+    and `keep_only`, a rescale factor's and the weight's multiplications and the consensus kernels' sums, on values
+    with many ties at the bounds, NaN, infinities, zeros of either sign, denormals; beside them a model that keeps
+    everything (NaN included) and one that keeps nothing, as `magnitude_ranks` gives them."""
     from streammerge.methods.sparsifiers import Bounds
     n = 20_000
     g = torch.Generator().manual_seed(9)
-    x, base = ((torch.randint(-8, 9, (n,), generator=g) / 8).to(dtype) for _ in range(2))  # many equal magnitudes
-    x[::3], base[1::3] = edge_values(len(x[::3]), dtype, 4), edge_values(len(base[1::3]), dtype, 5)
+    base = (torch.randint(-8, 9, (n,), generator=g) / 8).to(dtype)  # (few values: many equal magnitudes)
+    base[1::3] = edge_values(len(base[1::3]), dtype, 5)
+    inputs = []
+    for k in range(4):
+        x = (torch.randint(-8, 9, (n,), generator=g) / 8).to(dtype)
+        x[k::3] = edge_values(len(x[k::3]), dtype, 4 + k)
+        inputs.append(x)
     bounds = Bounds(low, high, [], low_inclusive=inclusive[0], high_inclusive=inclusive[1])
-    weight = -0.3
-    delta = torch.sub(x, base)
-    keep, scratch = torch.empty(n, dtype=torch.bool), torch.empty(n, dtype=torch.bool)
-    bounds.admit(delta.abs(), keep, scratch)
-    expected = keep_only(delta, keep, torch.empty(n, dtype=INT_VIEW[dtype])).mul_(weight)
-    low_limit, high_limit = bounds.limits(x.numpy().dtype)
-    sums = [edge_values(n, dtype, 6 + k) for k in range(4)]
-    expected_sums = [s.clone() for s in sums]
-    add_by_sign(expected.numpy(), *(s.numpy() for s in expected_sums), weight, False)
-    magnitude.add_within_by_sign(x.numpy(), base.numpy(), *(s.numpy() for s in sums), low_limit, high_limit, weight,
-                                 False)
-    bits = INT_VIEW[dtype]
-    assert all(torch.equal(got.view(bits), want.view(bits)) for got, want in zip(sums, expected_sums))
-    magnitude.add_within_by_sign(x.numpy(), base.numpy(), *(s.numpy() for s in sums), low_limit, high_limit, weight,
-                                 True)  # the first model's step: the sums' contents not read
-    zeros = [torch.zeros(n, dtype=dtype) for _ in range(4)]
-    add_by_sign(expected.numpy(), *(s.numpy() for s in zeros), weight, False)
-    assert all(torch.equal(got.view(bits), want.view(bits)) for got, want in zip(sums, zeros))
+    kinds = ["bounds", "bounds", "all", "none"]  # (the second rescaled)
+    factors, weights = [1.0, 1.7, 1.0, 1.0], [-0.3, 0.45, 0.2, 0.6]
+    deltas = []
+    for x, kind, factor, weight in zip(inputs, kinds, factors, weights):
+        delta = torch.sub(x, base)
+        if kind == "bounds":
+            keep, scratch = torch.empty(n, dtype=torch.bool), torch.empty(n, dtype=torch.bool)
+            bounds.admit(delta.abs(), keep, scratch)
+            keep_only(delta, keep, torch.empty(n, dtype=INT_VIEW[dtype]))
+        elif kind == "none":
+            delta.zero_()
+        if factor != 1.0:
+            delta.mul_(factor)
+        deltas.append(delta.mul_(weight))
+    expected = [torch.full((n,), 7.0, dtype=dtype) for _ in range(4)]
+    for k, (delta, weight) in enumerate(zip(deltas, weights)):
+        add_by_sign(delta.numpy(), *(s.numpy() for s in expected), weight, k == 0)
+    finish(*(s.numpy() for s in expected), base.numpy(), normalize, scale)
+    as_dtype = base.numpy().dtype
+    limits = bounds.limits(as_dtype)
+    nothing = (as_dtype.type(math.nan),) * 2
+    lows, highs = (np.array(b, dtype=as_dtype) for b in zip(limits, limits, nothing, nothing))
+    out = torch.empty(n, dtype=dtype)
+    magnitude.merge_within_by_sign(tuple(x.numpy() for x in inputs), base.numpy(), lows, highs,
+                                   np.array([kind == "all" for kind in kinds]), np.array(factors, dtype=as_dtype),
+                                   np.array(weights, dtype=as_dtype), out.numpy(), normalize, scale)
+    assert same_bits_or_both_nan(out, expected[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_equal_magnitudes_are_counted_and_found(dtype):
+    """The kernels `TieGate.span` places its admitted ties with: |x - base| == value, NaN equal to nothing."""
+    x = torch.tensor([1.0, 3.0, -1.0, 0.5, float("nan"), 1.0, 2.0], dtype=dtype)
+    base = torch.tensor([0.0, 2.0, 0.0, 0.5, 0.0, 0.0, 0.0], dtype=dtype)  # magnitudes 1, 1, 1, 0, NaN, 1, 2
+    one = base.numpy().dtype.type(1)
+    assert magnitude.count_equal(x.numpy(), base.numpy(), one) == 4
+    assert [magnitude.index_of_equal(x.numpy(), base.numpy(), one, k) for k in range(5)] == [0, 1, 2, 5, 7]
+    assert magnitude.count_equal(x.numpy(), base.numpy(), base.numpy().dtype.type(math.nan)) == 0
 
 
 def same_bits_or_both_nan(got: torch.Tensor, expected: torch.Tensor) -> bool:

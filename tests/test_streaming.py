@@ -223,6 +223,33 @@ def test_tie_gate_admits_positions_in_tensor_order(chunk):
         assert torch.equal(keep, expected), (first, stop)
 
 
+@pytest.mark.parametrize("chunk", [777, GRID, 2 * GRID])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tie_gate_spans_hold_the_positions_it_admits(chunk, threads, monkeypatch):
+    """`TieGate.span` on task vectors x - base: within each chunk's span, exactly the equal magnitudes the gate
+    admits (what `apply` keeps), the equal elements counted on one thread or two."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(streaming, "KERNEL_GRAIN", 64)
+    n = 3 * GRID + 5
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(-50, 50, (n,), generator=g).float()
+    x = base + torch.randint(-6, 7, (n,), generator=g) / 4  # (magnitudes k / 4: few values, many ties)
+    magnitudes = (x - base).abs()
+    value = 0.75
+    equal_positions = torch.nonzero(magnitudes == value).flatten()
+    count = equal_positions.numel()
+    assert count > 100
+    for first, stop in ((0, count), (0, count // 3), (count // 4, count // 2), (count - 1, count), (5, 5)):
+        gate = TieGate(value, first, stop)
+        admitted = torch.zeros(n, dtype=torch.bool)
+        for a, b in chunked(n, chunk):
+            start, end = gate.span(x[a:b].numpy(), base[a:b].numpy())
+            admitted[a + start:a + end] = magnitudes[a + start:a + end] == value
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[equal_positions[first:stop]] = True
+        assert torch.equal(admitted, expected), (first, stop)
+
+
 def test_tie_gate_keeps_what_was_already_kept():
     x = torch.tensor([1.0, 2.0, 1.0, 1.0])
     keep = torch.tensor([False, True, False, False])

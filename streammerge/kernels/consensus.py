@@ -34,7 +34,7 @@ def add_by_sign(delta, positive, negative, weight_positive, weight_negative, wei
 
 
 @njit(inline="always", cache=True)
-def _elected(positive, negative, weight_positive, weight_negative, zero, one):
+def elected(positive, negative, weight_positive, weight_negative, zero, one):
     """The elected sign is + where positive + negative >= 0 (not where that sum is NaN): that sign's sum and its
     weight, or 1 where that is zero (nothing to normalise)."""
     up = positive + negative >= zero
@@ -44,7 +44,7 @@ def _elected(positive, negative, weight_positive, weight_negative, zero, one):
 
 @compiled
 def finish(positive, negative, weight_positive, weight_negative, base, normalize, scale):
-    """positive = base + the elected sum (`_elected`) [/ its weight with `normalize`] [* scale where it is not 1]:
+    """positive = base + the elected sum (`elected`) [/ its weight with `normalize`] [* scale where it is not 1]:
     the election, the division, the multiplication by the merge's lambda and the addition of the base in one pass,
     written over the positive sum (an output array of its own that is the positive sum would keep the loop from
     vectorising: the compiler's overlap check fails and the scalar loop runs, five times slower)."""
@@ -52,7 +52,7 @@ def finish(positive, negative, weight_positive, weight_negative, base, normalize
     factor = positive.dtype.type(scale)  # (rounded to the buffers' dtype, as torch rounds a Python number)
     scaled = scale != 1
     for j in range(positive.size):
-        chosen, weight = _elected(positive[j], negative[j], weight_positive[j], weight_negative[j], zero, one)
+        chosen, weight = elected(positive[j], negative[j], weight_positive[j], weight_negative[j], zero, one)
         value = chosen / weight if normalize else chosen  # (selects: both sides are computed, the loop vectorises)
         positive[j] = base[j] + (value * factor if scaled else value)
 

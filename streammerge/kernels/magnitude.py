@@ -1,38 +1,76 @@
-"""A magnitude sparsifier's step for one model with TIES' sign consensus (`ties`, `breadcrumbs_ties`), compiled:
-its task vector made, its entries outside the selected magnitude bounds set to +0, weighted and added to the four
-sums of `consensus.add_by_sign` in one pass, where the element-wise operations take one each (subtract the base,
-take the magnitude, compare with each bound, mask, multiply by the weight, add by sign). The same single
-operations in the sums' dtype, so the same bits: `tests/test_kernels.py` holds the kernel to them."""
+"""TIES with a magnitude sparsifier (`ties`, `breadcrumbs_ties`), compiled: for each element, every model's task
+vector made, set to +0 outside that model's selected magnitude bounds, rescaled and weighted, summed by sign in
+registers, the sign elected and the base added, in one pass over the inputs, where element-wise operations take
+one each (subtract the base, take the magnitude, compare with each bound, mask, multiply, add by sign: the four
+sums of `consensus.add_by_sign` written and read again for each model, then `consensus.finish`). The same single
+operations in the same order, in the sums' dtype, so the same bits: `tests/test_kernels.py` holds the kernel to
+them."""
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from streammerge.kernels import compiled
-from streammerge.kernels.consensus import sign_add
-
-
-@njit(inline="always", cache=True)
-def _kept(x, base, low, high, zero):
-    delta = x - base
-    magnitude = abs(delta)
-    return delta if low <= magnitude and magnitude <= high else zero  # (NaN is within no bounds)
+from streammerge.kernels.consensus import elected
 
 
 @compiled
-def add_within_by_sign(x, base, positive, negative, weight_positive, weight_negative, low, high, weight, first):
-    """((x - base) where low <= |x - base| <= high, else +0) * weight, added by sign as `consensus.add_by_sign`
-    adds it (to sums of +0, not read, for the `first` model); `low` and `high` of the values' dtype (an exclusive
-    bound becomes the next value inward)."""
-    zero, weight = positive.dtype.type(0), positive.dtype.type(weight)
+def merge_within_by_sign(inputs, base, lows, highs, keep_all, factors, weights, out, normalize, scale):
+    """out = base + the elected sum of the models' kept deltas, as `consensus.finish` makes it from the sums
+    `consensus.add_by_sign` adds them to: model i's delta `inputs[i] - base` kept where lows[i] <= |delta| <=
+    highs[i] (bounds of the values' dtype: an exclusive bound is the next value inward; NaN is within no bounds),
+    or everywhere with keep_all[i] (NaN included), else +0; times factors[i] where that is not 1, then weights[i]
+    (both rounded to the values' dtype). `inputs`: a tuple of the models' arrays (compiled once per model count)."""
+    zero, one = base.dtype.type(0), base.dtype.type(1)
+    factor = base.dtype.type(scale)
+    scaled = scale != 1
+    for j in range(base.size):
+        b = base[j]
+        positive, negative, weight_positive, weight_negative = zero, zero, zero, zero
+        for i in range(len(inputs)):
+            delta = inputs[i][j] - b
+            magnitude = abs(delta)
+            value = delta if ((lows[i] <= magnitude) & (magnitude <= highs[i])) | keep_all[i] else zero
+            if factors[i] != one:
+                value = value * factors[i]
+            value = value * weights[i]
+            # (consensus.sign_add's sums, from +0 as for the first model, the same additions in model order)
+            positive = positive + (zero if value < zero else value)
+            negative = negative + (zero if value > zero else value)
+            weight_positive = weight_positive + (weights[i] if value > zero else zero)
+            weight_negative = weight_negative + (weights[i] if value < zero else zero)
+        chosen, weight = elected(positive, negative, weight_positive, weight_negative, zero, one)
+        value = chosen / weight if normalize else chosen
+        out[j] = b + (value * factor if scaled else value)
+
+
+@compiled
+def count_equal(x, base, value):
+    """How many elements have |x - base| == value."""
+    count = 0
     for j in range(x.size):
-        value = _kept(x[j], base[j], low, high, zero) * weight
-        sign_add(value, j, positive, negative, weight_positive, weight_negative, weight, zero, first)
+        count += abs(x[j] - base[j]) == value
+    return count
 
 
-def load() -> None:
-    """Compile the kernel, or load it from numba's cache, for both accumulation dtypes."""
+@compiled
+def index_of_equal(x, base, value, k):
+    """The index of the k-th (0-based) element with |x - base| == value, or x.size where there are not so many."""
+    for j in range(x.size):
+        if abs(x[j] - base[j]) == value:
+            if k == 0:
+                return j
+            k -= 1
+    return x.size
+
+
+def load(models: tuple[int, ...] = (2, 3)) -> None:
+    """Compile the kernels, or load them from numba's cache, for both accumulation dtypes (the merge for the
+    usual model counts: another count is compiled on its first merge, then cached too)."""
     for dtype in (np.float32, np.float64):
-        bound = np.dtype(dtype).type(1)
-        add_within_by_sign(*(np.zeros(1, dtype=dtype) for _ in range(6)), bound, bound, 1.0, True)
+        one = np.ones(1, dtype=dtype)
+        for count in models:
+            flags, numbers = np.zeros(count, dtype=np.bool_), np.ones(count, dtype=dtype)
+            merge_within_by_sign((one,) * count, one, numbers, numbers, flags, numbers, numbers, one.copy(), True, 1.0)
+        count_equal(one, one, one[0])
+        index_of_equal(one, one, one[0], 0)

@@ -27,7 +27,7 @@ from streammerge.errors import StreamMergeError
 from streammerge.methods.masks import INT_VIEW, keep_only
 from streammerge.methods.method import ChunkContext
 from streammerge.methods.streaming import (DRAW_GRAIN, Groups, GroupSums, RankSelect, TieGate,
-                                           Uniform, bool_views, in_parallel, range_step)
+                                           Uniform, bool_views, in_parallel)
 
 RESCALE_EPS = 1e-7  # below this L1 norm a magnitude-pruned delta is left unscaled
 # DELLA ranks at most 1/MAGPRUNE_SHARE of a chunk at once: its temporaries (int64 sort keys, float32 draws and,
@@ -106,15 +106,15 @@ class Bounds:
     def new_gates(self) -> list[TieGate]:
         return [TieGate(*g) for g in self.gates]
 
-    def limits(self, dtype: np.dtype) -> tuple[np.floating, np.floating]:
-        """The kept magnitudes as an inclusive range of `dtype` (before the gates): an exclusive bound becomes the
-        next value inward, which keeps the same values of that dtype (+Inf as an exclusive low bound keeps
-        nothing: NaN)."""
+    def limits(self, dtype: np.dtype, admitted: tuple[float, ...] = ()) -> tuple[np.floating, np.floating]:
+        """The kept magnitudes as an inclusive range of `dtype` (before the gates; a bound among the gate values
+        `admitted` taken as inclusive): an exclusive bound becomes the next value inward, which keeps the same
+        values of that dtype (+Inf as an exclusive low bound keeps nothing: NaN)."""
         as_dtype = np.dtype(dtype).type
         low, high = as_dtype(self.low), as_dtype(math.inf if self.high is None else self.high)
-        if not self.low_inclusive:
+        if not (self.low_inclusive or self.low in admitted):
             low = np.nextafter(low, as_dtype(math.inf)) if low < math.inf else as_dtype(math.nan)
-        if self.high is not None and not self.high_inclusive:
+        if self.high is not None and not (self.high_inclusive or self.high in admitted):
             high = np.nextafter(high, as_dtype(-math.inf))
         return low, high
 
@@ -241,19 +241,46 @@ def prune_by_magnitude(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats:
     keep_only(b.delta, b.keep, b.magnitude)  # the magnitudes are no longer needed
 
 
-def within_bounds_step(i: int, ctx: ChunkContext, stats: MagnitudeStats | None, x: torch.Tensor,
-                       sums: tuple[torch.Tensor, ...], weight: float, first: bool) -> Callable[[int, int], None] | None:
-    """`prune_by_magnitude` fused with the merge's step (`kernels.magnitude`), as a function of an element range
-    [a, z) of the chunk: model i's task vector `x - base`, pruned to its magnitude bounds, times `weight`, added to
-    `sums` (the four sums of TIES' sign consensus; to +0 for the `first` model, their contents not read). None where
-    a gate must count ties at a bound in tensor order, or a rescale factor applies: the caller then takes the
-    steps one at a time."""
-    if stats is None or not isinstance(stats.ranks[i], tuple) or stats.merge_gates[i] or stats.factors[i] != 1.0:
-        return None
+def elected_within_bounds(ctx: ChunkContext, stats: MagnitudeStats | None, sparsifier: Sparsifier,
+                          out: torch.Tensor) -> Callable[[int, int], None]:
+    """TIES' merge of a chunk with a magnitude sparsifier in one compiled pass (`kernels.magnitude`), as a function
+    of an element range [a, z) of the chunk, written to `out`. Ties at a bound admitted by position
+    (`stats.merge_gates`) become index ranges of the chunk (`TieGate.span`) within which that bound is inclusive:
+    the chunk is merged piece by piece, each with its own bounds per model (so this must be called on the chunks
+    in order). `stats` is None where no model selects (each keeps all or nothing)."""
     from streammerge.kernels import magnitude  # (numba: imported by the merges that elect signs)
-    low, high = stats.bounds[i].limits(x.numpy().dtype)
-    return range_step(magnitude.add_within_by_sign, (x, ctx.base, *sums), low, high, weight, first)
+    inputs, base = tuple(x.numpy() for x in ctx.inputs), ctx.base.numpy()
+    dtype, n = base.dtype, base.size
+    ranks = [magnitude_ranks(sparsifier, m, ctx.numel) for m in ctx.model_params]
+    gates = stats.merge_gates if stats is not None else [[] for _ in ranks]
+    spans = [[gate.span(x, base) for gate in model_gates] for x, model_gates in zip(inputs, gates)]
+    keep_all = np.array([r == KEEP_ALL for r in ranks])
+    factors = np.array(stats.factors if stats is not None else [1.0] * len(ranks), dtype=dtype)
+    weights = np.array([m["weight"] for m in ctx.model_params], dtype=dtype)
+    nothing = (dtype.type(math.nan),) * 2  # (within no bounds: DROP_ALL; KEEP_ALL ignores them)
 
+    def limits(i: int, p: int, q: int) -> tuple:
+        if not isinstance(ranks[i], tuple):
+            return nothing
+        admitted = tuple(gate.value for gate, (start, stop) in zip(gates[i], spans[i]) if start <= p and q <= stop)
+        return stats.bounds[i].limits(dtype, admitted)
+
+    cuts = sorted({0, n, *(place for model in spans for span in model for place in span)})
+    pieces = []
+    for p, q in zip(cuts, cuts[1:]):
+        lows, highs = (np.array(bounds, dtype=dtype) for bounds in zip(*(limits(i, p, q) for i in range(len(ranks)))))
+        pieces.append((p, q, lows, highs))
+    normalize, scale = bool(ctx.params["normalize"]), float(ctx.params["lambda"])
+    out_array = out.numpy()
+
+    def step(a: int, z: int) -> None:
+        for p, q, lows, highs in pieces:
+            p, q = max(a, p), min(z, q)
+            if p < q:
+                magnitude.merge_within_by_sign(tuple(x[p:q] for x in inputs), base[p:q], lows, highs, keep_all,
+                                               factors, weights, out_array[p:q], normalize, scale)
+
+    return step
 
 # -- runs of whole small tensors (`Method.segmented`): per-tensor work on numpy views, the rest on the run -----
 def magnitude_segment_stats(sparsifier: Sparsifier):

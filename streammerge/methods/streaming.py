@@ -832,3 +832,28 @@ class TieGate:
         # (each count in the counts' dtype: given a Python int, numpy converts a copy of the counts to int64)
         low, high = (int(np.searchsorted(running, running.dtype.type(count), side="right")) for count in (first, stop))
         np.logical_or(kept[low:high], equal_array[low:high], out=kept[low:high])
+
+    def span(self, x: np.ndarray, base: np.ndarray) -> tuple[int, int]:
+        """For a compiled merge step over a chunk of task vector x - base: [start, stop), the indices within which
+        the elements whose magnitude equals `value` are the ones admitted (so that a step over any range of the
+        chunk can test each element on its own), `seen` advanced past the chunk. The equal elements are counted
+        range by range on the merge's threads, then looked for only in the ranges holding the admitted ones' ends."""
+        from streammerge.kernels import magnitude  # (numba: imported by the merges that elect signs)
+        value = x.dtype.type(self.value)
+        counts: dict[tuple[int, int], int] = {}
+        in_parallel(x.size, lambda a, z: counts.__setitem__((a, z), magnitude.count_equal(x[a:z], base[a:z], value)),
+                    grain=KERNEL_GRAIN)
+        total = sum(counts.values())
+        first, stop = self.first - self.seen, self.stop - self.seen  # (the admitted ones, counted in this chunk)
+        self.seen += total
+
+        def place(k: int) -> int:  # the index of the k-th equal element: 0 before the first, x.size after the last
+            if k <= 0 or k >= total:
+                return 0 if k <= 0 else x.size
+            for (a, z), count in sorted(counts.items()):
+                if k < count:
+                    return a + magnitude.index_of_equal(x[a:z], base[a:z], value, k)
+                k -= count
+            raise AssertionError("unreachable: k < total")
+
+        return place(first), place(stop)

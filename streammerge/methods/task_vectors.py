@@ -20,10 +20,10 @@ import torch
 
 from streammerge.methods.method import ChunkContext, Method, Param, kernel_loader
 from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, MagnitudeStats, Sparsifier,
-                                             add_randomly_pruned_segments, magnitude_finish, magnitude_observe,
-                                             magnitude_passes, magnitude_segment_stats, magnitude_streamed_reads,
-                                             prune_by_magnitude, prune_by_magnitude_rank, prune_segments_by_magnitude,
-                                             randomly_pruned_step, within_bounds_step)
+                                             add_randomly_pruned_segments, elected_within_bounds, magnitude_finish,
+                                             magnitude_observe, magnitude_passes, magnitude_segment_stats,
+                                             magnitude_streamed_reads, prune_by_magnitude, prune_by_magnitude_rank,
+                                             prune_segments_by_magnitude, randomly_pruned_step)
 from streammerge.methods.streaming import DRAW_GRAIN, KERNEL_GRAIN, in_parallel, range_step
 
 
@@ -64,11 +64,10 @@ class Family:
         return own + (MAGPRUNE_BUFFERS if self.sparsifier is Sparsifier.MAGPRUNE else 0)
 
     @property
-    def fused_magnitude(self) -> bool:
-        """Whether each model's step runs in one compiled pass within its magnitude bounds (`within_bounds_step`):
-        where the sign consensus loads numba anyway. Without it, numba's 34 MiB would shrink the chunks at a
-        small budget, which cost more than the pass saves (`breadcrumbs` at 256 MiB on the full-size XTTS set:
-        12-14 s against 8-10 s)."""
+    def elects_within_bounds(self) -> bool:
+        """Whether a chunk's merge runs in one compiled pass (`elected_within_bounds`): where the sign consensus
+        loads numba anyway. Without it, numba's 34 MiB would shrink the chunks at a small budget, which cost more
+        than the pass saves (`breadcrumbs` at 256 MiB on the full-size XTTS set: 12-14 s against 8-10 s)."""
         return self.sparsifier.by_magnitude and self.consensus is Consensus.SIGN
 
 
@@ -85,9 +84,12 @@ def task_vector_merge(family: Family):
             mixed.zero_()
         # one statistics object per tensor: not in a run of small tensors (one each there: `sparsify`)
         magnitude_stats = stats if family.sparsifier.by_magnitude and not ctx.segments else None
-        fused_magnitude = family.fused_magnitude and magnitude_stats is not None
         if magnitude_stats is not None and ctx.offset == 0:  # the merge's gates count the elements from the start
             magnitude_stats.merge_gates = [bd.new_gates() if bd is not None else [] for bd in magnitude_stats.bounds]
+        if family.elects_within_bounds and not ctx.segments:
+            in_parallel(mixed.numel(), elected_within_bounds(ctx, magnitude_stats, family.sparsifier, mixed),
+                        grain=KERNEL_GRAIN)
+            return mixed
         # Compiled steps over element ranges, run together: each thread takes its range through every step in turn
         # (one dispatch, the range in its core's cache), before anything else reads or writes the sums.
         steps: list[Callable[[int, int], None]] = []
@@ -106,10 +108,6 @@ def task_vector_merge(family: Family):
                     add_randomly_pruned_segments(i, ctx, x, sums, weight, first)
                 else:
                     steps.append(randomly_pruned_step(i, ctx, x, sums, weight, first))
-                continue
-            step = within_bounds_step(i, ctx, magnitude_stats, x, sums, weight, first) if fused_magnitude else None
-            if step is not None:
-                steps.append(step)
                 continue
             run_steps()  # (b.delta is made again below)
             torch.sub(x, base, out=b.delta)
@@ -138,7 +136,7 @@ def _loader(family: Family):
     """`Method.load` of a family: loads the compiled kernels (`streammerge.kernels`) its merge runs on, if any."""
     kernels = ((["philox"] if family.sparsifier in (Sparsifier.RANDOM, Sparsifier.MAGPRUNE) else [])
                + (["dare"] if family.sparsifier is Sparsifier.RANDOM else [])
-               + (["magnitude"] if family.fused_magnitude else [])
+               + (["magnitude"] if family.elects_within_bounds else [])
                + (["magprune"] if family.sparsifier is Sparsifier.MAGPRUNE else [])
                + (["consensus"] if family.consensus is Consensus.SIGN else []))
     return kernel_loader(*kernels) if kernels else None
