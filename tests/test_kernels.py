@@ -176,7 +176,7 @@ def test_dare_kernels_give_the_bits_of_the_operations(dtype, density, rescale, w
 @pytest.mark.parametrize("inclusive", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("normalize, scale", [(True, 1.0), (False, -1.3)])
 def test_magnitude_kernel_gives_the_bits_of_the_operations(dtype, low, high, inclusive, normalize, scale):
-    """Bounds of either kind as `Bounds.limits` makes them inclusive, against the comparisons of `Bounds.admit`
+    """TIES' merge with bounds of either kind as `Bounds.limits` makes them inclusive, against the comparisons of `Bounds.admit`
     and `keep_only`, a rescale factor's and the weight's multiplications and the consensus kernels' sums, on values
     with many ties at the bounds, NaN, infinities, zeros of either sign, denormals; beside them a model that keeps
     everything (NaN included) and one that keeps nothing, as `magnitude_ranks` gives them."""
@@ -214,9 +214,9 @@ def test_magnitude_kernel_gives_the_bits_of_the_operations(dtype, low, high, inc
     nothing = (as_dtype.type(math.nan),) * 2
     lows, highs = (np.array(b, dtype=as_dtype) for b in zip(limits, limits, nothing, nothing))
     out = torch.empty(n, dtype=dtype)
-    magnitude.merge_within_by_sign(tuple(x.numpy() for x in inputs), base.numpy(), lows, highs,
-                                   np.array([kind == "all" for kind in kinds]), np.array(factors, dtype=as_dtype),
-                                   np.array(weights, dtype=as_dtype), out.numpy(), normalize, scale)
+    arrays = (tuple(x.numpy() for x in inputs), base.numpy(), lows, highs, np.array([kind == "all" for kind in kinds]),
+              np.array(factors, dtype=as_dtype), np.array(weights, dtype=as_dtype), out.numpy())
+    magnitude.merge_within_by_sign(*arrays, normalize, scale)
     assert same_bits_or_both_nan(out, expected[0])
 
 

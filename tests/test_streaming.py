@@ -225,9 +225,11 @@ def test_tie_gate_admits_positions_in_tensor_order(chunk):
 
 @pytest.mark.parametrize("chunk", [777, GRID, 2 * GRID])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_tie_gate_spans_hold_the_positions_it_admits(chunk, threads, monkeypatch):
+@pytest.mark.parametrize("total_known", [False, True])
+def test_tie_gate_spans_hold_the_positions_it_admits(chunk, threads, total_known, monkeypatch):
     """`TieGate.span` on task vectors x - base: within each chunk's span, exactly the equal magnitudes the gate
-    admits (what `apply` keeps), the equal elements counted on one thread or two."""
+    admits (what `apply` keeps), the equal elements counted on one thread or two, the count of all of them known
+    (spans past the last admitted or from the first of all those left, without counting) or not."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(streaming, "KERNEL_GRAIN", 64)
     n = 3 * GRID + 5
@@ -240,7 +242,7 @@ def test_tie_gate_spans_hold_the_positions_it_admits(chunk, threads, monkeypatch
     count = equal_positions.numel()
     assert count > 100
     for first, stop in ((0, count), (0, count // 3), (count // 4, count // 2), (count - 1, count), (5, 5)):
-        gate = TieGate(value, first, stop)
+        gate = TieGate(value, first, stop, count if total_known else None)
         admitted = torch.zeros(n, dtype=torch.bool)
         for a, b in chunked(n, chunk):
             start, end = gate.span(x[a:b].numpy(), base[a:b].numpy())

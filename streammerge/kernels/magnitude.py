@@ -4,7 +4,7 @@ registers, the sign elected and the base added, in one pass over the inputs, whe
 one each (subtract the base, take the magnitude, compare with each bound, mask, multiply, add by sign: the four
 sums of `consensus.add_by_sign` written and read again for each model, then `consensus.finish`). The same single
 operations in the same order, in the sums' dtype, so the same bits: `tests/test_kernels.py` holds the kernel to
-them."""
+them. With it, the kernels that place the ties its bounds admit by position."""
 
 from __future__ import annotations
 

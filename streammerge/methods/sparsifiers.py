@@ -99,7 +99,7 @@ class Bounds:
 
     low: float
     high: float | None
-    gates: list[tuple[float, int, int]]  # (value, first, stop) positions among the equal elements
+    gates: list[tuple[float, int, int, int]]  # (value, first, stop, total): positions among the equal elements
     low_inclusive: bool = False
     high_inclusive: bool = False
 
@@ -135,27 +135,25 @@ class Bounds:
 
 
 def bounds_from(select: RankSelect, has_high: bool) -> Bounds:
-    low, low_before = select.value(0), select.ties_before(0)
-    equal = {low: select.count_equal[0]}
+    low, low_before, low_equal = select.value(0), select.ties_before(0), select.count_equal[0]
     if not has_high:
-        gates = [(low, low_before, select.count_equal[0])] if low > 0 else []
-        return _inclusive(Bounds(low, None, gates), equal)
-    high, high_before = select.value(1), select.ties_before(1)
-    equal[high] = select.count_equal[1]
+        gates = [(low, low_before, low_equal, low_equal)] if low > 0 else []
+        return _inclusive(Bounds(low, None, gates))
+    high, high_before, high_equal = select.value(1), select.ties_before(1), select.count_equal[1]
     if high == low:
-        gates = [(low, low_before, high_before + 1)] if low > 0 else []
+        gates = [(low, low_before, high_before + 1, low_equal)] if low > 0 else []
     else:
-        gates = ([(low, low_before, select.count_equal[0])] if low > 0 else []) + \
-                ([(high, 0, high_before + 1)] if high > 0 else [])
-    return _inclusive(Bounds(low, high, gates), equal)
+        gates = ([(low, low_before, low_equal, low_equal)] if low > 0 else []) + \
+                ([(high, 0, high_before + 1, high_equal)] if high > 0 else [])
+    return _inclusive(Bounds(low, high, gates))
 
 
-def _inclusive(bounds: Bounds, equal: dict[float, int]) -> Bounds:
+def _inclusive(bounds: Bounds) -> Bounds:
     """A gate admitting every element equal to its value becomes an inclusive bound: the same elements kept,
     without counting them chunk by chunk (with distinct magnitudes, the usual case, no gate remains)."""
     for gate in list(bounds.gates):
-        value, first, stop = gate
-        if first == 0 and stop == equal[value]:
+        value, first, stop, total = gate
+        if first == 0 and stop == total:
             bounds.gates.remove(gate)
             bounds.low_inclusive |= value == bounds.low
             bounds.high_inclusive |= value == bounds.high
@@ -281,6 +279,7 @@ def elected_within_bounds(ctx: ChunkContext, stats: MagnitudeStats | None, spars
                                                factors, weights, out_array[p:q], normalize, scale)
 
     return step
+
 
 # -- runs of whole small tensors (`Method.segmented`): per-tensor work on numpy views, the rest on the run -----
 def magnitude_segment_stats(sparsifier: Sparsifier):

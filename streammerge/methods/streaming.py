@@ -805,11 +805,12 @@ class StreamedBrackets:
 
 
 class TieGate:
-    """Among the elements equal to `value`, keeps those whose position among them (in tensor order) is in
-    [first, stop). The merge pass sees chunks in order, so a running count of such elements is all it needs."""
+    """Among the elements equal to `value` (`total` of them in the tensor, where known), keeps those whose position
+    among them (in tensor order) is in [first, stop). The merge pass sees chunks in order, so a running count of
+    such elements is all it needs."""
 
-    def __init__(self, value: float, first: int, stop: int):
-        self.value, self.first, self.stop = value, first, stop
+    def __init__(self, value: float, first: int, stop: int, total: int | None = None):
+        self.value, self.first, self.stop, self.total = value, first, stop, total
         self.seen = 0
 
     def apply(self, magnitudes: torch.Tensor, keep: torch.Tensor, equal: torch.Tensor, counts: torch.Tensor) -> None:
@@ -838,7 +839,11 @@ class TieGate:
         the elements whose magnitude equals `value` are the ones admitted (so that a step over any range of the
         chunk can test each element on its own), `seen` advanced past the chunk. The equal elements are counted
         range by range on the merge's threads, then looked for only in the ranges holding the admitted ones' ends."""
-        from streammerge.kernels import magnitude  # (numba: imported by the merges that elect signs)
+        if self.seen >= self.stop:  # (past the last admitted: no need to count on)
+            return 0, 0
+        if self.seen >= self.first and self.total is not None and self.stop >= self.total:  # (every one left)
+            return 0, x.size
+        from streammerge.kernels import magnitude  # (numba: imported by the merges that use it)
         value = x.dtype.type(self.value)
         counts: dict[tuple[int, int], int] = {}
         in_parallel(x.size, lambda a, z: counts.__setitem__((a, z), magnitude.count_equal(x[a:z], base[a:z], value)),

@@ -65,9 +65,10 @@ class Family:
 
     @property
     def elects_within_bounds(self) -> bool:
-        """Whether a chunk's merge runs in one compiled pass (`elected_within_bounds`): where the sign consensus
-        loads numba anyway. Without it, numba's 34 MiB would shrink the chunks at a small budget, which cost more
-        than the pass saves (`breadcrumbs` at 256 MiB on the full-size XTTS set: 12-14 s against 8-10 s)."""
+        """Whether a chunk's merge (but in a run of small tensors) runs in one compiled pass over every model
+        (`elected_within_bounds`): where the sign consensus loads numba anyway. Not `breadcrumbs`: numba's import
+        (0.3-0.5 s) and 34 MiB, which shrink the chunks at a small budget, cost it more than such a pass saves
+        (full-size Llama set, whole commands at 4 GiB and 256 MiB, three alternations each)."""
         return self.sparsifier.by_magnitude and self.consensus is Consensus.SIGN
 
 
