@@ -176,10 +176,10 @@ def test_dare_kernels_give_the_bits_of_the_operations(dtype, density, rescale, w
 @pytest.mark.parametrize("inclusive", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("normalize, scale", [(True, 1.0), (False, -1.3)])
 def test_magnitude_kernel_gives_the_bits_of_the_operations(dtype, low, high, inclusive, normalize, scale):
-    """TIES' merge with bounds of either kind as `Bounds.limits` makes them inclusive, against the comparisons of `Bounds.admit`
-    and `keep_only`, a rescale factor's and the weight's multiplications and the consensus kernels' sums, on values
-    with many ties at the bounds, NaN, infinities, zeros of either sign, denormals; beside them a model that keeps
-    everything (NaN included) and one that keeps nothing, as `magnitude_ranks` gives them."""
+    """TIES' merge with bounds of either kind as `Bounds.limits` makes them inclusive, against the comparisons of
+    `Bounds.admit` and `keep_only`, a rescale factor's and the weight's multiplications and the consensus kernels'
+    sums, on values with many ties at the bounds, NaN, infinities, zeros of either sign, denormals; beside them a
+    model that keeps everything (NaN included) and one that keeps nothing, as `magnitude_ranks` gives them."""
     from streammerge.methods.sparsifiers import Bounds
     n = 20_000
     g = torch.Generator().manual_seed(9)
