@@ -26,9 +26,10 @@ import torch
 from streammerge.errors import StreamMergeError
 from streammerge.methods.masks import INT_VIEW, keep_only
 from streammerge.methods.method import ChunkContext
-from streammerge.methods.streaming import (DRAW_GRAIN, Groups, GroupSums, RankSelect, TieGate,
+from streammerge.methods.streaming import (DRAW_GRAIN, KERNEL_GRAIN, Groups, GroupSums, RankSelect, TieGate,
                                            Uniform, bool_views, in_parallel)
 
+RangeWork = Callable[[int, int], None]  # work on an element range [a, z) of a chunk
 RESCALE_EPS = 1e-7  # below this L1 norm a magnitude-pruned delta is left unscaled
 # DELLA ranks at most 1/MAGPRUNE_SHARE of a chunk at once: its temporaries (int64 sort keys, float32 draws and,
 # for float64 deltas, their magnitudes) take at most 20 bytes per ranked element, which the two buffers it
@@ -479,9 +480,11 @@ _probability_by_rank_cached = functools.lru_cache(maxsize=16)(_probability_by_ra
 
 
 def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, i: int, unit: int, inner: int,
-              uniform: Uniform) -> None:
+              uniform: Uniform, make: RangeWork | None = None, then: RangeWork | None = None) -> None:
     """Prune (and rescale) `delta` in place: whole units starting at element `start` of the tensor. The units
-    are split between the merge's threads; each ranks, draws and prunes a batch of them at a time."""
+    are split between the merge's threads; each ranks, draws and prunes a batch of them at a time, the batch's
+    range [a, z) of `delta` first made by `make(a, z)` where given, and passed on to `then(a, z)` once pruned
+    (while it is in the thread's cache)."""
     from streammerge.kernels import magprune  # (numba: imported by the merges that use it)
     model = ctx.model_params[i]
     span = unit // inner
@@ -496,6 +499,9 @@ def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, i: int, unit: 
     if delta.dtype == torch.float32 and 31 + shift <= 63:
         bits, positions = grid.view(np.int32), (1 << shift) - 1
     else:  # float64: the order of a stable argsort, made at once on torch's threads
+        if make is not None:
+            in_parallel(delta.numel(), make, grain=KERNEL_GRAIN)
+            make = None
         rows = magnitude[:delta.numel()].view(units, inner, span)
         torch.abs(delta.view(units, span, inner).transpose(1, 2), out=rows)
         torch.argsort(rows.view(-1, span), dim=1, stable=True, out=torch.from_numpy(order))
@@ -504,6 +510,8 @@ def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, i: int, unit: 
     def work(a: int, b: int) -> None:
         for u in range(a, b, max(1, RANKED_BATCH // unit)):
             z = min(b, u + max(1, RANKED_BATCH // unit))
+            if make is not None:
+                make(u * unit, z * unit)
             uniform.fill(start + u * unit, draws[u * unit:z * unit])
             rows = order[u * inner:z * inner]
             if bits is not None:
@@ -511,17 +519,29 @@ def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, i: int, unit: 
                 rows.sort(axis=-1)
             magprune.prune_ranked(grid[u:z], rows, positions, draws[u * unit:z * unit].reshape(z - u, span, inner),
                                   by_rank, rescale)
+            if then is not None:
+                then(u * unit, z * unit)
 
     in_parallel(units, work, grain=max(1, RANKED_BATCH // unit))
 
 
-def prune_by_magnitude_rank(i: int, ctx: ChunkContext, b: Buffers) -> None:
-    """DELLA: keep each entry with probability density +- epsilon by its magnitude's rank along dimension 1."""
+def prune_by_magnitude_rank(i: int, ctx: ChunkContext, b: Buffers, x: torch.Tensor | None = None,
+                            then: RangeWork | None = None) -> None:
+    """DELLA: keep each entry with probability density +- epsilon by its magnitude's rank along dimension 1, in
+    b.delta. With `x` (model i's chunk), b.delta is made here, x - base, a batch of units at a time on the merge's
+    threads; `then(a, z)` is called on each range of b.delta once it is pruned (on those threads: each range once)."""
     model = ctx.model_params[i]
-    if model["density"] >= 1:
-        return
-    if model["density"] <= 0:
-        b.delta.zero_()
+    n = b.delta.numel()
+    delta, base = b.delta.numpy(), ctx.base.numpy()
+    x_array = x.numpy() if x is not None else None
+    make = (lambda a, z: np.subtract(x_array[a:z], base[a:z], out=delta[a:z])) if x is not None else None
+    if not 0 < model["density"] < 1:  # (all kept, or none)
+        if make is not None:
+            in_parallel(n, make, grain=KERNEL_GRAIN)
+        if model["density"] <= 0:
+            b.delta.zero_()
+        if then is not None:
+            in_parallel(n, then, grain=KERNEL_GRAIN)
         return
     unit, inner = _magprune_unit(ctx.shape, ctx.numel)
     capacity = ctx.buffers[0].numel() // MAGPRUNE_SHARE
@@ -531,7 +551,7 @@ def prune_by_magnitude_rank(i: int, ctx: ChunkContext, b: Buffers) -> None:
             f"memory holds ({capacity}); raise max_ram (about {MAGPRUNE_SHARE * unit * 40 // 2**20 + 64} MiB "
             "would do).")
     uniform = Uniform(ctx.seed, ctx.name, i)
-    start, stop = ctx.offset, ctx.offset + b.delta.numel()
+    start, stop = ctx.offset, ctx.offset + n
     # Units straddling the chunk's edges are read whole and ranked; only this chunk's part is kept.
     edges = {start // unit * unit if start % unit else None, stop // unit * unit if stop % unit else None}
     for unit_start in sorted(u for u in edges if u is not None):
@@ -540,8 +560,13 @@ def prune_by_magnitude_rank(i: int, ctx: ChunkContext, b: Buffers) -> None:
         _magprune(whole, unit_start, ctx, i, unit, inner, uniform)
         a, z = max(unit_start, start), min(unit_stop, stop)
         b.delta[a - start:z - start].copy_(whole[a - unit_start:z - unit_start])
+        if then is not None:
+            then(a - start, z - start)
     first_full, last_full = -(-start // unit) * unit, stop // unit * unit
     batch = max(unit, capacity // unit * unit)
     for a in range(first_full, last_full, batch):
         z = min(last_full, a + batch)
-        _magprune(b.delta[a - start:z - start], a, ctx, i, unit, inner, uniform)
+        at = a - start  # (the hooks take ranges of the batch's units: shifted to the chunk's)
+        _magprune(b.delta[at:z - start], a, ctx, i, unit, inner, uniform,
+                  make=(lambda lo, hi, at=at: make(at + lo, at + hi)) if make is not None else None,
+                  then=(lambda lo, hi, at=at: then(at + lo, at + hi)) if then is not None else None)

@@ -16,6 +16,7 @@ import enum
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from streammerge.methods.method import ChunkContext, Method, Param, kernel_loader
@@ -111,6 +112,9 @@ def task_vector_merge(family: Family):
                     steps.append(randomly_pruned_step(i, ctx, x, sums, weight, first))
                 continue
             run_steps()  # (b.delta is made again below)
+            if family.sparsifier is Sparsifier.MAGPRUNE and not ctx.segments:  # (made, pruned and added by batch)
+                prune_by_magnitude_rank(i, ctx, b, x, then=weighted_adder(b.delta, sums, weight, first, consensus))
+                continue
             torch.sub(x, base, out=b.delta)
             sparsify(family.sparsifier, i, ctx, stats, b)
             b.delta.mul_(weight)
@@ -131,6 +135,25 @@ def task_vector_merge(family: Family):
         return torch.add(base, mixed, out=ctx.out)
 
     return merge
+
+
+def weighted_adder(delta: torch.Tensor, sums: tuple[torch.Tensor, ...], weight: float, first: bool,
+                   consensus: bool) -> Callable[[int, int], None]:
+    """For a range [a, z) of `delta` (a model's pruned task vector): delta *= weight, then added to `sums` (by sign
+    with `consensus`, to +0 for the `first` model; else to the total): as a merge's step does over the chunk."""
+    if consensus:
+        from streammerge.kernels.consensus import add_by_sign  # (numba: loaded by the merges that elect signs)
+    arrays = [t.numpy() for t in (delta, *sums)]
+    scale = arrays[0].dtype.type(weight)  # (rounded to the buffers' dtype, as torch rounds a Python number)
+
+    def add(a: int, z: int) -> None:
+        part = np.multiply(arrays[0][a:z], scale, out=arrays[0][a:z])
+        if consensus:
+            add_by_sign(part, *(s[a:z] for s in arrays[1:]), weight, first)
+        else:
+            np.add(arrays[1][a:z], part, out=arrays[1][a:z])
+
+    return add
 
 
 def _loader(family: Family):
