@@ -168,7 +168,8 @@ def _loader(family: Family):
 
 def sparsify(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats, b: Buffers) -> None:
     """Sparsify model i's task vector in `b.delta` (rescaled where the method asks). In a run of small tensors
-    (`ctx.segments`, `stats` one per tensor) each tensor is sparsified on its segment with its own statistics."""
+    (`ctx.segments`, `stats` one per tensor) each tensor is sparsified on its segment with its own statistics.
+    (DELLA's whole tensors are pruned batch by batch as the merge adds them: `prune_by_magnitude_rank`'s hooks.)"""
     if sparsifier.by_magnitude:
         if ctx.segments:
             prune_segments_by_magnitude(sparsifier, i, ctx, stats, b)
@@ -177,8 +178,6 @@ def sparsify(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats, b: Buffer
         if stats is not None and stats.factors[i] != 1.0:
             b.delta.mul_(stats.factors[i])
     elif sparsifier is Sparsifier.MAGPRUNE:
-        if not ctx.segments:
-            prune_by_magnitude_rank(i, ctx, b)
         for segment in ctx.segments:  # each tensor's rows ranked on its own, with the run's whole scratch buffers
             part = ctx.segment(segment)
             prune_by_magnitude_rank(i, dataclasses.replace(part, buffers=ctx.buffers), part.derived(Buffers))
