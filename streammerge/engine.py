@@ -509,13 +509,16 @@ class Engine:
 
     def _statistics_in_memory(self, ctx: ChunkContext, passes: int):
         """The statistics of a whole tensor held in `ctx` (None without passes). The passes see the chunk
-        untiled, so a method may compute its statistics on the whole tensor at once."""
+        untiled, so a method may compute its statistics on the whole tensor at once (but a tile at a time where
+        the method asks: `Method.tiled_statistics`)."""
         if not passes:
             return None
         stats = self.method.init_stats(ctx.numel, len(ctx.inputs))
+        parts = self._parts(ctx) if self.method.tiled_statistics else [ctx]
         pass_index = 0
         while pass_index < passes:
-            self.method.observe(stats, pass_index, ctx)
+            for part in parts:
+                self.method.observe(stats, pass_index, part)
             pass_index = self._finish_pass(stats, pass_index)
         return stats
 

@@ -93,3 +93,32 @@ def test_tiled_merge_gives_the_untiled_bits(method, chunk, inputs, tmp_path, mon
     for label in ("grid", "default"):
         for name, tensor in outputs["untiled"].items():
             assert torch.equal(bits(outputs[label][name]), bits(tensor)), (label, name)
+
+
+@pytest.mark.parametrize("chunk", [None, 4 * GRID], ids=["whole-tensor chunks", "streamed"])
+def test_tiled_statistics_count_every_tile(chunk, inputs, tmp_path, monkeypatch):
+    """`ramplus_tl` observes a tensor held whole a tile at a time (`Method.tiled_statistics`): its counts of the
+    entries each model changes alone and with others are those of the whole tensor, every tile included."""
+    from safetensors.torch import load_file
+
+    from streammerge.methods import ram
+    paths, base = inputs
+    made = []
+
+    class Recorded(ram.RamPlusStats):  # (the method's init_stats looks the class up in its module)
+        def __init__(self, n_models: int):
+            super().__init__(n_models)
+            made.append(self)
+
+    monkeypatch.setattr(ram, "RamPlusStats", Recorded)
+    cfg = streammerge_config("ramplus_tl", paths, tmp_path / "out.safetensors", base, "1GiB")
+    cfg["parameters"] = {"epsilon": 0.1}
+    merge_in_process(cfg, chunk=chunk)
+    models, origin = [load_file(p) for p in paths], load_file(base)
+    expected = {}
+    for name in origin:
+        changed = torch.stack([(m[name] - origin[name]).abs() > 0.1 for m in models])
+        count = changed.sum(0)
+        expected[name] = ([int((c & (count == 1)).sum()) for c in changed],
+                          [int((c & (count > 1)).sum()) for c in changed])
+    assert sorted((s.unique, s.shared) for s in made) == sorted(expected.values())

@@ -107,7 +107,7 @@ RAM = Method(
 RAMPLUS_TL = Method(
     name="ramplus_tl",
     help="RAM+ (tensor-local): as ram, entries only one model changed scaled by 1 + r * min(alpha, shared/unique)",
-    merge=per_segment(ramplus_tl), segmented=True, tiled=True,
+    merge=per_segment(ramplus_tl), segmented=True, tiled=True, tiled_statistics=True,
     params=(Param("r", 0.1, "strength of the rescaling of entries only one model changed"),
             Param("alpha", 0.2, "upper clamp of the shared/unique ratio"),
             EPSILON),
