@@ -189,15 +189,17 @@ def test_sce_matches_reference(tmp_path, select_topk):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("count", [1, 2, 3])
-def test_sce_variance_is_torch_var_bit_for_bit(dtype, count):
+def test_sce_variance_is_torch_var_bit_for_bit(dtype, count, monkeypatch):
     """The compiled variance has the bits of torch.var in float32 (mergekit's) and of the same sums over the whole
     tensor in float64 (torch.var's Welford steps round differently there), split between threads with a ragged
-    tail, with Inf and NaN inputs (their NaN made positive, as the selection ranks it)."""
+    tail (the threads' least share made small), with Inf and NaN inputs (their NaN made positive, as the selection
+    ranks it)."""
     from types import SimpleNamespace
 
     from streammerge.methods import sce
     from streammerge.methods.streaming import KERNEL_GRAIN
 
+    monkeypatch.setattr(sce, "SCE_GRAIN", KERNEL_GRAIN)
     n = 3 * KERNEL_GRAIN + 1001
     g = torch.Generator().manual_seed(count)
     base = torch.randn(n, generator=g, dtype=dtype)
