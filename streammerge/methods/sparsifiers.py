@@ -26,10 +26,9 @@ import torch
 from streammerge.errors import StreamMergeError
 from streammerge.methods.masks import INT_VIEW, keep_only
 from streammerge.methods.method import ChunkContext
-from streammerge.methods.streaming import (DRAW_GRAIN, KERNEL_GRAIN, Groups, GroupSums, RankSelect, TieGate,
-                                           Uniform, bool_views, in_parallel)
+from streammerge.methods.streaming import (DRAW_GRAIN, KERNEL_GRAIN, Groups, GroupSums, RangeWork, RankSelect,
+                                           TieGate, Uniform, bool_views, in_parallel)
 
-RangeWork = Callable[[int, int], None]  # work on an element range [a, z) of a chunk
 RESCALE_EPS = 1e-7  # below this L1 norm a magnitude-pruned delta is left unscaled
 # DELLA ranks at most 1/MAGPRUNE_SHARE of a chunk at once: its temporaries (int64 sort keys, float32 draws and,
 # for float64 deltas, their magnitudes) take at most 20 bytes per ranked element, which the two buffers it
@@ -241,7 +240,7 @@ def prune_by_magnitude(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats:
 
 
 def elected_within_bounds(ctx: ChunkContext, stats: MagnitudeStats | None, sparsifier: Sparsifier,
-                          out: torch.Tensor) -> Callable[[int, int], None]:
+                          out: torch.Tensor) -> RangeWork:
     """TIES' merge of a chunk with a magnitude sparsifier in one compiled pass (`kernels.magnitude`), as a function
     of an element range [a, z) of the chunk, written to `out`. Ties at a bound admitted by position
     (`stats.merge_gates`) become index ranges of the chunk (`TieGate.span`) within which that bound is inclusive:
@@ -430,7 +429,7 @@ def _dare_draws(i: int, ctx: ChunkContext, x: torch.Tensor, sums: tuple[torch.Te
 
 
 def randomly_pruned_step(i: int, ctx: ChunkContext, x: torch.Tensor, sums: tuple[torch.Tensor, ...],
-                         weight: float, first: bool) -> Callable[[int, int], None]:
+                         weight: float, first: bool) -> RangeWork:
     """`_dare_draws` of a chunk of one tensor as a function of an element range [a, z) of the chunk."""
     draw, uniform = _dare_draws(i, ctx, x, sums, weight, first), Uniform(ctx.seed, ctx.name, i)
     return lambda a, z: draw(uniform, ctx.offset + a, a, z)
@@ -536,10 +535,10 @@ def prune_by_magnitude_rank(i: int, ctx: ChunkContext, b: Buffers, x: torch.Tens
     x_array = x.numpy() if x is not None else None
     make = (lambda a, z: np.subtract(x_array[a:z], base[a:z], out=delta[a:z])) if x is not None else None
     if not 0 < model["density"] < 1:  # (all kept, or none)
-        if make is not None:
-            in_parallel(n, make, grain=KERNEL_GRAIN)
         if model["density"] <= 0:
             b.delta.zero_()
+        elif make is not None:
+            in_parallel(n, make, grain=KERNEL_GRAIN)
         if then is not None:
             in_parallel(n, then, grain=KERNEL_GRAIN)
         return

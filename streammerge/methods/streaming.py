@@ -350,7 +350,10 @@ def stream_key(seed: int, name: str, stream: int) -> np.ndarray:
 _POOL: ThreadPoolExecutor | None = None
 
 
-def in_parallel(n: int, work: Callable[[int, int], None], grain: int) -> None:
+RangeWork = Callable[[int, int], None]  # work on an element range [a, z) of a chunk
+
+
+def in_parallel(n: int, work: RangeWork, grain: int) -> None:
     """`work(a, b)` over the ranges that split [0, n), as many as the merge's intra-op threads (torch's count)
     and each at least `grain` long, on a pool of threads: for numpy and compiled calls that release the GIL
     (sorts, random draws), whose results depend on their range alone."""
@@ -365,7 +368,7 @@ def in_parallel(n: int, work: Callable[[int, int], None], grain: int) -> None:
     list(_POOL.map(lambda a: work(a, min(n, a + step)), range(0, n, step)))
 
 
-def range_step(kernel: Callable, tensors: tuple[torch.Tensor, ...], *numbers) -> Callable[[int, int], None]:
+def range_step(kernel: Callable, tensors: tuple[torch.Tensor, ...], *numbers) -> RangeWork:
     """An element-wise compiled kernel over same-length contiguous tensors, as a function of an element range
     [a, z) (for `in_parallel`, or for a merge that runs several such steps on each thread's range)."""
     arrays = [t.numpy() for t in tensors]

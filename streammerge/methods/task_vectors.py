@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, Magnitud
                                              magnitude_observe, magnitude_passes, magnitude_segment_stats,
                                              magnitude_streamed_reads, prune_by_magnitude, prune_by_magnitude_rank,
                                              prune_segments_by_magnitude, randomly_pruned_step)
-from streammerge.methods.streaming import DRAW_GRAIN, KERNEL_GRAIN, in_parallel, range_step
+from streammerge.methods.streaming import DRAW_GRAIN, KERNEL_GRAIN, RangeWork, in_parallel, range_step
 
 
 def _unit_interval(value: float) -> str | None:
@@ -94,7 +93,7 @@ def task_vector_merge(family: Family):
             return mixed
         # Compiled steps over element ranges, run together: each thread takes its range through every step in turn
         # (one dispatch, the range in its core's cache), before anything else reads or writes the sums.
-        steps: list[Callable[[int, int], None]] = []
+        steps: list[RangeWork] = []
         grain = DRAW_GRAIN if family.sparsifier is Sparsifier.RANDOM else KERNEL_GRAIN
 
         def run_steps() -> None:
@@ -117,7 +116,7 @@ def task_vector_merge(family: Family):
                 continue
             torch.sub(x, base, out=b.delta)
             sparsify(family.sparsifier, i, ctx, stats, b)
-            b.delta.mul_(weight)
+            b.delta.mul_(weight)  # (torch's operations over the chunk: `weighted_adder` by range took longer here)
             if consensus:
                 steps.append(range_step(add_by_sign, (b.delta, *sums), weight, first))
             else:
@@ -138,7 +137,7 @@ def task_vector_merge(family: Family):
 
 
 def weighted_adder(delta: torch.Tensor, sums: tuple[torch.Tensor, ...], weight: float, first: bool,
-                   consensus: bool) -> Callable[[int, int], None]:
+                   consensus: bool) -> RangeWork:
     """For a range [a, z) of `delta` (a model's pruned task vector): delta *= weight, then added to `sums` (by sign
     with `consensus`, to +0 for the `first` model; else to the total): as a merge's step does over the chunk."""
     if consensus:
