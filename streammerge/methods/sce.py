@@ -42,8 +42,8 @@ from streammerge.methods.task_vectors import INT8_MASK
 
 # The fewest elements a thread takes in sce's kernels: a cache-sized tile (`method.TILE`) stays on one thread, a
 # whole tensor's chunk is split. With the other kernels' 32 Ki, each tile went to both threads, and the full-size
-# Llama merge took 6.3-6.7 s at 256 MiB against 5.3-6.3 s with this (timers inside the merge, two runs each);
-# the same at 4 GiB.
+# Llama merge took 6.3-6.7 s at 256 MiB against 5.3-6.3 s with this (its reported seconds, two runs each); the
+# same at 4 GiB.
 SCE_GRAIN = 1 << 20
 
 MIN_WEIGHT_SUM = 1e-6  # below this sum of mean squares the models get equal weights (mergekit)

@@ -1,0 +1,55 @@
+"""Where one merge's time goes: the seconds spent in the engine's statistics calls (for tensors held whole and for
+tensors streamed in chunks) and in its merge calls, beside the whole merge, for one config.
+
+    python scripts/time_merge.py CONFIG [--max-ram SIZE]
+
+The README's "timers around the engine's calls" figures come from this, run from a worktree of each commit in
+turn (`PYTHONPATH=<worktree> python scripts/time_merge.py CONFIG`), with the inputs read into the page cache first
+(the merge drops from the cache what it found uncached: `cat` the inputs before each run). The merge calls of a
+method that runs its steps on the merge's threads include the wait for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import sys
+import time
+
+from streammerge import engine
+
+SECONDS: collections.Counter = collections.Counter()
+TIMED = {"_statistics_in_memory": "statistics (tensors held whole)", "_observe": "statistics (streamed chunks)",
+         "_merge": "merge"}
+
+
+def timed(label: str, method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            SECONDS[label] += time.perf_counter() - start
+    return wrapper
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--max-ram", help="the merge's --max-ram (default: the config's)")
+    args = parser.parse_args(argv)
+    for name, label in TIMED.items():
+        setattr(engine.Engine, name, timed(label, getattr(engine.Engine, name)))
+    from streammerge.cli import main as cli
+    start = time.perf_counter()
+    code = cli(["merge", args.config, "--quiet", *(["--max-ram", args.max_ram] if args.max_ram else [])])
+    SECONDS["the whole command, from the CLI's start"] = time.perf_counter() - start
+    for label, seconds in sorted(SECONDS.items(), key=lambda item: -item[1]):
+        print(f"{seconds:8.2f} s  {label}")
+    return code or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

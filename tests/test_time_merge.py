@@ -1,0 +1,35 @@
+"""`scripts/time_merge.py`, which the README's in-process timings come from: it times the engine's statistics and
+merge calls of a real merge, whose output it leaves as the merge makes it."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import yaml
+from helpers import load_output, save
+
+import time_merge
+from streammerge import engine
+
+
+def test_time_merge_times_the_engines_calls(tmp_path, monkeypatch, capsys):
+    for name in time_merge.TIMED:  # (restored after the test: the script wraps them for its process)
+        monkeypatch.setattr(engine.Engine, name, getattr(engine.Engine, name))
+    monkeypatch.setattr(time_merge, "SECONDS", time_merge.SECONDS.__class__())
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(300, 700, generator=g), "v": torch.randn(5000, generator=g)}
+    models = [{n: t + torch.randn(t.shape, generator=g) * 0.1 for n, t in base.items()} for _ in range(2)]
+    config = {"method": "ties", "base": str(save(base, tmp_path / "base.safetensors")),
+              "models": [{"path": str(save(m, tmp_path / f"m{k}.safetensors")), "density": 0.5}
+                         for k, m in enumerate(models)],
+              "output": str(tmp_path / "out.safetensors")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert time_merge.main([str(tmp_path / "c.yaml"), "--max-ram", "1GiB"]) == 0
+    printed = dict((label, float(value)) for value, label in
+                   re.findall(r"^\s*([0-9.]+) s  (.+)$", capsys.readouterr().out, re.M))
+    assert set(printed) == {"statistics (tensors held whole)", "merge", "the whole command, from the CLI's start"}
+    seconds = time_merge.SECONDS
+    assert 0 < seconds["merge"] < seconds["the whole command, from the CLI's start"]
+    assert all(printed[label] == round(seconds[label], 2) for label in printed)
+    assert set(load_output(tmp_path / "out.safetensors")) == {"w", "v"}
