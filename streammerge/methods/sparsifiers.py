@@ -249,7 +249,7 @@ def elected_within_bounds(ctx: ChunkContext, stats: MagnitudeStats | None, spars
     from streammerge.kernels import magnitude  # (numba: imported by the merges that elect signs)
     inputs, base = tuple(x.numpy() for x in ctx.inputs), ctx.base.numpy()
     dtype, n = base.dtype, base.size
-    ranks = [magnitude_ranks(sparsifier, m, ctx.numel) for m in ctx.model_params]
+    ranks = stats.ranks if stats is not None else [magnitude_ranks(sparsifier, m, ctx.numel) for m in ctx.model_params]
     gates = stats.merge_gates if stats is not None else [[] for _ in ranks]
     spans = [[gate.span(x, base) for gate in model_gates] for x, model_gates in zip(inputs, gates)]
     keep_all = np.array([r == KEEP_ALL for r in ranks])
