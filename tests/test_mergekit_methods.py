@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -480,6 +481,50 @@ def test_mergekit_config_warns_about_parameters_a_method_does_not_take(tmp_path)
     merge = load_config(tmp_path / "mk.yml")
     assert any("'weight' is ignored: it is not a parameter of method 'sce'" in w for w in merge.warnings)
     assert "weight" not in merge.models[0].params
+
+
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_arcee_fusion_whole_rows_give_the_streamed_kl_sums_bit_for_bit(nonfinite):
+    """The first pass over whole rows (`_whole_rows_first_pass`: log-sum-exp made at once, blocks on two threads)
+    and the streamed passes (`RowLogSumExp` over chunks of a few grid blocks, then `_kl_terms`) give the same
+    float64 KL sums, bit for bit (the merge's output, a float32 threshold on float32 importances, would hide a
+    difference in the last bits of the sums)."""
+    from streammerge.methods import arcee_fusion
+    from streammerge.methods.streaming import Groups, GroupSums
+    from test_methods import GRID
+    g = torch.Generator().manual_seed(8)
+    shape = (6 * GRID // 512, 512)  # six grid blocks of 128 rows
+    base = torch.randn(shape, generator=g) * 3
+    x = base + 0.02 * torch.randn(shape, generator=g)
+    x[:40] += torch.randn(40, 512, generator=g)  # rows of large KL
+    if nonfinite:
+        x[3, 7], x[200, 0], base[500, 9], x[600] = math.inf, math.nan, -math.inf, -math.inf
+    x, base = x.flatten(), base.flatten()
+
+    def stats() -> arcee_fusion.FusionStats:
+        made = arcee_fusion.FusionStats(x.numel(), 1)
+        made.groups = Groups("rows", shape)
+        made.kl_sums = GroupSums(made.groups, 1)
+        return made
+
+    whole = stats()
+    arcee_fusion._whole_rows_first_pass(whole, 0, x, base)
+    streamed = stats()
+    streamed.lse = [arcee_fusion.RowLogSumExp(streamed.groups), arcee_fusion.RowLogSumExp(streamed.groups)]
+    chunks = [(0, 2 * GRID), (2 * GRID, 5 * GRID), (5 * GRID, 6 * GRID)]
+    for lse, values in zip(streamed.lse, (x, base)):
+        for a, z in chunks:
+            lse.add(a, values[a:z])
+        lse.finish()
+    for a, z in chunks:
+        arcee_fusion._kl_terms(streamed, a, x[a:z], base[a:z])
+    sums, other = whole.kl_sums.sums.numpy()[0], streamed.kl_sums.sums.numpy()[0]
+    nan = np.isnan(sums)
+    assert np.array_equal(nan, np.isnan(other))
+    assert np.array_equal(sums[~nan].view(np.uint64), other[~nan].view(np.uint64))
+    assert np.nanmin(sums[:40]) > 100 * np.nanmedian(sums[40:])
+    # NaN where x holds +Inf, NaN or only -Inf (the base's -Inf gives q = 1e-8 there: a finite KL)
+    assert list(np.flatnonzero(nan)) == ([3, 200, 600] if nonfinite else [])
 
 
 def test_arcee_fusion_rows_that_divide_the_grid_take_three_reads(tmp_path, monkeypatch):

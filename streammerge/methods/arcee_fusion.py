@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from streammerge.methods.method import GRID, ChunkContext, Method, per_segment
 from streammerge.methods.streaming import (Groups, GroupSums, RankSelect, grid_blocks, group_slices,
-                                          group_stats_bytes)
+                                          group_stats_bytes, in_parallel)
 
 SOFTMAX_EPS = 1e-8
 QUANTILES = (1, 4), (2, 4), (3, 4)  # 0.25, 0.5, 0.75 as fractions
@@ -52,26 +53,40 @@ class RowLogSumExp:
         self.max[rows] = new_max
 
     def add(self, offset: int, values: torch.Tensor) -> None:
+        with np.errstate(all="ignore"):  # (NaN and infinite inputs: IEEE results, as torch gives them silently)
+            self._add(offset, values)
+
+    def _add(self, offset: int, values: torch.Tensor) -> None:
         p = self.groups.period
         for a, b in grid_blocks(offset, values.numel()):
             for start, stop, full in self.groups.pieces(offset + a, offset + b):
-                part = values[start - offset:stop - offset].to(torch.float64)
+                part = values[start - offset:stop - offset].numpy().astype(np.float64)
                 if full and self.groups.kind != "tensor":
-                    self.add_rows(slice(start // p, stop // p), part.view(-1, p))
+                    self.add_rows(slice(start // p, stop // p), part.reshape(-1, p))
                 else:
                     row = start // p if self.groups.kind != "tensor" else 0
-                    self.add_rows(slice(row, row + 1), part.view(1, -1))
+                    self.add_rows(slice(row, row + 1), part.reshape(1, -1))
 
-    def add_rows(self, rows: slice, part: torch.Tensor) -> None:
+    def add_rows(self, rows: slice, part: np.ndarray) -> None:
         """Add one grid block's piece of these rows (float64, [rows, elements]; read only)."""
-        block_max = part.max(1).values
-        self._combine(rows, block_max, (part - block_max[:, None]).exp_().sum(1))
+        block_max, block_sum = _exp_sums(part, np.empty_like(part))
+        self._combine(rows, torch.from_numpy(block_max), torch.from_numpy(block_sum))
 
     def finish(self, start: int = 0, stop: int | None = None) -> None:
         """Rows [start, stop) are complete: their log-sum-exp, max + log(sum), is made in place of their max (`max`
         is then the value), a slice of rows at a time (no temporary as long as all the rows)."""
+        maxima, sums = self.max.numpy(), self.sum.numpy()
         for rows in group_slices(start, self.groups.count if stop is None else stop):
-            self.max[rows] += torch.log(self.sum[rows])
+            maxima[rows] += np.log(sums[rows])
+
+
+def _exp_sums(part: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's max and sum of exp(v - max) (part: float64 [rows, elements], read only; scratch as large). In
+    numpy, whose float64 exp and log take half of torch's time here; every path makes its exps and logs here or
+    in `_add_kl_terms` and `RowLogSumExp.finish`, so the paths give the same bits."""
+    block_max = part.max(axis=1)
+    shifted = np.subtract(part, block_max[:, None], out=scratch)
+    return block_max, np.exp(shifted, out=shifted).sum(axis=1)
 
 
 def rows_stay_in_chunks(shape: tuple) -> bool:
@@ -116,7 +131,8 @@ class FusionStats:
         if _gathers(self.numel, ctx.gather_room(), ctx.buffers[-1].numel()):
             self.gathered = ctx.arena[:self.numel]
         if not one_element_rows(ctx.shape):
-            self.lse = [RowLogSumExp(self.groups), RowLogSumExp(self.groups)]  # model, base
+            if not self.fused:
+                self.lse = [RowLogSumExp(self.groups), RowLogSumExp(self.groups)]  # model, base
             self.kl_sums = GroupSums(self.groups, 1)
             self.kl = torch.zeros(self.groups.count, dtype=ctx.out.dtype)
 
@@ -134,31 +150,43 @@ def _kl_terms(stats: FusionStats, offset: int, x: torch.Tensor, base: torch.Tens
         # copies (float64 chunks are the inputs themselves, which the later passes and the merge read again)
         p = x[a:b].to(torch.float64, copy=True).sub_(stats.groups.expand(log_z[0], offset + a, expanded))
         q = base[a:b].to(torch.float64, copy=True).sub_(stats.groups.expand(log_z[1], offset + a, expanded))
-        _add_kl_terms(stats, offset + a, p, q)
+        with np.errstate(all="ignore"):
+            _add_kl_terms(stats, offset + a, p.numpy(), q.numpy())
 
 
-def _add_kl_terms(stats: FusionStats, offset: int, p: torch.Tensor, q: torch.Tensor) -> None:
+def _add_kl_terms(stats: FusionStats, offset: int, p: np.ndarray, q: np.ndarray) -> None:
     """Add p log(p / q) to the rows' KL sums, p and q the elements of one grid block (from `offset`) less their
     rows' log-sum-exps (float64, contiguous; both overwritten): p = exp(p) + 1e-8, the same for q."""
-    p.exp_().add_(SOFTMAX_EPS)
-    log_ratio = torch.div(p, q.exp_().add_(SOFTMAX_EPS), out=q).log_()
-    stats.kl_sums.add(0, offset, p.mul_(log_ratio).view(-1))
+    p = np.exp(p, out=p)
+    p += SOFTMAX_EPS
+    q = np.exp(q, out=q)
+    q += SOFTMAX_EPS
+    log_ratio = np.log(np.divide(p, q, out=q), out=q)
+    stats.kl_sums.add(0, offset, torch.from_numpy(np.multiply(p, log_ratio, out=p).reshape(-1)))
 
 
 def _whole_rows_first_pass(stats: FusionStats, offset: int, x: torch.Tensor, base: torch.Tensor) -> None:
     """Rows that divide the grid (`rows_stay_in_chunks`): each grid block holds whole rows, so their log-sum-exps
-    are complete with the block, and their KL terms follow on the same float64 copies of x and b (the operations
-    of `RowLogSumExp.add` and `_kl_terms`, the row's log-sum-exp subtracted by broadcasting instead of from an
-    expanded copy: the same bits)."""
-    p = stats.groups.period
-    for a, b in grid_blocks(offset, x.numel()):
-        rows = slice((offset + a) // p, (offset + b) // p)
-        pair = [v[a:b].to(torch.float64, copy=True).view(-1, p) for v in (x, base)]
-        for lse, part in zip(stats.lse, pair):
-            lse.add_rows(rows, part)
-            lse.finish(rows.start, rows.stop)
-            part.sub_(lse.max[rows, None])
-        _add_kl_terms(stats, offset + a, *pair)
+    are complete with the block, and their KL terms follow on the same float64 copies of x and b. A row's running
+    max and sum in `RowLogSumExp` start from -inf and 0, so for a row within one block they are the block's own
+    (`maximum(-inf, m)` is m, `0 * 0 + s * exp(0)` is s): this makes max + log(sum) at once and subtracts it, the
+    same bits as `RowLogSumExp.add`, `finish` and `_kl_terms`. The blocks, whose rows are their own, are split
+    between the merge's threads."""
+    p, n = stats.groups.period, x.numel()
+    arrays = x.numpy(), base.numpy()
+
+    def blocks(first: int, last: int) -> None:
+        scratch = np.empty((GRID // p, p), dtype=np.float64)
+        with np.errstate(all="ignore"):  # (NaN and infinite inputs: IEEE results, as torch gives them silently)
+            for a in range(first * GRID, min(n, last * GRID), GRID):
+                b = min(n, a + GRID)
+                pair = [v[a:b].astype(np.float64).reshape(-1, p) for v in arrays]
+                for part in pair:
+                    block_max, block_sum = _exp_sums(part, scratch[:len(part)])
+                    part -= (block_max + np.log(block_sum))[:, None]
+                _add_kl_terms(stats, offset + a, *pair)
+
+    in_parallel(-(-n // GRID), blocks, grain=1)
 
 
 def _importance(stats: FusionStats, ctx: ChunkContext, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
