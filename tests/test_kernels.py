@@ -4,6 +4,7 @@ edge values included (the merges that run them are held to their references in `
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from streammerge.kernels import dare, magnitude, magprune, sce
 from streammerge.kernels.consensus import add_by_sign, finish
 from streammerge.methods.masks import INT_VIEW, compare, keep_only
-from streammerge.methods.streaming import Uniform
+from streammerge.methods.streaming import GRID, Groups, GroupSums, Uniform
 
 
 def by_operations(deltas: list[torch.Tensor], weights: list[float], base: torch.Tensor, normalize: bool,
@@ -285,10 +286,23 @@ def test_sce_kernels_give_the_bits_of_the_operations(dtype, weights, selects):
     sce.merge(tuple(x.numpy() for x in inputs), base.numpy(), mask, selects, np.array(weights, dtype=as_dtype),
               np.array([torch.tensor(w, dtype=torch.float32).item() for w in weights], dtype=as_dtype), out.numpy())
     assert same_bits_or_both_nan(out, expected)
-    bits = INT_VIEW[dtype]
-    for x in inputs:
-        d = torch.sub(x, base)
-        if selects:
-            d.masked_fill_(~keep, 0)
-        sce.squared_delta(x.numpy(), base.numpy(), mask, selects, out.numpy())
-        assert torch.equal(out.view(bits), torch.mul(d, d).view(bits))
+    # the squares' sums: GroupSums' grid-block sums of each torch.mul square (whole blocks, a short last one)
+    # the edge values make most sums NaN: their finite part (signed zeros, denormals) too, where every bit shows
+    finite = [torch.where(t.isfinite(), t, 0.0).clamp_(-1e3, 1e3) for t in (*inputs, base)]
+    for values, (repeat, n_summed) in itertools.product((inputs + [base], finite),
+                                                        ((5, 5 * n), (1, n), (1, 1), (1, 3))):
+        xs = [x.repeat(repeat)[:n_summed] for x in values[:-1]]  # 5n: two whole grid blocks and a short one
+        b, kept = values[-1].repeat(repeat)[:n_summed], keep.repeat(repeat)[:n_summed] if selects else None
+        sums = GroupSums(Groups("tensor", (n_summed,)), len(inputs))
+        for i, x in enumerate(xs):
+            d = torch.sub(x, b)
+            if selects:
+                d.masked_fill_(~kept, 0)
+            sums.add(i, 0, torch.mul(d, d))
+        block_sums = np.full((-(-n_summed // GRID), len(inputs)), np.nan)
+        sce.squares_block_sums(tuple(x.numpy() for x in xs), b.numpy(), kept.numpy() if selects else mask, selects,
+                               GRID, block_sums)
+        totals = GroupSums(Groups("tensor", (n_summed,)), len(inputs))
+        totals.add_block_sums(block_sums)
+        assert same_bits_or_both_nan(totals.sums, sums.sums), n_summed
+        assert values is not finite or totals.sums.isfinite().all()

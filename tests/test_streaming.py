@@ -311,17 +311,6 @@ def test_a_short_last_block_sums_as_if_padded_to_the_grid(kind, shape, compiled)
     assert torch.equal(sums.sums[0].view(torch.int64), expected.view(torch.int64))
 
 
-def test_sums_of_several_quantities_at_once_equal_one_at_a_time():
-    g = torch.Generator().manual_seed(6)
-    for n in (1, 3, 1000, GRID):
-        values = [torch.randn(n, generator=g) for _ in range(3)]
-        one, each = GroupSums(Groups("tensor", (n,)), 3), GroupSums(Groups("tensor", (n,)), 3)
-        for q, v in enumerate(values):
-            one.add(q, 0, v)
-        each.add_each(0, values)
-        assert torch.equal(one.sums, each.sums)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind, shape", [("tensor", (1,)), ("tensor", (1000,)), ("tensor", (GRID,)),
                                          ("tensor", (3 * GRID + 7,)), ("rows", (40, 100))])

@@ -1,7 +1,7 @@
-"""sce's per-entry math, compiled: the variance of the task vectors across the models, each model's selected task
-vector squared, and the merge (sign election, weighted agreeing deltas, their weights' sum, division, base) in
-one pass each, where the element-wise torch and numpy operations take ten to twenty (`methods/sce.py` documents
-the arithmetic). Each value goes through the same single float operations in the same order as those operations,
+"""sce's per-entry math, compiled: the variance of the task vectors across the models, the sums of each model's
+selected task vector squared, and the merge (sign election, weighted agreeing deltas, their weights' sum,
+division, base) in one pass each, where the element-wise torch and numpy operations take ten to twenty
+(`methods/sce.py` documents the arithmetic). Each value goes through the same single float operations in the same order as those operations,
 so the bits are theirs: `tests/test_kernels.py` holds the kernels to them, zeros of either sign, NaN and infinities
 included.
 
@@ -48,12 +48,44 @@ def variance(inputs, base, out):
 
 
 @compiled
-def squared_delta(x, base, keep, selects, out):
-    """out = delta * delta, delta = x - base where `keep` holds (everywhere without `selects`), +0 elsewhere."""
-    zero = out.dtype.type(0)
-    for j in range(out.size):
-        d = _delta(x[j], base[j], keep[j] if selects else True, zero)
-        out[j] = d * d
+def squares_block_sums(inputs, base, keep, selects, grid, out):
+    """out[b, i] = the float64 sum of delta_i * delta_i over grid block b (elements [b * grid, (b + 1) * grid) of the
+    1-D arrays), delta_i = inputs[i] - base where `keep` holds (everywhere without `selects`), +0 elsewhere, each
+    square in the inputs' dtype: the pairwise tree of `kernels.pairwise` (a short last block padded with +0 to a
+    power of two, as `GroupSums` pads it), the squares made in its first level. One pass over the block in the
+    CPU's caches instead of a chunk-sized array of squares written, then read again to be summed."""
+    n = base.size
+    acc = np.empty(max(grid // 2, 1), dtype=np.float64)
+    zero = base.dtype.type(0)
+    for b in range(out.shape[0]):
+        start = b * grid
+        length = min(grid, n - start)
+        m = 1
+        while m < length:
+            m *= 2
+        half = m // 2
+        paired = length - half  # elements whose partner in the second half is a value, not padding
+        bases = base[start:start + length]
+        kept = keep[start:start + length] if selects else keep
+        for i in range(len(inputs)):
+            x = inputs[i][start:start + length]
+            if half == 0:
+                d = _delta(x[0], bases[0], kept[0] if selects else True, zero)
+                out[b, i] = np.float64(d * d)
+                continue
+            for k in range(paired):
+                d = _delta(x[k], bases[k], kept[k] if selects else True, zero)
+                e = _delta(x[k + half], bases[k + half], kept[k + half] if selects else True, zero)
+                acc[k] = np.float64(d * d) + np.float64(e * e)
+            for k in range(paired, half):
+                d = _delta(x[k], bases[k], kept[k] if selects else True, zero)
+                acc[k] = np.float64(d * d) + 0.0
+            rows = half
+            while rows > 1:
+                rows //= 2
+                for k in range(rows):
+                    acc[k] += acc[k + rows]
+            out[b, i] = acc[0]
 
 
 @compiled
@@ -95,8 +127,8 @@ def load() -> None:
     keep = np.zeros(1, dtype=np.bool_)
     for dtype in (np.float32, np.float64):
         one = np.zeros(1, dtype=dtype)
-        squared_delta(one, one, keep, True, one)
         for count in range(1, 5):
             inputs = tuple(np.zeros(1, dtype=dtype) for _ in range(count))
             variance(inputs, one, one)
+            squares_block_sums(inputs, one, keep, True, 2, np.zeros((1, count), dtype=np.float64))
             merge(inputs, one, keep, True, np.zeros(count, dtype=dtype), np.zeros(count, dtype=dtype), one)

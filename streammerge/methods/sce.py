@@ -36,7 +36,7 @@ import torch
 
 from streammerge.methods.masks import INT_VIEW
 from streammerge.methods.method import GRID, ChunkContext, Method, Param, kernel_loader, per_segment
-from streammerge.methods.streaming import Groups, GroupSums, RankSelect, bool_views, in_parallel
+from streammerge.methods.streaming import Groups, GroupSums, RankSelect, bool_views, in_parallel, require_grid
 from streammerge.methods.sparsifiers import Bounds, bounds_from
 from streammerge.methods.task_vectors import INT8_MASK
 
@@ -126,14 +126,24 @@ def _mask(keep: torch.Tensor | None) -> tuple[Callable[[int, int], np.ndarray], 
     return (lambda a, z: kept[a:z]), True
 
 
-def _squares(ctx: ChunkContext, i: int, keep: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """out = the square of model i's task vector where `keep` holds (+0 elsewhere; None: everywhere)."""
+def _add_squares(sums: GroupSums, ctx: ChunkContext, keep: torch.Tensor | None) -> None:
+    """Add each model's squared task vector, where `keep` holds (None: everywhere), to its sum: the grid blocks'
+    sums made by `kernels.sce.squares_block_sums` (the squares formed inside the sums) on the merge's threads, then
+    added in block order, as `GroupSums.add` adds them."""
     from streammerge.kernels import sce as kernels
-    x, base, squares = ctx.inputs[i].numpy(), ctx.base.numpy(), out.numpy()
+    require_grid(ctx.offset)
+    n = ctx.out.numel()
+    inputs, base = _arrays(ctx, 0, n)
     mask, selects = _mask(keep)
-    in_parallel(out.numel(), lambda a, z: kernels.squared_delta(x[a:z], base[a:z], mask(a, z), selects, squares[a:z]),
-                grain=SCE_GRAIN)
-    return out
+    block_sums = np.empty((-(-n // GRID), len(inputs)), dtype=np.float64)
+
+    def work(a: int, z: int) -> None:
+        start, stop = a * GRID, min(n, z * GRID)
+        kernels.squares_block_sums(tuple(x[start:stop] for x in inputs), base[start:stop], mask(start, stop),
+                                   selects, GRID, block_sums[a:z])
+
+    in_parallel(block_sums.shape[0], work, grain=max(1, SCE_GRAIN // GRID))
+    sums.add_block_sums(block_sums)
 
 
 def _store_bits(bits: np.ndarray, offset: int, keep: np.ndarray) -> None:
@@ -173,7 +183,7 @@ class SceStats:
     def setup(self, ctx: ChunkContext) -> None:
         self.params = ctx.params
         self.dtype = ctx.out.numpy().dtype  # (the accumulation dtype, numpy's: the kernels' weights are in it)
-        self.squares = GroupSums(Groups("tensor", ctx.shape), self.n_models, compiled=True)
+        self.squares = GroupSums(Groups("tensor", ctx.shape), self.n_models)  # (sums added by `_add_squares`)
         if not _select_all(ctx.params):
             self.select = RankSelect([0], ctx.out.dtype)
             if _gathers(self.numel, ctx.gather_room()):
@@ -256,13 +266,7 @@ def sce_observe(stats: SceStats, pass_index: int, ctx: ChunkContext) -> None:
         stats.new_gates()
         if stats.select is not None and stats.kept_bits is None and ctx.out.numel() < stats.numel:
             stats.storing = np.empty(kept_bytes(stats.numel), dtype=np.uint8)
-    keep = _keep(stats, ctx, b)
-    if b.delta.numel() <= GRID:  # one grid block: every model's squares summed in one call
-        stats.squares.add_each(ctx.offset, [_squares(ctx, i, keep, torch.empty_like(b.delta))
-                                            for i in range(len(ctx.inputs))])
-        return
-    for i in range(len(ctx.inputs)):
-        stats.squares.add(i, ctx.offset, _squares(ctx, i, keep, b.total))
+    _add_squares(stats.squares, ctx, _keep(stats, ctx, b))
 
 
 def sce_finish(stats: SceStats, pass_index: int) -> int | None:
@@ -336,7 +340,7 @@ SCE = Method(
             INT8_MASK),
     needs_base=True, stat_passes=sce_passes, init_stats=SceStats, observe=sce_observe, finish_pass=sce_finish,
     streamed_reads=sce_streamed_reads, buffers=BUFFERS, stats_bytes=sce_stats_bytes, min_models=1,
-    typical={"parameters": {"select_topk": 0.5}}, load=kernel_loader("sce", "pairwise"),
+    typical={"parameters": {"select_topk": 0.5}}, load=kernel_loader("sce"),
 )
 
 METHODS = (SCE,)

@@ -231,19 +231,6 @@ class GroupSums:
             for a, b in grid_blocks(offset, values.numel()):
                 groups.accumulate(sums, offset + a, values[a:b])
 
-    def add_each(self, offset: int, values: list[torch.Tensor]) -> None:
-        """add(q, offset, values[q]) for every quantity q (the same elements of each). Within one grid block of a
-        whole-tensor sum, the quantities' blocks are summed in one call (per-call overhead dominates there)."""
-        n = values[0].numel()
-        if not self._one_block(n, len(values)):
-            for q, v in enumerate(values):
-                self.add(q, offset, v)
-            return
-        block = np.zeros((len(values), 1 << (n - 1).bit_length()), dtype=values[0].numpy().dtype)
-        for q, v in enumerate(values):
-            block[q, :n] = v.numpy()
-        self._add_block(offset, block)
-
     def add_products(self, offset: int, n: int, vector: Callable[[int, torch.Tensor | None], torch.Tensor],
                      pairs: list[tuple[int, int]], product: torch.Tensor, first: torch.Tensor | None = None,
                      second: torch.Tensor | None = None) -> None:
@@ -253,7 +240,7 @@ class GroupSums:
         sum, all the products are formed in one call and summed in another."""
         if self._one_block(n, len(pairs)):
             vectors = np.zeros((1 + max(max(p) for p in pairs), 1 << (n - 1).bit_length()),
-                               dtype=product.numpy().dtype)  # padded with zeros as `add_each` pads: +0 products
+                               dtype=product.numpy().dtype)  # padded with zeros to a power of two: +0 products
             for i, row in enumerate(vectors):
                 destination = torch.from_numpy(row[:n])
                 v = vector(i, destination)
@@ -294,7 +281,7 @@ class GroupSums:
                                         block_sums[a:z])
 
         in_parallel(block_sums.shape[0], work, grain=1)
-        self._add_block_sums(block_sums)
+        self.add_block_sums(block_sums)
 
     def _one_block(self, n: int, quantities: int) -> bool:
         return self.groups.kind == "tensor" and n <= GRID and quantities == self.sums.shape[0]
@@ -302,9 +289,9 @@ class GroupSums:
     def _add_block(self, offset: int, block: np.ndarray) -> None:
         """Each quantity's values, one row of `block` each, zero-padded to a power of two, for one grid block."""
         require_grid(offset)
-        self._add_block_sums(self.pairwise_sums(torch.from_numpy(block)[:, :, None]).numpy().reshape(1, -1))
+        self.add_block_sums(self.pairwise_sums(torch.from_numpy(block)[:, :, None]).numpy().reshape(1, -1))
 
-    def _add_block_sums(self, block_sums: np.ndarray) -> None:
+    def add_block_sums(self, block_sums: np.ndarray) -> None:
         """Whole-tensor sums: block_sums[b, q] (the grid blocks' sums of each quantity) added to each quantity's
         total in block order."""
         totals = self.sums.numpy()[:, 0]  # (a view of the sums: added to in place)
