@@ -1,9 +1,9 @@
 """sce's per-entry math, compiled: the variance of the task vectors across the models, the sums of each model's
 selected task vector squared, and the merge (sign election, weighted agreeing deltas, their weights' sum,
 division, base) in one pass each, where the element-wise torch and numpy operations take ten to twenty
-(`methods/sce.py` documents the arithmetic). Each value goes through the same single float operations in the same order as those operations,
-so the bits are theirs: `tests/test_kernels.py` holds the kernels to them, zeros of either sign, NaN and infinities
-included.
+(`methods/sce.py` documents the arithmetic). Each value goes through the same single float operations in the
+same order as those operations, so the bits are theirs: `tests/test_kernels.py` holds the kernels to them,
+zeros of either sign, NaN and infinities included.
 
 The models' inputs come as a tuple of arrays: a kernel is compiled for each number of models (once per machine;
 `load` compiles those of one to four)."""
