@@ -550,6 +550,24 @@ def select_streamed(x: torch.Tensor, ranks: list[int], chunk: int, room: int, la
     return s, passes
 
 
+def test_streamed_brackets_split_large_chunks_between_threads():
+    """Chunks of several count slices go to two threads, each counting and keeping its own range: the one pass
+    still selects what the histogram passes select, every kept element in the room."""
+    n = 7 * streaming.COUNT_SLICE + 123
+    values = torch.randn(n, generator=torch.Generator().manual_seed(9)).abs()
+    ranks = [0, n // 3, n // 2, n - 1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        streamed, taken = select_streamed(values, ranks, 3 * streaming.COUNT_SLICE + 17, n // 4)
+    finally:
+        torch.set_num_threads(threads)
+    assert taken == 1
+    for j, rank in enumerate(ranks):
+        assert streamed.value(j) == torch.kthvalue(values, rank + 1).values.item()
+        assert (streamed.ties_before(j), streamed.count_equal[j]) == (0, 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_streamed_brackets_select_in_one_pass_what_the_passes_select(dtype):
     """A tensor streamed in chunks whose ranks lie inside the ranges estimated from its first chunk is selected at

@@ -757,35 +757,47 @@ class StreamedBrackets:
         self.full = False
 
     def observe(self, bits: np.ndarray, ranks: list[int]) -> None:
+        """Count the chunk's elements below each range and keep those inside, its ranges split between the merge's
+        threads (each with its own scratch), what they keep written in the chunk's order."""
         if self.full or (self.brackets is None and not self._start(bits, ranks)):
             return
-        for a in range(0, bits.size, COUNT_SLICE):
-            part = bits[a:a + COUNT_SLICE]
-            for k, (low, _) in enumerate(self.brackets):
-                self.below[k] += int(np.count_nonzero(part < low))
-            kept = _inside(part, self.brackets, self.scratch, self.masks)
-            if self.written + kept.size > self.room.size:
-                self.full = True
-                return
-            self.room[self.written:self.written + kept.size] = kept
-            self.written += kept.size
+        found: dict[int, tuple[list[int], list[np.ndarray]]] = {}
+
+        def work(a: int, z: int) -> None:
+            below, kept = [0] * len(self.brackets), []
+            scratch, masks = np.empty(COUNT_SLICE, dtype=bits.dtype), np.empty((2, COUNT_SLICE), dtype=bool)
+            for start in range(a, z, COUNT_SLICE):
+                part = bits[start:min(z, start + COUNT_SLICE)]
+                for k, (low, _) in enumerate(self.brackets):
+                    below[k] += int(np.count_nonzero(part < low))
+                kept.append(_inside(part, self.brackets, scratch, masks))
+            found[a] = below, kept
+
+        in_parallel(bits.size, work, grain=COUNT_SLICE)
+        for a in sorted(found):
+            below, kept = found[a]
+            self.below = [total + more for total, more in zip(self.below, below)]
+            for part in kept:
+                if self.written + part.size > self.room.size:
+                    self.full = True
+                    return
+                self.room[self.written:self.written + part.size] = part
+                self.written += part.size
 
     def _start(self, bits: np.ndarray, ranks: list[int]) -> bool:
         """The ranges, from the first chunk; False (and `full`) where they would not fit the room."""
         share = self.room.size / (4 * max(len(ranks), 1) * max(self.numel, 1))  # (at most half the room, expected)
         self.brackets = _rank_brackets(bits, ranks, self.numel, STREAMED_SAMPLE, min(share, STREAMED_SHARE))
         self.below = [0] * len(self.brackets)
-        self.masks = np.empty((2, COUNT_SLICE), dtype=bool)  # (scratch for a slice of any later chunk)
-        self.scratch = np.empty(COUNT_SLICE, dtype=bits.dtype)
         sample = bits[:COUNT_SLICE]
-        expected = _inside(sample, self.brackets, self.scratch, self.masks).size / sample.size * self.numel
+        scratch, masks = np.empty(sample.size, dtype=bits.dtype), np.empty((2, sample.size), dtype=bool)
+        expected = _inside(sample, self.brackets, scratch, masks).size / sample.size * self.numel
         self.full = expected > self.room.size * 3 // 4  # (narrower ranges would miss their ranks: not worth a try)
         return not self.full
 
     def select(self, ranks: list[int]) -> list[tuple[int, int, int]] | None:
         """The ranks (those the ranges were made for, or ranks set since, as `sce` sets its rank once it has
         counted a whole pass) selected among the elements kept, or None where one lies inside no range."""
-        self.masks = self.scratch = None
         if self.full or self.brackets is None:
             return None
         moved = self.room[:self.written]
