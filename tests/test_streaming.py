@@ -550,6 +550,17 @@ def select_streamed(x: torch.Tensor, ranks: list[int], chunk: int, room: int, la
     return s, passes
 
 
+def test_equal_keys_are_counted_across_the_threads_ranges():
+    keys = np.random.default_rng(3).integers(0, 50, size=9 * streaming.COUNT_SLICE + 5, dtype=np.int32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for value in (0, 17, 49, 50):
+            assert streaming._count_equal(keys, value) == np.count_nonzero(keys == value)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_streamed_brackets_split_large_chunks_between_threads():
     """Chunks of several count slices go to two threads, each counting and keeping its own range: the one pass
     still selects what the histogram passes select, every kept element in the room."""

@@ -563,10 +563,15 @@ class RankSelect:
 
 
 def _count_equal(values: np.ndarray, value) -> int:
-    count = 0
-    for a in range(0, values.size, COUNT_SLICE):  # (a comparison makes a bool temporary: bound it)
-        count += int(np.count_nonzero(values[a:a + COUNT_SLICE] == value))
-    return count
+    """How many of `values` equal `value`, their ranges counted on the merge's threads."""
+    counts = []
+
+    def work(a: int, z: int) -> None:
+        counts.append(sum(int(np.count_nonzero(values[s:min(z, s + COUNT_SLICE)] == value))
+                          for s in range(a, z, COUNT_SLICE)))  # (a comparison makes a bool temporary: bound it)
+
+    in_parallel(values.size, work, grain=4 * COUNT_SLICE)
+    return sum(counts)
 
 
 def _select_partitioned(keys: np.ndarray, ranks: list[int]) -> list[tuple[int, int, int]]:
