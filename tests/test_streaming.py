@@ -564,19 +564,24 @@ def test_equal_keys_are_counted_across_the_threads_ranges():
 def test_streamed_brackets_split_large_chunks_between_threads():
     """Chunks of several count slices go to two threads, each counting and keeping its own range: the one pass
     still selects what the histogram passes select, every kept element in the room."""
-    n = 7 * streaming.COUNT_SLICE + 123
+    n, chunk = 7 * streaming.COUNT_SLICE + 123, 3 * streaming.COUNT_SLICE + 17
     values = torch.randn(n, generator=torch.Generator().manual_seed(9)).abs()
     ranks = [0, n // 3, n // 2, n - 1]
+    # later chunks crowding the median's range: a thread's share of the room fills, the passes select instead
+    crowded = values.clone()
+    median = crowded.median()
+    crowded[chunk:] = median + (crowded[chunk:] - median) * 1e-6
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        streamed, taken = select_streamed(values, ranks, 3 * streaming.COUNT_SLICE + 17, n // 4)
+        for case, expected_passes in ((values, 1), (crowded, 1 + RankSelect.passes_for(torch.float32))):
+            streamed, taken = select_streamed(case, ranks, chunk, n // 4)
+            assert taken == expected_passes
+            for j, rank in enumerate(ranks):
+                assert streamed.value(j) == torch.kthvalue(case, rank + 1).values.item()
+                assert streamed.ties_before(j) == select(case, ranks, chunk).ties_before(j)
     finally:
         torch.set_num_threads(threads)
-    assert taken == 1
-    for j, rank in enumerate(ranks):
-        assert streamed.value(j) == torch.kthvalue(values, rank + 1).values.item()
-        assert (streamed.ties_before(j), streamed.count_equal[j]) == (0, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

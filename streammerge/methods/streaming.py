@@ -762,32 +762,46 @@ class StreamedBrackets:
         self.full = False
 
     def observe(self, bits: np.ndarray, ranks: list[int]) -> None:
-        """Count the chunk's elements below each range and keep those inside, its ranges split between the merge's
-        threads (each with its own scratch), what they keep written in the chunk's order."""
+        """Count the chunk's elements below each range and keep those inside, its element ranges split between the
+        merge's threads: each counts its own and copies what it keeps into its own share of the room left, a slice
+        at a time (so nothing larger than a slice is held beside the room); the shares are then closed up, in the
+        chunk's order. A share that fills up fills the room (the histogram passes then select)."""
         if self.full or (self.brackets is None and not self._start(bits, ranks)):
             return
-        found: dict[int, tuple[list[int], list[np.ndarray]]] = {}
+        parts = max(1, min(torch.get_num_threads(), MAX_THREADS, bits.size // COUNT_SLICE))
+        step, share = -(-bits.size // parts), (self.room.size - self.written) // parts
+        found: dict[int, tuple[list[int], int, int] | None] = {}
 
-        def work(a: int, z: int) -> None:
-            below, kept = [0] * len(self.brackets), []
-            scratch, masks = np.empty(COUNT_SLICE, dtype=bits.dtype), np.empty((2, COUNT_SLICE), dtype=bool)
-            for start in range(a, z, COUNT_SLICE):
-                part = bits[start:min(z, start + COUNT_SLICE)]
-                for k, (low, _) in enumerate(self.brackets):
-                    below[k] += int(np.count_nonzero(part < low))
-                kept.append(_inside(part, self.brackets, scratch, masks))
-            found[a] = below, kept
+        def work(first: int, last: int) -> None:
+            for p in range(first, last):
+                found[p] = None  # (stays None where its share fills up)
+                below, at, kept = [0] * len(self.brackets), self.written + p * share, 0
+                scratch, masks = np.empty(COUNT_SLICE, dtype=bits.dtype), np.empty((2, COUNT_SLICE), dtype=bool)
+                for start in range(p * step, min(bits.size, (p + 1) * step), COUNT_SLICE):
+                    part = bits[start:min(bits.size, (p + 1) * step, start + COUNT_SLICE)]
+                    for k, (low, _) in enumerate(self.brackets):
+                        below[k] += int(np.count_nonzero(part < low))
+                    inside = _inside(part, self.brackets, scratch, masks)
+                    if kept + inside.size > share:
+                        return
+                    self.room[at + kept:at + kept + inside.size] = inside
+                    kept += inside.size
+                found[p] = below, at, kept
 
-        in_parallel(bits.size, work, grain=COUNT_SLICE)
-        for a in sorted(found):
-            below, kept = found[a]
+        in_parallel(parts, work, grain=1)
+        for p in sorted(found):
+            if found[p] is None:
+                self.full = True
+                return
+            below, at, kept = found[p]
             self.below = [total + more for total, more in zip(self.below, below)]
-            for part in kept:
-                if self.written + part.size > self.room.size:
-                    self.full = True
-                    return
-                self.room[self.written:self.written + part.size] = part
-                self.written += part.size
+            if at == self.written:  # (the first share: in place)
+                self.written += kept
+                continue
+            for start in range(0, kept, COUNT_SLICE):  # (front to back; numpy copies an overlapping slice whole)
+                length = min(COUNT_SLICE, kept - start)
+                self.room[self.written:self.written + length] = self.room[at + start:at + start + length]
+                self.written += length
 
     def _start(self, bits: np.ndarray, ranks: list[int]) -> bool:
         """The ranges, from the first chunk; False (and `full`) where they would not fit the room."""
