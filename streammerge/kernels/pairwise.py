@@ -8,6 +8,7 @@ forming them in the tree's first level (`GroupSums.add_vector_products`, for the
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from streammerge.kernels import compiled
 
@@ -36,6 +37,20 @@ def block_sums(values, out):
                 acc[i] += acc[i + width]
         for c in range(p):
             out[b, c] = acc[c]
+
+
+@njit(inline="always", cache=True)
+def folded(acc, half):
+    """The rest of the pairwise tree over acc[:half] (its first level's sums, half a power of two): halves added
+    until one value is left, which is returned (acc is overwritten). Inlined into the kernels whose sums must be
+    those of `block_sums`' tree (`product_block_sums`, `kernels.sce.squares_block_sums`; numba's cache of a kernel
+    in another module does not see a change here: clear `__pycache__` after one)."""
+    rows = half
+    while rows > 1:
+        rows //= 2
+        for i in range(rows):
+            acc[i] += acc[i + rows]
+    return acc[0]
 
 
 @compiled
@@ -75,12 +90,7 @@ def product_block_sums(vectors, base, left, right, grid, out):
                 acc[i] = np.float64(dl[i] * dr[i]) + np.float64(dl[i + half] * dr[i + half])
             for i in range(paired, half):
                 acc[i] = np.float64(dl[i] * dr[i]) + 0.0
-            rows = half
-            while rows > 1:
-                rows //= 2
-                for i in range(rows):
-                    acc[i] += acc[i + rows]
-            out[b, q] = acc[0]
+            out[b, q] = folded(acc, half)
 
 
 MODEL_COUNTS = (2, 3, 4)  # compiled by `load` (a tuple of arrays compiles per length; others on first use)

@@ -14,6 +14,7 @@ import numpy as np
 from numba import njit
 
 from streammerge.kernels import compiled
+from streammerge.kernels.pairwise import folded
 
 MIN_DIVISOR = 1e-6  # the smallest divisor of the merge (mergekit's clamp)
 BLOCK = 1 << 10  # elements the merge takes through every model at a time
@@ -80,12 +81,7 @@ def squares_block_sums(inputs, base, keep, selects, grid, out):
             for k in range(paired, half):
                 d = _delta(x[k], bases[k], kept[k] if selects else True, zero)
                 acc[k] = np.float64(d * d) + 0.0
-            rows = half
-            while rows > 1:
-                rows //= 2
-                for k in range(rows):
-                    acc[k] += acc[k + rows]
-            out[b, i] = acc[0]
+            out[b, i] = folded(acc, half)
 
 
 @compiled
