@@ -53,24 +53,19 @@ class RowLogSumExp:
         self.max[rows] = new_max
 
     def add(self, offset: int, values: torch.Tensor) -> None:
-        with np.errstate(all="ignore"):  # (NaN and infinite inputs: IEEE results, as torch gives them silently)
-            self._add(offset, values)
-
-    def _add(self, offset: int, values: torch.Tensor) -> None:
+        """Add each grid block's piece of each row of the chunk `values` (from `offset`), blocks in order."""
         p = self.groups.period
         for a, b in grid_blocks(offset, values.numel()):
             for start, stop, full in self.groups.pieces(offset + a, offset + b):
                 part = values[start - offset:stop - offset].numpy().astype(np.float64)
                 if full and self.groups.kind != "tensor":
-                    self.add_rows(slice(start // p, stop // p), part.reshape(-1, p))
+                    rows, part = slice(start // p, stop // p), part.reshape(-1, p)
                 else:
                     row = start // p if self.groups.kind != "tensor" else 0
-                    self.add_rows(slice(row, row + 1), part.reshape(1, -1))
-
-    def add_rows(self, rows: slice, part: np.ndarray) -> None:
-        """Add one grid block's piece of these rows (float64, [rows, elements]; read only)."""
-        block_max, block_sum = _exp_sums(part, np.empty_like(part))
-        self._combine(rows, torch.from_numpy(block_max), torch.from_numpy(block_sum))
+                    rows, part = slice(row, row + 1), part.reshape(1, -1)
+                with np.errstate(all="ignore"):  # (NaN and infinite inputs: IEEE results, as torch gives them)
+                    block_max, block_sum = _exp_sums(part, np.empty_like(part))
+                self._combine(rows, torch.from_numpy(block_max), torch.from_numpy(block_sum))
 
     def finish(self, start: int = 0, stop: int | None = None) -> None:
         """Rows [start, stop) are complete: their log-sum-exp, max + log(sum), is made in place of their max (`max`

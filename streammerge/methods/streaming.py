@@ -340,12 +340,18 @@ _POOL: ThreadPoolExecutor | None = None
 RangeWork = Callable[[int, int], None]  # work on an element range [a, z) of a chunk
 
 
+def thread_parts(n: int, grain: int) -> int:
+    """How many ranges `in_parallel` splits n elements into: as many as the merge's threads, each at least
+    `grain` long."""
+    return max(1, min(torch.get_num_threads(), MAX_THREADS, n // max(grain, 1)))
+
+
 def in_parallel(n: int, work: RangeWork, grain: int) -> None:
     """`work(a, b)` over the ranges that split [0, n), as many as the merge's intra-op threads (torch's count)
     and each at least `grain` long, on a pool of threads: for numpy and compiled calls that release the GIL
     (sorts, random draws), whose results depend on their range alone."""
     global _POOL
-    parts = max(1, min(torch.get_num_threads(), MAX_THREADS, n // max(grain, 1)))
+    parts = thread_parts(n, grain)
     if parts < 2:
         work(0, n)
         return
@@ -768,7 +774,7 @@ class StreamedBrackets:
         chunk's order. A share that fills up fills the room (the histogram passes then select)."""
         if self.full or (self.brackets is None and not self._start(bits, ranks)):
             return
-        parts = max(1, min(torch.get_num_threads(), MAX_THREADS, bits.size // COUNT_SLICE))
+        parts = thread_parts(bits.size, COUNT_SLICE)
         step, share = -(-bits.size // parts), (self.room.size - self.written) // parts
         found: dict[int, tuple[list[int], int, int] | None] = {}
 
