@@ -1,7 +1,10 @@
 """Where one merge's time goes: the seconds spent in the engine's statistics calls (for tensors held whole and for
 tensors streamed in chunks) and in its merge calls, beside the whole merge, for one config.
 
-    python scripts/time_merge.py CONFIG [--max-ram SIZE]
+    python scripts/time_merge.py CONFIG [--max-ram SIZE] [--time MODULE:NAME ...]
+
+`--time` times a function or method of the package too (`streammerge.methods.streaming:StreamedBrackets.observe`),
+each call's wall time summed under its name.
 
 The README's "timers around the engine's calls" figures come from this, run from a worktree of each commit in
 turn (`PYTHONPATH=<worktree> python scripts/time_merge.py CONFIG`), with the inputs read into the page cache first
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import importlib
 import sys
 import time
 
@@ -39,9 +43,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("--max-ram", help="the merge's --max-ram (default: the config's)")
+    parser.add_argument("--time", action="append", default=[], metavar="MODULE:NAME",
+                        help="also time this function or Class.method (repeatable)")
     args = parser.parse_args(argv)
     for name, label in TIMED.items():
         setattr(engine.Engine, name, timed(label, getattr(engine.Engine, name)))
+    for target in args.time:
+        module, _, qualified = target.partition(":")
+        *path, name = qualified.split(".")
+        owner = importlib.import_module(module)
+        for part in path:
+            owner = getattr(owner, part)
+        setattr(owner, name, timed(qualified, getattr(owner, name)))
     from streammerge.cli import main as cli
     start = time.perf_counter()
     code = cli(["merge", args.config, "--quiet", *(["--max-ram", args.max_ram] if args.max_ram else [])])

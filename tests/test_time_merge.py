@@ -14,8 +14,10 @@ from streammerge import engine
 
 
 def test_time_merge_times_the_engines_calls(tmp_path, monkeypatch, capsys):
+    from streammerge.methods import streaming
     for name in time_merge.TIMED:  # (restored after the test: the script wraps them for its process)
         monkeypatch.setattr(engine.Engine, name, getattr(engine.Engine, name))
+    monkeypatch.setattr(streaming.RankSelect, "select_whole", streaming.RankSelect.select_whole)
     monkeypatch.setattr(time_merge, "SECONDS", time_merge.SECONDS.__class__())
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(300, 700, generator=g), "v": torch.randn(5000, generator=g)}
@@ -25,11 +27,14 @@ def test_time_merge_times_the_engines_calls(tmp_path, monkeypatch, capsys):
                          for k, m in enumerate(models)],
               "output": str(tmp_path / "out.safetensors")}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    assert time_merge.main([str(tmp_path / "c.yaml"), "--max-ram", "1GiB"]) == 0
+    assert time_merge.main([str(tmp_path / "c.yaml"), "--max-ram", "1GiB",
+                            "--time", "streammerge.methods.streaming:RankSelect.select_whole"]) == 0
     printed = dict((label, float(value)) for value, label in
                    re.findall(r"^\s*([0-9.]+) s  (.+)$", capsys.readouterr().out, re.M))
-    assert set(printed) == {"statistics (tensors held whole)", "merge", "the whole command, from the CLI's start"}
+    assert set(printed) == {"statistics (tensors held whole)", "merge", "the whole command, from the CLI's start",
+                            "RankSelect.select_whole"}
     seconds = time_merge.SECONDS
     assert 0 < seconds["merge"] < seconds["the whole command, from the CLI's start"]
+    assert 0 < seconds["RankSelect.select_whole"] < seconds["statistics (tensors held whole)"]
     assert all(printed[label] == round(seconds[label], 2) for label in printed)
     assert set(load_output(tmp_path / "out.safetensors")) == {"w", "v"}
