@@ -766,6 +766,7 @@ class StreamedBrackets:
         self.below: list[int] = []
         self.written = 0
         self.full = False
+        self.scratch: list[tuple[np.ndarray, np.ndarray]] = []
 
     def observe(self, bits: np.ndarray, ranks: list[int]) -> None:
         """Count the chunk's elements below each range and keep those inside, its element ranges split between the
@@ -776,13 +777,15 @@ class StreamedBrackets:
             return
         parts = thread_parts(bits.size, COUNT_SLICE)
         step, share = -(-bits.size // parts), (self.room.size - self.written) // parts
+        while len(self.scratch) < parts:  # (each range's integers and masks for a slice, made once per tensor)
+            self.scratch.append((np.empty(COUNT_SLICE, dtype=bits.dtype), np.empty((2, COUNT_SLICE), dtype=bool)))
         found: dict[int, tuple[list[int], int, int] | None] = {}
 
         def work(first: int, last: int) -> None:
             for p in range(first, last):
                 found[p] = None  # (stays None where its share fills up)
                 below, at, kept = [0] * len(self.brackets), self.written + p * share, 0
-                scratch, masks = np.empty(COUNT_SLICE, dtype=bits.dtype), np.empty((2, COUNT_SLICE), dtype=bool)
+                scratch, masks = self.scratch[p]
                 for start in range(p * step, min(bits.size, (p + 1) * step), COUNT_SLICE):
                     part = bits[start:min(bits.size, (p + 1) * step, start + COUNT_SLICE)]
                     for k, (low, _) in enumerate(self.brackets):
@@ -823,6 +826,7 @@ class StreamedBrackets:
     def select(self, ranks: list[int]) -> list[tuple[int, int, int]] | None:
         """The ranks (those the ranges were made for, or ranks set since, as `sce` sets its rank once it has
         counted a whole pass) selected among the elements kept, or None where one lies inside no range."""
+        self.scratch = []
         if self.full or self.brackets is None:
             return None
         moved = self.room[:self.written]
