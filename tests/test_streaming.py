@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import numpy as np
 import pytest
@@ -102,6 +103,30 @@ def test_the_faster_whole_tensor_selection_is_measured_once(monkeypatch):
         assert set(calls) == {"_select_partitioned", "_select_bracketed"}
         calls.clear()
         assert streaming.partition_beats_brackets() is faster and not calls
+    finally:
+        streaming.partition_beats_brackets.cache_clear()
+
+
+@pytest.mark.parametrize("partition_faster", [True, False])
+def test_a_pause_in_all_but_one_round_does_not_change_the_choice(partition_faster, monkeypatch):
+    """The faster selection's first rounds slowed (a pause of the process, fresh memory touched): its best round
+    still decides."""
+    calls = {"_select_partitioned": 0, "_select_bracketed": 0}
+    faster = "_select_partitioned" if partition_faster else "_select_bracketed"
+
+    def timed(name: str):
+        def select(*args):
+            calls[name] += 1
+            paused = name == faster and calls[name] < streaming.CALIBRATION_ROUNDS
+            time.sleep(0.03 if paused else 0.002 if name == faster else 0.006)
+        return select
+
+    for name in calls:
+        monkeypatch.setattr(streaming, name, timed(name))
+    streaming.partition_beats_brackets.cache_clear()
+    try:
+        assert streaming.partition_beats_brackets() is partition_faster
+        assert calls == {name: streaming.CALIBRATION_ROUNDS for name in calls}
     finally:
         streaming.partition_beats_brackets.cache_clear()
 

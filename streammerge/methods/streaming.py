@@ -393,6 +393,7 @@ STREAMED_SAMPLE = 1 << 16  # the same from the first chunk of a tensor streamed 
 STREAMED_SHARE = 0.01
 BRACKET_FROM = 1 << 16  # fewer elements are partitioned whole: bracketing them first saves nothing
 CALIBRATION_KEYS = 1 << 18  # magnitudes both whole-tensor selections are timed on, once per process
+CALIBRATION_ROUNDS = 3  # ... each, alternately: the best of each compared
 HEAVY_FROM = 1 << 15  # fewer keys are partitioned without looking for a key many of them share
 HEAVY_SAMPLE = 1 << 11  # keys sampled to look for one
 HEAVY_SHARE = 16  # a key held by over 1/HEAVY_SHARE of them is set aside before partitioning
@@ -645,28 +646,30 @@ def partition_beats_brackets() -> bool:
     vectorised on CPUs it has kernels for (x86-simd-sort) and scalar elsewhere: whole, a selection at the median
     of 2^18 to 2^24 half-normal float32 magnitudes took 1.2-2.1 ns per key on an AVX-512 Xeon, against 3.5-4.5
     for the brackets; where the partition is scalar (5-7 ns per key) the brackets win. Timed once per process, on
-    keys spread as a hash spreads them (best of two each: about 10 ms, 3 MiB of temporaries)."""
+    keys spread as a hash spreads them: the two alternately, `CALIBRATION_ROUNDS` times each, the best of each
+    compared, the scratch touched before the first (a first touch of fresh memory, 3 ns per key on a VM against 0.6
+    for the partition after it, or a pause of the process in a round would otherwise pick the slower). About 10 ms,
+    3 MiB of temporaries."""
     mixed = np.arange(CALIBRATION_KEYS, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # (a splitmix64 hash)
     mixed ^= mixed >> np.uint64(31)
     mixed *= np.uint64(0xBF58476D1CE4E5B9)
     mixed ^= mixed >> np.uint64(29)
     bits = (mixed >> np.uint64(41)).astype(np.int32) | np.int32(0x3F800000)  # float32 patterns spread over [1, 2)
     del mixed
-    scratch, ranks = np.empty_like(bits), [CALIBRATION_KEYS // 2]
+    scratch, ranks = bits.copy(), [CALIBRATION_KEYS // 2]
 
     def whole() -> None:
         np.copyto(scratch, bits)
         _select_partitioned(scratch, ranks)
 
-    def seconds(select: Callable[[], object]) -> float:
-        times = []
-        for _ in range(2):
+    selections = (whole, lambda: _select_bracketed(bits, scratch, ranks))
+    best = [math.inf, math.inf]
+    for _ in range(CALIBRATION_ROUNDS):
+        for k, select in enumerate(selections):
             start = time.perf_counter()
             select()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return seconds(whole) < seconds(lambda: _select_bracketed(bits, scratch, ranks))
+            best[k] = min(best[k], time.perf_counter() - start)
+    return best[0] < best[1]
 
 
 def _select_bracketed(bits: np.ndarray, keys: np.ndarray, ranks: list[int]) -> list[tuple[int, int, int]] | None:
