@@ -1,4 +1,4 @@
-"""The compiled consensus and DELLA kernels against the torch and numpy operations they replace: the same bits,
+"""The compiled kernels against the torch and numpy operations they replace: the same bits,
 edge values included (the merges that run them are held to their references in `test_methods.py` and
 `test_tiles.py`)."""
 
@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from streammerge.kernels import dare, magnitude, magprune, sce
+from streammerge.kernels.brackets import bracket_slice
 from streammerge.kernels.consensus import add_by_sign, finish
 from streammerge.methods.masks import INT_VIEW, compare, keep_only
+from streammerge.methods import streaming
 from streammerge.methods.streaming import GRID, Groups, GroupSums, Uniform
 
 
@@ -306,3 +308,32 @@ def test_sce_kernels_give_the_bits_of_the_operations(dtype, weights, selects):
         totals.add_block_sums(block_sums)
         assert same_bits_or_both_nan(totals.sums, sums.sums), n_summed
         assert values is not finite or totals.sums.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("ranges", [1, 2, 3])
+def test_bracket_kernel_counts_and_keeps_what_numpy_does(dtype, ranges):
+    """`brackets.bracket_slice` against numpy's (`streaming.bracket_slice`) and plain comparisons: the same counts,
+    the same elements in the same order, on patterns with many repeats, ranges from the smallest pattern (0) to the
+    largest (an open top, as `_rank_brackets` makes it), and slices of 0, 1 and many elements, the counts added to
+    what they held."""
+    top = np.iinfo(dtype).max
+    rng = np.random.default_rng(ranges)
+    values = np.concatenate([rng.integers(0, 50, 3000), rng.integers(0, top, 3000, dtype=dtype, endpoint=True),
+                             [0, top, top - 1, 1]]).astype(dtype)
+    rng.shuffle(values)
+    cases = {1: [[[0, 9]], [[17, 17]], [[top - 5, top]]],
+             2: [[[0, 0], [30, top]], [[5, 20], [21, 22]]],
+             3: [[[0, 3], [10, 10], [40, top]], [[1, 2], [45, 49], [1 << 20, top]]]}[ranges]
+    for ranges_ in cases:
+        lows, spans = streaming.range_bounds(ranges_)
+        for part in (values[:0], values[:1], values[1:], values[::7]):
+            part = np.ascontiguousarray(part)
+            wanted = part[np.any([(part >= low) & (part <= high) for low, high in ranges_], axis=0)]
+            counts = [k + 1 + int(np.count_nonzero(part < low)) for k, (low, _) in enumerate(ranges_)]
+            for slice_pass in (bracket_slice, streaming.bracket_slice):
+                below = np.arange(1, ranges + 1, dtype=np.int64)  # (added to)
+                mask, out = np.empty(part.size, np.uint8), np.empty(part.size, dtype)
+                kept = slice_pass(part, lows, spans, below, mask, out)
+                np.testing.assert_array_equal(out[:kept], wanted)
+                assert below.tolist() == counts

@@ -554,12 +554,13 @@ def test_vector_products_formed_in_the_sums_give_the_bits_of_the_products(n, dty
         assert torch.equal(result.view(torch.int64), sums[False, False].view(torch.int64))
 
 
-def select_streamed(x: torch.Tensor, ranks: list[int], chunk: int, room: int, late_ranks: list[int] | None = None):
-    """`select` with a first pass that brackets the ranks (`RankSelect.bracket_streamed`), the passes started
-    over where it asks, as the engine does; late_ranks: set after the first chunk, as sce sets its rank. Returns
-    the selection and the passes it took."""
+def select_streamed(x: torch.Tensor, ranks: list[int], chunk: int, room: int, late_ranks: list[int] | None = None,
+                    compiled: bool = False):
+    """`select` with a first pass that brackets the ranks (`RankSelect.bracket_streamed`, by numpy or the compiled
+    pass), the passes started over where it asks, as the engine does; late_ranks: set after the first chunk, as sce
+    sets its rank. Returns the selection and the passes it took."""
     s = RankSelect(ranks, x.dtype)
-    s.bracket_streamed(torch.empty(room, dtype=x.dtype), x.numel())
+    s.bracket_streamed(torch.empty(room, dtype=x.dtype), x.numel(), compiled)
     digits = torch.empty(chunk, dtype=x.dtype)
     p, passes = 0, 0
     while p < s.passes:
@@ -586,7 +587,8 @@ def test_equal_keys_are_counted_across_the_threads_ranges():
         torch.set_num_threads(threads)
 
 
-def test_streamed_brackets_split_large_chunks_between_threads():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_streamed_brackets_split_large_chunks_between_threads(compiled):
     """Chunks of several count slices go to two threads, each counting and keeping its own range: the one pass
     still selects what the histogram passes select, every kept element in the room."""
     n, chunk = 7 * streaming.COUNT_SLICE + 123, 3 * streaming.COUNT_SLICE + 17
@@ -600,7 +602,7 @@ def test_streamed_brackets_split_large_chunks_between_threads():
     torch.set_num_threads(2)
     try:
         for case, expected_passes in ((values, 1), (crowded, 1 + RankSelect.passes_for(torch.float32))):
-            streamed, taken = select_streamed(case, ranks, chunk, n // 4)
+            streamed, taken = select_streamed(case, ranks, chunk, n // 4, compiled=compiled)
             assert taken == expected_passes
             for j, rank in enumerate(ranks):
                 assert streamed.value(j) == torch.kthvalue(case, rank + 1).values.item()
@@ -609,8 +611,9 @@ def test_streamed_brackets_split_large_chunks_between_threads():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_streamed_brackets_select_in_one_pass_what_the_passes_select(dtype):
+def test_streamed_brackets_select_in_one_pass_what_the_passes_select(dtype, compiled):
     """A tensor streamed in chunks whose ranks lie inside the ranges estimated from its first chunk is selected at
     the end of one pass, with the value, ties before and count of equal elements of the histogram passes; where a
     rank lies inside none of the ranges (a first chunk unlike the rest, or ranks set after the first chunk far from
@@ -634,7 +637,7 @@ def test_streamed_brackets_select_in_one_pass_what_the_passes_select(dtype):
     ranks = [0, 1, n // 3, n // 2, n - 2, n - 1]
     for case, (values, room, late, passes) in enumerate(cases):
         final = late or ranks
-        streamed, taken = select_streamed(values, ranks, chunk, room, late)
+        streamed, taken = select_streamed(values, ranks, chunk, room, late, compiled)
         reference = select(values, final, chunk)
         assert taken == passes, (case, taken)
         for j, rank in enumerate(final):

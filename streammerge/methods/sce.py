@@ -190,7 +190,7 @@ class SceStats:
                 self.gathered = ctx.arena[:self.numel]
                 self.bits_area = ctx.arena.view(torch.uint8)[:kept_bytes(self.numel)].numpy()
             elif ctx.gather_room():  # (the first pass holds the variance in the first buffer: the others are free)
-                self.select.bracket_streamed(ctx.arena[ctx.buffers[0].numel():], self.numel)
+                self.select.bracket_streamed(ctx.arena[ctx.buffers[0].numel():], self.numel, compiled=True)
         self.select_passes = self.select.passes if self.select is not None else 0
 
     def new_gates(self) -> None:
@@ -340,7 +340,7 @@ SCE = Method(
             INT8_MASK),
     needs_base=True, stat_passes=sce_passes, init_stats=SceStats, observe=sce_observe, finish_pass=sce_finish,
     streamed_reads=sce_streamed_reads, buffers=BUFFERS, stats_bytes=sce_stats_bytes, min_models=1,
-    typical={"parameters": {"select_topk": 0.5}}, load=kernel_loader("sce"),
+    typical={"parameters": {"select_topk": 0.5}}, load=kernel_loader("sce", "brackets"),
 )
 
 METHODS = (SCE,)

@@ -161,10 +161,12 @@ def _inclusive(bounds: Bounds) -> Bounds:
 
 
 class MagnitudeStats:
-    """Per model: the radix selection of its thresholds, then (with `rescale`) the L1 norms before and after."""
+    """Per model: the radix selection of its thresholds, then (with `rescale`) the L1 norms before and after.
+    `compiled`: a tensor streamed in chunks is bracketed by the compiled pass (the merge has loaded numba)."""
 
-    def __init__(self):
+    def __init__(self, compiled: bool = False):
         self.ready = False
+        self.compiled = compiled
 
     def setup(self, sparsifier: Sparsifier, ctx: ChunkContext, dtype: torch.dtype) -> None:
         self.sparsifier = sparsifier
@@ -184,7 +186,7 @@ class MagnitudeStats:
             rooms = ctx.arena[2 * ctx.buffers[0].numel():]
             per = rooms.numel() // len(selecting)
             for k, i in enumerate(selecting):
-                self.selects[i].bracket_streamed(rooms[k * per:(k + 1) * per], ctx.numel)
+                self.selects[i].bracket_streamed(rooms[k * per:(k + 1) * per], ctx.numel, self.compiled)
         self.ready = True
 
 

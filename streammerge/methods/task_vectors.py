@@ -66,7 +66,8 @@ class Family:
     @property
     def elects_within_bounds(self) -> bool:
         """Whether a chunk's merge (but in a run of small tensors) runs in one compiled pass over every model
-        (`elected_within_bounds`): where the sign consensus loads numba anyway. Not `breadcrumbs`: numba's import
+        (`elected_within_bounds`), and a selection streamed in chunks brackets its ranks in a compiled pass
+        (`kernels.brackets`): where the sign consensus loads numba anyway. Not `breadcrumbs`: numba's import
         (0.3-0.5 s) and 34 MiB, which shrink the chunks at a small budget, cost it more than such a pass saves
         (full-size Llama set, whole commands at 4 GiB and 256 MiB, three alternations each)."""
         return self.sparsifier.by_magnitude and self.consensus is Consensus.SIGN
@@ -159,7 +160,7 @@ def _loader(family: Family):
     """`Method.load` of a family: loads the compiled kernels (`streammerge.kernels`) its merge runs on, if any."""
     kernels = ((["philox"] if family.sparsifier in (Sparsifier.RANDOM, Sparsifier.MAGPRUNE) else [])
                + (["dare"] if family.sparsifier is Sparsifier.RANDOM else [])
-               + (["magnitude"] if family.elects_within_bounds else [])
+               + (["brackets", "magnitude"] if family.elects_within_bounds else [])
                + (["magprune"] if family.sparsifier is Sparsifier.MAGPRUNE else [])
                + (["consensus"] if family.consensus is Consensus.SIGN else []))
     return kernel_loader(*kernels) if kernels else None
@@ -243,7 +244,7 @@ def _method(family: Family) -> Method:
         params=_params(family),
         needs_base=True,
         stat_passes=passes if magnitude else 0,
-        init_stats=(lambda numel, n: MagnitudeStats()) if magnitude else None,
+        init_stats=(lambda numel, n: MagnitudeStats(family.elects_within_bounds)) if magnitude else None,
         observe=magnitude_observe(family.sparsifier) if magnitude else None,
         finish_pass=magnitude_finish if magnitude else None,
         streamed_reads=magnitude_streamed_reads(family.sparsifier) if magnitude else None,
