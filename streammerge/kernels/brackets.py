@@ -3,7 +3,7 @@ elements below each range of bit patterns counted, and those inside any range co
 two passes per range for the counts, three more for the ranges' mask and a boolean subscript that branches on
 every element: about 0.9 ns an element with one range and 1.7 with two on one core, against 0.5-0.6 here (a
 vectorised count and mask per range, then a copy without branches). The same counts and elements:
-`tests/test_kernels.py` holds it to `streaming._inside` and numpy's counts."""
+`tests/test_kernels.py` holds it to numpy's (`streaming.bracket_slice`)."""
 
 from __future__ import annotations
 

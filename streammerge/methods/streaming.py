@@ -630,7 +630,7 @@ def _select_around(keys: np.ndarray, ranks: list[int], heavy: list[tuple[int, in
         other = np.not_equal(part, heavy[0][0], out=others[:part.size])
         for key, _, _ in heavy[1:]:
             other &= part != key
-        kept = part[other]  # (a copy: safe to write over what it came from)
+        kept = part.take(np.flatnonzero(other))  # (a copy, safe to write over its source; by index: see `_inside`)
         keys[written:written + kept.size] = kept
         written += kept.size
     block = [next((h for h in heavy if h[1] <= rank < h[1] + h[2]), None) for rank in ranks]
@@ -696,7 +696,7 @@ def _select_bracketed(bits: np.ndarray, keys: np.ndarray, ranks: list[int]) -> l
     mask, scratch = np.empty(min(n, COUNT_SLICE), dtype=np.uint8), np.empty(min(n, COUNT_SLICE), dtype=bits.dtype)
     written = 0
     for a in range(0, n, COUNT_SLICE):
-        kept = bracket_slice(bits[a:a + COUNT_SLICE], lows, spans, np.zeros(lows.size, np.int64), mask, scratch)
+        kept = _inside(bits[a:a + COUNT_SLICE], lows, spans, mask, scratch)
         keys[written:written + kept] = scratch[:kept]  # (a copy: may write over its source)
         written += kept
     return _select_partitioned(keys[:written], moved_ranks)
@@ -751,16 +751,21 @@ def bracket_slice(part: np.ndarray, lows: np.ndarray, spans: np.ndarray, below: 
                   out: np.ndarray) -> int:
     """below[k] += the elements of `part` (non-negative bit patterns) under lows[k]; out[:kept] = those inside
     any range [lows[k], lows[k] + spans[k]], in order; returns kept. mask: uint8 scratch and out as long as part
-    (`kernels.brackets.bracket_slice` does the same in one compiled pass, for the merges that load numba).
-    low <= x <= high as one unsigned comparison of x - low (x and low non-negative: no overflow), which numpy does
-    in a third of the time of two comparisons and their conjunction; the kept elements taken by their indices (a
-    boolean subscript branches on each element: 0.7 ns an element where 4% are kept, 3-5 ns where a fifth to a half
-    are, against 0.5-0.7)."""
+    (`kernels.brackets.bracket_slice` does the same in one compiled pass, for the merges that load numba)."""
+    for k, low in enumerate(lows):
+        below[k] += int(np.count_nonzero(part < low))
+    return _inside(part, lows, spans, mask, out)
+
+
+def _inside(part: np.ndarray, lows: np.ndarray, spans: np.ndarray, mask: np.ndarray, out: np.ndarray) -> int:
+    """`bracket_slice` without the counts. low <= x <= high as one unsigned comparison of x - low (x and low
+    non-negative: no overflow), which numpy does in a third of the time of two comparisons and their conjunction;
+    the kept elements taken by their indices (a boolean subscript branches on each element: 0.7 ns an element
+    where 4% are kept, 3-5 ns where a fifth to a half are, against 0.5-0.7)."""
     inside_any = mask[:part.size].view(bool)
     difference = out[:part.size]
     unsigned = difference.view(UNSIGNED[difference.dtype.itemsize])
     for k, (low, span) in enumerate(zip(lows, spans)):
-        below[k] += int(np.count_nonzero(part < low))
         np.subtract(part, part.dtype.type(low), out=difference)
         if k:
             inside_any |= unsigned <= unsigned.dtype.type(span)
