@@ -1,6 +1,5 @@
-"""The compiled kernels against the torch and numpy operations they replace: the same bits,
-edge values included (the merges that run them are held to their references in `test_methods.py` and
-`test_tiles.py`)."""
+"""The compiled kernels against the torch and numpy operations they replace: the same bits, edge values included
+(the merges that run them are held to their references in `test_methods.py` and `test_tiles.py`)."""
 
 from __future__ import annotations
 
@@ -14,8 +13,8 @@ import torch
 from streammerge.kernels import dare, magnitude, magprune, sce
 from streammerge.kernels.brackets import bracket_slice
 from streammerge.kernels.consensus import add_by_sign, finish
-from streammerge.methods.masks import INT_VIEW, compare, keep_only
 from streammerge.methods import streaming
+from streammerge.methods.masks import INT_VIEW, compare, keep_only
 from streammerge.methods.streaming import GRID, Groups, GroupSums, Uniform
 
 
