@@ -794,6 +794,7 @@ class StreamedBrackets:
         else:
             self.bracket_slice = bracket_slice
         self.brackets: list[list] | None = None
+        self.bounds: tuple[np.ndarray, np.ndarray] | None = None  # (the ranges as `bracket_slice` takes them)
         self.below: list[int] = []
         self.written = 0
         self.full = False
@@ -810,7 +811,7 @@ class StreamedBrackets:
         step, share = -(-bits.size // parts), (self.room.size - self.written) // parts
         while len(self.scratch) < parts:  # (each part's kept elements and mask for a slice, made once per tensor)
             self.scratch.append((np.empty(COUNT_SLICE, dtype=bits.dtype), np.empty(COUNT_SLICE, dtype=np.uint8)))
-        lows, spans = range_bounds(self.brackets)
+        lows, spans = self.bounds
         found: dict[int, tuple[list[int], int, int] | None] = {}
 
         def work(first: int, last: int) -> None:
@@ -847,8 +848,8 @@ class StreamedBrackets:
         share = self.room.size / (4 * max(len(ranks), 1) * max(self.numel, 1))  # (at most half the room, expected)
         self.brackets = _rank_brackets(bits, ranks, self.numel, STREAMED_SAMPLE, min(share, STREAMED_SHARE))
         self.below = [0] * len(self.brackets)
+        self.bounds = lows, spans = range_bounds(self.brackets)
         sample = bits[:COUNT_SLICE]
-        lows, spans = range_bounds(self.brackets)
         inside = self.bracket_slice(sample, lows, spans, np.zeros(lows.size, dtype=np.int64),
                                     np.empty(sample.size, dtype=np.uint8), np.empty_like(sample))
         expected = inside / sample.size * self.numel
