@@ -484,11 +484,11 @@ def test_mergekit_config_warns_about_parameters_a_method_does_not_take(tmp_path)
 
 
 @pytest.mark.parametrize("nonfinite", [False, True])
-def test_arcee_fusion_whole_rows_give_the_streamed_kl_sums_bit_for_bit(nonfinite):
-    """The first pass over whole rows (`_whole_rows_first_pass`: log-sum-exp made at once, blocks on two threads)
-    and the streamed passes (`RowLogSumExp` over chunks of a few grid blocks, then `_kl_terms`) give the same
-    float64 KL sums, bit for bit (the merge's output, a float32 threshold on float32 importances, would hide a
-    difference in the last bits of the sums)."""
+def test_arcee_fusion_whole_rows_kl_sums_are_the_softmax_kl_whatever_the_chunks(nonfinite):
+    """The first pass over whole rows (`_whole_rows_first_pass`: each row's softmaxes and KL in one compiled pass,
+    blocks on the merge's threads) gives the same float64 KL sums, bit for bit, over the whole tensor at once and
+    over chunks of a few grid blocks (the merge's output, a float32 threshold on float32 importances, would hide a
+    difference in the last bits of the sums), and they are torch's float64 softmax KL to 1e-12."""
     from streammerge.methods import arcee_fusion
     from streammerge.methods.streaming import Groups, GroupSums
     from test_methods import GRID
@@ -499,6 +499,9 @@ def test_arcee_fusion_whole_rows_give_the_streamed_kl_sums_bit_for_bit(nonfinite
     x[:40] += torch.randn(40, 512, generator=g)  # rows of large KL
     if nonfinite:
         x[3, 7], x[200, 0], base[500, 9], x[600] = math.inf, math.nan, -math.inf, -math.inf
+    p = torch.softmax(x.double(), -1) + 1e-8
+    q = torch.softmax(base.double(), -1) + 1e-8
+    reference = (p * torch.log(p / q)).sum(-1).numpy()
     x, base = x.flatten(), base.flatten()
 
     def stats() -> arcee_fusion.FusionStats:
@@ -509,19 +512,14 @@ def test_arcee_fusion_whole_rows_give_the_streamed_kl_sums_bit_for_bit(nonfinite
 
     whole = stats()
     arcee_fusion._whole_rows_first_pass(whole, 0, x, base)
-    streamed = stats()
-    streamed.lse = [arcee_fusion.RowLogSumExp(streamed.groups), arcee_fusion.RowLogSumExp(streamed.groups)]
-    chunks = [(0, 2 * GRID), (2 * GRID, 5 * GRID), (5 * GRID, 6 * GRID)]
-    for lse, values in zip(streamed.lse, (x, base)):
-        for a, z in chunks:
-            lse.add(a, values[a:z])
-        lse.finish()
-    for a, z in chunks:
-        arcee_fusion._kl_terms(streamed, a, x[a:z], base[a:z])
-    sums, other = whole.kl_sums.sums.numpy()[0], streamed.kl_sums.sums.numpy()[0]
+    chunked = stats()
+    for a, z in [(0, 2 * GRID), (2 * GRID, 5 * GRID), (5 * GRID, 6 * GRID)]:
+        arcee_fusion._whole_rows_first_pass(chunked, a, x[a:z], base[a:z])
+    sums, other = whole.kl_sums.sums.numpy()[0], chunked.kl_sums.sums.numpy()[0]
     nan = np.isnan(sums)
-    assert np.array_equal(nan, np.isnan(other))
+    assert np.array_equal(nan, np.isnan(other)) and np.array_equal(nan, np.isnan(reference))
     assert np.array_equal(sums[~nan].view(np.uint64), other[~nan].view(np.uint64))
+    assert np.abs(sums[~nan] - reference[~nan]).max() <= 1e-12 * np.abs(reference[~nan]).max()
     assert np.nanmin(sums[:40]) > 100 * np.nanmedian(sums[40:])
     # NaN where x holds +Inf, NaN or only -Inf (the base's -Inf gives q = 1e-8 there: a finite KL)
     assert list(np.flatnonzero(nan)) == ([3, 200, 600] if nonfinite else [])

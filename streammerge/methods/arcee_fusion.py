@@ -11,8 +11,8 @@ Streaming: pass 1 gathers each row's log-sum-exp of x and of b (max and rescaled
 float64), pass 2 each row's KL (float64 sums per grid block), passes 3-4 (float32; 6 for float64) the three
 quantiles by exact radix selection over the importances, then the merge pass. When the row length divides the
 grid (Llama-shaped matrices: rows of 1024, 2048, 4096...), no row straddles a chunk, so a chunk's rows get their
-log-sum-exp, KL and importances from that chunk alone: the first pass does all three and the first histogram
-(3 reads in all instead of 5 for float32, the same sums in the same order, so the same bits). When the importances
+softmaxes, KL and importances from that chunk alone: the first pass does all three, each row's in one compiled
+pass over it (`kernels.fusion`), and the first histogram (3 reads in all instead of 5 for float32). When the importances
 of the whole tensor fit the method's buffers but one (`ChunkContext.arena`), the first selection pass gathers them
 there and selects the quantiles at its end, as for a tensor held whole: the other selection passes are skipped.
 mergekit sorts a random sample of 10^6 importances (with replacement) instead of all of them for tensors larger
@@ -27,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from streammerge.methods.method import GRID, ChunkContext, Method, per_segment
+from streammerge.methods.method import GRID, ChunkContext, Method, kernel_loader, per_segment
 from streammerge.methods.streaming import (Groups, GroupSums, RankSelect, grid_blocks, group_slices,
                                           group_stats_bytes, in_parallel)
 
@@ -77,8 +77,8 @@ class RowLogSumExp:
 
 def _exp_sums(part: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each row's max and sum of exp(v - max) (part: float64 [rows, elements], read only; scratch as large). In
-    numpy, whose float64 exp and log take half of torch's time here; every path makes its exps and logs here or
-    in `_add_kl_terms` and `RowLogSumExp.finish`, so the paths give the same bits."""
+    numpy, whose float64 exp and log take half of torch's time here; the streamed rows make their exps and logs
+    here or in `_add_kl_terms` and `RowLogSumExp.finish`, so in-memory and streamed give the same bits."""
     block_max = part.max(axis=1)
     shifted = np.subtract(part, block_max[:, None], out=scratch)
     return block_max, np.exp(shifted, out=shifted).sum(axis=1)
@@ -161,25 +161,18 @@ def _add_kl_terms(stats: FusionStats, offset: int, p: np.ndarray, q: np.ndarray)
 
 
 def _whole_rows_first_pass(stats: FusionStats, offset: int, x: torch.Tensor, base: torch.Tensor) -> None:
-    """Rows that divide the grid (`rows_stay_in_chunks`): each grid block holds whole rows, so their log-sum-exps
-    are complete with the block, and their KL terms follow on the same float64 copies of x and b. A row's running
-    max and sum in `RowLogSumExp` start from -inf and 0, so for a row within one block they are the block's own
-    (`maximum(-inf, m)` is m, `0 * 0 + s * exp(0)` is s): this makes max + log(sum) at once and subtracts it, the
-    same bits as `RowLogSumExp.add`, `finish` and `_kl_terms`. The blocks, whose rows are their own, are split
-    between the merge's threads."""
+    """Rows that divide the grid (`rows_stay_in_chunks`): each grid block holds whole rows, so each row's softmaxes
+    and KL sum come from its own values in one compiled pass (`kernels.fusion.row_kl`), whatever the chunking.
+    The blocks are split between the merge's threads."""
+    from streammerge.kernels.fusion import row_kl
+
     p, n = stats.groups.period, x.numel()
-    arrays = x.numpy(), base.numpy()
+    x_values, base_values, kl = x.numpy(), base.numpy(), stats.kl_sums.sums[0].numpy()
+    first_row = offset // p
 
     def blocks(first: int, last: int) -> None:
-        scratch = np.empty((GRID // p, p), dtype=np.float64)
-        with np.errstate(all="ignore"):  # (NaN and infinite inputs: IEEE results, as torch gives them silently)
-            for a in range(first * GRID, min(n, last * GRID), GRID):
-                b = min(n, a + GRID)
-                pair = [v[a:b].astype(np.float64).reshape(-1, p) for v in arrays]
-                for part in pair:
-                    block_max, block_sum = _exp_sums(part, scratch[:len(part)])
-                    part -= (block_max + np.log(block_sum))[:, None]
-                _add_kl_terms(stats, offset + a, *pair)
+        a, b = first * GRID, min(n, last * GRID)
+        row_kl(x_values[a:b], base_values[a:b], p, SOFTMAX_EPS, kl[first_row + a // p:first_row + b // p])
 
     in_parallel(-(-n // GRID), blocks, grain=1)
 
@@ -286,7 +279,7 @@ ARCEE_FUSION = Method(
     merge=per_segment(arcee_fusion), segmented=True,
     needs_base=True, stat_passes=fusion_passes, init_stats=FusionStats, observe=fusion_observe,
     finish_pass=fusion_finish, streamed_reads=fusion_streamed_reads, buffers=BUFFERS, stats_bytes=fusion_stats_bytes,
-    min_models=1, max_models=1,
+    min_models=1, max_models=1, load=kernel_loader("fusion"),
 )
 
 METHODS = (ARCEE_FUSION,)
