@@ -393,3 +393,28 @@ def test_fusion_row_kl_is_the_float64_softmax_kl(dtype):
     single = np.full(3, 7.0)
     fusion.row_kl(x[0, :3].copy(), base[0, :3].copy(), 1, 1e-8, single)
     assert single.tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("period, offset", [(7, 0), (7, 3), (1000, 250), (1, 5)])
+def test_fusion_importance_and_merge_give_the_bits_of_the_operations(dtype, period, offset):
+    """`kernels.fusion.importance` and `fuse` against arcee_fusion's torch operations (sub, mul by the row's KL,
+    abs; ge against a Python float, which torch rounds to the dtype; mul, add), edge values included, for chunks
+    starting inside a row, and thresholds equal to an importance and between a value and its float32 rounding."""
+    n = 3000
+    x, base = edge_values(n, dtype, 11), edge_values(n, dtype, 12)
+    rows = -(-(offset + n) // period)
+    kl = torch.rand(rows, generator=torch.Generator().manual_seed(13), dtype=torch.float64).to(dtype)
+    kl[::5] = 0.0
+    row_kl = kl[torch.arange(offset, offset + n) // period]
+    expected = torch.abs((x - base) * row_kl)
+    out = torch.full((n,), 7.0, dtype=dtype)
+    fusion.importance(x.numpy(), base.numpy(), kl.numpy(), period, offset, out.numpy())
+    assert same_bits_or_both_nan(out, expected)
+    finite = expected[expected.isfinite() & (expected > 0)]
+    for threshold in (float(finite.median()), 0.7, 0.0, math.inf):
+        keep = torch.ge(expected, threshold).to(dtype)
+        merged = torch.mul(x - base, keep).add_(base)
+        fusion.fuse(x.numpy(), base.numpy(), kl.numpy(), period, offset, out.numpy().dtype.type(threshold),
+                    out.numpy())
+        assert same_bits_or_both_nan(out, merged), threshold

@@ -10,7 +10,10 @@ a mantissa m in [sqrt(2) / 2, sqrt(2)), log m = 2 atanh((m - 1) / (m + 1)) by it
 (`tests/test_kernels.py` measures both); exps below 2^-1022 are 0 or subnormal, less accurate there.
 
 The softmax is torch's: exp(x - max) times the reciprocal of the row's sum of them; its sums, and the KL's, are
-taken in eight interleaved lanes added in a fixed order, so a row's result depends on its values alone."""
+taken in eight interleaved lanes added in a fixed order, so a row's result depends on its values alone.
+
+`importance` and `fuse` make the importances and the merge of every row, whatever its length, each in one pass
+where torch made three and six."""
 
 from __future__ import annotations
 
@@ -161,6 +164,39 @@ def row_kl(x, base, period, eps, out):
         out[r] = _lane_sum(terms, lanes)
 
 
+@compiled
+def importance(x, base, kl, period, offset, out):
+    """out[j] = |(x[j] - base[j]) * kl[r]|, r the row of element offset + j of the tensor (rows of `period`
+    elements; all arrays in the accumulation dtype): torch's sub, mul and abs, the same bits, in one pass."""
+    n = x.size
+    j = 0
+    while j < n:
+        row = (offset + j) // period
+        stop = min(n, (row + 1) * period - offset)
+        weight = kl[row]
+        for i in range(j, stop):
+            out[i] = abs((x[i] - base[i]) * weight)
+        j = stop
+
+
+@compiled
+def fuse(x, base, kl, period, offset, threshold, out):
+    """out[j] = base[j] + (x[j] - base[j]) * keep, keep 1 where the importance (as `importance`) reaches
+    `threshold` (a scalar of the arrays' dtype, as torch compares with a Python float), else 0: the merge's
+    operations (a NaN importance keeps nothing; a NaN delta stays NaN), the same bits, in one pass."""
+    one, zero = out.dtype.type(1), out.dtype.type(0)
+    n = x.size
+    j = 0
+    while j < n:
+        row = (offset + j) // period
+        stop = min(n, (row + 1) * period - offset)
+        weight = kl[row]
+        for i in range(j, stop):
+            delta = x[i] - base[i]
+            out[i] = delta * (one if abs(delta * weight) >= threshold else zero) + base[i]
+        j = stop
+
+
 def load() -> None:
     """Compile the kernels, or load them from numba's cache, for both accumulation dtypes."""
     scratch = np.zeros(1, dtype=np.float64), np.zeros(1, dtype=np.int64)
@@ -169,3 +205,5 @@ def load() -> None:
         one = np.zeros(1, dtype=dtype)
         exp_into(one, 0.0, *scratch)
         row_kl(one, one, 1, 1e-8, np.zeros(1, dtype=np.float64))
+        importance(one, one, one, 1, 0, one)
+        fuse(one, one, one, 1, 0, dtype(0), one)

@@ -34,7 +34,7 @@ from streammerge.methods.streaming import (Groups, GroupSums, RankSelect, grid_b
 SOFTMAX_EPS = 1e-8
 QUANTILES = (1, 4), (2, 4), (3, 4)  # 0.25, 0.5, 0.75 as fractions
 IQR_FACTOR = 1.5
-BUFFERS = 5  # the importance and a scratch for a chunk; or the whole tensor's importances and the scratch
+BUFFERS = 5  # a chunk's importances and the selection's scratch; or a streamed tensor's importances, gathered
 
 
 class RowLogSumExp:
@@ -123,7 +123,7 @@ class FusionStats:
         self.kl: torch.Tensor | None = None  # None: every row's KL is 0 (`one_element_rows`)
         # where the first selection pass gathers every importance of a streamed tensor, when they fit
         self.gathered = None
-        if _gathers(self.numel, ctx.gather_room(), ctx.buffers[-1].numel()):
+        if _gathers(self.numel, ctx.gather_room()):
             self.gathered = ctx.arena[:self.numel]
         if not one_element_rows(ctx.shape):
             if not self.fused:
@@ -177,18 +177,25 @@ def _whole_rows_first_pass(stats: FusionStats, offset: int, x: torch.Tensor, bas
     in_parallel(-(-n // GRID), blocks, grain=1)
 
 
-def _importance(stats: FusionStats, ctx: ChunkContext, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+def _by_rows(kernel, stats: FusionStats, ctx: ChunkContext, out: torch.Tensor, *numbers) -> torch.Tensor:
+    """A `kernels.fusion` pass over the chunk's elements into `out`, each with its row's KL, split between the
+    merge's threads."""
+    x, base, kl, values = ctx.inputs[0].numpy(), ctx.base.numpy(), stats.kl.numpy(), out.numpy()
+    p, offset = stats.groups.period, ctx.offset
+    in_parallel(out.numel(), lambda a, z: kernel(x[a:z], base[a:z], kl, p, offset + a, *numbers, values[a:z]),
+                grain=GRID)
+    return out
+
+
+def _importance(stats: FusionStats, ctx: ChunkContext, out: torch.Tensor) -> torch.Tensor:
     """|x - b| * KL of the element's row, in the accumulation dtype (as mergekit multiplies them). The absolute
     value is taken after the product, which gives the same bits (the KL is not negative) and turns the NaN that
-    an Inf input makes (-NaN on x86) into one the selection ranks, above +Inf. scratch: as long as `out`."""
-    torch.sub(ctx.inputs[0], ctx.base, out=out)
+    an Inf input makes (-NaN on x86) into one the selection ranks, above +Inf."""
     if stats.kl is None:  # (x * 0.0 has the bits of a product with a tensor of +0.0)
-        return out.mul_(0.0).abs_()
-    p, n = stats.groups.period, out.numel()
-    if stats.groups.kind == "rows" and ctx.offset % p == 0 and n % p == 0:  # whole rows: the KL broadcast
-        out.view(-1, p).mul_(stats.kl[ctx.offset // p:(ctx.offset + n) // p, None])
-        return out.abs_()
-    return out.mul_(stats.groups.expand(stats.kl, ctx.offset, scratch)).abs_()
+        return torch.sub(ctx.inputs[0], ctx.base, out=out).mul_(0.0).abs_()
+    from streammerge.kernels.fusion import importance
+
+    return _by_rows(importance, stats, ctx, out)
 
 
 def fusion_observe(stats: FusionStats, pass_index: int, ctx: ChunkContext) -> None:
@@ -209,9 +216,9 @@ def fusion_observe(stats: FusionStats, pass_index: int, ctx: ChunkContext) -> No
     if select_pass is not None and not stats.select.done:
         n = ctx.out.numel()
         if stats.gathered is not None:  # (selected at the pass's end)
-            _importance(stats, ctx, stats.gathered[ctx.offset:ctx.offset + n], ctx.buffers[-1][:n])
+            _importance(stats, ctx, stats.gathered[ctx.offset:ctx.offset + n])
             return
-        importance = _importance(stats, ctx, ctx.buffers[0][:n], ctx.buffers[1][:n])
+        importance = _importance(stats, ctx, ctx.buffers[0][:n])
         stats.select.observe(select_pass, importance, ctx.buffers[1][:n], whole=n == ctx.numel)
 
 
@@ -247,9 +254,9 @@ def fusion_passes(params: dict, model_params: list[dict], dtype: torch.dtype, nu
     return (0 if rows_stay_in_chunks(shape) else 2) + RankSelect.passes_for(dtype)
 
 
-def _gathers(numel: int, arena_elements: int, chunk: int) -> bool:
-    """Whether a streamed tensor's importances fit the method's buffers but the last (the KL-expansion scratch)."""
-    return 0 < numel <= arena_elements - chunk
+def _gathers(numel: int, arena_elements: int) -> bool:
+    """Whether a streamed tensor's importances fit the method's buffers."""
+    return 0 < numel <= arena_elements
 
 
 def fusion_streamed_reads(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple,
@@ -257,19 +264,22 @@ def fusion_streamed_reads(params: dict, model_params: list[dict], dtype: torch.d
     """The passes and the merge; importances gathered in the buffers (`FusionStats.gathered`) take one selection
     pass."""
     passes = fusion_passes(params, model_params, dtype, numel, shape)
-    if _gathers(numel, BUFFERS * chunk, chunk):
+    if _gathers(numel, BUFFERS * chunk):
         passes -= RankSelect.passes_for(dtype) - 1
     return passes + 1
 
 
 def arcee_fusion(ctx: ChunkContext, stats: FusionStats) -> torch.Tensor:
-    n = ctx.out.numel()
-    importance = _importance(stats, ctx, ctx.buffers[0][:n], ctx.buffers[1][:n])
-    # kept: 1 where the importance reaches the threshold, else 0, compared straight into a float buffer (a bool
-    # mask is slower to make, and a product with it would convert it into a chunk-sized temporary)
-    keep_as_number = torch.ge(importance, stats.threshold, out=importance)
-    delta = torch.sub(ctx.inputs[0], ctx.base, out=ctx.buffers[1][:n])
-    return torch.mul(delta, keep_as_number, out=ctx.out).add_(ctx.base)
+    if stats.kl is None:
+        n = ctx.out.numel()
+        importance = _importance(stats, ctx, ctx.buffers[0][:n])
+        # kept: 1 where the importance reaches the threshold, else 0, compared straight into a float buffer
+        keep_as_number = torch.ge(importance, stats.threshold, out=importance)
+        delta = torch.sub(ctx.inputs[0], ctx.base, out=ctx.buffers[1][:n])
+        return torch.mul(delta, keep_as_number, out=ctx.out).add_(ctx.base)
+    from streammerge.kernels.fusion import fuse
+
+    return _by_rows(fuse, stats, ctx, ctx.out, ctx.out.numpy().dtype.type(stats.threshold))
 
 
 ARCEE_FUSION = Method(
