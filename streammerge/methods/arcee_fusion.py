@@ -13,7 +13,7 @@ quantiles by exact radix selection over the importances, then the merge pass. Wh
 grid (Llama-shaped matrices: rows of 1024, 2048, 4096...), no row straddles a chunk, so a chunk's rows get their
 softmaxes, KL and importances from that chunk alone: the first pass does all three, each row's in one compiled
 pass over it (`kernels.fusion`), and the first histogram (3 reads in all instead of 5 for float32). When the importances
-of the whole tensor fit the method's buffers but one (`ChunkContext.arena`), the first selection pass gathers them
+of the whole tensor fit the method's buffers (`ChunkContext.arena`), the first selection pass gathers them
 there and selects the quantiles at its end, as for a tensor held whole: the other selection passes are skipped.
 mergekit sorts a random sample of 10^6 importances (with replacement) instead of all of them for tensors larger
 than that, so its thresholds vary from run to run there; streammerge uses the exact quantiles (see the README for
