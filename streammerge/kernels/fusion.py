@@ -164,16 +164,21 @@ def row_kl(x, base, period, eps, out):
         out[r] = _lane_sum(terms, lanes)
 
 
+@njit(inline="always", cache=True)
+def _row_weight(kl, period, offset, j, n):
+    """The KL of the row that chunk element j (tensor element offset + j) is in, and where that row ends in the
+    chunk (at most n)."""
+    row = (offset + j) // period
+    return kl[row], min(n, (row + 1) * period - offset)
+
+
 @compiled
 def importance(x, base, kl, period, offset, out):
     """out[j] = |(x[j] - base[j]) * kl[r]|, r the row of element offset + j of the tensor (rows of `period`
     elements; all arrays in the accumulation dtype): torch's sub, mul and abs, the same bits, in one pass."""
-    n = x.size
     j = 0
-    while j < n:
-        row = (offset + j) // period
-        stop = min(n, (row + 1) * period - offset)
-        weight = kl[row]
+    while j < x.size:
+        weight, stop = _row_weight(kl, period, offset, j, x.size)
         for i in range(j, stop):
             out[i] = abs((x[i] - base[i]) * weight)
         j = stop
@@ -185,12 +190,9 @@ def fuse(x, base, kl, period, offset, threshold, out):
     `threshold` (a scalar of the arrays' dtype, as torch compares with a Python float), else 0: the merge's
     operations (a NaN importance keeps nothing; a NaN delta stays NaN), the same bits, in one pass."""
     one, zero = out.dtype.type(1), out.dtype.type(0)
-    n = x.size
     j = 0
-    while j < n:
-        row = (offset + j) // period
-        stop = min(n, (row + 1) * period - offset)
-        weight = kl[row]
+    while j < x.size:
+        weight, stop = _row_weight(kl, period, offset, j, x.size)
         for i in range(j, stop):
             delta = x[i] - base[i]
             out[i] = delta * (one if abs(delta * weight) >= threshold else zero) + base[i]
