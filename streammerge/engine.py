@@ -66,7 +66,8 @@ class Report:
     def summary(self) -> str:
         line = (f"merged {self.tensors} tensors -> {self.output}: read {self.read_bytes / 1e9:.2f} GB, wrote "
                 f"{self.written_bytes / 1e9:.2f} GB in {self.seconds:.1f} s ({self.gb_per_s:.2f} GB/s), "
-                f"peak anonymous RAM {self.peak_anon_bytes / 2**20:.0f} MiB (budget {self.max_ram_bytes / 2**20:.0f} MiB)")
+                f"peak anonymous RAM {self.peak_anon_bytes / 2**20:.0f} MiB "
+                f"(budget {self.max_ram_bytes / 2**20:.0f} MiB)")
         if self.executor:
             line += (f"\n{self.tasks} task(s) on {self.executor}: largest task peak anonymous RAM "
                      f"{self.task_peak_anon_bytes / 2**20:.0f} MiB (each task's budget "
@@ -509,16 +510,13 @@ class Engine:
 
     def _statistics_in_memory(self, ctx: ChunkContext, passes: int):
         """The statistics of a whole tensor held in `ctx` (None without passes). The passes see the chunk
-        untiled, so a method may compute its statistics on the whole tensor at once (but a tile at a time where
-        the method asks: `Method.tiled_statistics`)."""
+        untiled, so a method may compute its statistics on the whole tensor at once."""
         if not passes:
             return None
         stats = self.method.init_stats(ctx.numel, len(ctx.inputs))
-        parts = self._parts(ctx) if self.method.tiled_statistics else [ctx]
         pass_index = 0
         while pass_index < passes:
-            for part in parts:
-                self.method.observe(stats, pass_index, part)
+            self.method.observe(stats, pass_index, ctx)
             pass_index = self._finish_pass(stats, pass_index)
         return stats
 

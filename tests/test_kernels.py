@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from streammerge.kernels import dare, fusion, magnitude, magprune, sce
+from streammerge.kernels import dare, fusion, magnitude, magprune, ram, sce
 from streammerge.kernels.brackets import bracket_slice
 from streammerge.kernels.consensus import add_by_sign, finish
 from streammerge.methods import streaming
@@ -418,3 +418,50 @@ def test_fusion_importance_and_merge_give_the_bits_of_the_operations(dtype, peri
         fusion.fuse(x.numpy(), base.numpy(), kl.numpy(), period, offset, out.numpy().dtype.type(threshold),
                     out.numpy())
         assert same_bits_or_both_nan(out, merged), threshold
+
+
+def ram_by_operations(xs: list[torch.Tensor], base: torch.Tensor, epsilon: float,
+                      scales: list[float] | None) -> torch.Tensor:
+    """ram's merge (ramplus_tl's with `scales`) as torch's element-wise operations: each model's delta masked by
+    |delta| > epsilon (a Python float, which torch rounds to the dtype) through a multiplication, counted, summed,
+    and with scales, summed again scaled (`add_` with alpha); the sum over the count (at least 1), or the scaled
+    sum where one model changed the entry, plus the base."""
+    n, dtype = base.numel(), base.dtype
+    delta, changed, count, shared, scaled = (torch.zeros(n, dtype=dtype) for _ in range(5))
+    for i, x in enumerate(xs):
+        torch.sub(x, base, out=delta)
+        torch.gt(torch.abs(delta, out=changed), epsilon, out=changed)
+        delta.mul_(changed)
+        count.add_(changed)
+        shared.add_(delta)
+        if scales is not None:
+            scaled.add_(delta, alpha=scales[i])
+    averaged = torch.div(shared, count.clamp(min=1))
+    return (torch.where(count == 1, scaled, averaged) if scales is not None else averaged).add_(base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("models", [1, 2, 3, 5])
+@pytest.mark.parametrize("epsilon", [0.0, 1e-5, 0.5])
+def test_ram_kernels_give_the_bits_of_the_operations(dtype, models, epsilon):
+    """`kernels.ram.merge` (ram, and ramplus_tl with scales of at least 1) against the torch operations, edge
+    values and entries equal to the base included; `count_changes` adds to the counts it is given the entries
+    each model changed alone and with others."""
+    n = 20_000
+    base = edge_values(n, dtype, 20)
+    xs = [edge_values(n, dtype, 21 + i) for i in range(models)]
+    for i, x in enumerate(xs):
+        x[i::models + 2] = base[i::models + 2]  # unchanged entries, some shared between models
+    arrays, as_dtype = tuple(x.numpy() for x in xs), base.numpy().dtype.type
+    for scales in (None, [1.0 + 0.15 * i for i in range(models)]):
+        out = torch.full((n,), 7.0, dtype=dtype)
+        factors = np.array(scales if scales is not None else [1.0] * models, dtype=as_dtype)
+        ram.merge(arrays, base.numpy(), as_dtype(epsilon), factors, scales is not None, out.numpy())
+        assert same_bits_or_both_nan(out, ram_by_operations(xs, base, epsilon, scales)), scales
+    changed = torch.stack([torch.abs(x - base) > epsilon for x in xs])
+    count = changed.sum(0)
+    counts = np.full((2, models), 5, dtype=np.int64)
+    ram.count_changes(arrays, base.numpy(), as_dtype(epsilon), counts)
+    assert counts.tolist() == [[5 + int((c & (count == 1)).sum()) for c in changed],
+                               [5 + int((c & (count > 1)).sum()) for c in changed]]
+    assert counts[0].sum() > 5 * models and (models == 1 or counts[1].sum() > 5 * models)

@@ -178,6 +178,18 @@ def test_ramplus_tl_matches_reference(tmp_path):
     assert not torch.equal(out["w"], plain["w"])  # the unique entries were rescaled
 
 
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
+def test_ram_compares_with_epsilon_rounded_to_the_dtype(tmp_path, method):
+    """torch compares float32 deltas with a Python float rounded to float32: a delta of float32(0.1), above 0.1 in
+    float64, is no change (mergekit's rule), so the entry stays at the base; one a step above it is one."""
+    at = torch.tensor(0.1, dtype=torch.float32)
+    above = torch.nextafter(at, torch.tensor(1.0))
+    base = {"w": torch.zeros(4)}
+    models = [{"w": torch.stack([at, above, at, torch.tensor(0.0)])}]
+    out = run_merge(tmp_path, method, models, base, parameters={"epsilon": 0.1})
+    assert out["w"].tolist() == [0.0, above.item(), 0.0, 0.0]  # (ramplus_tl: no entry shared, a scale of 1)
+
+
 @pytest.mark.parametrize("select_topk", [1.0, 0.3, 0.0])
 def test_sce_matches_reference(tmp_path, select_topk):
     base, models = make_models(3, dyadic_data=True)  # dyadic: many equal variances at the threshold

@@ -191,11 +191,8 @@ class Method:
     # a multiple of GRID elements long, as with a smaller chunk, but without reading anything again: the engine
     # then runs the math a cache-sized tile at a time (an element-wise operation on a chunk far larger than the
     # CPU's caches runs at the speed of memory, several times slower). The statistics passes over a chunk holding
-    # the whole tensor stay untiled, so that a method may select on the whole tensor at once, unless:
+    # the whole tensor stay untiled, so that a method may select on the whole tensor at once.
     tiled: bool = False
-    # its statistics are element-wise operations over a chunk, which run faster a tile at a time there too (the
-    # compiled sums of `streaming.GroupSums` take such a chunk in one call, faster than tile by tile)
-    tiled_statistics: bool = False
     # Merging a run of whole small tensors as one chunk, with `ChunkContext.segments` set and one statistics state
     # per tensor (made by the passes over the tensor's own context), gives each tensor's result as if merged
     # alone: the method does its per-tensor work (selections, random draws) on each segment and the element-wise

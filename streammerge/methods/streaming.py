@@ -21,7 +21,7 @@ import math
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -346,19 +346,18 @@ def thread_parts(n: int, grain: int) -> int:
     return max(1, min(torch.get_num_threads(), MAX_THREADS, n // max(grain, 1)))
 
 
-def in_parallel(n: int, work: RangeWork, grain: int) -> None:
+def in_parallel(n: int, work: Callable[[int, int], Any], grain: int) -> list:
     """`work(a, b)` over the ranges that split [0, n), as many as the merge's intra-op threads (torch's count)
     and each at least `grain` long, on a pool of threads: for numpy and compiled calls that release the GIL
-    (sorts, random draws), whose results depend on their range alone."""
+    (sorts, random draws), whose results depend on their range alone. What the calls return, in range order."""
     global _POOL
     parts = thread_parts(n, grain)
     if parts < 2:
-        work(0, n)
-        return
+        return [work(0, n)]
     if _POOL is None:
         _POOL = ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="streammerge-numpy")
     step = -(-n // parts)
-    list(_POOL.map(lambda a: work(a, min(n, a + step)), range(0, n, step)))
+    return list(_POOL.map(lambda a: work(a, min(n, a + step)), range(0, n, step)))
 
 
 def range_step(kernel: Callable, tensors: tuple[torch.Tensor, ...], *numbers) -> RangeWork:
