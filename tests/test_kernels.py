@@ -444,7 +444,8 @@ def ram_by_operations(xs: list[torch.Tensor], base: torch.Tensor, epsilon: float
 @pytest.mark.parametrize("models", [1, 2, 3, 5])
 @pytest.mark.parametrize("epsilon", [0.0, 1e-5, 0.5])
 def test_ram_kernels_give_the_bits_of_the_operations(dtype, models, epsilon):
-    """`kernels.ram.merge` (ram, and ramplus_tl with scales of at least 1) against the torch operations, edge
+    """`kernels.ram.merge` (ram, and ramplus_tl with scales of at least 1: below 1, a product that underflows to
+    zero may take another sign where torch fuses `add_`'s multiply and add) against the torch operations, edge
     values and entries equal to the base included; `count_changes` adds to the counts it is given the entries
     each model changed alone and with others."""
     n = 20_000

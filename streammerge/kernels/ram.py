@@ -1,7 +1,7 @@
 """ram and ramplus_tl, compiled: each element's task vectors, their changed flags, count, sum and rescaled sum made
-in registers in one pass over the inputs, where torch's element-wise operations took six per model and three more
-(`methods/ram.py`); the counts of ramplus_tl's statistics pass the same way. The same single operations in the
-same order, in the inputs' dtype, so the same bits: `tests/test_kernels.py` holds the kernels to torch's."""
+in registers in one pass over the inputs, where torch's element-wise operations took six or seven per model and
+three more (`methods/ram.py`); the counts of ramplus_tl's statistics pass the same way. The same single operations
+in the same order, in the inputs' dtype, so the same bits: `tests/test_kernels.py` holds the kernels to torch's."""
 
 from __future__ import annotations
 
