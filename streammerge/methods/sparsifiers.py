@@ -30,10 +30,11 @@ from streammerge.methods.streaming import (DRAW_GRAIN, KERNEL_GRAIN, Groups, Gro
                                            TieGate, Uniform, bool_views, in_parallel)
 
 RESCALE_EPS = 1e-7  # below this L1 norm a magnitude-pruned delta is left unscaled
-# DELLA ranks at most 1/MAGPRUNE_SHARE of a chunk at once: its temporaries (int64 sort keys, float32 draws and,
-# for float64 deltas, their magnitudes) take at most 20 bytes per ranked element, which the two buffers it
-# reserves cover.
-MAGPRUNE_SHARE = 8
+# DELLA ranks at most 1/MAGPRUNE_SHARE of a chunk at once: its temporaries (int64 sort keys and, for float64
+# deltas, their magnitudes from the first buffer it reserves, 16 bytes per ranked element; float32 draws from the
+# second) fit the two buffers for either accumulation dtype. As large a share as fits: each ranking call has a cost
+# of its own, and at small budgets the calls are many.
+MAGPRUNE_SHARE = 4
 MAGPRUNE_BUFFERS = 2
 
 
@@ -457,7 +458,7 @@ def _magprune_unit(shape: tuple, numel: int) -> tuple[int, int]:
 
 def _magprune_scratch(ctx: ChunkContext, n: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
     """int64 sort keys or order, float64 magnitudes (for float64 deltas) and float32 draws for n ranked elements,
-    carved from the method's two reserved buffers (n is at most an eighth of a chunk)."""
+    carved from the method's two reserved buffers (n is at most a quarter of a chunk, an eighth for float64)."""
     first, second = (b.view(torch.uint8) for b in ctx.buffers[-MAGPRUNE_BUFFERS:])
     keys = first[:8 * n].view(torch.int64).numpy()
     magnitude = first[8 * n:16 * n].view(torch.float64)
@@ -545,11 +546,13 @@ def prune_by_magnitude_rank(i: int, ctx: ChunkContext, b: Buffers, x: torch.Tens
             in_parallel(n, then, grain=KERNEL_GRAIN)
         return
     unit, inner = _magprune_unit(ctx.shape, ctx.numel)
-    capacity = ctx.buffers[0].numel() // MAGPRUNE_SHARE
+    # (float64 deltas are ordered by torch's stable argsort, whose temporaries the buffers do not hold: half as many)
+    share = MAGPRUNE_SHARE * (2 if b.delta.dtype == torch.float64 else 1)
+    capacity = ctx.buffers[0].numel() // share
     if unit > capacity:
         raise StreamMergeError(
             f"della ranks the magnitudes of '{ctx.name}' in units of {unit} elements, more than its working "
-            f"memory holds ({capacity}); raise max_ram (about {MAGPRUNE_SHARE * unit * 40 // 2**20 + 64} MiB "
+            f"memory holds ({capacity}); raise max_ram (about {share * unit * 40 // 2**20 + 64} MiB "
             "would do).")
     uniform = Uniform(ctx.seed, ctx.name, i)
     start, stop = ctx.offset, ctx.offset + n
