@@ -495,7 +495,7 @@ class Engine:
             stats = self.method.init_stats(task.numel, len(task.sources))
             pass_index = 0
             while pass_index < passes:
-                for start, stop in _chunks(task.numel, self.chunk):
+                for start, stop in _chunks(task.numel, self._chunk_for(task)):
                     self._observe(stats, pass_index, self._context(task, ws, start, stop))
                     for info in inputs:  # keep the page cache: the next pass reads these bytes again
                         info.release(start, stop, drop_cache=False)
@@ -503,6 +503,17 @@ class Engine:
                 pass_index = self._finish_pass(stats, pass_index)
         self._stream(task, inputs, ws, output, progress, guard,
                      lambda s, e: self._merge(self._context(task, ws, s, e), stats), was_cached)
+
+    def _chunk_for(self, task: TensorTask) -> int:
+        """The chunk of a tensor: the run's, or for a merged tensor larger than that, the largest multiple of the
+        method's quantum for its shape within it."""
+        quantum = self.method.chunk_quantum(task.shape) if self.method.chunk_quantum else None
+        if quantum is None or task.kind != MERGE or task.numel <= self.chunk:
+            return self.chunk
+        if quantum > self.chunk:
+            raise ValueError(f"'{task.name}': {self.method.name} streams it in chunks of {quantum} elements, more "
+                             f"than the chunk of {self.chunk}")
+        return self.chunk // quantum * quantum
 
     def _observe_and_merge(self, ctx: ChunkContext, passes: int) -> torch.Tensor:
         """Every statistics pass, then the merge, on one chunk holding the whole tensor: one read."""
@@ -546,7 +557,7 @@ class Engine:
     def _stream(self, task, inputs: list[TensorInfo], ws, output, progress, guard, produce, was_cached) -> None:
         # No read-ahead hints of our own: the kernel's readahead of each mapping follows these front-to-back reads,
         # and MADV_WILLNEED on the next chunk made cold merges slower (README, "Memory model").
-        for start, stop in _chunks(task.numel, self.chunk):
+        for start, stop in _chunks(task.numel, self._chunk_for(task)):
             ws.next_slot()
             result = produce(start, stop)
             if result.dtype != task.out_dtype:

@@ -495,6 +495,17 @@ def test_mergekit_config_warns_about_parameters_a_method_does_not_take(tmp_path)
     assert "weight" not in merge.models[0].params
 
 
+def test_arcee_fusion_row_blocks():
+    """Chunks hold whole rows when rows divide the grid, or when a few grid blocks (at most the smallest chunk)
+    hold whole long rows; not for rows of 7 or 1026 (7 and 513 blocks), short rows of 3, or one row."""
+    from streammerge.methods.arcee_fusion import row_block
+    from test_methods import GRID
+    assert [row_block(shape) for shape in [(4, 1024), (2, 8, 16), (9, 3072), (5, 1536), (3, 4 * GRID)]] == [
+        GRID, GRID, 3 * GRID, 3 * GRID, 4 * GRID]
+    assert [row_block(shape) for shape in [(4, 7), (4, 1026), (4, 3), (4, 5 * 1024), (3072,), (0, 3072)]] == [
+        None] * 6
+
+
 @pytest.mark.parametrize("nonfinite", [False, True])
 def test_arcee_fusion_whole_rows_kl_sums_are_the_softmax_kl_whatever_the_chunks(nonfinite):
     """The first pass over whole rows (`_whole_rows_first_pass`: each row's softmaxes and KL in one compiled pass,
@@ -537,34 +548,43 @@ def test_arcee_fusion_whole_rows_kl_sums_are_the_softmax_kl_whatever_the_chunks(
     assert list(np.flatnonzero(nan)) == ([3, 200, 600] if nonfinite else [])
 
 
-def test_arcee_fusion_rows_that_divide_the_grid_take_three_reads(tmp_path, monkeypatch):
-    """Rows of 1024 never straddle a chunk, so the first pass gives their log-sum-exp, KL and first histogram:
-    3 reads of each chunk instead of 5; and when the tensor's importances fit the method's buffers, the first
-    selection pass gathers them and selects at once: 2 reads instead of 4. The same bits on every path, in memory
-    and as the reference. Rows the model shifts by a constant have the base's softmax, so a KL of 0: far from the
-    threshold unless a row's probabilities were normalised by the other model's log-sum-exp."""
+@pytest.mark.parametrize("rows, width, chunks, streamed_chunks", [
+    (1024, 1024, (4, 2), (4, 2)),  # rows of 1024 divide the grid: 16 grid blocks, chunks of 4 or 2 blocks
+    (512, 3072, (7, 4), (6, 3)),  # rows of 3072 fill three: 24 grid blocks, chunks of 7 or 4 blocks made 6 or 3
+])
+def test_arcee_fusion_rows_in_whole_chunks_take_three_reads(tmp_path, monkeypatch, rows, width, chunks,
+                                                             streamed_chunks):
+    """Rows of 1024, or of 3072 in chunks of whole three-block row blocks, never straddle a chunk, so the first pass
+    gives their log-sum-exp, KL and first histogram: 3 reads of each chunk instead of 5; and when the tensor's
+    importances fit the method's buffers, the first selection pass gathers them and selects at once: 2 reads
+    instead of 4. The same bits on every path, in memory and as the reference. Rows the model shifts by a constant
+    have the base's softmax, so a KL of 0: far from the threshold unless a row's probabilities were normalised by
+    the other model's log-sum-exp."""
     from streammerge.engine import Engine
     from streammerge.methods import arcee_fusion
     from test_methods import GRID
     g = torch.Generator().manual_seed(4)
-    base = {"w": torch.randn(1024, 1024, generator=g)}  # 16 grid blocks
-    models = [{"w": base["w"] + 0.003 * torch.randn(1024, 1024, generator=g)}]
-    models[0]["w"][:100] += 0.05 * torch.randn(100, 1024, generator=g)  # rows of large KL
+    base = {"w": torch.randn(rows, width, generator=g)}
+    models = [{"w": base["w"] + 0.003 * torch.randn(rows, width, generator=g)}]
+    models[0]["w"][:100] += 0.05 * torch.randn(100, width, generator=g)  # rows of large KL
     models[0]["w"][100:110] = base["w"][100:110] + 0.5
     in_memory = run_merge(tmp_path / "memory", "arcee_fusion", models, base)
     reads = []
     original = Engine._context
-    monkeypatch.setattr(Engine, "_context", lambda self, task, ws, s, e: reads.append(s) or original(
+    monkeypatch.setattr(Engine, "_context", lambda self, task, ws, s, e: reads.append(e - s) or original(
         self, task, ws, s, e))
     runs = {}
-    # 4 chunks: the importances fit 4 of the 5 buffers; 8 chunks: they do not
-    for chunks, fused, expected_reads in ((4, True, 2), (4, False, 4), (8, True, 3), (8, False, 5)):
+    # the first chunk: the importances fit the 5 buffers of its size; the second: they do not
+    for chunk, streamed, fused, expected_reads in ((chunks[0], streamed_chunks[0], True, 2),
+                                                   (chunks[0], streamed_chunks[0], False, 4),
+                                                   (chunks[1], streamed_chunks[1], True, 3),
+                                                   (chunks[1], streamed_chunks[1], False, 5)):
         reads.clear()
         monkeypatch.setattr(arcee_fusion, "rows_stay_in_chunks", lambda shape, fused=fused: fused)
-        runs[chunks, fused] = run_merge(tmp_path / f"{chunks}-{fused}", "arcee_fusion", models, base,
-                                        chunk=16 * GRID // chunks, engine_options={"stats_in_memory": False})["w"]
-        assert len(reads) == expected_reads * chunks, (chunks, fused)
-    fused = runs[4, True]
+        runs[chunk, fused] = run_merge(tmp_path / f"{chunk}-{fused}", "arcee_fusion", models, base,
+                                       chunk=chunk * GRID, engine_options={"stats_in_memory": False})["w"]
+        assert reads == [streamed * GRID] * (expected_reads * rows * width // (streamed * GRID)), (chunk, fused)
+    fused = runs[chunks[0], True]
     for other in runs.values():
         assert torch.equal(fused, other)
     assert torch.equal(fused, in_memory["w"])

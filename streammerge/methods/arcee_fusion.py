@@ -9,10 +9,11 @@ mergekit 0.1.5's definition, x the model, b the base, rows along the last dimens
 
 Streaming: pass 1 gathers each row's log-sum-exp of x and of b (max and rescaled sum, combined per grid block in
 float64), pass 2 each row's KL (float64 sums per grid block), passes 3-4 (float32; 6 for float64) the three
-quantiles by exact radix selection over the importances, then the merge pass. When the row length divides the
-grid (Llama-shaped matrices: rows of 1024, 2048, 4096...), no row straddles a chunk, so a chunk's rows get their
-softmaxes, KL and importances from that chunk alone: the first pass does all three, each row's in one compiled
-pass over it (`kernels.fusion`), and the first histogram (3 reads in all instead of 5 for float32). When the importances
+quantiles by exact radix selection over the importances, then the merge pass. When a few grid blocks hold whole
+rows (`row_block`: rows of 1024, 2048, 4096 in one block, of 3072 or 1536 in three), the engine streams the tensor
+in chunks of such blocks, so no row straddles a chunk and a chunk's rows get their softmaxes, KL and importances
+from that chunk alone: the first pass does all three, each row's in one compiled pass over it (`kernels.fusion`),
+and the first histogram (3 reads in all instead of 5 for float32). When the importances
 of the whole tensor fit the method's buffers (`ChunkContext.arena`), the first selection pass gathers them
 there and selects the quantiles at its end, as for a tensor held whole: the other selection passes are skipped.
 mergekit sorts a random sample of 10^6 importances (with replacement) instead of all of them for tensors larger
@@ -27,6 +28,7 @@ import math
 import numpy as np
 import torch
 
+from streammerge.memory import MIN_CHUNK_ELEMENTS
 from streammerge.methods.method import GRID, ChunkContext, Method, kernel_loader, per_segment
 from streammerge.methods.streaming import (Groups, GroupSums, RankSelect, grid_blocks, group_slices,
                                           group_stats_bytes, in_parallel)
@@ -34,6 +36,7 @@ from streammerge.methods.streaming import (Groups, GroupSums, RankSelect, grid_b
 SOFTMAX_EPS = 1e-8
 QUANTILES = (1, 4), (2, 4), (3, 4)  # 0.25, 0.5, 0.75 as fractions
 IQR_FACTOR = 1.5
+MIN_ROW = 1024  # elements: shorter rows that do not divide the grid are summed per grid block (`row_block`)
 BUFFERS = 5  # a chunk's importances and the selection's scratch; or a streamed tensor's importances, gathered
 
 
@@ -84,9 +87,21 @@ def _exp_sums(part: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray, np.nda
     return block_max, np.exp(shifted, out=shifted).sum(axis=1)
 
 
+def row_block(shape: tuple) -> int | None:
+    """The fewest elements that are both whole grid blocks and whole rows (the last dimension), when that is at
+    most the smallest chunk: chunks made of such blocks hold whole rows at every budget. None for other shapes
+    (rows of 1026 elements take 513 grid blocks, rows of 7 take 7), for 1-D tensors (one row), and for short rows
+    that do not divide the grid (rows of 3 or 96), which the per-block sums take faster (the compiled pass costs
+    about 200 ns a row)."""
+    if len(shape) < 2 or math.prod(shape) == 0:
+        return None
+    block = math.lcm(GRID, shape[-1])
+    return block if block == GRID or MIN_ROW <= shape[-1] and block <= MIN_CHUNK_ELEMENTS else None
+
+
 def rows_stay_in_chunks(shape: tuple) -> bool:
-    """Rows (the last dimension) that divide the grid never straddle a grid block, so never a chunk."""
-    return len(shape) >= 2 and math.prod(shape) > 0 and GRID % shape[-1] == 0
+    """Rows that fill whole `row_block`s never straddle a chunk (the engine's chunks are multiples of it)."""
+    return row_block(shape) is not None
 
 
 def _clamp_kl(stats: "FusionStats", start: int, stop: int) -> None:
@@ -161,20 +176,21 @@ def _add_kl_terms(stats: FusionStats, offset: int, p: np.ndarray, q: np.ndarray)
 
 
 def _whole_rows_first_pass(stats: FusionStats, offset: int, x: torch.Tensor, base: torch.Tensor) -> None:
-    """Rows that divide the grid (`rows_stay_in_chunks`): each grid block holds whole rows, so each row's softmaxes
-    and KL sum come from its own values in one compiled pass (`kernels.fusion.row_kl`), whatever the chunking.
-    The blocks are split between the merge's threads."""
+    """Rows that fill whole `row_block`s (`rows_stay_in_chunks`): the chunk starts on a row, so each row's
+    softmaxes and KL sum come from its own values in one compiled pass (`kernels.fusion.row_kl`), whatever the
+    chunking. The row blocks are split between the merge's threads."""
     from streammerge.kernels.fusion import row_kl
 
     p, n = stats.groups.period, x.numel()
+    block = math.lcm(GRID, p)  # (`row_block`)
     x_values, base_values, kl = x.numpy(), base.numpy(), stats.kl_sums.sums[0].numpy()
     first_row = offset // p
 
     def blocks(first: int, last: int) -> None:
-        a, b = first * GRID, min(n, last * GRID)
+        a, b = first * block, min(n, last * block)
         row_kl(x_values[a:b], base_values[a:b], p, SOFTMAX_EPS, kl[first_row + a // p:first_row + b // p])
 
-    in_parallel(-(-n // GRID), blocks, grain=1)
+    in_parallel(-(-n // block), blocks, grain=1)
 
 
 def _by_rows(kernel, stats: FusionStats, ctx: ChunkContext, out: torch.Tensor, *numbers) -> torch.Tensor:
@@ -289,6 +305,7 @@ ARCEE_FUSION = Method(
     merge=per_segment(arcee_fusion), segmented=True,
     needs_base=True, stat_passes=fusion_passes, init_stats=FusionStats, observe=fusion_observe,
     finish_pass=fusion_finish, streamed_reads=fusion_streamed_reads, buffers=BUFFERS, stats_bytes=fusion_stats_bytes,
+    chunk_quantum=row_block,
     min_models=1, max_models=1, load=kernel_loader("fusion"),
 )
 

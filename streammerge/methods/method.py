@@ -202,6 +202,9 @@ class Method:
     # For a segmented method with statistics passes: (the run's context, segments set) -> the statistics of every
     # segment at once (cheaper than each segment's own passes), or None to have each segment make its passes
     segment_stats: Callable[[ChunkContext], list | None] | None = None
+    # (shape) -> elements, a multiple of GRID and at most the smallest chunk (MIN_CHUNK_ELEMENTS), that every chunk
+    # of a streamed tensor of that shape is a multiple of (a method whose chunks must hold whole rows), or None
+    chunk_quantum: Callable[[tuple], int | None] | None = None
     # Loads what the method's math runs on beyond torch and numpy (compiled kernels), before the merge measures what
     # the process holds, so that its budget counts it.
     load: Callable[[], None] | None = None
