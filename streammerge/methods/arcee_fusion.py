@@ -96,7 +96,7 @@ def row_block(shape: tuple) -> int | None:
     if len(shape) < 2 or math.prod(shape) == 0:
         return None
     block = math.lcm(GRID, shape[-1])
-    return block if block == GRID or MIN_ROW <= shape[-1] and block <= MIN_CHUNK_ELEMENTS else None
+    return block if block == GRID or (MIN_ROW <= shape[-1] and block <= MIN_CHUNK_ELEMENTS) else None
 
 
 def rows_stay_in_chunks(shape: tuple) -> bool:
