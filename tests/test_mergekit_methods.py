@@ -548,37 +548,43 @@ def test_arcee_fusion_whole_rows_kl_sums_are_the_softmax_kl_whatever_the_chunks(
     assert list(np.flatnonzero(nan)) == ([3, 200, 600] if nonfinite else [])
 
 
+@pytest.mark.parametrize("large_kl_rows", ["spread", "first"])
 @pytest.mark.parametrize("rows, width, chunks, streamed_chunks", [
     (1024, 1024, (4, 2), (4, 2)),  # rows of 1024 divide the grid: 16 grid blocks, chunks of 4 or 2 blocks
     (512, 3072, (7, 4), (6, 3)),  # rows of 3072 fill three: 24 grid blocks, chunks of 7 or 4 blocks made 6 or 3
 ])
-def test_arcee_fusion_rows_in_whole_chunks_take_three_reads(tmp_path, monkeypatch, rows, width, chunks,
-                                                             streamed_chunks):
+def test_arcee_fusion_reads_whole_rows_gathered_and_bracketed(tmp_path, monkeypatch, rows, width, chunks,
+                                                              streamed_chunks, large_kl_rows):
     """Rows of 1024, or of 3072 in chunks of whole three-block row blocks, never straddle a chunk, so the first pass
-    gives their log-sum-exp, KL and first histogram: 3 reads of each chunk instead of 5; and when the tensor's
-    importances fit the method's buffers, the first selection pass gathers them and selects at once: 2 reads
-    instead of 4. The same bits on every path, in memory and as the reference. Rows the model shifts by a constant
-    have the base's softmax, so a KL of 0: far from the threshold unless a row's probabilities were normalised by
-    the other model's log-sum-exp."""
+    gives their log-sum-exp, KL and importances (2 passes fewer). When the tensor's importances fit the method's
+    buffers, the first selection pass gathers them and selects at its end; when they do not, it brackets the
+    quartiles from the first chunk's importances: 2 reads of each chunk in all (4 with the log-sum-exp and KL
+    passes), where the first chunk is like the rest (rows of large KL spread over the tensor). Where it is not
+    (they all lie in the first chunk), the ranges miss and the histogram passes run after it: 4 reads (6). The
+    same bits on every path, in memory and as the reference. Rows the model shifts by a constant have the base's
+    softmax, so a KL of 0: far from the threshold unless a row's probabilities were normalised by the other
+    model's log-sum-exp."""
     from streammerge.engine import Engine
     from streammerge.methods import arcee_fusion
     from test_methods import GRID
     g = torch.Generator().manual_seed(4)
     base = {"w": torch.randn(rows, width, generator=g)}
     models = [{"w": base["w"] + 0.003 * torch.randn(rows, width, generator=g)}]
-    models[0]["w"][:100] += 0.05 * torch.randn(100, width, generator=g)  # rows of large KL
-    models[0]["w"][100:110] = base["w"][100:110] + 0.5
+    large = slice(0, 100) if large_kl_rows == "first" else slice(0, rows, 5)
+    models[0]["w"][large] += 0.05 * torch.randn(models[0]["w"][large].shape, generator=g)  # rows of large KL
+    models[0]["w"][-10:] = base["w"][-10:] + 0.5  # (past the first chunk)
     in_memory = run_merge(tmp_path / "memory", "arcee_fusion", models, base)
     reads = []
     original = Engine._context
     monkeypatch.setattr(Engine, "_context", lambda self, task, ws, s, e: reads.append(e - s) or original(
         self, task, ws, s, e))
     runs = {}
+    missed = 2 if large_kl_rows == "first" else 0  # (the bracketing pass, then a second histogram pass)
     # the first chunk: the importances fit the 5 buffers of its size; the second: they do not
     for chunk, streamed, fused, expected_reads in ((chunks[0], streamed_chunks[0], True, 2),
                                                    (chunks[0], streamed_chunks[0], False, 4),
-                                                   (chunks[1], streamed_chunks[1], True, 3),
-                                                   (chunks[1], streamed_chunks[1], False, 5)):
+                                                   (chunks[1], streamed_chunks[1], True, 2 + missed),
+                                                   (chunks[1], streamed_chunks[1], False, 4 + missed)):
         reads.clear()
         monkeypatch.setattr(arcee_fusion, "rows_stay_in_chunks", lambda shape, fused=fused: fused)
         runs[chunk, fused] = run_merge(tmp_path / f"{chunk}-{fused}", "arcee_fusion", models, base,
@@ -590,4 +596,4 @@ def test_arcee_fusion_rows_in_whole_chunks_take_three_reads(tmp_path, monkeypatc
     assert torch.equal(fused, in_memory["w"])
     assert torch.equal(fused, ref_arcee_fusion(base["w"], models[0]["w"]))
     assert 0 < (fused != base["w"]).float().mean() < 0.5
-    assert torch.equal(fused[100:110], base["w"][100:110])
+    assert torch.equal(fused[-10:], base["w"][-10:])

@@ -13,9 +13,12 @@ quantiles by exact radix selection over the importances, then the merge pass. Wh
 rows (`row_block`: rows of 1024, 2048, 4096 in one block, of 3072 or 1536 in three), the engine streams the tensor
 in chunks of such blocks, so no row straddles a chunk and a chunk's rows get their softmaxes, KL and importances
 from that chunk alone: the first pass does all three, each row's in one compiled pass over it (`kernels.fusion`),
-and the first histogram (3 reads in all instead of 5 for float32). When the importances
-of the whole tensor fit the method's buffers (`ChunkContext.arena`), the first selection pass gathers them
-there and selects the quantiles at its end, as for a tensor held whole: the other selection passes are skipped.
+and the first selection pass. When the importances of the whole tensor fit the method's buffers
+(`ChunkContext.arena`), the first selection pass gathers them there and selects the quantiles at its end, as for a
+tensor held whole; when they do not, it brackets the quartiles from the first chunk's importances
+(`RankSelect.bracket_streamed`, `BRACKET_SHARE`) and selects them at its end where each lies inside its range.
+Either way the other selection passes are skipped: 2 reads in all for rows in whole chunks (4 where a range
+missed, 5 before row blocks and bracketing).
 mergekit sorts a random sample of 10^6 importances (with replacement) instead of all of them for tensors larger
 than that, so its thresholds vary from run to run there; streammerge uses the exact quantiles (see the README for
 the difference).
@@ -38,6 +41,11 @@ QUANTILES = (1, 4), (2, 4), (3, 4)  # 0.25, 0.5, 0.75 as fractions
 IQR_FACTOR = 1.5
 MIN_ROW = 1024  # elements: shorter rows that do not divide the grid are summed per grid block (`row_block`)
 BUFFERS = 5  # a chunk's importances and the selection's scratch; or a streamed tensor's importances, gathered
+# The share of a streamed tensor's importances either side of each quartile that the bracketing pass keeps, where
+# its room allows (`RankSelect.bracket_streamed`): the importances of a row share its KL, so the first chunk is a
+# sample of a few hundred rows rather than of independent values, and its quartiles stray further than the
+# ranges of the selections of magnitudes allow for
+BRACKET_SHARE = 0.05
 
 
 class RowLogSumExp:
@@ -140,6 +148,12 @@ class FusionStats:
         self.gathered = None
         if _gathers(self.numel, ctx.gather_room()):
             self.gathered = ctx.arena[:self.numel]
+        elif ctx.gather_room() and not one_element_rows(ctx.shape):
+            # the first selection pass brackets the quartiles: a chunk's importances lie in the first buffer, the
+            # values near the quartiles are kept in the others (all importances are 0 for one-element rows: no
+            # range around a quartile would be narrower than the tensor)
+            self.select.bracket_streamed(ctx.arena[ctx.buffers[0].numel():], self.numel, compiled=True,
+                                         share=BRACKET_SHARE)
         if not one_element_rows(ctx.shape):
             if not self.fused:
                 self.lse = [RowLogSumExp(self.groups), RowLogSumExp(self.groups)]  # model, base
@@ -251,7 +265,8 @@ def fusion_finish(stats: FusionStats, pass_index: int) -> int | None:
     if stats.gathered is not None:
         stats.select.select_whole(stats.gathered, stats.gathered)  # (its own scratch: made again to merge)
         stats.gathered = None
-    stats.select.finish_pass(select_pass)
+    if stats.select.finish_pass(select_pass) == 0:  # a bracketing pass that missed: the histogram passes
+        return pass_index - select_pass
     if not stats.select.done and select_pass < stats.select.passes - 1:
         return None
     q1, median, q3 = (torch.tensor(stats.select.value(j), dtype=stats.select.float_dtype) for j in range(3))
@@ -277,10 +292,10 @@ def _gathers(numel: int, arena_elements: int) -> bool:
 
 def fusion_streamed_reads(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple,
                           chunk: int) -> int:
-    """The passes and the merge; importances gathered in the buffers (`FusionStats.gathered`) take one selection
-    pass."""
+    """The passes and the merge; importances gathered in the buffers (`FusionStats.gathered`), or bracketed, take
+    one selection pass (as they usually go: a range that misses its quartile costs the radix passes after it)."""
     passes = fusion_passes(params, model_params, dtype, numel, shape)
-    if _gathers(numel, BUFFERS * chunk):
+    if _gathers(numel, BUFFERS * chunk) or not one_element_rows(shape):  # (gathered, or bracketed)
         passes -= RankSelect.passes_for(dtype) - 1
     return passes + 1
 

@@ -453,13 +453,15 @@ class RankSelect:
             return
         self._observe(pass_index, values, digits_buffer)
 
-    def bracket_streamed(self, room: torch.Tensor, numel: int, compiled: bool = False) -> None:
+    def bracket_streamed(self, room: torch.Tensor, numel: int, compiled: bool = False,
+                         share: float = STREAMED_SHARE) -> None:
         """For a tensor of `numel` elements streamed in chunks: make the first pass bracket the ranks and keep the
         values near them in `room` (scratch of the values' width, untouched until `finish_pass(0)`) instead of
         counting digits, so that where the ranges hold every rank they are selected at that pass's end (`done`),
         and where they do not, `finish_pass(0)` asks for the histogram passes from the first on (it returns 0;
-        `StreamedBrackets`, with its compiled pass where `compiled`)."""
-        self._streamed = StreamedBrackets(room.view(self.int_dtype).numpy(), numel, compiled)
+        `StreamedBrackets`, with its compiled pass where `compiled`, and ranges of at least `share` of the elements
+        either side of each rank where the room allows)."""
+        self._streamed = StreamedBrackets(room.view(self.int_dtype).numpy(), numel, compiled, share)
 
     def _observe(self, pass_index: int, values: torch.Tensor, digits_buffer: torch.Tensor) -> None:
         if self._streamed is not None:
@@ -785,8 +787,8 @@ class StreamedBrackets:
     `kernels.brackets.bracket_slice` (for a merge that loads numba; else numpy's `bracket_slice`, the same counts
     and elements)."""
 
-    def __init__(self, room: np.ndarray, numel: int, compiled: bool = False):
-        self.room, self.numel = room, numel
+    def __init__(self, room: np.ndarray, numel: int, compiled: bool = False, share: float = STREAMED_SHARE):
+        self.room, self.numel, self.share = room, numel, share
         if compiled:
             from streammerge.kernels import brackets  # (numba: loaded by the methods that bracket with it)
             self.bracket_slice = brackets.bracket_slice
@@ -845,7 +847,7 @@ class StreamedBrackets:
     def _start(self, bits: np.ndarray, ranks: list[int]) -> bool:
         """The ranges, from the first chunk; False (and `full`) where they would not fit the room."""
         share = self.room.size / (4 * max(len(ranks), 1) * max(self.numel, 1))  # (at most half the room, expected)
-        self.brackets = _rank_brackets(bits, ranks, self.numel, STREAMED_SAMPLE, min(share, STREAMED_SHARE))
+        self.brackets = _rank_brackets(bits, ranks, self.numel, STREAMED_SAMPLE, min(share, self.share))
         self.below = [0] * len(self.brackets)
         self.bounds = lows, spans = range_bounds(self.brackets)
         sample = bits[:COUNT_SLICE]
