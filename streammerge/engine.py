@@ -102,6 +102,11 @@ class Prepared:
             c.close()
 
 
+# What `Method.load_streamed` may add to the process (numba and a kernel: 34 MiB measured), and then some: it is
+# loaded only where the budget has that much beyond its smallest chunks.
+STREAMED_LOAD_ROOM = 48 * 1024**2
+
+
 def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None = None, reserve: int = 0) -> Prepared:
     """Open the inputs and plan the merge under `max_ram`, keeping `reserve` bytes of it free beyond the usual
     margin (for a process that also runs something else, such as a Ray worker's runtime)."""
@@ -126,10 +131,14 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
         per_element = bytes_per_element(plan.max_inputs, config.dtype.itemsize, out_itemsize,
                                         config.method.buffers + low_rank,  # one scratch buffer for LoRA updates
                                         staging_itemsize=max(unaligned, default=0))
-        budget = Budget(requested, per_element, DEFAULT_MAX_RAM,
-                        largest_tensor=max(t.numel for t in plan.tasks),
+        largest = max(t.numel for t in plan.tasks)
+        budget = Budget(requested, per_element, DEFAULT_MAX_RAM, largest_tensor=largest,
                         output_tensors=sum(1 + len(t.aliases) for t in plan.tasks), reserve=reserve,
                         statistics=statistics_bytes(config, plan))
+        if (config.method.load_streamed is not None and budget.chunk_elements < largest
+                and budget.limit - budget.minimum >= STREAMED_LOAD_ROOM):
+            config.method.load_streamed()
+            budget = budget.remeasured()  # (smaller chunks: what was loaded is held too)
     except BaseException:
         for c in inputs:
             c.close()

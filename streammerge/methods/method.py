@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -122,6 +123,12 @@ def kernel_loader(*names: str) -> Callable[[], None]:
     return load
 
 
+def kernel_loaded(name: str) -> bool:
+    """Whether `streammerge.kernels.<name>` is loaded (by `Method.load` or `Method.load_streamed`): a pass that
+    has a compiled form and a numpy one takes the compiled one only then, never importing numba in mid-merge."""
+    return f"streammerge.kernels.{name}" in sys.modules
+
+
 def per_segment(merge: Callable[[ChunkContext, Any], torch.Tensor]) -> Callable[[ChunkContext, Any], torch.Tensor]:
     """A method's merge that makes it `Method.segmented` by merging each tensor of a run on the tensor's own
     context (`ChunkContext.segment`), with its own statistics: the same work as for the tensor alone, less the
@@ -208,6 +215,10 @@ class Method:
     # Loads what the method's math runs on beyond torch and numpy (compiled kernels), before the merge measures what
     # the process holds, so that its budget counts it.
     load: Callable[[], None] | None = None
+    # Loads what only makes the passes over tensors streamed in chunks faster (compiled kernels whose numpy
+    # counterpart gives the same results): the engine calls it when the plan streams a tensor and the budget
+    # leaves room for it (`STREAMED_LOAD_ROOM`); the method then uses what `kernel_loaded` finds loaded.
+    load_streamed: Callable[[], None] | None = None
     in_mergekit: bool = True  # mergekit has a method of this name and meaning (its configs may ask for it)
     # A typical use, for benchmarks: {"model": {per-model params}, "parameters": {method params}}
     typical: dict = field(default_factory=dict)

@@ -25,7 +25,7 @@ import torch
 
 from streammerge.errors import StreamMergeError
 from streammerge.methods.masks import INT_VIEW, keep_only
-from streammerge.methods.method import ChunkContext
+from streammerge.methods.method import ChunkContext, kernel_loaded
 from streammerge.methods.streaming import (DRAW_GRAIN, KERNEL_GRAIN, Groups, GroupSums, RangeWork, RankSelect,
                                            TieGate, Uniform, bool_views, in_parallel)
 
@@ -162,12 +162,11 @@ def _inclusive(bounds: Bounds) -> Bounds:
 
 
 class MagnitudeStats:
-    """Per model: the radix selection of its thresholds, then (with `rescale`) the L1 norms before and after.
-    `compiled`: a tensor streamed in chunks is bracketed by the compiled pass (the merge has loaded numba)."""
+    """Per model: the radix selection of its thresholds, then (with `rescale`) the L1 norms before and after. A
+    tensor streamed in chunks is bracketed by the compiled pass where the merge has loaded it (`load_streamed`)."""
 
-    def __init__(self, compiled: bool = False):
+    def __init__(self):
         self.ready = False
-        self.compiled = compiled
 
     def setup(self, sparsifier: Sparsifier, ctx: ChunkContext, dtype: torch.dtype) -> None:
         self.sparsifier = sparsifier
@@ -187,7 +186,8 @@ class MagnitudeStats:
             rooms = ctx.arena[2 * ctx.buffers[0].numel():]
             per = rooms.numel() // len(selecting)
             for k, i in enumerate(selecting):
-                self.selects[i].bracket_streamed(rooms[k * per:(k + 1) * per], ctx.numel, self.compiled)
+                self.selects[i].bracket_streamed(rooms[k * per:(k + 1) * per], ctx.numel,
+                                                 kernel_loaded("brackets"))
         self.ready = True
 
 

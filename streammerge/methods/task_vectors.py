@@ -244,7 +244,7 @@ def _method(family: Family) -> Method:
         params=_params(family),
         needs_base=True,
         stat_passes=passes if magnitude else 0,
-        init_stats=(lambda numel, n: MagnitudeStats(family.elects_within_bounds)) if magnitude else None,
+        init_stats=(lambda numel, n: MagnitudeStats()) if magnitude else None,
         observe=magnitude_observe(family.sparsifier) if magnitude else None,
         finish_pass=magnitude_finish if magnitude else None,
         streamed_reads=magnitude_streamed_reads(family.sparsifier) if magnitude else None,
@@ -258,6 +258,8 @@ def _method(family: Family) -> Method:
         segmented=family.sparsifier is not Sparsifier.NONE,
         segment_stats=magnitude_segment_stats(family.sparsifier) if magnitude else None,
         load=_loader(family),
+        # (breadcrumbs' bracketing pass: the methods that elect signs load it with their kernels)
+        load_streamed=kernel_loader("brackets") if magnitude and not family.elects_within_bounds else None,
         typical=family.typical or {},
     )
 
