@@ -82,16 +82,31 @@ def merge_threads(cores: int, others_load: float, writer_core: bool = True) -> i
     return max(1, min(cores - 1 if writer_core else cores, free, MAX_THREADS))
 
 
+_own_threads: int | None = None  # the merge's own threads, while torch is held to one (`merge_thread_policy`)
+
+
+def pool_threads() -> int:
+    """How many threads a merge's own parallel work (`streaming.in_parallel`) may use: as many as its merge's
+    policy chose, else torch's intra-op count."""
+    return _own_threads or torch.get_num_threads()
+
+
 @contextlib.contextmanager
-def merge_thread_policy(writer_core: bool = True):
-    """Run the block with `merge_threads` intra-op threads (unless OMP_NUM_THREADS says), then restore."""
+def merge_thread_policy(writer_core: bool = True, own_threads: bool = False):
+    """Run the block with `merge_threads` threads (unless OMP_NUM_THREADS says), then restore: torch's intra-op
+    threads, or, with `own_threads` (a method whose math runs on the merge's own threads), `pool_threads` with torch
+    held to one: after each parallel region torch's OpenMP threads spin a while, waiting for the next, on the cores
+    the merge's own threads need (measured: 2.3 s of CPU spun in a 10 s DELLA merge at 256 MiB)."""
+    global _own_threads
     previous = torch.get_num_threads()
     if os.environ.get("OMP_NUM_THREADS"):
         yield previous
         return
     threads = merge_threads(usable_cores(), others_busy(), writer_core)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1 if own_threads else threads)
+    _own_threads = threads if own_threads else None
     try:
         yield threads
     finally:
         torch.set_num_threads(previous)
+        _own_threads = None

@@ -343,7 +343,7 @@ class Engine:
 
     # -- the run -------------------------------------------------------------------------------------------
     def run(self) -> Report:
-        with merge_thread_policy(writer_core=self.method.elementwise):
+        with merge_thread_policy(writer_core=self.method.elementwise, own_threads=self.method.own_threads):
             return self._run()
 
     def _run(self) -> Report:

@@ -679,6 +679,35 @@ def test_a_merge_leaves_the_writer_a_core_only_for_light_math(tmp_path, monkeypa
     assert seen[0] == threads
 
 
+@pytest.mark.parametrize("method, own_threads", [("dare_linear", True), ("della", True), ("arcee_fusion", True),
+                                                 ("ties", False), ("breadcrumbs", False)])
+def test_methods_on_their_own_threads_hold_torch_to_one(tmp_path, monkeypatch, method, own_threads):
+    """The methods whose math runs on the merge's own threads (random draws, DELLA's sorts, arcee_fusion's kernels)
+    split it between the threads the policy chose while torch is held to one thread (its OpenMP threads would spin
+    on the same cores); the others keep torch's threads for their math and the same count for their own. Both are
+    restored after the merge."""
+    from streammerge import cpu
+    from streammerge.methods import streaming
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 2)
+    monkeypatch.setattr(cpu, "others_busy", lambda: 0.0)
+    seen = set()  # (torch's threads, the merge's own) at each split of work between threads (`in_parallel`)
+    real_parts = streaming.thread_parts
+    monkeypatch.setattr(streaming, "thread_parts", lambda n, grain: (
+        seen.add((torch.get_num_threads(), real_parts(1 << 20, 1))), real_parts(n, grain))[1])
+    before = torch.get_num_threads()
+    g = torch.Generator().manual_seed(2)
+    base = {"w": torch.randn(64, 1024, generator=g)}
+    count = 1 if method == "arcee_fusion" else 2
+    models = [{"w": base["w"] + torch.randn(64, 1024, generator=g)} for _ in range(count)]
+    parameters = {"arcee_fusion": {}, "ties": {"weight": 0.5, "density": 0.5},
+                  "breadcrumbs": {"weight": 0.5, "density": 0.5, "gamma": 0.01}, "dare_linear": {"weight": 0.5,
+                  "density": 0.5}, "della": {"weight": 0.5, "density": 0.5, "epsilon": 0.1}}[method]
+    run_merge(tmp_path, method, models, base, [parameters] * len(models))
+    assert seen == ({(1, 2)} if own_threads else {(2, 2)})
+    assert torch.get_num_threads() == before and cpu.pool_threads() == before
+
+
 def test_merge_restores_the_thread_count(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()

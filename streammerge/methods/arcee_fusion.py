@@ -320,7 +320,7 @@ ARCEE_FUSION = Method(
     merge=per_segment(arcee_fusion), segmented=True,
     needs_base=True, stat_passes=fusion_passes, init_stats=FusionStats, observe=fusion_observe,
     finish_pass=fusion_finish, streamed_reads=fusion_streamed_reads, buffers=BUFFERS, stats_bytes=fusion_stats_bytes,
-    chunk_quantum=row_block,
+    chunk_quantum=row_block, own_threads=True,
     min_models=1, max_models=1, load=kernel_loader("fusion", "brackets"),
 )
 

@@ -219,6 +219,11 @@ class Method:
     # counterpart gives the same results): the engine calls it when the plan streams a tensor and the budget
     # leaves room for it (`STREAMED_LOAD_ROOM`); the method then uses what `kernel_loaded` finds loaded.
     load_streamed: Callable[[], None] | None = None
+    # The math runs on the merge's own threads (`streaming.in_parallel`: compiled kernels, numpy sorts), with few
+    # torch operations between: torch is held to one thread during the merge (`cpu.merge_thread_policy`), so that
+    # its idle OpenMP threads do not spin on the cores the merge's threads need. Methods whose torch operations
+    # are a large part of their work lose more by it than they gain (measured per method).
+    own_threads: bool = False
     in_mergekit: bool = True  # mergekit has a method of this name and meaning (its configs may ask for it)
     # A typical use, for benchmarks: {"model": {per-model params}, "parameters": {method params}}
     typical: dict = field(default_factory=dict)

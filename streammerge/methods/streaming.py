@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from streammerge.cpu import MAX_THREADS
+from streammerge.cpu import MAX_THREADS, pool_threads
 from streammerge.methods.masks import INT_VIEW, compare
 from streammerge.methods.method import GRID
 
@@ -343,7 +343,7 @@ RangeWork = Callable[[int, int], None]  # work on an element range [a, z) of a c
 def thread_parts(n: int, grain: int) -> int:
     """How many ranges `in_parallel` splits n elements into: as many as the merge's threads, each at least
     `grain` long."""
-    return max(1, min(torch.get_num_threads(), MAX_THREADS, n // max(grain, 1)))
+    return max(1, min(pool_threads(), MAX_THREADS, n // max(grain, 1)))
 
 
 def in_parallel(n: int, work: Callable[[int, int], Any], grain: int) -> list:

@@ -258,6 +258,7 @@ def _method(family: Family) -> Method:
         segmented=family.sparsifier is not Sparsifier.NONE,
         segment_stats=magnitude_segment_stats(family.sparsifier) if magnitude else None,
         load=_loader(family),
+        own_threads=family.sparsifier in (Sparsifier.RANDOM, Sparsifier.MAGPRUNE),  # (the draws, DELLA's sorts)
         # (breadcrumbs' bracketing pass: the methods that elect signs load it with their kernels)
         load_streamed=kernel_loader("brackets") if magnitude and not family.elects_within_bounds else None,
         typical=family.typical or {},
