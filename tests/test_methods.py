@@ -724,11 +724,19 @@ def test_chunks_are_aligned_to_the_grid():
 
 
 def test_della_refuses_units_larger_than_its_memory(tmp_path):
+    """A 1-D tensor is ranked as one unit: in float32 (ranked by int64 keys) up to half a chunk, the same bits as
+    with room to spare; in float64 (torch's argsort) up to an eighth; larger units are refused."""
     g = torch.Generator().manual_seed(0)
-    base = {"v": torch.randn(GRID * 2, generator=g)}  # a 1-D tensor is ranked as one unit
-    model = {"v": base["v"] + torch.randn(GRID * 2, generator=g)}
+    params = [{"density": 0.5, "epsilon": 0.1}]
+    base = {"v": torch.randn(GRID * 3, generator=g)}
+    model = {"v": base["v"] + torch.randn(GRID * 3, generator=g)}
     with pytest.raises(StreamMergeError, match="raise max_ram"):
-        run_merge(tmp_path, "della", [model], base, [{"density": 0.5, "epsilon": 0.1}], chunk=4 * GRID)
+        run_merge(tmp_path / "3", "della", [model], base, params, chunk=4 * GRID)
+    half = {"v": base["v"][:GRID * 2]}, {"v": model["v"][:GRID * 2]}
+    tight = run_merge(tmp_path / "2", "della", [half[1]], half[0], params, chunk=4 * GRID)
+    assert torch.equal(tight["v"], run_merge(tmp_path / "2-wide", "della", [half[1]], half[0], params)["v"])
+    with pytest.raises(StreamMergeError, match="raise max_ram"):
+        run_merge(tmp_path / "2-64", "della", [half[1]], half[0], params, chunk=4 * GRID, dtype="float64")
 
 
 def test_float64_accumulation_selects_the_same_entries(tmp_path):

@@ -32,8 +32,9 @@ from streammerge.methods.streaming import (DRAW_GRAIN, KERNEL_GRAIN, Groups, Gro
 RESCALE_EPS = 1e-7  # below this L1 norm a magnitude-pruned delta is left unscaled
 # DELLA ranks at most 1/MAGPRUNE_SHARE of a chunk at once: its temporaries (int64 sort keys and, for float64
 # deltas, their magnitudes from the first buffer it reserves, 16 bytes per ranked element; float32 draws from the
-# second) fit the two buffers for either accumulation dtype. As large a share as fits: each ranking call has a cost
-# of its own, and at small budgets the calls are many.
+# second) fit the two buffers for either accumulation dtype; float32 deltas ranked by their keys alone take twice
+# that share (`_ranks_by_keys`). As large a share as fits: each ranking call has a cost of its own, and at small
+# budgets the calls are many (the Llama set at 256 MiB: 8.8-9.6 s with half a chunk, 10.6-11.7 s with a quarter).
 MAGPRUNE_SHARE = 4
 MAGPRUNE_BUFFERS = 2
 
@@ -458,7 +459,8 @@ def _magprune_unit(shape: tuple, numel: int) -> tuple[int, int]:
 
 def _magprune_scratch(ctx: ChunkContext, n: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
     """int64 sort keys or order, float64 magnitudes (for float64 deltas) and float32 draws for n ranked elements,
-    carved from the method's two reserved buffers (n is at most a quarter of a chunk, an eighth for float64)."""
+    carved from the method's two reserved buffers (n is at most half a chunk for float32 deltas ranked by their
+    keys, which use no magnitudes, a quarter for other float32 ones, an eighth for float64)."""
     first, second = (b.view(torch.uint8) for b in ctx.buffers[-MAGPRUNE_BUFFERS:])
     keys = first[:8 * n].view(torch.int64).numpy()
     magnitude = first[8 * n:16 * n].view(torch.float64)
@@ -481,6 +483,13 @@ CACHED_RANKS = 1 << 15
 _probability_by_rank_cached = functools.lru_cache(maxsize=16)(_probability_by_rank)
 
 
+def _ranks_by_keys(dtype: torch.dtype, span: int) -> bool:
+    """Whether vectors of `span` deltas of `dtype` are ranked by sorting int64 keys (float32 magnitude bits above
+    each element's position), not by torch's argsort of float64 magnitudes."""
+    from streammerge.kernels import magprune  # (numba: imported by the merges that use it)
+    return dtype == torch.float32 and 31 + magprune.position_bits(span) <= 63
+
+
 def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, i: int, unit: int, inner: int,
               uniform: Uniform, make: RangeWork | None = None, then: RangeWork | None = None) -> None:
     """Prune (and rescale) `delta` in place: whole units starting at element `start` of the tensor. The units
@@ -498,7 +507,7 @@ def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, i: int, unit: 
     order = keys.reshape(units * inner, span)  # a row per ranked vector
     rescale = bool(ctx.params["rescale"])
     shift = magprune.position_bits(span)
-    if delta.dtype == torch.float32 and 31 + shift <= 63:
+    if _ranks_by_keys(delta.dtype, span):
         bits, positions = grid.view(np.int32), (1 << shift) - 1
     else:  # float64: the order of a stable argsort, made at once on torch's threads
         if make is not None:
@@ -546,8 +555,10 @@ def prune_by_magnitude_rank(i: int, ctx: ChunkContext, b: Buffers, x: torch.Tens
             in_parallel(n, then, grain=KERNEL_GRAIN)
         return
     unit, inner = _magprune_unit(ctx.shape, ctx.numel)
-    # (float64 deltas are ordered by torch's stable argsort, whose temporaries the buffers do not hold: half as many)
-    share = MAGPRUNE_SHARE * (2 if b.delta.dtype == torch.float64 else 1)
+    # (float32 deltas ranked by sorting int64 keys need nothing else from the first buffer: twice as many; float64
+    # deltas are ordered by torch's stable argsort, whose temporaries the buffers do not hold: half as many)
+    share = (MAGPRUNE_SHARE // 2 if _ranks_by_keys(b.delta.dtype, unit // inner)
+             else MAGPRUNE_SHARE * (2 if b.delta.dtype == torch.float64 else 1))
     capacity = ctx.buffers[0].numel() // share
     if unit > capacity:
         raise StreamMergeError(
