@@ -256,10 +256,12 @@ def test_arcee_fusion_in_float64_streamed_and_in_memory(tmp_path):
     (in place they turned the inputs into probabilities, which the importances and the merge then read)."""
     from test_methods import GRID
     g = torch.Generator().manual_seed(6)
-    base = {"w": torch.randn(192, 1024, generator=g), "odd": torch.randn(300, 333, generator=g)}
+    # a convolution's rows of 7, reduced a column at a time, straddle the grid blocks
+    base = {"w": torch.randn(192, 1024, generator=g), "odd": torch.randn(300, 333, generator=g),
+            "conv": torch.randn(200, 64, 7, generator=g)}
     models = [{n: v + 0.003 * torch.randn(v.shape, generator=g) for n, v in base.items()}]
     for v in models[0].values():
-        v[:30] += 0.05 * torch.randn(30, v.shape[1], generator=g)  # rows of large KL
+        v[:30] += 0.05 * torch.randn(30, *v.shape[1:], generator=g)  # rows of large KL
     in_memory = run_merge(tmp_path / "memory", "arcee_fusion", models, base, dtype="float64")
     streamed = run_merge(tmp_path / "streamed", "arcee_fusion", models, base, dtype="float64", chunk=GRID,
                          engine_options={"stats_in_memory": False})
