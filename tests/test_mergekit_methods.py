@@ -314,6 +314,27 @@ def test_arcee_fusion_of_one_element_rows_keeps_no_row_statistics(tmp_path, monk
             assert torch.equal(out[name].view(torch.int32), reference.view(torch.int32)), name
 
 
+def test_arcee_fusion_of_one_element_rows_streamed_reads_them_twice(tmp_path, monkeypatch):
+    """A streamed tensor of one-element rows, too large for its importances to be gathered in the buffers (5
+    chunks), has importances all 0: the first histogram pass finds every quartile among the zeros, so its chunks
+    are read twice (that pass and the merge) where the radix passes read them three times; the model's values are
+    all taken, as the reference takes them."""
+    from streammerge.engine import Engine
+    from test_methods import GRID
+
+    g = torch.Generator().manual_seed(10)
+    base = {"conv": torch.randn(600, 1000, 1, generator=g)}
+    model = {"conv": base["conv"] + 0.01 * torch.randn(600, 1000, 1, generator=g)}
+    reads = []
+    original = Engine._context
+    monkeypatch.setattr(Engine, "_context", lambda self, task, ws, s, e: reads.append(e - s) or original(
+        self, task, ws, s, e))
+    out = run_merge(tmp_path, "arcee_fusion", [model], base, chunk=GRID, engine_options={"stats_in_memory": False})
+    assert sum(reads) == 2 * 600 * 1000
+    assert torch.equal(out["conv"], ref_arcee_fusion(base["conv"], model["conv"]))
+    assert torch.equal(out["conv"], model["conv"])
+
+
 def test_arcee_fusion_of_an_unchanged_model_is_the_base(tmp_path):
     base, _ = make_models(1)
     out = run_merge(tmp_path, "arcee_fusion", [dict(base)], base)

@@ -229,6 +229,39 @@ def test_rank_select_all_equal_and_single_element():
     assert s.value(0) == 7.0 and s.ties_before(0) == 0 and s.count_equal[0] == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk", [20011, GRID])
+def test_rank_select_among_zeros_finishes_after_the_first_pass(dtype, chunk):
+    """Ranks that all fall among the elements equal to 0 are selected by the first histogram pass, whatever else
+    shares the zeros' digit bucket (subnormals): the later passes are skipped (`done`). Where a rank lies above the
+    zeros, the passes go on. Either way the same selection as torch."""
+    n = 2 * GRID + 12345
+    g = torch.Generator().manual_seed(9)
+    x = torch.rand(n, generator=g, dtype=torch.float64).to(dtype)
+    x[torch.randperm(n, generator=g)[:n * 7 // 10]] = 0  # 70% zeros, in no order
+    zeros = int((x == 0).sum())
+    subnormal = x.clone()
+    subnormal.view(torch.int64 if dtype == torch.float64 else torch.int32)[1::997] = 3  # (bit pattern 3: in bucket 0)
+    cases = ((x, [0, n // 3, zeros - 1], True), (torch.zeros(n, dtype=dtype), [0, n - 1], True),
+             (subnormal, [0, n // 3], True), (x, [0, zeros], False), (subnormal, [n // 3, zeros], False))
+    for values, ranks, done_first in cases:
+        s, finished = RankSelect(ranks, dtype), None
+        digits = torch.empty(chunk, dtype=dtype)
+        for p in range(s.passes):
+            for a, b in chunked(n, chunk):
+                s.observe(p, values[a:b], digits[:b - a])
+            s.finish_pass(p)
+            if s.done:  # (the histogram passes themselves never set it)
+                finished = p
+                break
+        assert finished == (0 if done_first else None), ranks
+        for j, rank in enumerate(ranks):
+            expected = torch.kthvalue(values, rank + 1).values
+            assert s.value(j) == expected.item(), (rank, s.value(j), expected)
+            assert s.ties_before(j) == rank - int((values < expected).sum())
+            assert s.count_equal[j] == int((values == expected).sum())
+
+
 @pytest.mark.parametrize("chunk", [777, GRID, 2 * GRID])
 def test_tie_gate_admits_positions_in_tensor_order(chunk):
     n = 3 * GRID + 5
@@ -628,7 +661,8 @@ def test_streamed_brackets_select_in_one_pass_what_the_passes_select(dtype, comp
         (normal, n // 4, None, 1),
         (tied_magnitudes(n, 3, dtype, 100000), n // 4, None, 1),
         (tied_magnitudes(n, 4, dtype, 50), n // 2, None, 1),  # ranks among many equal values
-        (tied_magnitudes(n, 4, dtype, 1), n, None, 1 + RankSelect.passes_for(dtype)),  # all zeros: ranges too wide
+        # all zeros: ranges too wide, then the first histogram pass finds the ranks among the zeros
+        (tied_magnitudes(n, 4, dtype, 1), n, None, 2),
         (skewed, n // 4, None, 1 + RankSelect.passes_for(dtype)),
         (normal, 1000, None, 1 + RankSelect.passes_for(dtype)),
         (normal, n // 4, [0, 1, n // 3 + 10, n // 2 - 10, n - 2, n - 1], 1),  # set late, inside the ranges

@@ -18,7 +18,8 @@ and the first selection pass. When the importances of the whole tensor fit the m
 tensor held whole; when they do not, it brackets the quartiles from the first chunk's importances
 (`RankSelect.bracket_streamed`, `BRACKET_SHARE`) and selects them at its end where each lies inside its range.
 Either way the other selection passes are skipped: 2 reads in all for rows in whole chunks (4 where a range
-missed, 5 before row blocks and bracketing).
+missed, 5 before row blocks and bracketing). Rows of one element have importances all 0, whose quartiles the first
+histogram pass finds among the zeros: 2 reads too (`RankSelect`).
 mergekit sorts a random sample of 10^6 importances (with replacement) instead of all of them for tensors larger
 than that, so its thresholds vary from run to run there; streammerge uses the exact quantiles (see the README for
 the difference).
@@ -162,12 +163,12 @@ class FusionStats:
         self.kl: torch.Tensor | None = None  # None: every row's KL is 0 (`one_element_rows`)
         # where the first selection pass gathers every importance of a streamed tensor, when they fit
         self.gathered = None
-        if _gathers(self.numel, ctx.gather_room()):
+        if 0 < self.numel <= ctx.gather_room():
             self.gathered = ctx.arena[:self.numel]
         elif ctx.gather_room() and not one_element_rows(ctx.shape):
             # the first selection pass brackets the quartiles: a chunk's importances lie in the first buffer, the
             # values near the quartiles are kept in the others (all importances are 0 for one-element rows: no
-            # range around a quartile would be narrower than the tensor)
+            # range around a quartile would be narrower than the tensor; the first histogram pass finds them)
             self.select.bracket_streamed(ctx.arena[ctx.buffers[0].numel():], self.numel, compiled=True,
                                          share=BRACKET_SHARE)
         if not one_element_rows(ctx.shape):
@@ -309,19 +310,12 @@ def fusion_passes(params: dict, model_params: list[dict], dtype: torch.dtype, nu
     return (0 if rows_stay_in_chunks(shape) else 2) + RankSelect.passes_for(dtype)
 
 
-def _gathers(numel: int, arena_elements: int) -> bool:
-    """Whether a streamed tensor's importances fit the method's buffers."""
-    return 0 < numel <= arena_elements
-
-
 def fusion_streamed_reads(params: dict, model_params: list[dict], dtype: torch.dtype, numel: int, shape: tuple,
                           chunk: int) -> int:
-    """The passes and the merge; importances gathered in the buffers (`FusionStats.gathered`), or bracketed, take
-    one selection pass (as they usually go: a range that misses its quartile costs the radix passes after it)."""
-    passes = fusion_passes(params, model_params, dtype, numel, shape)
-    if _gathers(numel, BUFFERS * chunk) or not one_element_rows(shape):  # (gathered, or bracketed)
-        passes -= RankSelect.passes_for(dtype) - 1
-    return passes + 1
+    """The passes and the merge, with one selection pass, as they usually go: importances gathered in the buffers
+    (`FusionStats.gathered`) or bracketed are selected at its end, and those of rows of one element, all 0, by the
+    first histogram pass (`RankSelect`); a range that misses its quartile costs the radix passes after it."""
+    return fusion_passes(params, model_params, dtype, numel, shape) - RankSelect.passes_for(dtype) + 2
 
 
 def arcee_fusion(ctx: ChunkContext, stats: FusionStats) -> torch.Tensor:

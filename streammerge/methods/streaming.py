@@ -420,7 +420,8 @@ class RankSelect:
     digits buffer, and the elements below and equal to each selected pattern counted. The order statistics of
     the patterns are what the radix passes find, so the results are the same; the later passes then have nothing
     left to do (`done`). For a tensor streamed in chunks, the first pass may bracket the ranks instead
-    (`bracket_streamed`)."""
+    (`bracket_streamed`). Where every rank falls among the elements equal to 0, the first histogram pass selects
+    them (`done`)."""
 
     def __init__(self, ranks: list[int], dtype: torch.dtype):
         self.ranks = list(ranks)
@@ -433,6 +434,7 @@ class RankSelect:
         self.count_equal = [0] * len(ranks)
         self.hist: list[torch.Tensor] = []  # one histogram per rank, from the first pass that needs them
         self.done = False  # every rank selected at once (from a whole-tensor chunk, or by a bracketing pass)
+        self.zeros = 0  # elements equal to 0 seen by the first histogram pass (`_finish_among_zeros`)
         self._whole: tuple | None = None  # (values, digits buffer) held from observe to finish_pass(0)
         self._streamed: StreamedBrackets | None = None
 
@@ -477,6 +479,8 @@ class RankSelect:
             counts = _bincount(digits, BINS)
             for hist in self.hist:
                 hist += counts
+            if self.passes > 1 and int(counts[0]):  # (the zeros' bucket, which subnormals share)
+                self.zeros += _count_equal(bits.numpy(), 0)
             return
         for j, hist in enumerate(self.hist):
             # (bits >> shift) - (prefix << DIGIT_BITS) is the digit for the elements under the prefix, negative
@@ -496,6 +500,8 @@ class RankSelect:
                 part = values[a:a + HELD_SLICE]
                 self._observe(pass_index, part, digits[:part.numel()])
             self.finish_pass(pass_index)
+            if self.done:
+                return
 
     def set_rank(self, j: int, rank: int) -> None:
         """Choose rank j after the first pass has been observed, before `finish_pass(0)` (that pass's histogram
@@ -552,6 +558,8 @@ class RankSelect:
                 return 0
             self._take(selected)
             return None
+        if pass_index == 0 and self._finish_among_zeros():
+            return None
         for j, hist in enumerate(self.hist):
             cumulative = hist.cumsum(0)
             bucket = int(torch.searchsorted(cumulative, self.remaining[j], right=True))
@@ -560,6 +568,15 @@ class RankSelect:
             if pass_index == self.passes - 1:
                 self.count_equal[j] = int(hist[bucket])
             hist.zero_()
+
+    def _finish_among_zeros(self) -> bool:
+        """After the first histogram pass: where every rank lies among the elements equal to 0 (deltas a fine-tune
+        left unchanged, the importances of rows of one element), each is 0 with the zeros below it, and the later
+        passes have nothing to find (`done`)."""
+        if any(rank >= self.zeros for rank in self.remaining):
+            return False
+        self._take([(0, rank, self.zeros) for rank in self.remaining])
+        return True
 
     def value(self, j: int) -> float:
         """The selected value of rank j (its bit pattern read as a float)."""
