@@ -38,3 +38,26 @@ def test_time_merge_times_the_engines_calls(tmp_path, monkeypatch, capsys):
     assert 0 < seconds["RankSelect.select_whole"] < seconds["statistics (tensors held whole)"]
     assert all(printed[label] == round(seconds[label], 2) for label in printed)
     assert set(load_output(tmp_path / "out.safetensors")) == {"w", "v"}
+
+
+def test_time_merge_sums_the_tensors_merged_on_their_own_by_shape(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(engine.Engine, "run_task", engine.Engine.run_task)  # (restored: the script wraps it)
+    for name in time_merge.TIMED:
+        monkeypatch.setattr(engine.Engine, name, getattr(engine.Engine, name))
+    monkeypatch.setattr(time_merge, "SECONDS", time_merge.SECONDS.__class__())
+    monkeypatch.setattr(time_merge, "TENSORS", time_merge.TENSORS.__class__())
+    g = torch.Generator().manual_seed(1)
+    models = [{"w": torch.randn(300, 700, generator=g), "u": torch.randn(300, 700, generator=g),
+               "a": torch.randn(5000, generator=g), "b": torch.randn(64, generator=g)} for _ in range(2)]
+    config = {"method": "linear", "models": [{"path": str(save(m, tmp_path / f"m{k}.safetensors")), "weight": 1.0}
+                                             for k, m in enumerate(models)],
+              "output": str(tmp_path / "out.safetensors")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert time_merge.main([str(tmp_path / "c.yaml"), "--by-shape"]) == 0
+    out = capsys.readouterr().out
+    # the two large tensors on their own, under one label; the two small ones merged together, in one run
+    assert re.search(r"^\s*[0-9.]+ s  tensors of shape \[300, 700\] \(2\)$", out, re.M), out
+    assert dict(time_merge.TENSORS) == {"tensors of shape [300, 700]": 2}
+    seconds = time_merge.SECONDS
+    assert 0 < seconds["tensors of shape [300, 700]"] < seconds["the whole command, from the CLI's start"]
+    assert set(load_output(tmp_path / "out.safetensors")) == {"w", "u", "a", "b"}

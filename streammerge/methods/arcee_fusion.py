@@ -71,14 +71,15 @@ class RowLogSumExp:
         for a, b in grid_blocks(offset, values.numel()):
             for start, stop, full in self.groups.pieces(offset + a, offset + b):
                 part = values[start - offset:stop - offset].numpy().astype(np.float64)
-                if full and self.groups.kind != "tensor":
+                whole_rows = full and self.groups.kind != "tensor"  # (first seen here: nothing to combine with)
+                if whole_rows:
                     rows, part = slice(start // p, stop // p), part.reshape(-1, p)
                 else:
                     row = start // p if self.groups.kind != "tensor" else 0
                     rows, part = slice(row, row + 1), part.reshape(1, -1)
                 with np.errstate(all="ignore"):  # (NaN and infinite inputs: IEEE results, as torch gives them)
                     block_max, block_sum = _exp_sums(part, np.empty_like(part))
-                if full and self.groups.kind != "tensor":  # rows first seen here: nothing to combine with
+                if whole_rows:
                     self.max.numpy()[rows], self.sum.numpy()[rows] = block_max, block_sum
                 else:
                     self._combine(rows, torch.from_numpy(block_max), torch.from_numpy(block_sum))
