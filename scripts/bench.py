@@ -18,7 +18,10 @@ one's writeback.
 
     python scripts/bench.py [--data bench-data] [--shapes xtts,llama,llama-bf16|all] [--methods linear,ties,...|all]
                             [--budgets 4GiB,256MiB] [--cold] [--mergekit PATH | --no-mergekit] [--repeat N]
-                            [--xtts-shrink N] [--llama-layers N] [--llama-shrink N]
+                            [--xtts-shrink N] [--llama-layers N] [--llama-shrink N] [--configs DIR]
+
+`--configs DIR` writes the streammerge config of every row to DIR (SET-METHOD-BUDGET.yaml, its output beside it)
+and runs nothing: the configs `scripts/time_merge.py` takes to time one row's merge in-process.
 """
 
 from __future__ import annotations
@@ -229,6 +232,21 @@ def find_mergekit(explicit: str | None) -> str | None:
     return None
 
 
+def write_configs(args, shapes: list[str], methods: list[str], budgets: list[str]) -> None:
+    """Each row's streammerge config, as the bench runs it, in args.configs (the sets generated where missing)."""
+    where = args.configs.resolve()  # (absolute paths: a config's relative paths are its own directory's)
+    where.mkdir(parents=True, exist_ok=True)
+    for shape in shapes:
+        models, base, _ = bench_set(shape, args.data.resolve(), args.xtts_shrink, args.llama_layers,
+                                    args.llama_shrink)
+        for method in methods:
+            for budget in budgets:
+                name = f"{shape}-{method}-{budget}"
+                config = streammerge_config(method, models, where / f"{name}.safetensors", base, budget)
+                (where / f"{name}.yaml").write_text(yaml.safe_dump(config))
+                print(where / f"{name}.yaml")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT / "bench-data")
@@ -240,6 +258,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mergekit", help="path to mergekit-pytorch (default: .venv-mergekit, then PATH)")
     parser.add_argument("--no-mergekit", action="store_true", help="skip mergekit even where it is installed")
     parser.add_argument("--repeat", type=int, default=1, help="runs per row; the fastest is reported")
+    parser.add_argument("--configs", type=Path, metavar="DIR",
+                        help="write each row's streammerge config to DIR and run nothing")
     parser.add_argument("--xtts-shrink", type=int, default=1,
                         help="divide the XTTS set's dimensions above 8 by this (1: real size, 1.87 GB a model)")
     parser.add_argument("--llama-layers", type=int, default=synth.LLAMA["layers"],
@@ -257,6 +277,9 @@ def main(argv=None) -> int:
         methods.insert(0, "linear")
     shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
     budgets = args.budgets.split(",")
+    if args.configs:
+        write_configs(args, shapes, [m for m in methods if m in METHODS], budgets)
+        return 0
     mergekit = None if args.no_mergekit else find_mergekit(args.mergekit)
     streammerge = [sys.executable, "-m", "streammerge"]
     rows = []

@@ -1,9 +1,10 @@
 """`scripts/time_merge.py`, which the README's in-process timings come from: it times the engine's statistics and
-merge calls of a real merge, whose output it leaves as the merge makes it."""
+merge calls of a real merge, whose output it leaves as the merge makes it; and the bench's configs it is given."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 import yaml
@@ -61,3 +62,21 @@ def test_time_merge_sums_the_tensors_merged_on_their_own_by_shape(tmp_path, monk
     seconds = time_merge.SECONDS
     assert 0 < seconds["tensors of shape [300, 700]"] < seconds["the whole command, from the CLI's start"]
     assert set(load_output(tmp_path / "out.safetensors")) == {"w", "u", "a", "b"}
+
+
+def test_bench_writes_the_config_of_each_row_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    """`scripts/bench.py --configs DIR`: the config of every (set, method, budget) row as the bench runs it, with
+    absolute paths (given relative ones), for time_merge.py to time one row; no merge is run."""
+    import bench
+
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--data", "data", "--shapes", "xtts", "--xtts-shrink", "64", "--methods", "linear,ties",
+                       "--budgets", "4GiB,256MiB", "--configs", "configs"]) == 0
+    configs = tmp_path / "configs"
+    written = [configs / f"xtts-{m}-{b}.yaml" for m in ("linear", "ties") for b in ("4GiB", "256MiB")]
+    assert capsys.readouterr().out.split() == [str(p) for p in written]
+    assert sorted(configs.iterdir()) == sorted(written)
+    models, base, _ = bench.bench_set("xtts", tmp_path / "data", 64)
+    config = yaml.safe_load((configs / "xtts-ties-256MiB.yaml").read_text())
+    assert config == bench.streammerge_config("ties", models, configs / "xtts-ties-256MiB.safetensors", base, "256MiB")
+    assert all(Path(m["path"]).is_absolute() and Path(m["path"]).exists() for m in config["models"])
