@@ -102,11 +102,6 @@ class Prepared:
             c.close()
 
 
-# What `Method.load_streamed` may add to the process (numba and a kernel: 34 MiB measured), and then some: it is
-# loaded only where the budget has that much beyond its smallest chunks.
-STREAMED_LOAD_ROOM = 48 * 1024**2
-
-
 def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None = None, reserve: int = 0) -> Prepared:
     """Open the inputs and plan the merge under `max_ram`, keeping `reserve` bytes of it free beyond the usual
     margin (for a process that also runs something else, such as a Ray worker's runtime)."""
@@ -135,10 +130,6 @@ def prepare(config: MergeConfig, output: Path | None = None, max_ram: int | None
         budget = Budget(requested, per_element, DEFAULT_MAX_RAM, largest_tensor=largest,
                         output_tensors=sum(1 + len(t.aliases) for t in plan.tasks), reserve=reserve,
                         statistics=statistics_bytes(config, plan))
-        if (config.method.load_streamed is not None and budget.chunk_elements < largest
-                and budget.limit - budget.minimum >= STREAMED_LOAD_ROOM):
-            config.method.load_streamed()
-            budget = budget.remeasured()  # (smaller chunks: what was loaded is held too)
     except BaseException:
         for c in inputs:
             c.close()

@@ -176,13 +176,15 @@ def test_dare_kernels_give_the_bits_of_the_operations(dtype, density, rescale, w
 @pytest.mark.parametrize("low, high", [(0.25, None), (0.25, 1.0), (0.0, 1e-45), (0.0, 0.0), (math.inf, None),
                                        (1e-45, math.inf)])
 @pytest.mark.parametrize("inclusive", [(False, False), (True, False), (False, True), (True, True)])
-@pytest.mark.parametrize("normalize, scale", [(True, 1.0), (False, -1.3)])
-def test_magnitude_kernel_gives_the_bits_of_the_operations(dtype, low, high, inclusive, normalize, scale):
-    """TIES' merge with bounds of either kind as `Bounds.limits` makes them inclusive, against the comparisons of
-    `Bounds.admit` and `keep_only`, a rescale factor's and the weight's multiplications and the consensus kernels'
-    sums, on values with many ties at the bounds, NaN, infinities, zeros of either sign, denormals; beside them a
-    model that keeps everything (NaN included) and one that keeps nothing, as `magnitude_ranks` gives them."""
-    from streammerge.methods.sparsifiers import Bounds
+@pytest.mark.parametrize("normalize, scale", [(True, 1.0), (False, -1.3), (True, 0.7)])
+@pytest.mark.parametrize("elect", [True, False])
+def test_magnitude_kernel_gives_the_bits_of_the_operations(dtype, low, high, inclusive, normalize, scale, elect):
+    """The merge with bounds of either kind as `Bounds.limits` makes them inclusive, against the comparisons of
+    `Bounds.admit` and `keep_only`, a rescale factor's and the weight's multiplications and then TIES' consensus
+    kernels' sums (`elect`) or the plain sum, division and scaling of torch's operations in `task_vector_merge`, on
+    values with many ties at the bounds, NaN, infinities, zeros of either sign, denormals; beside them a model that
+    keeps everything (NaN included) and one that keeps nothing, as `magnitude_ranks` gives them."""
+    from streammerge.methods.sparsifiers import Bounds, weight_divisor
     n = 20_000
     g = torch.Generator().manual_seed(9)
     base = (torch.randint(-8, 9, (n,), generator=g) / 8).to(dtype)  # (few values: many equal magnitudes)
@@ -207,10 +209,20 @@ def test_magnitude_kernel_gives_the_bits_of_the_operations(dtype, low, high, inc
         if factor != 1.0:
             delta.mul_(factor)
         deltas.append(delta.mul_(weight))
-    expected = [torch.full((n,), 7.0, dtype=dtype) for _ in range(4)]
-    for k, (delta, weight) in enumerate(zip(deltas, weights)):
-        add_by_sign(delta.numpy(), *(s.numpy() for s in expected), weight, k == 0)
-    finish(*(s.numpy() for s in expected), base.numpy(), normalize, scale)
+    if elect:
+        expected = [torch.full((n,), 7.0, dtype=dtype) for _ in range(4)]
+        for k, (delta, weight) in enumerate(zip(deltas, weights)):
+            add_by_sign(delta.numpy(), *(s.numpy() for s in expected), weight, k == 0)
+        finish(*(s.numpy() for s in expected), base.numpy(), normalize, scale)
+    else:
+        mixed = torch.zeros(n, dtype=dtype)
+        for delta in deltas:
+            mixed.add_(delta)
+        if normalize:
+            mixed.div_(weight_divisor([{"weight": w} for w in weights]))
+        if scale != 1:
+            mixed.mul_(scale)
+        expected = [torch.add(base, mixed)]
     as_dtype = base.numpy().dtype
     limits = bounds.limits(as_dtype)
     nothing = (as_dtype.type(math.nan),) * 2
@@ -218,7 +230,10 @@ def test_magnitude_kernel_gives_the_bits_of_the_operations(dtype, low, high, inc
     out = torch.empty(n, dtype=dtype)
     arrays = (tuple(x.numpy() for x in inputs), base.numpy(), lows, highs, np.array([kind == "all" for kind in kinds]),
               np.array(factors, dtype=as_dtype), np.array(weights, dtype=as_dtype), out.numpy())
-    magnitude.merge_within_by_sign(*arrays, normalize, scale)
+    if elect:
+        magnitude.merge_within_by_sign(*arrays, normalize, scale)
+    else:
+        magnitude.merge_within(*arrays, normalize, weight_divisor([{"weight": w} for w in weights]), scale)
     assert same_bits_or_both_nan(out, expected[0])
 
 

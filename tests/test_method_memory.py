@@ -154,13 +154,12 @@ engine.prepare(load_config(sys.argv[1]), None, 1 << 30).close()
 
 
 @pytest.mark.parametrize("method, loads", [("dare_linear", True), ("della", True), ("dare_ties", True),
-                                           ("ties", True), ("breadcrumbs_ties", True), ("breadcrumbs", False),
+                                           ("ties", True), ("breadcrumbs_ties", True), ("breadcrumbs", True),
                                            ("linear", False), ("task_arithmetic", False)])
 def test_compiled_kernels_are_loaded_before_the_budget_measures_the_process(tmp_path, models, method, loads):
-    """The methods that draw random numbers or elect signs load numba and their compiled kernels (about 34 MiB of
-    anonymous memory) before the budget measures what the process holds, so that the budget counts them; the
-    others do not import it (a command's start-up does not pay for it): `breadcrumbs` only for a tensor streamed
-    in chunks (below)."""
+    """The methods that draw random numbers or select by magnitude load numba and their compiled kernels (about
+    34 MiB of anonymous memory) before the budget measures what the process holds, so that the budget counts them;
+    the others do not import it (a command's start-up does not pay for it)."""
     import subprocess
     import sys
     config = tmp_path / "c.yaml"
@@ -170,45 +169,3 @@ def test_compiled_kernels_are_loaded_before_the_budget_measures_the_process(tmp_
                          timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == [str(loads)]
-
-
-STREAMING_LOAD = """
-import sys
-from streammerge.cli import main
-code = main(["merge", sys.argv[1], "--quiet", "--max-ram", sys.argv[2], "--report", sys.argv[3]])
-print(code, "numba" in sys.modules)
-"""
-
-
-def test_breadcrumbs_loads_its_bracketing_kernel_only_for_streamed_tensors_where_the_budget_has_room(tmp_path, cli):
-    """`breadcrumbs` brackets a streamed tensor's thresholds faster with a compiled pass, whose numba costs 34 MiB:
-    the merge loads it (`Method.load_streamed`) only when a tensor is streamed and the budget has room for it beyond
-    its smallest chunks, then measures the process again, so the run stays within the budget; with less room the
-    numpy pass brackets (numba is never imported, not even in mid-merge); with no tensor streamed nothing is loaded.
-    The same bytes every way."""
-    import subprocess
-    import sys
-    g = torch.Generator().manual_seed(5)
-    base = torch.randn(4096, 1024, generator=g)  # 4 Mi elements: streamed below about 300 MiB
-    paths = [tmp_path / f"{name}.safetensors" for name in ("base", "m0", "m1")]
-    for path, tensor in zip(paths, (base, base + 0.01 * torch.randn(4096, 1024, generator=g),
-                                    base + 0.01 * torch.randn(4096, 1024, generator=g))):
-        save_file({"w": tensor}, path)
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(streammerge_config("breadcrumbs", paths[1:], tmp_path / "o.safetensors",
-                                                        paths[0])))
-    too_small = cli("merge", config, "--max-ram", "64MiB", "--dry-run")
-    smallest = int(float(re.search(r"smallest budget that works is ([0-9.]+) MiB", too_small.stderr).group(1)))
-    outputs = {}
-    for name, budget, streamed, loads in (("tight", smallest + 24, True, False), ("room", smallest + 96, True, True),
-                                          ("whole", 4096, False, False)):
-        report = tmp_path / f"{name}.json"
-        run = subprocess.run([sys.executable, "-c", STREAMING_LOAD, str(config), f"{budget}MiB", str(report)],
-                             capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0, run.stderr
-        assert run.stdout.split() == ["0", str(loads)], name
-        facts = json.loads(report.read_text())
-        assert (facts["chunk_elements"] < base.numel()) == streamed, name
-        assert facts["peak_anon_bytes"] <= budget * 2**20, name
-        outputs[name] = (tmp_path / "o.safetensors").read_bytes()
-    assert outputs["tight"] == outputs["room"] == outputs["whole"]

@@ -645,6 +645,22 @@ def test_streamed_brackets_split_large_chunks_between_threads(compiled):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
+def test_streamed_brackets_narrow_their_ranges_to_fit_the_room(compiled, monkeypatch):
+    """Where ranges of four standard errors either side of a rank would not fit the room, narrower ones are tried
+    (`STREAMED_DEVIATIONS`) before giving the pass up to the histogram passes: one pass where two standard errors
+    fit, the same selection; more passes where none fits, or where only four are tried."""
+    n, chunk = 5 * GRID + 999, 20011
+    values = torch.randn(n, generator=torch.Generator().manual_seed(7)).abs()
+    ranks, more = [n // 10], 1 + RankSelect.passes_for(torch.float32)
+    for deviations, room, passes in (((4.0, 3.0, 2.0), 5000, 1), ((4.0, 3.0, 2.0), 1500, more), ((4.0,), 5000, more)):
+        monkeypatch.setattr(streaming, "STREAMED_DEVIATIONS", deviations)
+        streamed, taken = select_streamed(values, ranks, chunk, room, compiled=compiled)
+        assert taken == passes, (deviations, room)
+        assert streamed.value(0) == torch.kthvalue(values, ranks[0] + 1).values.item()
+        assert streamed.ties_before(0) == 0 and streamed.count_equal[0] == 1
+
+
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_streamed_brackets_select_in_one_pass_what_the_passes_select(dtype, compiled):
     """A tensor streamed in chunks whose ranks lie inside the ranges estimated from its first chunk is selected at

@@ -1,10 +1,12 @@
-"""TIES with a magnitude sparsifier (`ties`, `breadcrumbs_ties`), compiled: for each element, every model's task
-vector made, set to +0 outside that model's selected magnitude bounds, rescaled and weighted, summed by sign in
-registers, the sign elected and the base added, in one pass over the inputs, where element-wise operations take
-one each (subtract the base, take the magnitude, compare with each bound, mask, multiply, add by sign: the four
-sums of `consensus.add_by_sign` written and read again for each model, then `consensus.finish`). The same single
-operations in the same order, in the sums' dtype, so the same bits: `tests/test_kernels.py` holds the kernel to
-them. With it, the kernels that place the ties its bounds admit by position."""
+"""The task-vector methods with a magnitude sparsifier, compiled. TIES (`ties`, `breadcrumbs_ties`): for each
+element, every model's task vector made, set to +0 outside that model's selected magnitude bounds, rescaled and
+weighted, summed by sign in registers, the sign elected and the base added, in one pass over the inputs, where
+element-wise operations take one each (subtract the base, take the magnitude, compare with each bound, mask,
+multiply, add by sign: the four sums of `consensus.add_by_sign` written and read again for each model, then
+`consensus.finish`). The same single operations in the same order, in the sums' dtype, so the same bits:
+`tests/test_kernels.py` holds the kernels to them. Without sign consensus (`breadcrumbs`), the kept deltas are
+summed in registers the same way (`merge_within`) where torch's operations took a pass each. With them, the kernels
+that place the ties their bounds admit by position."""
 
 from __future__ import annotations
 
@@ -45,6 +47,30 @@ def merge_within_by_sign(inputs, base, lows, highs, keep_all, factors, weights, 
 
 
 @compiled
+def merge_within(inputs, base, lows, highs, keep_all, factors, weights, out, normalize, divisor, scale):
+    """out = base + the sum of the models' kept deltas, as `task_vectors.task_vector_merge` makes it without sign
+    consensus: each model's delta kept, rescaled and weighted as in `merge_within_by_sign`, added in model order
+    to +0; divided by `divisor` with `normalize`, times `scale` where that is not 1 (both rounded to the values'
+    dtype), the base added."""
+    zero, one = base.dtype.type(0), base.dtype.type(1)
+    divide, factor = base.dtype.type(divisor), base.dtype.type(scale)
+    scaled = scale != 1
+    for j in range(base.size):
+        b = base[j]
+        total = zero
+        for i in range(len(inputs)):
+            delta = inputs[i][j] - b
+            magnitude = abs(delta)
+            value = delta if ((lows[i] <= magnitude) & (magnitude <= highs[i])) | keep_all[i] else zero
+            if factors[i] != one:
+                value = value * factors[i]
+            total = total + value * weights[i]
+        if normalize:
+            total = total / divide
+        out[j] = b + (total * factor if scaled else total)
+
+
+@compiled
 def count_equal(x, base, value):
     """How many elements have |x - base| == value."""
     count = 0
@@ -72,5 +98,6 @@ def load(models: tuple[int, ...] = (2, 3)) -> None:
         for count in models:
             flags, numbers = np.zeros(count, dtype=np.bool_), np.ones(count, dtype=dtype)
             merge_within_by_sign((one,) * count, one, numbers, numbers, flags, numbers, numbers, one.copy(), True, 1.0)
+            merge_within((one,) * count, one, numbers, numbers, flags, numbers, numbers, one.copy(), True, 1.0, 1.0)
         count_equal(one, one, one[0])
         index_of_equal(one, one, one[0], 0)

@@ -124,8 +124,8 @@ def kernel_loader(*names: str) -> Callable[[], None]:
 
 
 def kernel_loaded(name: str) -> bool:
-    """Whether `streammerge.kernels.<name>` is loaded (by `Method.load` or `Method.load_streamed`): a pass that
-    has a compiled form and a numpy one takes the compiled one only then, never importing numba in mid-merge."""
+    """Whether `streammerge.kernels.<name>` is loaded (by `Method.load`): a pass that has a compiled form and a
+    numpy one takes the compiled one only then, never importing numba in mid-merge."""
     return f"streammerge.kernels.{name}" in sys.modules
 
 
@@ -215,10 +215,6 @@ class Method:
     # Loads what the method's math runs on beyond torch and numpy (compiled kernels), before the merge measures what
     # the process holds, so that its budget counts it.
     load: Callable[[], None] | None = None
-    # Loads what only makes the passes over tensors streamed in chunks faster (compiled kernels whose numpy
-    # counterpart gives the same results): the engine calls it when the plan streams a tensor and the budget
-    # leaves room for it (`STREAMED_LOAD_ROOM`); the method then uses what `kernel_loaded` finds loaded.
-    load_streamed: Callable[[], None] | None = None
     # The math runs on the merge's own threads (`streaming.in_parallel`: compiled kernels, numpy sorts), with few
     # torch operations between: torch is held to one thread during the merge (`cpu.merge_thread_policy`), so that
     # its idle OpenMP threads do not spin on the cores the merge's threads need. Methods whose torch operations

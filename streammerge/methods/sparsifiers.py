@@ -164,7 +164,7 @@ def _inclusive(bounds: Bounds) -> Bounds:
 
 class MagnitudeStats:
     """Per model: the radix selection of its thresholds, then (with `rescale`) the L1 norms before and after. A
-    tensor streamed in chunks is bracketed by the compiled pass where the merge has loaded it (`load_streamed`)."""
+    tensor streamed in chunks is bracketed by the compiled pass the method loads (`Method.load`)."""
 
     def __init__(self):
         self.ready = False
@@ -243,14 +243,15 @@ def prune_by_magnitude(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats:
     keep_only(b.delta, b.keep, b.magnitude)  # the magnitudes are no longer needed
 
 
-def elected_within_bounds(ctx: ChunkContext, stats: MagnitudeStats | None, sparsifier: Sparsifier,
-                          out: torch.Tensor) -> RangeWork:
-    """TIES' merge of a chunk with a magnitude sparsifier in one compiled pass (`kernels.magnitude`), as a function
-    of an element range [a, z) of the chunk, written to `out`. Ties at a bound admitted by position
-    (`stats.merge_gates`) become index ranges of the chunk (`TieGate.span`) within which that bound is inclusive:
-    the chunk is merged piece by piece, each with its own bounds per model (so this must be called on the chunks
-    in order). `stats` is None where no model selects (each keeps all or nothing)."""
-    from streammerge.kernels import magnitude  # (numba: imported by the merges that elect signs)
+def merged_within_bounds(ctx: ChunkContext, stats: MagnitudeStats | None, sparsifier: Sparsifier, out: torch.Tensor,
+                         elect: bool) -> RangeWork:
+    """The merge of a chunk with a magnitude sparsifier in one compiled pass (`kernels.magnitude`: TIES' with
+    `elect`, else the plain sum of the kept deltas), as a function of an element range [a, z) of the chunk, written
+    to `out`. Ties at a bound admitted by position (`stats.merge_gates`) become index ranges of the chunk
+    (`TieGate.span`) within which that bound is inclusive: the chunk is merged piece by piece, each with its own
+    bounds per model (so this must be called on the chunks in order). `stats` is None where no model selects (each
+    keeps all or nothing)."""
+    from streammerge.kernels import magnitude  # (numba: imported by the merges that select by magnitude)
     inputs, base = tuple(x.numpy() for x in ctx.inputs), ctx.base.numpy()
     dtype, n = base.dtype, base.size
     ranks = stats.ranks if stats is not None else [magnitude_ranks(sparsifier, m, ctx.numel) for m in ctx.model_params]
@@ -274,15 +275,24 @@ def elected_within_bounds(ctx: ChunkContext, stats: MagnitudeStats | None, spars
         pieces.append((p, q, lows, highs))
     normalize, scale = bool(ctx.params["normalize"]), float(ctx.params["lambda"])
     out_array = out.numpy()
+    finish = (normalize, scale) if elect else (normalize, weight_divisor(ctx.model_params), scale)
+    kernel = magnitude.merge_within_by_sign if elect else magnitude.merge_within
 
     def step(a: int, z: int) -> None:
         for p, q, lows, highs in pieces:
             p, q = max(a, p), min(z, q)
             if p < q:
-                magnitude.merge_within_by_sign(tuple(x[p:q] for x in inputs), base[p:q], lows, highs, keep_all,
-                                               factors, weights, out_array[p:q], normalize, scale)
+                kernel(tuple(x[p:q] for x in inputs), base[p:q], lows, highs, keep_all, factors, weights,
+                       out_array[p:q], *finish)
 
     return step
+
+
+def weight_divisor(model_params: list[dict]) -> float:
+    """What `normalize` divides a sum of weighted deltas by without sign consensus: the sum of the weights (1 where
+    that is about 0)."""
+    divisor = sum(m["weight"] for m in model_params)
+    return divisor if abs(divisor) >= 1e-8 else 1.0
 
 
 # -- runs of whole small tensors (`Method.segmented`): per-tensor work on numpy views, the rest on the run -----

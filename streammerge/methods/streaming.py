@@ -390,6 +390,9 @@ STREAMED_SAMPLE = 1 << 16  # the same from the first chunk of a tensor streamed 
 # and the share of the elements either side of each rank its ranges take at least, where the room allows: wider
 # than the sample's error, for the rest of a tensor that differs a little from its first chunk, but few to copy
 STREAMED_SHARE = 0.01
+# Standard errors of the sample's quantile either side of each rank, widest first: a narrower range is tried where
+# a wider one would not fit the room (a miss costs no more than not trying: the histogram passes)
+STREAMED_DEVIATIONS = (4.0, 3.0, 2.0)
 BRACKET_FROM = 1 << 16  # fewer elements are partitioned whole: bracketing them first saves nothing
 CALIBRATION_KEYS = 1 << 18  # magnitudes both whole-tensor selections are timed on, once per process
 CALIBRATION_ROUNDS = 3  # ... each, alternately: the best of each compared
@@ -720,17 +723,18 @@ def _select_bracketed(bits: np.ndarray, keys: np.ndarray, ranks: list[int]) -> l
     return _select_partitioned(keys[:written], moved_ranks)
 
 
-def _rank_brackets(bits: np.ndarray, ranks: list[int], n: int, sample_size: int, share: float) -> list[list]:
+def _rank_brackets(bits: np.ndarray, ranks: list[int], n: int, sample_size: int, share: float,
+                   deviations: float = 4.0) -> list[list]:
     """[low, high] of disjoint ranges of bit patterns, ascending, that hold the given ranks among n values
     with near certainty, from a strided sample of about `sample_size` of `bits` (which are those values, or a part
-    of them): four standard errors of the sample's quantile either side of each rank, or `share` of n where that
-    is wider."""
+    of them): `deviations` standard errors of the sample's quantile either side of each rank, or `share` of n where
+    that is wider."""
     sample = bits[::max(bits.size // sample_size, 1) | 1].copy()  # (an odd stride: rows of a power-of-two width vary)
     places = []
     for rank in sorted(set(ranks)):
         q = rank / n
         at = q * sample.size
-        margin = max(4 * math.sqrt(sample.size * q * (1 - q)) + 8, share * sample.size)
+        margin = max(deviations * math.sqrt(sample.size * q * (1 - q)) + 8, share * sample.size)
         places.append((int(at - margin), int(at + margin) + 1))  # (past either end: open on that side)
     inner = sorted({i for place in places for i in place if 0 < i < sample.size - 1})
     if inner:
@@ -862,16 +866,20 @@ class StreamedBrackets:
                 self.written += length
 
     def _start(self, bits: np.ndarray, ranks: list[int]) -> bool:
-        """The ranges, from the first chunk; False (and `full`) where they would not fit the room."""
+        """The ranges, from the first chunk, as wide as `STREAMED_DEVIATIONS` allow in turn while what they would
+        hold does not fit the room; False (and `full`) where even the narrowest would not."""
         share = self.room.size / (4 * max(len(ranks), 1) * max(self.numel, 1))  # (at most half the room, expected)
-        self.brackets = _rank_brackets(bits, ranks, self.numel, STREAMED_SAMPLE, min(share, self.share))
-        self.below = [0] * len(self.brackets)
-        self.bounds = lows, spans = range_bounds(self.brackets)
         sample = bits[:COUNT_SLICE]
-        inside = self.bracket_slice(sample, lows, spans, np.zeros(lows.size, dtype=np.int64),
-                                    np.empty(sample.size, dtype=np.uint8), np.empty_like(sample))
-        expected = inside / sample.size * self.numel
-        self.full = expected > self.room.size * 3 // 4  # (narrower ranges would miss their ranks: not worth a try)
+        for deviations in STREAMED_DEVIATIONS:
+            self.brackets = _rank_brackets(bits, ranks, self.numel, STREAMED_SAMPLE, min(share, self.share),
+                                           deviations)
+            self.bounds = lows, spans = range_bounds(self.brackets)
+            inside = self.bracket_slice(sample, lows, spans, np.zeros(lows.size, dtype=np.int64),
+                                        np.empty(sample.size, dtype=np.uint8), np.empty_like(sample))
+            self.full = inside / sample.size * self.numel > self.room.size * 3 // 4  # (expected to fill it)
+            if not self.full:
+                break
+        self.below = [0] * len(self.brackets)
         return not self.full
 
     def select(self, ranks: list[int]) -> list[tuple[int, int, int]] | None:

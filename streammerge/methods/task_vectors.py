@@ -20,10 +20,11 @@ import torch
 
 from streammerge.methods.method import ChunkContext, Method, Param, kernel_loader
 from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, MagnitudeStats, Sparsifier,
-                                             add_randomly_pruned_segments, elected_within_bounds, magnitude_finish,
+                                             add_randomly_pruned_segments, magnitude_finish,
                                              magnitude_observe, magnitude_passes, magnitude_segment_stats,
-                                             magnitude_streamed_reads, prune_by_magnitude, prune_by_magnitude_rank,
-                                             prune_segments_by_magnitude, randomly_pruned_step)
+                                             magnitude_streamed_reads, merged_within_bounds, prune_by_magnitude,
+                                             prune_by_magnitude_rank, prune_segments_by_magnitude,
+                                             randomly_pruned_step, weight_divisor)
 from streammerge.methods.streaming import DRAW_GRAIN, KERNEL_GRAIN, RangeWork, in_parallel, range_step
 
 
@@ -63,15 +64,6 @@ class Family:
         own = Buffers.MIN_BUFFERS + (3 if self.consensus is Consensus.SIGN else 0)
         return own + (MAGPRUNE_BUFFERS if self.sparsifier is Sparsifier.MAGPRUNE else 0)
 
-    @property
-    def elects_within_bounds(self) -> bool:
-        """Whether a chunk's merge (but in a run of small tensors) runs in one compiled pass over every model
-        (`elected_within_bounds`), and a selection streamed in chunks brackets its ranks in a compiled pass
-        (`kernels.brackets`): where the sign consensus loads numba anyway. Not `breadcrumbs`: numba's import
-        (0.3-0.5 s) and 34 MiB, which shrink the chunks at a small budget, cost it more than such a pass saves
-        (full-size Llama set, whole commands at 4 GiB and 256 MiB, three alternations each)."""
-        return self.sparsifier.by_magnitude and self.consensus is Consensus.SIGN
-
 
 def task_vector_merge(family: Family):
     def merge(ctx: ChunkContext, stats) -> torch.Tensor:
@@ -88,8 +80,8 @@ def task_vector_merge(family: Family):
         magnitude_stats = stats if family.sparsifier.by_magnitude and not ctx.segments else None
         if magnitude_stats is not None and ctx.offset == 0:  # the merge's gates count the elements from the start
             magnitude_stats.merge_gates = [bd.new_gates() if bd is not None else [] for bd in magnitude_stats.bounds]
-        if family.elects_within_bounds and not ctx.segments:
-            in_parallel(mixed.numel(), elected_within_bounds(ctx, magnitude_stats, family.sparsifier, mixed),
+        if family.sparsifier.by_magnitude and not ctx.segments:  # (one compiled pass over every model)
+            in_parallel(mixed.numel(), merged_within_bounds(ctx, magnitude_stats, family.sparsifier, mixed, consensus),
                         grain=KERNEL_GRAIN)
             return mixed
         # Compiled steps over element ranges, run together: each thread takes its range through every step in turn
@@ -128,8 +120,7 @@ def task_vector_merge(family: Family):
         if consensus:
             return mixed
         if ctx.params["normalize"]:
-            divisor = sum(m["weight"] for m in ctx.model_params)
-            mixed.div_(divisor if abs(divisor) >= 1e-8 else 1.0)
+            mixed.div_(weight_divisor(ctx.model_params))
         if ctx.params["lambda"] != 1:
             mixed.mul_(ctx.params["lambda"])
         return torch.add(base, mixed, out=ctx.out)
@@ -160,7 +151,7 @@ def _loader(family: Family):
     """`Method.load` of a family: loads the compiled kernels (`streammerge.kernels`) its merge runs on, if any."""
     kernels = ((["philox"] if family.sparsifier in (Sparsifier.RANDOM, Sparsifier.MAGPRUNE) else [])
                + (["dare"] if family.sparsifier is Sparsifier.RANDOM else [])
-               + (["brackets", "magnitude"] if family.elects_within_bounds else [])
+               + (["brackets", "magnitude"] if family.sparsifier.by_magnitude else [])
                + (["magprune"] if family.sparsifier is Sparsifier.MAGPRUNE else [])
                + (["consensus"] if family.consensus is Consensus.SIGN else []))
     return kernel_loader(*kernels) if kernels else None
@@ -259,8 +250,6 @@ def _method(family: Family) -> Method:
         segment_stats=magnitude_segment_stats(family.sparsifier) if magnitude else None,
         load=_loader(family),
         own_threads=family.sparsifier in (Sparsifier.RANDOM, Sparsifier.MAGPRUNE),  # (the draws, DELLA's sorts)
-        # (breadcrumbs' bracketing pass: the methods that elect signs load it with their kernels)
-        load_streamed=kernel_loader("brackets") if magnitude and not family.elects_within_bounds else None,
         typical=family.typical or {},
     )
 
