@@ -20,11 +20,10 @@ import torch
 
 from streammerge.methods.method import ChunkContext, Method, Param, kernel_loader
 from streammerge.methods.sparsifiers import (MAGPRUNE_BUFFERS, Buffers, MagnitudeStats, Sparsifier,
-                                             add_randomly_pruned_segments, magnitude_finish,
-                                             magnitude_observe, magnitude_passes, magnitude_segment_stats,
-                                             magnitude_streamed_reads, merged_within_bounds, prune_by_magnitude,
-                                             prune_by_magnitude_rank, prune_segments_by_magnitude,
-                                             randomly_pruned_step, weight_divisor)
+                                             add_randomly_pruned_segments, magnitude_finish, magnitude_observe,
+                                             magnitude_passes, magnitude_segment_stats, magnitude_streamed_reads,
+                                             merged_within_bounds, prune_by_magnitude_rank,
+                                             prune_segments_by_magnitude, randomly_pruned_step, weight_divisor)
 from streammerge.methods.streaming import DRAW_GRAIN, KERNEL_GRAIN, RangeWork, in_parallel, range_step
 
 
@@ -67,8 +66,14 @@ class Family:
 
 def task_vector_merge(family: Family):
     def merge(ctx: ChunkContext, stats) -> torch.Tensor:
-        b = ctx.derived(Buffers)
         consensus = family.consensus is Consensus.SIGN
+        if family.sparsifier.by_magnitude and not ctx.segments:  # one compiled pass over every model
+            if stats is not None and ctx.offset == 0:  # (the merge's gates count the elements from the start)
+                stats.merge_gates = [bd.new_gates() if bd is not None else [] for bd in stats.bounds]
+            in_parallel(ctx.out.numel(), merged_within_bounds(ctx, stats, family.sparsifier, ctx.out, consensus),
+                        grain=KERNEL_GRAIN)
+            return ctx.out
+        b = ctx.derived(Buffers)
         if consensus:  # (numba: imported by the merges that elect signs, not by every command)
             from streammerge.kernels.consensus import add_by_sign, finish
         base = ctx.base
@@ -76,14 +81,6 @@ def task_vector_merge(family: Family):
         sums = (mixed, *b.rest[:3]) if consensus else (mixed,)  # (TIES': positive, negative and their weights)
         if not consensus and family.sparsifier is not Sparsifier.RANDOM:  # (else compiled steps: the first writes)
             mixed.zero_()
-        # one statistics object per tensor: not in a run of small tensors (one each there: `sparsify`)
-        magnitude_stats = stats if family.sparsifier.by_magnitude and not ctx.segments else None
-        if magnitude_stats is not None and ctx.offset == 0:  # the merge's gates count the elements from the start
-            magnitude_stats.merge_gates = [bd.new_gates() if bd is not None else [] for bd in magnitude_stats.bounds]
-        if family.sparsifier.by_magnitude and not ctx.segments:  # (one compiled pass over every model)
-            in_parallel(mixed.numel(), merged_within_bounds(ctx, magnitude_stats, family.sparsifier, mixed, consensus),
-                        grain=KERNEL_GRAIN)
-            return mixed
         # Compiled steps over element ranges, run together: each thread takes its range through every step in turn
         # (one dispatch, the range in its core's cache), before anything else reads or writes the sums.
         steps: list[RangeWork] = []
@@ -158,16 +155,12 @@ def _loader(family: Family):
 
 
 def sparsify(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats, b: Buffers) -> None:
-    """Sparsify model i's task vector in `b.delta` (rescaled where the method asks). In a run of small tensors
-    (`ctx.segments`, `stats` one per tensor) each tensor is sparsified on its segment with its own statistics.
-    (DELLA's whole tensors are pruned batch by batch as the merge adds them: `prune_by_magnitude_rank`'s hooks.)"""
+    """Sparsify model i's task vector in `b.delta` (rescaled where the method asks), in a run of small tensors
+    (`ctx.segments`, `stats` one per tensor): each tensor on its segment with its own statistics. (A tensor merged
+    alone is sparsified inside the compiled merge by magnitude, `merged_within_bounds`, and by DELLA's batches as the
+    merge adds them, `prune_by_magnitude_rank`'s hooks.)"""
     if sparsifier.by_magnitude:
-        if ctx.segments:
-            prune_segments_by_magnitude(sparsifier, i, ctx, stats, b)
-            return
-        prune_by_magnitude(sparsifier, i, ctx, stats, b, stats.merge_gates[i] if stats is not None else [])
-        if stats is not None and stats.factors[i] != 1.0:
-            b.delta.mul_(stats.factors[i])
+        prune_segments_by_magnitude(sparsifier, i, ctx, stats, b)
     elif sparsifier is Sparsifier.MAGPRUNE:
         for segment in ctx.segments:  # each tensor's rows ranked on its own, with the run's whole scratch buffers
             part = ctx.segment(segment)
