@@ -11,9 +11,19 @@ that place the ties their bounds admit by position."""
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from streammerge.kernels import compiled
 from streammerge.kernels.consensus import elected
+
+
+@njit(inline="always", cache=True)
+def kept(x, b, low, high, keep_all, factor, zero, one):
+    """A model's delta x - b where low <= |delta| <= high or `keep_all`, else +0; times `factor` where that is not 1."""
+    delta = x - b
+    magnitude = abs(delta)
+    value = delta if ((low <= magnitude) & (magnitude <= high)) | keep_all else zero
+    return value * factor if factor != one else value
 
 
 @compiled
@@ -30,12 +40,7 @@ def merge_within_by_sign(inputs, base, lows, highs, keep_all, factors, weights, 
         b = base[j]
         positive, negative, weight_positive, weight_negative = zero, zero, zero, zero
         for i in range(len(inputs)):
-            delta = inputs[i][j] - b
-            magnitude = abs(delta)
-            value = delta if ((lows[i] <= magnitude) & (magnitude <= highs[i])) | keep_all[i] else zero
-            if factors[i] != one:
-                value = value * factors[i]
-            value = value * weights[i]
+            value = kept(inputs[i][j], b, lows[i], highs[i], keep_all[i], factors[i], zero, one) * weights[i]
             # (consensus.sign_add's sums, from +0 as for the first model, the same additions in model order)
             positive = positive + (zero if value < zero else value)
             negative = negative + (zero if value > zero else value)
@@ -59,12 +64,7 @@ def merge_within(inputs, base, lows, highs, keep_all, factors, weights, out, nor
         b = base[j]
         total = zero
         for i in range(len(inputs)):
-            delta = inputs[i][j] - b
-            magnitude = abs(delta)
-            value = delta if ((lows[i] <= magnitude) & (magnitude <= highs[i])) | keep_all[i] else zero
-            if factors[i] != one:
-                value = value * factors[i]
-            total = total + value * weights[i]
+            total = total + kept(inputs[i][j], b, lows[i], highs[i], keep_all[i], factors[i], zero, one) * weights[i]
         if normalize:
             total = total / divide
         out[j] = b + (total * factor if scaled else total)
