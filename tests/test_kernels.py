@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from streammerge.kernels import dare, fusion, magnitude, magprune, ram, sce
+from streammerge.kernels import dare, fusion, magnitude, magprune, ram, sce, stock
 from streammerge.kernels.brackets import bracket_slice
 from streammerge.kernels.consensus import add_by_sign, finish
 from streammerge.methods import streaming
@@ -481,3 +481,22 @@ def test_ram_kernels_give_the_bits_of_the_operations(dtype, models, epsilon):
     assert counts.tolist() == [[5 + int((c & (count == 1)).sum()) for c in changed],
                                [5 + int((c & (count > 1)).sum()) for c in changed]]
     assert counts[0].sum() > 5 * models and (models == 1 or counts[1].sum() > 5 * models)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("models", [2, 3, 5])
+@pytest.mark.parametrize("ratio", [0.37, 1.0, 0.0, -0.25])
+def test_model_stock_kernel_gives_the_bits_of_the_operations(dtype, models, ratio):
+    """`kernels.stock.merge` against model_stock's torch operations with one ratio per tensor (the models summed
+    into the first's copy, divided by their count, times the ratio, plus the base times 1 - ratio), edge values
+    included."""
+    n = 20_000
+    base = edge_values(n, dtype, 30)
+    xs = [edge_values(n, dtype, 31 + i) for i in range(models)]
+    expected = xs[0].clone()
+    for x in xs[1:]:
+        expected.add_(x)
+    expected.div_(models).mul_(ratio).add_(torch.mul(base, 1 - ratio))
+    out = torch.full((n,), 7.0, dtype=dtype)
+    stock.merge(tuple(x.numpy() for x in xs), base.numpy(), ratio, 1 - ratio, out.numpy())
+    assert same_bits_or_both_nan(out, expected)

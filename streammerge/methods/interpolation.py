@@ -214,15 +214,18 @@ def stock_finish(stats: Stats, pass_index: int) -> None:
 def model_stock(ctx: ChunkContext, stats: Stats) -> torch.Tensor:
     n = ctx.out.numel()
     groups = stats.groups
+    if groups.count == 1:  # one ratio: the torch operations below in one compiled pass (`kernels.stock`)
+        from streammerge.kernels import stock  # (numba: loaded by the method)
+        ratio = stats.ratio.item()
+        # (on this thread: the tiles are small, and a dispatch to the merge's threads per tile cost more than the
+        # second thread saved, where the writer keeps the other core busy)
+        stock.merge(tuple(x.numpy() for x in ctx.inputs), ctx.base.numpy(), ratio, 1 - ratio, ctx.out.numpy())
+        return ctx.out
     out = ctx.out.copy_(ctx.inputs[0])
     for x in ctx.inputs[1:]:
         out.add_(x)
     out.div_(len(ctx.inputs))
     t, rest = ctx.buffers[0][:n], ctx.buffers[1][:n]
-    if groups.count == 1:
-        ratio = stats.ratio.item()
-        out.mul_(ratio)
-        return out.add_(torch.mul(ctx.base, 1 - ratio, out=rest))
     groups.expand(stats.ratio, ctx.offset, t)  # (already in the accumulation dtype)
     out.mul_(t)
     return out.add_(torch.mul(ctx.base, t.neg_().add_(1), out=rest))
@@ -234,7 +237,8 @@ MODEL_STOCK = Method(
     merge=per_segment(model_stock), segmented=True, tiled=True,
     params=(Param("filter_wise", False, "one ratio per row instead of per tensor", kind=bool),),
     needs_base=True, stat_passes=1, init_stats=lambda numel, n: Stats(), observe=stock_observe,
-    finish_pass=stock_finish, buffers=3, stats_bytes=stock_stats_bytes, min_models=2, load=kernel_loader("pairwise"),
+    finish_pass=stock_finish, buffers=3, stats_bytes=stock_stats_bytes, min_models=2,
+    load=kernel_loader("pairwise", "stock"),
 )
 
 METHODS = (SLERP, NUSLERP, MODEL_STOCK)
