@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check '$(TORCH_SPEC)'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,hf]'
-	$(BIN)/python -c 'from streammerge.kernels import brackets, consensus, dare, fusion, magnitude, magprune, pairwise, philox, ram, sce; brackets.load(); fusion.load(); pairwise.load(); philox.load(); consensus.load(); dare.load(); magnitude.load(); magprune.load(); ram.load(); sce.load()'  # compile once
+	$(BIN)/python -c 'from streammerge.kernels import brackets, consensus, dare, fusion, magnitude, magprune, pairwise, philox, ram, sce, stock; brackets.load(); fusion.load(); pairwise.load(); philox.load(); consensus.load(); dare.load(); magnitude.load(); magprune.load(); ram.load(); sce.load(); stock.load()'  # compile once
 	touch $@
 
 install: $(STAMP)
