@@ -169,3 +169,43 @@ def test_compiled_kernels_are_loaded_before_the_budget_measures_the_process(tmp_
                          timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == [str(loads)]
+
+
+STREAMING_LOAD = """
+import sys
+from streammerge.cli import main
+code = main(["merge", sys.argv[1], "--quiet", "--max-ram", sys.argv[2], "--report", sys.argv[3]])
+print(code, "numba" in sys.modules)
+"""
+
+
+def test_breadcrumbs_streams_within_a_tight_budget_with_its_compiled_passes(tmp_path, cli):
+    """`breadcrumbs` loads numba and its compiled merge and bracketing passes (34 MiB) before the budget measures
+    the process, so a tensor streamed in chunks just above the smallest budget that works, or with room, stays
+    within it; the same bytes as the tensor merged whole."""
+    import subprocess
+    import sys
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(4096, 1024, generator=g)  # 4 Mi elements: streamed below about 300 MiB
+    paths = [tmp_path / f"{name}.safetensors" for name in ("base", "m0", "m1")]
+    for path, tensor in zip(paths, (base, base + 0.01 * torch.randn(4096, 1024, generator=g),
+                                    base + 0.01 * torch.randn(4096, 1024, generator=g))):
+        save_file({"w": tensor}, path)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(streammerge_config("breadcrumbs", paths[1:], tmp_path / "o.safetensors",
+                                                        paths[0])))
+    too_small = cli("merge", config, "--max-ram", "64MiB", "--dry-run")
+    smallest = int(float(re.search(r"smallest budget that works is ([0-9.]+) MiB", too_small.stderr).group(1)))
+    outputs = {}
+    for name, budget, streamed in (("tight", smallest + 24, True), ("room", smallest + 96, True),
+                                   ("whole", 4096, False)):
+        report = tmp_path / f"{name}.json"
+        run = subprocess.run([sys.executable, "-c", STREAMING_LOAD, str(config), f"{budget}MiB", str(report)],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == ["0", "True"], name
+        facts = json.loads(report.read_text())
+        assert (facts["chunk_elements"] < base.numel()) == streamed, name
+        assert facts["peak_anon_bytes"] <= budget * 2**20, name
+        outputs[name] = (tmp_path / "o.safetensors").read_bytes()
+    assert outputs["tight"] == outputs["room"] == outputs["whole"]
