@@ -212,7 +212,6 @@ def stock_finish(stats: Stats, pass_index: int) -> None:
 
 
 def model_stock(ctx: ChunkContext, stats: Stats) -> torch.Tensor:
-    n = ctx.out.numel()
     groups = stats.groups
     if groups.count == 1:  # one ratio: the torch operations below in one compiled pass (`kernels.stock`)
         from streammerge.kernels import stock  # (numba: loaded by the method)
@@ -221,6 +220,7 @@ def model_stock(ctx: ChunkContext, stats: Stats) -> torch.Tensor:
         # second thread saved, where the writer keeps the other core busy)
         stock.merge(tuple(x.numpy() for x in ctx.inputs), ctx.base.numpy(), ratio, 1 - ratio, ctx.out.numpy())
         return ctx.out
+    n = ctx.out.numel()
     out = ctx.out.copy_(ctx.inputs[0])
     for x in ctx.inputs[1:]:
         out.add_(x)

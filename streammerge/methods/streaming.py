@@ -870,12 +870,12 @@ class StreamedBrackets:
         hold does not fit the room; False (and `full`) where even the narrowest would not."""
         share = self.room.size / (4 * max(len(ranks), 1) * max(self.numel, 1))  # (at most half the room, expected)
         sample = bits[:COUNT_SLICE]
+        mask, kept = np.empty(sample.size, dtype=np.uint8), np.empty_like(sample)  # (the sample's count's scratch)
         for deviations in STREAMED_DEVIATIONS:
             self.brackets = _rank_brackets(bits, ranks, self.numel, STREAMED_SAMPLE, min(share, self.share),
                                            deviations)
             self.bounds = lows, spans = range_bounds(self.brackets)
-            inside = self.bracket_slice(sample, lows, spans, np.zeros(lows.size, dtype=np.int64),
-                                        np.empty(sample.size, dtype=np.uint8), np.empty_like(sample))
+            inside = self.bracket_slice(sample, lows, spans, np.zeros(lows.size, dtype=np.int64), mask, kept)
             self.full = inside / sample.size * self.numel > self.room.size * 3 // 4  # (expected to fill it)
             if not self.full:
                 break
