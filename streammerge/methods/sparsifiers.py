@@ -14,6 +14,7 @@ chunk size.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import math
@@ -26,7 +27,7 @@ import torch
 from streammerge.errors import StreamMergeError
 from streammerge.methods.masks import INT_VIEW, keep_only
 from streammerge.methods.method import ChunkContext, kernel_loaded
-from streammerge.methods.streaming import (DRAW_GRAIN, KERNEL_GRAIN, Groups, GroupSums, RangeWork, RankSelect,
+from streammerge.methods.streaming import (DRAW_GRAIN, Groups, GroupSums, RangeWork, RankSelect,
                                            TieGate, Uniform, bool_views, in_parallel)
 
 RESCALE_EPS = 1e-7  # below this L1 norm a magnitude-pruned delta is left unscaled
@@ -500,98 +501,126 @@ def _ranks_by_keys(dtype: torch.dtype, span: int) -> bool:
     return dtype == torch.float32 and 31 + magprune.position_bits(span) <= 63
 
 
-def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, i: int, unit: int, inner: int,
-              uniform: Uniform, make: RangeWork | None = None, then: RangeWork | None = None) -> None:
-    """Prune (and rescale) `delta` in place: whole units starting at element `start` of the tensor. The units
-    are split between the merge's threads; each ranks, draws and prunes a batch of them at a time, the batch's
-    range [a, z) of `delta` first made by `make(a, z)` where given, and passed on to `then(a, z)` once pruned
-    (while it is in the thread's cache)."""
+@dataclass(frozen=True)
+class Pruning:
+    """One model's DELLA pruning of a tensor's vectors (`_magprune`): its stream of draws and its keep
+    probabilities by rank (None where it keeps all, `keep`, or nothing), with the hooks a merge gives it: `make(a,
+    z)` makes the range [a, z) of the deltas before it is ranked, `then(a, z)` takes it once pruned."""
+    model: int
+    uniform: Uniform
+    by_rank: np.ndarray | None
+    keep: bool
+    make: RangeWork | None = None
+    then: RangeWork | None = None
+
+    def shifted(self, at: int) -> Pruning:
+        """The same with the hooks' ranges moved by `at` elements (a batch's ranges made the chunk's)."""
+        return dataclasses.replace(self, make=_shifted(self.make, at), then=_shifted(self.then, at))
+
+
+def _shifted(work: RangeWork | None, at: int) -> RangeWork | None:
+    return (lambda a, z: work(at + a, at + z)) if work is not None else None
+
+
+def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, prunings: list[Pruning], unit: int, inner: int,
+              done: RangeWork | None = None) -> None:
+    """Prune (and rescale) `delta` in place for each of `prunings` in turn: whole units starting at element `start`
+    of the tensor. The units are split between the merge's threads; each takes a batch of them at a time through
+    every pruning (made, ranked, drawn, pruned, passed on) and then `done(a, z)`, while the batch is in its cache."""
     from streammerge.kernels import magprune  # (numba: imported by the merges that use it)
-    model = ctx.model_params[i]
     span = unit // inner
     units = delta.numel() // unit
     keys, magnitude, draws = _magprune_scratch(ctx, delta.numel())
-    by_rank = (_probability_by_rank_cached if span <= CACHED_RANKS else _probability_by_rank)(
-        span, model["density"], model["epsilon"], delta.dtype).numpy()
-    grid = delta.numpy().reshape(units, span, inner)  # [units, ranked dimension, rest]
+    values = delta.numpy()
+    grid = values.reshape(units, span, inner)  # [units, ranked dimension, rest]
     order = keys.reshape(units * inner, span)  # a row per ranked vector
     rescale = bool(ctx.params["rescale"])
     shift = magprune.position_bits(span)
-    if _ranks_by_keys(delta.dtype, span):
-        bits, positions = grid.view(np.int32), (1 << shift) - 1
-    else:  # float64: the order of a stable argsort, made at once on torch's threads
-        if make is not None:
-            in_parallel(delta.numel(), make, grain=KERNEL_GRAIN)
-            make = None
-        rows = magnitude[:delta.numel()].view(units, inner, span)
-        torch.abs(delta.view(units, span, inner).transpose(1, 2), out=rows)
-        torch.argsort(rows.view(-1, span), dim=1, stable=True, out=torch.from_numpy(order))
-        bits, positions = None, -1
+    # float64: the order of a stable argsort of the magnitudes
+    bits, positions = (grid.view(np.int32), (1 << shift) - 1) if _ranks_by_keys(delta.dtype, span) else (None, -1)
+    step = max(1, RANKED_BATCH // unit)
 
-    def work(a: int, b: int) -> None:
-        for u in range(a, b, max(1, RANKED_BATCH // unit)):
-            z = min(b, u + max(1, RANKED_BATCH // unit))
-            if make is not None:
-                make(u * unit, z * unit)
-            uniform.fill(start + u * unit, draws[u * unit:z * unit])
+    def prune(pruning: Pruning, u: int, z: int) -> None:
+        a, b = u * unit, z * unit
+        if pruning.make is not None:
+            pruning.make(a, b)
+        if pruning.by_rank is None:
+            if not pruning.keep:
+                values[a:b] = 0
+        else:
+            pruning.uniform.fill(start + a, draws[a:b])
             rows = order[u * inner:z * inner]
             if bits is not None:
                 magprune.rank_keys(bits[u:z], rows, shift)
                 rows.sort(axis=-1)
-            magprune.prune_ranked(grid[u:z], rows, positions, draws[u * unit:z * unit].reshape(z - u, span, inner),
-                                  by_rank, rescale)
-            if then is not None:
-                then(u * unit, z * unit)
+            else:
+                ranked = magnitude[a:b].view(z - u, inner, span)
+                torch.abs(delta[a:b].view(z - u, span, inner).transpose(1, 2), out=ranked)
+                torch.argsort(ranked.view(-1, span), dim=1, stable=True, out=torch.from_numpy(rows))
+            magprune.prune_ranked(grid[u:z], rows, positions, draws[a:b].reshape(z - u, span, inner),
+                                  pruning.by_rank, rescale)
+        if pruning.then is not None:
+            pruning.then(a, b)
 
-    in_parallel(units, work, grain=max(1, RANKED_BATCH // unit))
+    def work(first: int, last: int) -> None:
+        for u in range(first, last, step):
+            z = min(last, u + step)
+            for pruning in prunings:
+                prune(pruning, u, z)
+            if done is not None:
+                done(u * unit, z * unit)
+
+    in_parallel(units, work, grain=step)
 
 
-def prune_by_magnitude_rank(i: int, ctx: ChunkContext, b: Buffers, x: torch.Tensor | None = None,
-                            then: RangeWork | None = None) -> None:
+def prune_by_magnitude_rank(ctx: ChunkContext, b: Buffers, models: list[int], inputs: list[torch.Tensor] | None = None,
+                            thens: list[RangeWork] | None = None, done: RangeWork | None = None) -> None:
     """DELLA: keep each entry with probability density +- epsilon by its magnitude's rank along dimension 1, in
-    b.delta. With `x` (model i's chunk), b.delta is made here, x - base, a batch of units at a time on the merge's
-    threads; `then(a, z)` is called on each range of b.delta once it is pruned (on those threads: each range once)."""
-    model = ctx.model_params[i]
+    b.delta, for each of `models` in turn over each batch of whole units. With `inputs` (the chunks of `models`),
+    b.delta's batch is made here, input - base; `thens[k](a, z)` takes each range of b.delta once pruned for
+    models[k], and `done(a, z)` once every model's is (on the merge's threads: each range once)."""
     n = b.delta.numel()
-    delta, base = b.delta.numpy(), ctx.base.numpy()
-    x_array = x.numpy() if x is not None else None
-    make = (lambda a, z: np.subtract(x_array[a:z], base[a:z], out=delta[a:z])) if x is not None else None
-    if not 0 < model["density"] < 1:  # (all kept, or none)
-        if model["density"] <= 0:
-            b.delta.zero_()
-        elif make is not None:
-            in_parallel(n, make, grain=KERNEL_GRAIN)
-        if then is not None:
-            in_parallel(n, then, grain=KERNEL_GRAIN)
-        return
     unit, inner = _magprune_unit(ctx.shape, ctx.numel)
+    span = unit // inner
+    delta, base = b.delta.numpy(), ctx.base.numpy()
+    prunings = []
+    for k, i in enumerate(models):
+        model = ctx.model_params[i]
+        ranked = 0 < model["density"] < 1  # (else all kept, or none)
+        by_rank = ((_probability_by_rank_cached if span <= CACHED_RANKS else _probability_by_rank)(
+            span, model["density"], model["epsilon"], b.delta.dtype).numpy() if ranked else None)
+        x = inputs[k].numpy() if inputs is not None else None
+        make = (lambda a, z, x=x: np.subtract(x[a:z], base[a:z], out=delta[a:z])) if x is not None else None
+        prunings.append(Pruning(i, Uniform(ctx.seed, ctx.name, i), by_rank, model["density"] > 0, make,
+                                thens[k] if thens is not None else None))
     # (float32 deltas ranked by sorting int64 keys need nothing else from the first buffer: twice as many; float64
     # deltas are ordered by torch's stable argsort, whose temporaries the buffers do not hold: half as many)
-    share = (MAGPRUNE_SHARE // 2 if _ranks_by_keys(b.delta.dtype, unit // inner)
+    share = (MAGPRUNE_SHARE // 2 if _ranks_by_keys(b.delta.dtype, span)
              else MAGPRUNE_SHARE * (2 if b.delta.dtype == torch.float64 else 1))
     capacity = ctx.buffers[0].numel() // share
-    if unit > capacity:
+    if unit > capacity and any(p.by_rank is not None for p in prunings):
         raise StreamMergeError(
             f"della ranks the magnitudes of '{ctx.name}' in units of {unit} elements, more than its working "
             f"memory holds ({capacity}); raise max_ram (about {share * unit * 40 // 2**20 + 64} MiB "
             "would do).")
-    uniform = Uniform(ctx.seed, ctx.name, i)
     start, stop = ctx.offset, ctx.offset + n
     # Units straddling the chunk's edges are read whole and ranked; only this chunk's part is kept.
     edges = {start // unit * unit if start % unit else None, stop // unit * unit if stop % unit else None}
     for unit_start in sorted(u for u in edges if u is not None):
         unit_stop = unit_start + unit
-        whole = ctx.read_input(i, unit_start, unit_stop).sub_(ctx.read_base(unit_start, unit_stop))
-        _magprune(whole, unit_start, ctx, i, unit, inner, uniform)
         a, z = max(unit_start, start), min(unit_stop, stop)
-        b.delta[a - start:z - start].copy_(whole[a - unit_start:z - unit_start])
-        if then is not None:
-            then(a - start, z - start)
+        for pruning in prunings:
+            whole = ctx.read_input(pruning.model, unit_start, unit_stop).sub_(ctx.read_base(unit_start, unit_stop))
+            _magprune(whole, unit_start, ctx, [dataclasses.replace(pruning, make=None, then=None)], unit, inner)
+            b.delta[a - start:z - start].copy_(whole[a - unit_start:z - unit_start])
+            if pruning.then is not None:
+                pruning.then(a - start, z - start)
+        if done is not None:
+            done(a - start, z - start)
     first_full, last_full = -(-start // unit) * unit, stop // unit * unit
     batch = max(unit, capacity // unit * unit)
     for a in range(first_full, last_full, batch):
         z = min(last_full, a + batch)
         at = a - start  # (the hooks take ranges of the batch's units: shifted to the chunk's)
-        _magprune(b.delta[at:z - start], a, ctx, i, unit, inner, uniform,
-                  make=(lambda lo, hi, at=at: make(at + lo, at + hi)) if make is not None else None,
-                  then=(lambda lo, hi, at=at: then(at + lo, at + hi)) if then is not None else None)
+        _magprune(b.delta[at:z - start], a, ctx, [p.shifted(at) for p in prunings], unit, inner,
+                  done=_shifted(done, at))

@@ -75,10 +75,18 @@ def task_vector_merge(family: Family):
             return ctx.out
         b = ctx.derived(Buffers)
         if consensus:  # (numba: imported by the merges that elect signs, not by every command)
-            from streammerge.kernels.consensus import add_by_sign, finish
+            from streammerge.kernels.consensus import add_by_sign
         base = ctx.base
         mixed = ctx.out
         sums = (mixed, *b.rest[:3]) if consensus else (mixed,)  # (TIES': positive, negative and their weights)
+        if family.sparsifier is Sparsifier.MAGPRUNE and not ctx.segments:
+            # each batch of whole rows made, pruned, weighted and added for every model in turn, then finished,
+            # while it is in the thread's cache
+            thens = [weighted_adder(b.delta, sums, m["weight"], i == 0, consensus)
+                     for i, m in enumerate(ctx.model_params)]
+            prune_by_magnitude_rank(ctx, b, list(range(len(ctx.inputs))), ctx.inputs, thens,
+                                    done=finisher(ctx, sums, consensus))
+            return mixed
         if not consensus and family.sparsifier is not Sparsifier.RANDOM:  # (else compiled steps: the first writes)
             mixed.zero_()
         # Compiled steps over element ranges, run together: each thread takes its range through every step in turn
@@ -101,9 +109,6 @@ def task_vector_merge(family: Family):
                     steps.append(randomly_pruned_step(i, ctx, x, sums, weight, first))
                 continue
             run_steps()  # (b.delta is made again below)
-            if family.sparsifier is Sparsifier.MAGPRUNE and not ctx.segments:  # (made, pruned and added by batch)
-                prune_by_magnitude_rank(i, ctx, b, x, then=weighted_adder(b.delta, sums, weight, first, consensus))
-                continue
             torch.sub(x, base, out=b.delta)
             sparsify(family.sparsifier, i, ctx, stats, b)
             b.delta.mul_(weight)  # (torch's operations over the chunk: `weighted_adder` by range took longer here)
@@ -111,18 +116,34 @@ def task_vector_merge(family: Family):
                 steps.append(range_step(add_by_sign, (b.delta, *sums), weight, first))
             else:
                 mixed.add_(b.delta)
-        if consensus:  # the election, its normalisation, lambda and the base's addition in one pass, over `mixed`
-            steps.append(range_step(finish, (*sums, base), bool(ctx.params["normalize"]), float(ctx.params["lambda"])))
+        steps.append(finisher(ctx, sums, consensus))
         run_steps()
-        if consensus:
-            return mixed
-        if ctx.params["normalize"]:
-            mixed.div_(weight_divisor(ctx.model_params))
-        if ctx.params["lambda"] != 1:
-            mixed.mul_(ctx.params["lambda"])
-        return torch.add(base, mixed, out=ctx.out)
+        return mixed
 
     return merge
+
+
+def finisher(ctx: ChunkContext, sums: tuple[torch.Tensor, ...], consensus: bool) -> RangeWork:
+    """The end of a task-vector merge over a range [a, z) of its sums, written over the first (the chunk's
+    output): with `consensus`, the election, its normalisation, lambda and the base's addition in one compiled
+    pass; else the total divided by the weights' sum with `normalize`, times lambda where that is not 1, plus the
+    base (torch's operations on the whole chunk, in numpy on the range: both round the numbers to the sums' dtype)."""
+    normalize, scale = bool(ctx.params["normalize"]), float(ctx.params["lambda"])
+    if consensus:
+        from streammerge.kernels.consensus import finish  # (numba: loaded by the merges that elect signs)
+        return range_step(finish, (*sums, ctx.base), normalize, scale)
+    total, base = sums[0].numpy(), ctx.base.numpy()
+    divisor, factor = (total.dtype.type(v) for v in (weight_divisor(ctx.model_params), scale))
+
+    def finish_total(a: int, z: int) -> None:
+        part = total[a:z]
+        if normalize:
+            np.divide(part, divisor, out=part)
+        if scale != 1:
+            np.multiply(part, factor, out=part)
+        np.add(base[a:z], part, out=part)
+
+    return finish_total
 
 
 def weighted_adder(delta: torch.Tensor, sums: tuple[torch.Tensor, ...], weight: float, first: bool,
@@ -133,13 +154,14 @@ def weighted_adder(delta: torch.Tensor, sums: tuple[torch.Tensor, ...], weight: 
         from streammerge.kernels.consensus import add_by_sign  # (numba: loaded by the merges that elect signs)
     arrays = [t.numpy() for t in (delta, *sums)]
     scale = arrays[0].dtype.type(weight)  # (rounded to the buffers' dtype, as torch rounds a Python number)
+    zero = arrays[0].dtype.type(0)
 
     def add(a: int, z: int) -> None:
         part = np.multiply(arrays[0][a:z], scale, out=arrays[0][a:z])
         if consensus:
             add_by_sign(part, *(s[a:z] for s in arrays[1:]), weight, first)
-        else:
-            np.add(arrays[1][a:z], part, out=arrays[1][a:z])
+        else:  # (the first to +0, which turns -0 into +0, as adding to zeroed sums does)
+            np.add(zero if first else arrays[1][a:z], part, out=arrays[1][a:z])
 
     return add
 
@@ -164,7 +186,7 @@ def sparsify(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats, b: Buffer
     elif sparsifier is Sparsifier.MAGPRUNE:
         for segment in ctx.segments:  # each tensor's rows ranked on its own, with the run's whole scratch buffers
             part = ctx.segment(segment)
-            prune_by_magnitude_rank(i, dataclasses.replace(part, buffers=ctx.buffers), part.derived(Buffers))
+            prune_by_magnitude_rank(dataclasses.replace(part, buffers=ctx.buffers), part.derived(Buffers), [i])
 
 
 def _della_check(params: dict, model_params: list[dict]) -> str | None:
