@@ -12,7 +12,7 @@ import torch
 
 from streammerge.kernels import dare, fusion, magnitude, magprune, ram, sce, stock
 from streammerge.kernels.brackets import bracket_slice
-from streammerge.kernels.consensus import add_by_sign, finish
+from streammerge.kernels.consensus import add_by_sign, finish, merge_by_sign, merge_sum
 from streammerge.methods import streaming
 from streammerge.methods.masks import INT_VIEW, compare, keep_only
 from streammerge.methods.streaming import GRID, Groups, GroupSums, Uniform
@@ -68,6 +68,36 @@ def test_consensus_kernels_give_the_bits_of_the_operations(dtype, weights, norma
     finish(*(s.numpy() for s in sums), base.numpy(), normalize, scale)
     bits = INT_VIEW[dtype]
     assert torch.equal(sums[0].view(bits), expected.view(bits))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weights", [[0.5, 0.3, 0.2], [1.0, -0.7], [0.1, 0.1, 0.1, 0.1, -0.4], [0.3]])
+@pytest.mark.parametrize("normalize, scale", [(True, 1.0), (False, 1.0), (True, 0.7), (False, -1.3)])
+def test_merges_of_every_models_deltas_give_the_bits_of_the_operations(dtype, weights, normalize, scale):
+    """Every model's deltas at once, written over the first: each weighted (torch's multiplication), then added by
+    sign and elected as the operations above do, or summed from +0, divided, scaled and added to the base (a NaN
+    for a NaN: see `same_bits_or_both_nan`)."""
+    n = 50_000
+    deltas = [edge_values(n, dtype, seed) for seed in range(len(weights))]
+    deltas.append(deltas[0].clone())  # with the negated weight: sums that cancel exactly
+    weights = weights + [-weights[0]]
+    base = edge_values(n, dtype, 99)
+    weighted = [torch.mul(d, w) for d, w in zip(deltas, weights)]
+    given = np.array(weights, dtype=base.numpy().dtype)
+    bits = INT_VIEW[dtype]
+    got = [d.clone() for d in deltas]
+    merge_by_sign(tuple(d.numpy() for d in got), given, base.numpy(), normalize, scale)
+    assert torch.equal(got[0].view(bits), by_operations(weighted, weights, base, normalize, scale).view(bits))
+    total = torch.zeros(n, dtype=dtype)
+    for w in weighted:
+        total.add_(w)
+    if normalize:
+        total.div_(0.9)
+    if scale != 1:
+        total.mul_(scale)
+    got = [d.clone() for d in deltas]
+    merge_sum(tuple(d.numpy() for d in got), given, base.numpy(), normalize, 0.9, scale)
+    assert same_bits_or_both_nan(got[0], torch.add(base, total))
 
 
 @pytest.mark.parametrize("span", [1, 2, 3, 1000, 3001])

@@ -358,6 +358,36 @@ def test_della_equals_plain_pruning_bit_for_bit(tmp_path, dtype, chunk, threads,
         assert torch.equal(out[name], expected), name
 
 
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize("count", [3, 9])
+def test_della_merges_every_model_bit_for_bit(tmp_path, method, count):
+    """Every model's pruned deltas in a buffer of their own and merged in one pass (a few models), or weighted and
+    added to the sums one model at a time (more models than the buffers hold), in chunks that cut rows: the bits of
+    the element-wise operations on each model's plain pruning (the sums by sign, or from +0), densities of 0 and 1
+    among them."""
+    from test_kernels import by_operations
+    g = torch.Generator().manual_seed(count)
+    base = {"w": torch.randn(300, 700, generator=g)}
+    models = [{"w": base["w"] + 0.1 * torch.randn(300, 700, generator=g)} for _ in range(count)]
+    densities = [0.5, 0.0, 0.3, 1.0, 0.6, 0.4, 0.7, 0.5, 0.2][:count]
+    mp = [{"weight": 0.1 * (k + 1) * (-1) ** k, "density": d, "epsilon": 0.1 if 0 < d < 1 else 0.0}
+          for k, d in enumerate(densities)]
+    out = run_merge(tmp_path, method, models, base, mp, chunk=2 * GRID, seed=4,
+                    parameters={"normalize": True, "lambda": 0.8})
+    deltas = [m["w"] - base["w"] for m in models]
+    pruned = [plain_della_prune(d, p["density"], p["epsilon"], 4, "w", k) if 0 < p["density"] < 1
+              else d * p["density"] for k, (d, p) in enumerate(zip(deltas, mp))]
+    weighted = [torch.mul(d.flatten(), p["weight"]) for d, p in zip(pruned, mp)]
+    if method == "della":
+        expected = by_operations(weighted, [p["weight"] for p in mp], base["w"].flatten(), True, 0.8)
+    else:
+        total = torch.zeros(base["w"].numel())
+        for w in weighted:
+            total.add_(w)
+        expected = torch.add(base["w"].flatten(), total.div_(sum(p["weight"] for p in mp)).mul_(0.8))
+    assert torch.equal(out["w"].flatten(), expected)
+
+
 def test_della_keeps_only_short_rank_probabilities(tmp_path, monkeypatch):
     """The keep probabilities by rank are kept for row lengths that recur, not for a long 1-D tensor's (which
     would stay in memory outside the budget); both give the plain pruning's bits."""

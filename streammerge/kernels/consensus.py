@@ -1,8 +1,9 @@
 """TIES sign consensus, one pass per model and one to elect and end the merge (normalise, lambda, base), instead
 of the eight and fourteen torch and numpy operations it takes element-wise (`task_vectors.task_vector_merge`
-documents the arithmetic). Each sum is the same single float addition in the same order as those operations, so
-the bits are theirs: `tests/test_kernels.py` holds the kernels to them, zeros of either sign, NaN and infinities
-included."""
+documents the arithmetic); or, where every model's weighted delta is at hand at once, the sums in registers and the
+end in the same pass (`merge_by_sign`, and `merge_sum` for the plain sum). Each sum is the same single float
+addition in the same order as those operations, so the bits are theirs: `tests/test_kernels.py` holds the kernels
+to them, zeros of either sign, NaN and infinities included."""
 
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ import numpy as np
 from numba import njit
 
 from streammerge.kernels import compiled
+
+
+@njit(inline="always", cache=True)
+def by_sign(value, weight, sums, zero):
+    """The four sums (positive, negative, weight_positive, weight_negative) with a weighted delta added as
+    `sign_add` adds it to the arrays, in registers."""
+    positive, negative, weight_positive, weight_negative = sums
+    return (positive + (zero if value < zero else value), negative + (zero if value > zero else value),
+            weight_positive + (weight if value > zero else zero), weight_negative + (weight if value < zero else zero))
 
 
 @njit(inline="always", cache=True)
@@ -57,9 +67,49 @@ def finish(positive, negative, weight_positive, weight_negative, base, normalize
         positive[j] = base[j] + (value * factor if scaled else value)
 
 
-def load() -> None:
-    """Compile the kernels, or load them from numba's cache, for both accumulation dtypes."""
+@compiled
+def merge_by_sign(deltas, weights, base, normalize, scale):
+    """deltas[0] = base + the elected sum of the weighted deltas deltas[i] * weights[i] (weights in the values'
+    dtype), as `add_by_sign` and `finish` make it, the sums from +0 in registers. `deltas`: a tuple of the models'
+    arrays (compiled once per model count). (Written over the first, as `finish` writes over its sum: an output
+    array of its own that is one of them would keep the loop from vectorising, ten times slower.)"""
+    zero, one = base.dtype.type(0), base.dtype.type(1)
+    factor = base.dtype.type(scale)
+    scaled = scale != 1
+    for j in range(base.size):
+        sums = (zero, zero, zero, zero)
+        for i in range(len(deltas)):
+            sums = by_sign(deltas[i][j] * weights[i], weights[i], sums, zero)
+        chosen, weight = elected(sums[0], sums[1], sums[2], sums[3], zero, one)
+        value = chosen / weight if normalize else chosen
+        deltas[0][j] = base[j] + (value * factor if scaled else value)
+
+
+@compiled
+def merge_sum(deltas, weights, base, normalize, divisor, scale):
+    """deltas[0] = base + the sum of the weighted deltas, as a merge without sign consensus makes it: added in model
+    order to +0, divided by `divisor` with `normalize`, times `scale` where that is not 1 (both rounded to the
+    values' dtype). `deltas` as for `merge_by_sign`."""
+    zero = base.dtype.type(0)
+    divide, factor = base.dtype.type(divisor), base.dtype.type(scale)
+    scaled = scale != 1
+    for j in range(base.size):
+        total = zero
+        for i in range(len(deltas)):
+            total = total + deltas[i][j] * weights[i]
+        if normalize:
+            total = total / divide
+        deltas[0][j] = base[j] + (total * factor if scaled else total)
+
+
+def load(models: tuple[int, ...] = (2, 3)) -> None:
+    """Compile the kernels, or load them from numba's cache, for both accumulation dtypes (the merges of all
+    models' deltas at once for the usual model counts: another count is compiled on its first merge, then cached)."""
     for dtype in (np.float32, np.float64):
         a = [np.zeros(1, dtype=dtype) for _ in range(6)]
         add_by_sign(*a[:5], 1.0, True)
         finish(*a[:5], True, 1.0)
+        for count in models:
+            weights = np.ones(count, dtype=dtype)
+            merge_by_sign((a[0],) * count, weights, a[1], True, 1.0)
+            merge_sum((a[0],) * count, weights, a[1], True, 1.0, 1.0)

@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit
 
 from streammerge.kernels import compiled
-from streammerge.kernels.consensus import elected
+from streammerge.kernels.consensus import by_sign, elected
 
 
 @njit(inline="always", cache=True)
@@ -38,15 +38,11 @@ def merge_within_by_sign(inputs, base, lows, highs, keep_all, factors, weights, 
     scaled = scale != 1
     for j in range(base.size):
         b = base[j]
-        positive, negative, weight_positive, weight_negative = zero, zero, zero, zero
+        sums = (zero, zero, zero, zero)  # (consensus.sign_add's, from +0 as for the first model, in model order)
         for i in range(len(inputs)):
             value = kept(inputs[i][j], b, lows[i], highs[i], keep_all[i], factors[i], zero, one) * weights[i]
-            # (consensus.sign_add's sums, from +0 as for the first model, the same additions in model order)
-            positive = positive + (zero if value < zero else value)
-            negative = negative + (zero if value > zero else value)
-            weight_positive = weight_positive + (weights[i] if value > zero else zero)
-            weight_negative = weight_negative + (weights[i] if value < zero else zero)
-        chosen, weight = elected(positive, negative, weight_positive, weight_negative, zero, one)
+            sums = by_sign(value, weights[i], sums, zero)
+        chosen, weight = elected(sums[0], sums[1], sums[2], sums[3], zero, one)
         value = chosen / weight if normalize else chosen
         out[j] = b + (value * factor if scaled else value)
 

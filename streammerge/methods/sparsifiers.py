@@ -503,59 +503,67 @@ def _ranks_by_keys(dtype: torch.dtype, span: int) -> bool:
 
 @dataclass(frozen=True)
 class Pruning:
-    """One model's DELLA pruning of a tensor's vectors (`_magprune`): its stream of draws and its keep
-    probabilities by rank (None where it keeps all, `keep`, or nothing), with the hooks a merge gives it: `make(a,
-    z)` makes the range [a, z) of the deltas before it is ranked, `then(a, z)` takes it once pruned."""
+    """One model's DELLA pruning of a tensor's vectors (`_magprune`): its stream of draws, its keep probabilities by
+    rank (None where it keeps all, `keep`, or nothing) and the deltas it prunes in place (`target`), with the hooks
+    a merge gives it: `make(a, z)` makes the range [a, z) of the target before it is ranked, `then(a, z)` takes it
+    once pruned."""
     model: int
     uniform: Uniform
     by_rank: np.ndarray | None
     keep: bool
+    target: torch.Tensor
     make: RangeWork | None = None
     then: RangeWork | None = None
 
-    def shifted(self, at: int) -> Pruning:
-        """The same with the hooks' ranges moved by `at` elements (a batch's ranges made the chunk's)."""
-        return dataclasses.replace(self, make=_shifted(self.make, at), then=_shifted(self.then, at))
+    def part(self, a: int, z: int) -> Pruning:
+        """The same over [a, z) of its target, the hooks' ranges moved to match."""
+        return dataclasses.replace(self, target=self.target[a:z], make=_shifted(self.make, a),
+                                   then=_shifted(self.then, a))
 
 
 def _shifted(work: RangeWork | None, at: int) -> RangeWork | None:
     return (lambda a, z: work(at + a, at + z)) if work is not None else None
 
 
-def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, prunings: list[Pruning], unit: int, inner: int,
+def _differences(x: np.ndarray, base: np.ndarray, out: np.ndarray) -> RangeWork:
+    return lambda a, z: np.subtract(x[a:z], base[a:z], out=out[a:z])
+
+
+def _magprune(start: int, ctx: ChunkContext, prunings: list[Pruning], unit: int, inner: int,
               done: RangeWork | None = None) -> None:
-    """Prune (and rescale) `delta` in place for each of `prunings` in turn: whole units starting at element `start`
-    of the tensor. The units are split between the merge's threads; each takes a batch of them at a time through
-    every pruning (made, ranked, drawn, pruned, passed on) and then `done(a, z)`, while the batch is in its cache."""
+    """Prune (and rescale) each of `prunings`' targets in place, in turn: the same number of whole units, starting at
+    element `start` of the tensor. The units are split between the merge's threads; each takes a batch of them at a
+    time through every pruning (made, ranked, drawn, pruned, passed on) and then `done(a, z)`, while the batch is in
+    its cache."""
     from streammerge.kernels import magprune  # (numba: imported by the merges that use it)
     span = unit // inner
-    units = delta.numel() // unit
-    keys, magnitude, draws = _magprune_scratch(ctx, delta.numel())
-    values = delta.numpy()
-    grid = values.reshape(units, span, inner)  # [units, ranked dimension, rest]
+    numel = prunings[0].target.numel()
+    units = numel // unit
+    keys, magnitude, draws = _magprune_scratch(ctx, numel)
     order = keys.reshape(units * inner, span)  # a row per ranked vector
     rescale = bool(ctx.params["rescale"])
     shift = magprune.position_bits(span)
-    # float64: the order of a stable argsort of the magnitudes
-    bits, positions = (grid.view(np.int32), (1 << shift) - 1) if _ranks_by_keys(delta.dtype, span) else (None, -1)
+    by_keys = _ranks_by_keys(prunings[0].target.dtype, span)  # (else float64: the order of a stable argsort)
+    positions = (1 << shift) - 1 if by_keys else -1
+    grids = [p.target.numpy().reshape(units, span, inner) for p in prunings]  # [units, ranked dimension, rest]
     step = max(1, RANKED_BATCH // unit)
 
-    def prune(pruning: Pruning, u: int, z: int) -> None:
+    def prune(pruning: Pruning, grid: np.ndarray, u: int, z: int) -> None:
         a, b = u * unit, z * unit
         if pruning.make is not None:
             pruning.make(a, b)
         if pruning.by_rank is None:
             if not pruning.keep:
-                values[a:b] = 0
+                grid[u:z] = 0
         else:
             pruning.uniform.fill(start + a, draws[a:b])
             rows = order[u * inner:z * inner]
-            if bits is not None:
-                magprune.rank_keys(bits[u:z], rows, shift)
+            if by_keys:
+                magprune.rank_keys(grid[u:z].view(np.int32), rows, shift)
                 rows.sort(axis=-1)
             else:
                 ranked = magnitude[a:b].view(z - u, inner, span)
-                torch.abs(delta[a:b].view(z - u, span, inner).transpose(1, 2), out=ranked)
+                torch.abs(pruning.target[a:b].view(z - u, span, inner).transpose(1, 2), out=ranked)
                 torch.argsort(ranked.view(-1, span), dim=1, stable=True, out=torch.from_numpy(rows))
             magprune.prune_ranked(grid[u:z], rows, positions, draws[a:b].reshape(z - u, span, inner),
                                   pruning.by_rank, rescale)
@@ -565,8 +573,8 @@ def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, prunings: list
     def work(first: int, last: int) -> None:
         for u in range(first, last, step):
             z = min(last, u + step)
-            for pruning in prunings:
-                prune(pruning, u, z)
+            for pruning, grid in zip(prunings, grids):
+                prune(pruning, grid, u, z)
             if done is not None:
                 done(u * unit, z * unit)
 
@@ -574,24 +582,26 @@ def _magprune(delta: torch.Tensor, start: int, ctx: ChunkContext, prunings: list
 
 
 def prune_by_magnitude_rank(ctx: ChunkContext, b: Buffers, models: list[int], inputs: list[torch.Tensor] | None = None,
-                            thens: list[RangeWork] | None = None, done: RangeWork | None = None) -> None:
-    """DELLA: keep each entry with probability density +- epsilon by its magnitude's rank along dimension 1, in
-    b.delta, for each of `models` in turn over each batch of whole units. With `inputs` (the chunks of `models`),
-    b.delta's batch is made here, input - base; `thens[k](a, z)` takes each range of b.delta once pruned for
-    models[k], and `done(a, z)` once every model's is (on the merge's threads: each range once)."""
+                            targets: list[torch.Tensor] | None = None, thens: list[RangeWork] | None = None,
+                            done: RangeWork | None = None) -> None:
+    """DELLA: keep each entry with probability density +- epsilon by its magnitude's rank along dimension 1, for
+    each of `models` in turn over each batch of whole units, in targets[k] (chunk-sized; b.delta for every model by
+    default). With `inputs` (the chunks of `models`), a target's batch is made here, input - base; `thens[k](a, z)`
+    takes each range of targets[k] once pruned, and `done(a, z)` each range once every model's is (on the merge's
+    threads: each range once)."""
     n = b.delta.numel()
     unit, inner = _magprune_unit(ctx.shape, ctx.numel)
     span = unit // inner
-    delta, base = b.delta.numpy(), ctx.base.numpy()
+    base = ctx.base.numpy()
+    targets = targets or [b.delta] * len(models)
     prunings = []
     for k, i in enumerate(models):
         model = ctx.model_params[i]
         ranked = 0 < model["density"] < 1  # (else all kept, or none)
         by_rank = ((_probability_by_rank_cached if span <= CACHED_RANKS else _probability_by_rank)(
             span, model["density"], model["epsilon"], b.delta.dtype).numpy() if ranked else None)
-        x = inputs[k].numpy() if inputs is not None else None
-        make = (lambda a, z, x=x: np.subtract(x[a:z], base[a:z], out=delta[a:z])) if x is not None else None
-        prunings.append(Pruning(i, Uniform(ctx.seed, ctx.name, i), by_rank, model["density"] > 0, make,
+        make = _differences(inputs[k].numpy(), base, targets[k].numpy()) if inputs is not None else None
+        prunings.append(Pruning(i, Uniform(ctx.seed, ctx.name, i), by_rank, model["density"] > 0, targets[k], make,
                                 thens[k] if thens is not None else None))
     # (float32 deltas ranked by sorting int64 keys need nothing else from the first buffer: twice as many; float64
     # deltas are ordered by torch's stable argsort, whose temporaries the buffers do not hold: half as many)
@@ -609,12 +619,12 @@ def prune_by_magnitude_rank(ctx: ChunkContext, b: Buffers, models: list[int], in
     for unit_start in sorted(u for u in edges if u is not None):
         unit_stop = unit_start + unit
         a, z = max(unit_start, start), min(unit_stop, stop)
-        for pruning in prunings:
-            whole = ctx.read_input(pruning.model, unit_start, unit_stop).sub_(ctx.read_base(unit_start, unit_stop))
-            _magprune(whole, unit_start, ctx, [dataclasses.replace(pruning, make=None, then=None)], unit, inner)
-            b.delta[a - start:z - start].copy_(whole[a - unit_start:z - unit_start])
-            if pruning.then is not None:
-                pruning.then(a - start, z - start)
+        for p in prunings:
+            whole = ctx.read_input(p.model, unit_start, unit_stop).sub_(ctx.read_base(unit_start, unit_stop))
+            _magprune(unit_start, ctx, [dataclasses.replace(p, target=whole, make=None, then=None)], unit, inner)
+            p.target[a - start:z - start].copy_(whole[a - unit_start:z - unit_start])
+            if p.then is not None:
+                p.then(a - start, z - start)
         if done is not None:
             done(a - start, z - start)
     first_full, last_full = -(-start // unit) * unit, stop // unit * unit
@@ -622,5 +632,4 @@ def prune_by_magnitude_rank(ctx: ChunkContext, b: Buffers, models: list[int], in
     for a in range(first_full, last_full, batch):
         z = min(last_full, a + batch)
         at = a - start  # (the hooks take ranges of the batch's units: shifted to the chunk's)
-        _magprune(b.delta[at:z - start], a, ctx, [p.shifted(at) for p in prunings], unit, inner,
-                  done=_shifted(done, at))
+        _magprune(a, ctx, [p.part(at, z - start) for p in prunings], unit, inner, done=_shifted(done, at))

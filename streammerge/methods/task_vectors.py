@@ -80,12 +80,19 @@ def task_vector_merge(family: Family):
         mixed = ctx.out
         sums = (mixed, *b.rest[:3]) if consensus else (mixed,)  # (TIES': positive, negative and their weights)
         if family.sparsifier is Sparsifier.MAGPRUNE and not ctx.segments:
-            # each batch of whole rows made, pruned, weighted and added for every model in turn, then finished,
-            # while it is in the thread's cache
-            thens = [weighted_adder(b.delta, sums, m["weight"], i == 0, consensus)
-                     for i, m in enumerate(ctx.model_params)]
-            prune_by_magnitude_rank(ctx, b, list(range(len(ctx.inputs))), ctx.inputs, thens,
-                                    done=finisher(ctx, sums, consensus))
+            # each batch of whole rows made and pruned for every model in turn, then merged, while it is in the
+            # thread's cache: each model's deltas in a buffer of its own (the output's and those the sparsifiers by
+            # magnitude and the sums use elsewhere) and summed in registers, or where the models outnumber them,
+            # weighted and added to the sums one model at a time
+            models = list(range(len(ctx.inputs)))
+            own = [mixed, *(buffer[:mixed.numel()] for buffer in ctx.buffers[:-MAGPRUNE_BUFFERS])]
+            if len(models) <= len(own):
+                prune_by_magnitude_rank(ctx, b, models, ctx.inputs, own[:len(models)],
+                                        done=deltas_merger(ctx, own[:len(models)], consensus))
+            else:
+                thens = [weighted_adder(b.delta, sums, m["weight"], i == 0, consensus)
+                         for i, m in enumerate(ctx.model_params)]
+                prune_by_magnitude_rank(ctx, b, models, ctx.inputs, thens=thens, done=finisher(ctx, sums, consensus))
             return mixed
         if not consensus and family.sparsifier is not Sparsifier.RANDOM:  # (else compiled steps: the first writes)
             mixed.zero_()
@@ -121,6 +128,19 @@ def task_vector_merge(family: Family):
         return mixed
 
     return merge
+
+
+def deltas_merger(ctx: ChunkContext, deltas: list[torch.Tensor], consensus: bool) -> RangeWork:
+    """For a range [a, z) of every model's (sparsified) deltas: the merge, as the sums and `finisher` make it, in
+    one compiled pass (`consensus.merge_by_sign`, or `merge_sum` for the plain sum), written over the first model's
+    (the chunk's output)."""
+    from streammerge.kernels import consensus as kernels  # (numba: loaded by the merges that use it)
+    arrays, base = [d.numpy() for d in deltas], ctx.base.numpy()
+    weights = np.array([m["weight"] for m in ctx.model_params], dtype=base.dtype)
+    normalize, scale = bool(ctx.params["normalize"]), float(ctx.params["lambda"])
+    end = (normalize, scale) if consensus else (normalize, weight_divisor(ctx.model_params), scale)
+    kernel = kernels.merge_by_sign if consensus else kernels.merge_sum
+    return lambda a, z: kernel(tuple(x[a:z] for x in arrays), weights, base[a:z], *end)
 
 
 def finisher(ctx: ChunkContext, sums: tuple[torch.Tensor, ...], consensus: bool) -> RangeWork:
@@ -172,7 +192,8 @@ def _loader(family: Family):
                + (["dare"] if family.sparsifier is Sparsifier.RANDOM else [])
                + (["brackets", "magnitude"] if family.sparsifier.by_magnitude else [])
                + (["magprune"] if family.sparsifier is Sparsifier.MAGPRUNE else [])
-               + (["consensus"] if family.consensus is Consensus.SIGN else []))
+               + (["consensus"] if family.consensus is Consensus.SIGN or family.sparsifier is Sparsifier.MAGPRUNE
+                  else []))
     return kernel_loader(*kernels) if kernels else None
 
 
