@@ -755,13 +755,17 @@ def test_chunks_are_aligned_to_the_grid():
 
 def test_della_refuses_units_larger_than_its_memory(tmp_path):
     """A 1-D tensor is ranked as one unit: in float32 (ranked by int64 keys) up to half a chunk, the same bits as
-    with room to spare; in float64 (torch's argsort) up to an eighth; larger units are refused."""
+    with room to spare; in float64 (torch's argsort) up to an eighth; larger units are refused, unless every model
+    keeps all of its deltas or none (nothing to rank)."""
     g = torch.Generator().manual_seed(0)
     params = [{"density": 0.5, "epsilon": 0.1}]
     base = {"v": torch.randn(GRID * 3, generator=g)}
     model = {"v": base["v"] + torch.randn(GRID * 3, generator=g)}
     with pytest.raises(StreamMergeError, match="raise max_ram"):
         run_merge(tmp_path / "3", "della", [model], base, params, chunk=4 * GRID)
+    unranked = [{"density": 1.0, "epsilon": 0.0}, {"density": 0.0, "epsilon": 0.0}]
+    out = run_merge(tmp_path / "3-all", "della_linear", [model, model], base, unranked, chunk=4 * GRID)
+    assert torch.equal(out["v"], torch.add(base["v"], torch.zeros(GRID * 3).add_(model["v"] - base["v"])))
     half = {"v": base["v"][:GRID * 2]}, {"v": model["v"][:GRID * 2]}
     tight = run_merge(tmp_path / "2", "della", [half[1]], half[0], params, chunk=4 * GRID)
     assert torch.equal(tight["v"], run_merge(tmp_path / "2-wide", "della", [half[1]], half[0], params)["v"])

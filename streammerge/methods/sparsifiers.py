@@ -539,8 +539,9 @@ def _magprune(start: int, ctx: ChunkContext, prunings: list[Pruning], unit: int,
     span = unit // inner
     numel = prunings[0].target.numel()
     units = numel // unit
-    keys, magnitude, draws = _magprune_scratch(ctx, numel)
-    order = keys.reshape(units * inner, span)  # a row per ranked vector
+    if any(p.by_rank is not None for p in prunings):  # (else no scratch: a unit may be larger than it holds)
+        keys, magnitude, draws = _magprune_scratch(ctx, numel)
+        order = keys.reshape(units * inner, span)  # a row per ranked vector
     rescale = bool(ctx.params["rescale"])
     shift = magprune.position_bits(span)
     by_keys = _ranks_by_keys(prunings[0].target.dtype, span)  # (else float64: the order of a stable argsort)
