@@ -360,11 +360,12 @@ def test_della_equals_plain_pruning_bit_for_bit(tmp_path, dtype, chunk, threads,
 
 @pytest.mark.parametrize("method", ["della", "della_linear"])
 @pytest.mark.parametrize("count", [3, 9])
-def test_della_merges_every_model_bit_for_bit(tmp_path, method, count):
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_della_merges_every_model_bit_for_bit(tmp_path, method, count, dtype):
     """Every model's pruned deltas in a buffer of their own and merged in one pass (a few models), or weighted and
-    added to the sums one model at a time (more models than the buffers hold), in chunks that cut rows: the bits of
-    the element-wise operations on each model's plain pruning (the sums by sign, or from +0), densities of 0 and 1
-    among them."""
+    added to the sums one model at a time (more models than the buffers hold), in chunks that cut rows, ranked by
+    sort keys (float32) or argsort (float64): the bits of the element-wise operations on each model's plain pruning
+    (the sums by sign, or from +0), densities of 0 and 1 among them."""
     from test_kernels import by_operations
     g = torch.Generator().manual_seed(count)
     base = {"w": torch.randn(300, 700, generator=g)}
@@ -372,20 +373,23 @@ def test_della_merges_every_model_bit_for_bit(tmp_path, method, count):
     densities = [0.5, 0.0, 0.3, 1.0, 0.6, 0.4, 0.7, 0.5, 0.2][:count]
     mp = [{"weight": 0.1 * (k + 1) * (-1) ** k, "density": d, "epsilon": 0.1 if 0 < d < 1 else 0.0}
           for k, d in enumerate(densities)]
-    out = run_merge(tmp_path, method, models, base, mp, chunk=2 * GRID, seed=4,
+    out = run_merge(tmp_path, method, models, base, mp, chunk=2 * GRID, seed=4, dtype=dtype,
                     parameters={"normalize": True, "lambda": 0.8})
-    deltas = [m["w"] - base["w"] for m in models]
-    pruned = [plain_della_prune(d, p["density"], p["epsilon"], 4, "w", k) if 0 < p["density"] < 1
-              else d * p["density"] for k, (d, p) in enumerate(zip(deltas, mp))]
-    weighted = [torch.mul(d.flatten(), p["weight"]) for d, p in zip(pruned, mp)]
+    acc = getattr(torch, dtype)
+    b = base["w"].to(acc).flatten()
+    deltas = [m["w"].to(acc).flatten() - b for m in models]
+    pruned = [plain_della_prune(d.view(300, 700), p["density"], p["epsilon"], 4, "w", k).flatten()
+              if 0 < p["density"] < 1 else d if p["density"] >= 1 else torch.zeros_like(d)
+              for k, (d, p) in enumerate(zip(deltas, mp))]
+    weighted = [torch.mul(d, p["weight"]) for d, p in zip(pruned, mp)]
     if method == "della":
-        expected = by_operations(weighted, [p["weight"] for p in mp], base["w"].flatten(), True, 0.8)
+        expected = by_operations(weighted, [p["weight"] for p in mp], b, True, 0.8)
     else:
-        total = torch.zeros(base["w"].numel())
+        total = torch.zeros(b.numel(), dtype=acc)
         for w in weighted:
             total.add_(w)
-        expected = torch.add(base["w"].flatten(), total.div_(sum(p["weight"] for p in mp)).mul_(0.8))
-    assert torch.equal(out["w"].flatten(), expected)
+        expected = torch.add(b, total.div_(sum(p["weight"] for p in mp)).mul_(0.8))
+    assert torch.equal(out["w"].flatten(), expected.float())
 
 
 def test_della_keeps_only_short_rank_probabilities(tmp_path, monkeypatch):
