@@ -52,6 +52,23 @@ def elected(positive, negative, weight_positive, weight_negative, zero, one):
     return (positive if up else negative), (one if weight == zero else weight)
 
 
+@njit(inline="always", cache=True)
+def ended_by_sign(sums, b, normalize, factor, scaled, zero, one):
+    """b + the elected sum of `sums` (`elected`), divided by its weight with `normalize`, times `factor` where
+    `scaled`: the end of a merge with sign consensus for one element."""
+    chosen, weight = elected(sums[0], sums[1], sums[2], sums[3], zero, one)
+    value = chosen / weight if normalize else chosen  # (selects: both sides are computed, the loop vectorises)
+    return b + (value * factor if scaled else value)
+
+
+@njit(inline="always", cache=True)
+def ended_sum(total, b, normalize, divide, factor, scaled):
+    """b + the total, divided by `divide` with `normalize`, times `factor` where `scaled`: the end of a merge
+    without sign consensus for one element."""
+    value = total / divide if normalize else total
+    return b + (value * factor if scaled else value)
+
+
 @compiled
 def finish(positive, negative, weight_positive, weight_negative, base, normalize, scale):
     """positive = base + the elected sum (`elected`) [/ its weight with `normalize`] [* scale where it is not 1]:
@@ -62,9 +79,8 @@ def finish(positive, negative, weight_positive, weight_negative, base, normalize
     factor = positive.dtype.type(scale)  # (rounded to the buffers' dtype, as torch rounds a Python number)
     scaled = scale != 1
     for j in range(positive.size):
-        chosen, weight = elected(positive[j], negative[j], weight_positive[j], weight_negative[j], zero, one)
-        value = chosen / weight if normalize else chosen  # (selects: both sides are computed, the loop vectorises)
-        positive[j] = base[j] + (value * factor if scaled else value)
+        sums = (positive[j], negative[j], weight_positive[j], weight_negative[j])
+        positive[j] = ended_by_sign(sums, base[j], normalize, factor, scaled, zero, one)
 
 
 @compiled
@@ -80,9 +96,7 @@ def merge_by_sign(deltas, weights, base, normalize, scale):
         sums = (zero, zero, zero, zero)
         for i in range(len(deltas)):
             sums = by_sign(deltas[i][j] * weights[i], weights[i], sums, zero)
-        chosen, weight = elected(sums[0], sums[1], sums[2], sums[3], zero, one)
-        value = chosen / weight if normalize else chosen
-        deltas[0][j] = base[j] + (value * factor if scaled else value)
+        deltas[0][j] = ended_by_sign(sums, base[j], normalize, factor, scaled, zero, one)
 
 
 @compiled
@@ -97,9 +111,7 @@ def merge_sum(deltas, weights, base, normalize, divisor, scale):
         total = zero
         for i in range(len(deltas)):
             total = total + deltas[i][j] * weights[i]
-        if normalize:
-            total = total / divide
-        deltas[0][j] = base[j] + (total * factor if scaled else total)
+        deltas[0][j] = ended_sum(total, base[j], normalize, divide, factor, scaled)
 
 
 def load(models: tuple[int, ...] = (2, 3)) -> None:

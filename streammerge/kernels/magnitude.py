@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit
 
 from streammerge.kernels import compiled
-from streammerge.kernels.consensus import by_sign, elected
+from streammerge.kernels.consensus import by_sign, ended_by_sign, ended_sum
 
 
 @njit(inline="always", cache=True)
@@ -42,9 +42,7 @@ def merge_within_by_sign(inputs, base, lows, highs, keep_all, factors, weights, 
         for i in range(len(inputs)):
             value = kept(inputs[i][j], b, lows[i], highs[i], keep_all[i], factors[i], zero, one) * weights[i]
             sums = by_sign(value, weights[i], sums, zero)
-        chosen, weight = elected(sums[0], sums[1], sums[2], sums[3], zero, one)
-        value = chosen / weight if normalize else chosen
-        out[j] = b + (value * factor if scaled else value)
+        out[j] = ended_by_sign(sums, b, normalize, factor, scaled, zero, one)
 
 
 @compiled
@@ -61,9 +59,7 @@ def merge_within(inputs, base, lows, highs, keep_all, factors, weights, out, nor
         total = zero
         for i in range(len(inputs)):
             total = total + kept(inputs[i][j], b, lows[i], highs[i], keep_all[i], factors[i], zero, one) * weights[i]
-        if normalize:
-            total = total / divide
-        out[j] = b + (total * factor if scaled else total)
+        out[j] = ended_sum(total, b, normalize, divide, factor, scaled)
 
 
 @compiled
