@@ -26,10 +26,9 @@ def by_sign(value, weight, sums, zero):
 def sign_add(x, j, positive, negative, weight_positive, weight_negative, weight, zero, first):
     """Element j of `add_by_sign`, for the weighted delta x. With `first` the sums are not read but start at +0:
     what adding to zeroed sums gives (+0 + -0 is +0), without a pass to zero them."""
-    positive[j] = (zero if first else positive[j]) + (zero if x < zero else x)
-    negative[j] = (zero if first else negative[j]) + (zero if x > zero else x)
-    weight_positive[j] = (zero if first else weight_positive[j]) + (weight if x > zero else zero)
-    weight_negative[j] = (zero if first else weight_negative[j]) + (weight if x < zero else zero)
+    sums = ((zero, zero, zero, zero) if first
+            else (positive[j], negative[j], weight_positive[j], weight_negative[j]))
+    positive[j], negative[j], weight_positive[j], weight_negative[j] = by_sign(x, weight, sums, zero)
 
 
 @compiled
