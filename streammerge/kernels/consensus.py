@@ -15,8 +15,9 @@ from streammerge.kernels import compiled
 
 @njit(inline="always", cache=True)
 def by_sign(value, weight, sums, zero):
-    """The four sums (positive, negative, weight_positive, weight_negative) with a weighted delta added as
-    `sign_add` adds it to the arrays, in registers."""
+    """The four sums (positive, negative, weight_positive, weight_negative) with a weighted delta added: its
+    positive part to `positive`, its negative part to `negative` (a NaN to both), `weight` to `weight_positive`
+    where it is above zero, to `weight_negative` where below (+0 added elsewhere: the same additions in order)."""
     positive, negative, weight_positive, weight_negative = sums
     return (positive + (zero if value < zero else value), negative + (zero if value > zero else value),
             weight_positive + (weight if value > zero else zero), weight_negative + (weight if value < zero else zero))
