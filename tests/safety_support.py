@@ -83,8 +83,9 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 120.0, inter
     return False
 
 
-def freeze(process: subprocess.Popen, timeout: float = 30.0) -> None:
-    """SIGSTOP the process and wait until it has actually stopped (the signal is delivered asynchronously)."""
+def freeze(process, timeout: float = 30.0) -> None:
+    """SIGSTOP the process (a `Popen` or a `psutil.Process`) and wait until it has actually stopped (the signal
+    is delivered asynchronously)."""
     process.send_signal(signal.SIGSTOP)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
