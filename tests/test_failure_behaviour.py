@@ -226,6 +226,15 @@ def test_output_equal_to_the_config(tmp_path, local_models):
 
 # -- interrupts ----------------------------------------------------------------------------------------------
 
+def interrupt(process: subprocess.Popen, out: Path, signum: int) -> None:
+    """Send `signum` to the run while it is stopped with its output in progress, then let it go on: the signal
+    is handled before the run takes another step, so the merge cannot end in between."""
+    freeze(process)
+    assert in_progress(out), "the merge ended before it could be interrupted"
+    process.send_signal(signum)
+    process.send_signal(signal.SIGCONT)
+
+
 @pytest.mark.parametrize("signum, status, word", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
 def test_signal_mid_merge_removes_everything(tmp_path, larger_models, signum, status, word):
     out = tmp_path / "out"
@@ -234,7 +243,7 @@ def test_signal_mid_merge_removes_everything(tmp_path, larger_models, signum, st
     process = start_merge(config, "--quiet")
     try:
         assert wait_for(lambda: in_progress(out), process), "the merge ended before it could be interrupted"
-        process.send_signal(signum)
+        interrupt(process, out, signum)
         stdout, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
@@ -253,9 +262,10 @@ def test_an_interrupted_run_removes_only_what_it_created(tmp_path, larger_models
     process = start_merge(config, "--quiet")
     try:
         assert wait_for(lambda: in_progress(out), process), "the merge ended before it could be interrupted"
+        freeze(process)  # the files appear while the run is still going
         (tmp_path / "newparent" / "b.safetensors").write_bytes(b"another run's finished output")
         (out / "notes.txt").write_text("copied here by the user")
-        process.send_signal(signal.SIGINT)
+        interrupt(process, out, signal.SIGINT)
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
