@@ -90,6 +90,46 @@ def test_rank_select_of_a_whole_tensor_at_once_equals_the_passes(dtype, in_place
     assert bool(bracketed) != partition_whole  # (the path forced is the one taken)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_select_of_deltas_at_once_equals_the_passes(dtype, compiled):
+    """A whole tensor's magnitudes |x - base| bracketed from x and base in one pass (`select_deltas`, made a
+    slice at a time, across two threads where the tensor is large) select what the histogram passes select over
+    the magnitudes made whole: value, ties before and count of equal ones. Where the strided sample is unlike the
+    rest (a range misses its rank) or a value fills the ranges (all equal), it selects nothing and says so."""
+    g = torch.Generator().manual_seed(11)
+    n = 2 * GRID + 4321
+    normal, base = torch.randn(n, generator=g, dtype=dtype), torch.randn(n, generator=g, dtype=dtype)
+    signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).to(dtype)
+    tied = tied_magnitudes(n, 5, dtype, 50) * signs  # (against a zero base: deltas tied exactly)
+    odd = normal.clone()
+    odd[::5] = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 1e-30], dtype=dtype).repeat(n)[:odd[::5].numel()]
+    stride = (n // streaming.SAMPLE) | 1
+    against_the_sample = normal.clone()
+    against_the_sample[::stride] = base[::stride] + 1e-3  # (the sample sees only tiny deltas)
+    large = torch.randn(2 * streaming.COUNT_SLICE + 4321, generator=g, dtype=dtype)
+    cases = [(normal, base, True), (tied, torch.zeros(n, dtype=dtype), True), (odd, base, True),
+             (base, base, False), (against_the_sample, base, False),
+             (large, torch.zeros_like(large), True)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for case, (x, b, selected) in enumerate(cases):
+            m = x.numel()
+            ranks = [0, 1, m // 11, m // 3, m - m // 100, m - 2, m - 1]
+            reference = select((x - b).abs(), ranks, GRID)
+            # the threads' scratch new, or carved from free buffers (3 of them) where they hold it
+            for area in (None, torch.full((3 * m,), math.nan, dtype=dtype), torch.empty(100, dtype=dtype)):
+                deltas = RankSelect(list(ranks), dtype)
+                room = torch.full((m,), math.nan, dtype=dtype)
+                assert deltas.select_deltas(x, b, room, compiled, area) == selected == deltas.done, case
+                for j in range(len(ranks) if selected else 0):  # (the values' bit patterns: NaN's too)
+                    assert (deltas.prefix[j], deltas.ties_before(j), deltas.count_equal[j]) == \
+                        (reference.prefix[j], reference.ties_before(j), reference.count_equal[j]), (case, j)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_the_faster_whole_tensor_selection_is_measured_once(monkeypatch):
     """Whether a whole partition or the brackets select faster is timed once per process, on both."""
     calls = []

@@ -27,7 +27,7 @@ import torch
 from streammerge.errors import StreamMergeError
 from streammerge.methods.masks import INT_VIEW, keep_only
 from streammerge.methods.method import ChunkContext, kernel_loaded
-from streammerge.methods.streaming import (DRAW_GRAIN, Groups, GroupSums, RangeWork, RankSelect,
+from streammerge.methods.streaming import (BRACKET_FROM, DRAW_GRAIN, Groups, GroupSums, RangeWork, RankSelect,
                                            TieGate, Uniform, bool_views, in_parallel)
 
 RESCALE_EPS = 1e-7  # below this L1 norm a magnitude-pruned delta is left unscaled
@@ -370,9 +370,14 @@ def magnitude_observe(sparsifier: Sparsifier):
                     area = area[ctx.offset:ctx.offset + ctx.out.numel()]
                     torch.sub(ctx.inputs[i], ctx.base, out=area).abs_()
                 return
+            # (a bracketing's room is the first buffer, its threads' scratch the others)
+            free = ctx.arena[ctx.buffers[0].numel():] if whole and ctx.arena is not None else None
             for i, select in enumerate(stats.selects):
                 if select is None or select.done:
                     continue
+                if whole and ctx.numel >= BRACKET_FROM and select.select_deltas(
+                        ctx.inputs[i], ctx.base, b.delta, kernel_loaded("brackets"), free):
+                    continue  # (bracketed from the inputs: the magnitudes are made again to merge)
                 if whole:
                     torch.sub(ctx.inputs[i], ctx.base, out=b.magnitude).abs_()
                     select.select_whole(b.magnitude, b.magnitude)  # (its own scratch: made again to merge)

@@ -386,6 +386,7 @@ class Uniform:
 # -- exact order statistics ----------------------------------------------------------------------------------
 SAMPLE = 1 << 13  # elements of the strided sample that brackets each selected rank
 UNSIGNED = {4: np.uint32, 8: np.uint64}
+SIGNED = {4: np.int32, 8: np.int64}
 STREAMED_SAMPLE = 1 << 16  # the same from the first chunk of a tensor streamed in chunks (`StreamedBrackets`)
 # and the share of the elements either side of each rank its ranges take at least, where the room allows: wider
 # than the sample's error, for the rest of a tensor that differs a little from its first chunk, but few to copy
@@ -524,6 +525,22 @@ class RankSelect:
         negative (a sign bit set: not a magnitude), which the histogram passes refuse."""
         return self.select_bits(values.view(self.int_dtype).numpy(),
                                 digits_buffer.view(self.int_dtype)[:values.numel()].numpy())
+
+    def select_deltas(self, x: torch.Tensor, base: torch.Tensor, room: torch.Tensor, compiled: bool = False,
+                      area: torch.Tensor | None = None) -> bool:
+        """Every rank selected now among the magnitudes |x - base| of a whole tensor (`done` after it), bracketed
+        in one pass over x and base that makes them a slice at a time and keeps those near each rank in `room`
+        (scratch of the values' width, as long as x), then partitioned as `select_bits` does: x and base read once
+        and the magnitudes never written whole. False (nothing selected) where a range misses its rank, as
+        `StreamedBrackets` may (`compiled`: its kernel; `area`: free memory for its threads' scratch, else new)."""
+        brackets = StreamedBrackets(room.view(self.int_dtype).numpy(), x.numel(), compiled, share=0.0,
+                                    area=None if area is None else area.numpy().view(np.uint8))
+        brackets.observe_deltas(x.numpy(), base.numpy(), self.ranks)
+        selected = brackets.select(self.ranks)
+        if selected is None:
+            return False
+        self._take(selected)
+        return True
 
     def select_bits(self, bits: np.ndarray, keys: np.ndarray) -> bool:
         """`_select_whole` on the values' bit patterns (`bits`), with `keys` as scratch as long (or `bits`)."""
@@ -808,8 +825,9 @@ class StreamedBrackets:
     `kernels.brackets.bracket_slice` (for a merge that loads numba; else numpy's `bracket_slice`, the same counts
     and elements)."""
 
-    def __init__(self, room: np.ndarray, numel: int, compiled: bool = False, share: float = STREAMED_SHARE):
-        self.room, self.numel, self.share = room, numel, share
+    def __init__(self, room: np.ndarray, numel: int, compiled: bool = False, share: float = STREAMED_SHARE,
+                 area: np.ndarray | None = None):
+        self.room, self.numel, self.share, self.area = room, numel, share, area
         if compiled:
             from streammerge.kernels import brackets  # (numba: loaded by the methods that bracket with it)
             self.bracket_slice = brackets.bracket_slice
@@ -820,30 +838,52 @@ class StreamedBrackets:
         self.below: list[int] = []
         self.written = 0
         self.full = False
-        self.scratch: list[tuple[np.ndarray, np.ndarray]] = []
+        self.scratch: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (`_scratch`)
 
     def observe(self, bits: np.ndarray, ranks: list[int]) -> None:
-        """Count the chunk's elements below each range and keep those inside, its element ranges split between the
-        merge's threads: each counts its own and copies what it keeps into its own share of the room left, a slice
-        at a time (so nothing larger than a slice is held beside the room); the shares are then closed up, in the
-        chunk's order. A share that fills up fills the room (the histogram passes then select)."""
+        """Count the chunk's elements below each range and keep those inside (`_pass`)."""
         if self.full or (self.brackets is None and not self._start(bits, ranks)):
             return
-        parts = thread_parts(bits.size, COUNT_SLICE)
-        step, share = -(-bits.size // parts), (self.room.size - self.written) // parts
-        while len(self.scratch) < parts:  # (each part's kept elements and mask for a slice, made once per tensor)
-            self.scratch.append((np.empty(COUNT_SLICE, dtype=bits.dtype), np.empty(COUNT_SLICE, dtype=np.uint8)))
         lows, spans = self.bounds
+        self._pass(bits.size, lambda p, a, z, below, mask, inside:
+                   self.bracket_slice(bits[a:z], lows, spans, below, mask, inside))
+
+    def observe_deltas(self, x: np.ndarray, base: np.ndarray, ranks: list[int]) -> None:
+        """`observe` of the magnitudes |x - base|, each slice's made in its thread's scratch (nothing as long as
+        x held beside it, and x and base read once); the ranges from a strided sample of all of them."""
+        stride = max(x.size // SAMPLE, 1) | 1
+        sample = np.abs(x[::stride] - base[::stride])
+        if self.full or (self.brackets is None and not self._start(sample.view(SIGNED[x.dtype.itemsize]), ranks)):
+            return
+        lows, spans = self.bounds
+
+        def slice_pass(p: int, a: int, z: int, below: np.ndarray, mask: np.ndarray, inside: np.ndarray) -> int:
+            magnitudes = self.scratch[p][2][:z - a].view(x.dtype)
+            values = np.abs(np.subtract(x[a:z], base[a:z], out=magnitudes), out=magnitudes)
+            return self.bracket_slice(values.view(inside.dtype), lows, spans, below, mask, inside)
+
+        self._pass(x.size, slice_pass)
+
+    def _pass(self, n: int, slice_pass: Callable) -> None:
+        """A chunk of n elements' counts below each range and those kept inside, its element ranges split between
+        the merge's threads: each counts its own and copies what it keeps into its own share of the room left, a
+        slice at a time (`slice_pass(p, start, stop, below, mask, inside)`: part p's slice [start, stop) counted
+        into `below`, what it keeps written to `inside`, how many returned), so nothing larger than a slice is held
+        beside the room; the shares are then closed up, in the chunk's order. A share that fills up fills the room
+        (the histogram passes then select)."""
+        parts = thread_parts(n, COUNT_SLICE)
+        step, share = -(-n // parts), (self.room.size - self.written) // parts
+        if len(self.scratch) < parts:
+            self.scratch = self._scratch(parts, min(COUNT_SLICE, step) if self.area is not None else COUNT_SLICE)
         found: dict[int, tuple[list[int], int, int] | None] = {}
 
         def work(first: int, last: int) -> None:
             for p in range(first, last):
                 found[p] = None  # (stays None where its share fills up)
-                below, at, kept = np.zeros(lows.size, dtype=np.int64), self.written + p * share, 0
-                inside, mask = self.scratch[p]
-                for start in range(p * step, min(bits.size, (p + 1) * step), COUNT_SLICE):
-                    part = bits[start:min(bits.size, (p + 1) * step, start + COUNT_SLICE)]
-                    count = self.bracket_slice(part, lows, spans, below, mask, inside)
+                below, at, kept = np.zeros(len(self.brackets), dtype=np.int64), self.written + p * share, 0
+                inside, mask, _ = self.scratch[p]
+                for start in range(p * step, min(n, (p + 1) * step), COUNT_SLICE):
+                    count = slice_pass(p, start, min(n, (p + 1) * step, start + COUNT_SLICE), below, mask, inside)
                     if kept + count > share:
                         return
                     self.room[at + kept:at + kept + count] = inside[:count]
@@ -865,9 +905,24 @@ class StreamedBrackets:
                 self.room[self.written:self.written + length] = self.room[at + start:at + start + length]
                 self.written += length
 
+    def _scratch(self, parts: int, length: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Each part's scratch for a slice of `length` elements, made once per tensor: what it keeps, its mask, and
+        the values a pass makes (`observe_deltas`); carved from `area` (bytes, for a single pass over a whole tensor)
+        where it holds them all, else new."""
+        width = self.room.itemsize
+        if self.area is None or self.area.size < parts * length * (2 * width + 1):
+            return [(np.empty(length, dtype=self.room.dtype), np.empty(length, dtype=np.uint8),
+                     np.empty(length, dtype=self.room.dtype)) for _ in range(parts)]
+        size = parts * length * width
+        kept, made, masks = self.area[:size], self.area[size:2 * size], self.area[2 * size:]  # (masks last: aligned)
+        return [(kept[p * length * width:(p + 1) * length * width].view(self.room.dtype),
+                 masks[p * length:(p + 1) * length],
+                 made[p * length * width:(p + 1) * length * width].view(self.room.dtype)) for p in range(parts)]
+
     def _start(self, bits: np.ndarray, ranks: list[int]) -> bool:
-        """The ranges, from the first chunk, as wide as `STREAMED_DEVIATIONS` allow in turn while what they would
-        hold does not fit the room; False (and `full`) where even the narrowest would not."""
+        """The ranges, from `bits` (the first chunk, or a sample of the whole tensor), as wide as
+        `STREAMED_DEVIATIONS` allow in turn while what they would hold does not fit the room; False (and `full`)
+        where even the narrowest would not."""
         share = self.room.size / (4 * max(len(ranks), 1) * max(self.numel, 1))  # (at most half the room, expected)
         sample = bits[:COUNT_SLICE]
         mask, kept = np.empty(sample.size, dtype=np.uint8), np.empty_like(sample)  # (the sample's count's scratch)
