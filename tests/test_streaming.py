@@ -130,6 +130,41 @@ def test_rank_select_of_deltas_at_once_equals_the_passes(dtype, compiled):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_whole_tensor_bracketed_in_one_pass_selects_what_the_passes_select(dtype, compiled, monkeypatch):
+    """A tensor held whole whose caller asks for a bracketing pass (`bracket_whole`, as sce does), its rank set
+    after the first pass: the same value, ties before and count of equal ones as the histogram passes, by the
+    bracketing where its ranges hold the ranks, by a partition where one misses or where the digits buffer is the
+    values themselves (no room beside them)."""
+    bracketed = []
+    spy = RankSelect._select_by_brackets
+    monkeypatch.setattr(RankSelect, "_select_by_brackets", lambda *args: bracketed.append(spy(*args)) or bracketed[-1])
+    n = GRID + 4321
+    g = torch.Generator().manual_seed(13)
+    normal = torch.randn(n, generator=g, dtype=dtype).abs()
+    against_the_sample = normal.clone()
+    against_the_sample[::(n // streaming.SAMPLE) | 1] = 1e-6  # (the sample sees only tiny values)
+    cases = [(normal, False, [True]), (tied_magnitudes(n, 6, dtype, 50), False, [True]),
+             (tied_magnitudes(n, 7, dtype, 100000), False, [True]), (against_the_sample, False, [False]),
+             (normal, True, [])]
+    for case, (values, in_place, taken) in enumerate(cases):
+        ranks = [n // 7, n // 2, n - n // 50]
+        whole = RankSelect([0] * len(ranks), dtype)
+        whole.bracket_whole(torch.full((3 * n,), math.nan, dtype=dtype), compiled)
+        digits = values.clone() if in_place else torch.empty(n, dtype=dtype)
+        whole.observe(0, digits if in_place else values, digits, whole=True)
+        for j, rank in enumerate(ranks):
+            whole.set_rank(j, rank)
+        bracketed.clear()
+        assert whole.finish_pass(0) is None and whole.done
+        assert bracketed == taken, case
+        reference = select(values, ranks, GRID)
+        for j in range(len(ranks)):
+            assert (whole.prefix[j], whole.ties_before(j), whole.count_equal[j]) == \
+                (reference.prefix[j], reference.ties_before(j), reference.count_equal[j]), (case, j)
+
+
 def test_the_faster_whole_tensor_selection_is_measured_once(monkeypatch):
     """Whether a whole partition or the brackets select faster is timed once per process, on both."""
     calls = []

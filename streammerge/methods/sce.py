@@ -191,6 +191,8 @@ class SceStats:
                 self.bits_area = ctx.arena.view(torch.uint8)[:kept_bytes(self.numel)].numpy()
             elif ctx.gather_room():  # (the first pass holds the variance in the first buffer: the others are free)
                 self.select.bracket_streamed(ctx.arena[ctx.buffers[0].numel():], self.numel, compiled=True)
+            elif ctx.arena is not None:  # (held whole: the variance in the first buffer, the second the room)
+                self.select.bracket_whole(ctx.arena[2 * ctx.buffers[0].numel():], compiled=True)
         self.select_passes = self.select.passes if self.select is not None else 0
 
     def new_gates(self) -> None:

@@ -441,6 +441,7 @@ class RankSelect:
         self.zeros = 0  # elements equal to 0 seen by the first histogram pass (`_finish_among_zeros`)
         self._whole: tuple | None = None  # (values, digits buffer) held from observe to finish_pass(0)
         self._streamed: StreamedBrackets | None = None
+        self._bracket_whole: tuple[torch.Tensor, bool] | None = None  # (`bracket_whole`)
 
     @staticmethod
     def passes_for(dtype: torch.dtype) -> int:
@@ -520,11 +521,24 @@ class RankSelect:
         if not self._select_whole(values, digits_buffer):
             self._observe(0, values, digits_buffer)
 
+    def bracket_whole(self, area: torch.Tensor, compiled: bool = False) -> None:
+        """Select a tensor held whole (of at least `BRACKET_FROM` elements) by one bracketing pass over its values
+        (`StreamedBrackets`, with `area` as its threads' scratch and the digits buffer as its room) rather than a
+        partition of all of them; a partition where a range misses its rank. For a caller whose values are
+        magnitudes (no sign bit: not looked for)."""
+        self._bracket_whole = (area, compiled)
+
     def _select_whole(self, values: torch.Tensor, digits_buffer: torch.Tensor) -> bool:
         """Every rank selected from the whole tensor's values at once; False (nothing done) when a bit pattern is
         negative (a sign bit set: not a magnitude), which the histogram passes refuse."""
-        return self.select_bits(values.view(self.int_dtype).numpy(),
-                                digits_buffer.view(self.int_dtype)[:values.numel()].numpy())
+        bits = values.view(self.int_dtype).numpy()
+        if self._bracket_whole is not None and bits.size >= BRACKET_FROM \
+                and not np.may_share_memory(values.numpy(), digits_buffer.numpy()):
+            area, compiled = self._bracket_whole
+            if self._select_by_brackets(digits_buffer[:bits.size], bits.size, compiled, area,
+                                        lambda brackets: brackets.observe(bits, self.ranks)):
+                return True
+        return self.select_bits(bits, digits_buffer.view(self.int_dtype)[:values.numel()].numpy())
 
     def select_deltas(self, x: torch.Tensor, base: torch.Tensor, room: torch.Tensor, compiled: bool = False,
                       area: torch.Tensor | None = None) -> bool:
@@ -533,9 +547,15 @@ class RankSelect:
         (scratch of the values' width, as long as x), then partitioned as `select_bits` does: x and base read once
         and the magnitudes never written whole. False (nothing selected) where a range misses its rank, as
         `StreamedBrackets` may (`compiled`: its kernel; `area`: free memory for its threads' scratch, else new)."""
-        brackets = StreamedBrackets(room.view(self.int_dtype).numpy(), x.numel(), compiled, share=0.0,
-                                    area=None if area is None else area.numpy().view(np.uint8))
-        brackets.observe_deltas(x.numpy(), base.numpy(), self.ranks)
+        return self._select_by_brackets(room, x.numel(), compiled, area,
+                                        lambda brackets: brackets.observe_deltas(x.numpy(), base.numpy(), self.ranks))
+
+    def _select_by_brackets(self, room: torch.Tensor, numel: int, compiled: bool, area: torch.Tensor | None,
+                            observe: Callable[[StreamedBrackets], None]) -> bool:
+        """Every rank selected by one bracketing pass (`observe`), or False (nothing selected) where it missed."""
+        brackets = StreamedBrackets(room.view(self.int_dtype).numpy(), numel, compiled, share=0.0,
+                                    area=None if area is None else area.numpy().view(np.uint8), sample_size=SAMPLE)
+        observe(brackets)
         selected = brackets.select(self.ranks)
         if selected is None:
             return False
@@ -823,11 +843,13 @@ class StreamedBrackets:
     for a tensor held whole). Where a rank lies inside none (the first chunk was not like the rest) or `room`
     filled up, `select` gives None and the histogram passes start over. `compiled`: each slice's pass is
     `kernels.brackets.bracket_slice` (for a merge that loads numba; else numpy's `bracket_slice`, the same counts
-    and elements)."""
+    and elements). A tensor held whole is bracketed the same way in one call (`RankSelect.select_deltas`,
+    `RankSelect.bracket_whole`): the ranges from a strided sample of about `sample_size` of all its values, the
+    threads' scratch carved from `area` (free memory, bytes) where it holds it."""
 
     def __init__(self, room: np.ndarray, numel: int, compiled: bool = False, share: float = STREAMED_SHARE,
-                 area: np.ndarray | None = None):
-        self.room, self.numel, self.share, self.area = room, numel, share, area
+                 area: np.ndarray | None = None, sample_size: int = STREAMED_SAMPLE):
+        self.room, self.numel, self.share, self.area, self.sample_size = room, numel, share, area, sample_size
         if compiled:
             from streammerge.kernels import brackets  # (numba: loaded by the methods that bracket with it)
             self.bracket_slice = brackets.bracket_slice
@@ -851,7 +873,7 @@ class StreamedBrackets:
     def observe_deltas(self, x: np.ndarray, base: np.ndarray, ranks: list[int]) -> None:
         """`observe` of the magnitudes |x - base|, each slice's made in its thread's scratch (nothing as long as
         x held beside it, and x and base read once); the ranges from a strided sample of all of them."""
-        stride = max(x.size // SAMPLE, 1) | 1
+        stride = max(x.size // self.sample_size, 1) | 1
         sample = np.abs(x[::stride] - base[::stride])
         if self.full or (self.brackets is None and not self._start(sample.view(SIGNED[x.dtype.itemsize]), ranks)):
             return
@@ -927,7 +949,7 @@ class StreamedBrackets:
         sample = bits[:COUNT_SLICE]
         mask, kept = np.empty(sample.size, dtype=np.uint8), np.empty_like(sample)  # (the sample's count's scratch)
         for deviations in STREAMED_DEVIATIONS:
-            self.brackets = _rank_brackets(bits, ranks, self.numel, STREAMED_SAMPLE, min(share, self.share),
+            self.brackets = _rank_brackets(bits, ranks, self.numel, self.sample_size, min(share, self.share),
                                            deviations)
             self.bounds = lows, spans = range_bounds(self.brackets)
             inside = self.bracket_slice(sample, lows, spans, np.zeros(lows.size, dtype=np.int64), mask, kept)
