@@ -166,6 +166,9 @@ class FusionStats:
         self.gathered = None
         if 0 < self.numel <= ctx.gather_room():
             self.gathered = ctx.arena[:self.numel]
+        elif ctx.arena is not None and not ctx.gather_room() and not one_element_rows(ctx.shape):
+            # held whole: its importances in the first buffer, the second the room of a bracketing pass
+            self.select.bracket_whole(ctx.arena[2 * ctx.buffers[0].numel():], compiled=True)
         elif ctx.gather_room() and not one_element_rows(ctx.shape):
             # the first selection pass brackets the quartiles: a chunk's importances lie in the first buffer, the
             # values near the quartiles are kept in the others (all importances are 0 for one-element rows: no
