@@ -168,12 +168,12 @@ class FusionStats:
             self.gathered = ctx.arena[:self.numel]
         elif ctx.arena is not None and not ctx.gather_room() and not one_element_rows(ctx.shape):
             # held whole: its importances in the first buffer, the second the room of a bracketing pass
-            self.select.bracket_whole(ctx.arena[2 * ctx.buffers[0].numel():], compiled=True)
+            self.select.bracket_whole(ctx.buffers_from(2), compiled=True)
         elif ctx.gather_room() and not one_element_rows(ctx.shape):
             # the first selection pass brackets the quartiles: a chunk's importances lie in the first buffer, the
             # values near the quartiles are kept in the others (all importances are 0 for one-element rows: no
             # range around a quartile would be narrower than the tensor; the first histogram pass finds them)
-            self.select.bracket_streamed(ctx.arena[ctx.buffers[0].numel():], self.numel, compiled=True,
+            self.select.bracket_streamed(ctx.buffers_from(1), self.numel, compiled=True,
                                          share=BRACKET_SHARE)
         if not one_element_rows(ctx.shape):
             if not self.fused:

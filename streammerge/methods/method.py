@@ -86,6 +86,10 @@ class ChunkContext:
             return 0
         return self.arena.numel()
 
+    def buffers_from(self, k: int) -> torch.Tensor:
+        """The method's buffers from the k-th on, as one block of `arena` (scratch for what is free there)."""
+        return self.arena[k * self.buffers[0].numel():]
+
     def derived(self, make: Callable[["ChunkContext"], Any]) -> Any:
         """make(self), a method's named views of its buffers for a chunk of this length, made once per run and
         length: views cost a few microseconds each, which adds up over thousands of small tensors."""

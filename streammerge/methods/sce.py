@@ -190,9 +190,9 @@ class SceStats:
                 self.gathered = ctx.arena[:self.numel]
                 self.bits_area = ctx.arena.view(torch.uint8)[:kept_bytes(self.numel)].numpy()
             elif ctx.gather_room():  # (the first pass holds the variance in the first buffer: the others are free)
-                self.select.bracket_streamed(ctx.arena[ctx.buffers[0].numel():], self.numel, compiled=True)
+                self.select.bracket_streamed(ctx.buffers_from(1), self.numel, compiled=True)
             elif ctx.arena is not None:  # (held whole: the variance in the first buffer, the second the room)
-                self.select.bracket_whole(ctx.arena[2 * ctx.buffers[0].numel():], compiled=True)
+                self.select.bracket_whole(ctx.buffers_from(2), compiled=True)
         self.select_passes = self.select.passes if self.select is not None else 0
 
     def new_gates(self) -> None:

@@ -185,7 +185,7 @@ class MagnitudeStats:
         self.gathering = gathering(ctx, selecting)
         if self.gathering is None and selecting and ctx.gather_room():
             # (the first pass observes in the first two buffers: the others are free until the selection is made)
-            rooms = ctx.arena[2 * ctx.buffers[0].numel():]
+            rooms = ctx.buffers_from(2)
             per = rooms.numel() // len(selecting)
             for k, i in enumerate(selecting):
                 self.selects[i].bracket_streamed(rooms[k * per:(k + 1) * per], ctx.numel,
@@ -371,7 +371,7 @@ def magnitude_observe(sparsifier: Sparsifier):
                     torch.sub(ctx.inputs[i], ctx.base, out=area).abs_()
                 return
             # (a bracketing's room is the first buffer, its threads' scratch the others)
-            free = ctx.arena[ctx.buffers[0].numel():] if whole and ctx.arena is not None else None
+            free = ctx.buffers_from(1) if whole and ctx.arena is not None else None
             for i, select in enumerate(stats.selects):
                 if select is None or select.done:
                     continue
