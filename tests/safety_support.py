@@ -97,6 +97,19 @@ def freeze(process, timeout: float = 30.0) -> None:
     raise AssertionError(f"process {process.pid} did not stop")
 
 
+def interrupt(process: subprocess.Popen, out: Path, signum: int, others=()) -> None:
+    """Send `signum` to the run while it is stopped with its output in progress (and `others`, its workers, stopped
+    too), then let it go on, before them: the signal is handled before the run takes another step, so the merge
+    cannot end in between."""
+    freeze(process)
+    assert in_progress(out), "the merge ended before it could be interrupted"
+    for other in others:
+        freeze(other)
+    process.send_signal(signum)
+    for stopped in (process, *others):
+        stopped.send_signal(signal.SIGCONT)
+
+
 def done_shards(directory: Path) -> list[Path]:
     return sorted(Path(directory).glob(".model-*.done"))
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from safety_support import (assert_clean_failure, freeze, in_progress, listing, run_main, snapshot, start_merge,
-                            wait_for, write_config)
+from safety_support import (assert_clean_failure, freeze, in_progress, interrupt, listing, run_main, snapshot,
+                            start_merge, wait_for, write_config)
 
 import synth
 from streammerge.config import parse_config
@@ -225,15 +225,6 @@ def test_output_equal_to_the_config(tmp_path, local_models):
 
 
 # -- interrupts ----------------------------------------------------------------------------------------------
-
-def interrupt(process: subprocess.Popen, out: Path, signum: int) -> None:
-    """Send `signum` to the run while it is stopped with its output in progress, then let it go on: the signal
-    is handled before the run takes another step, so the merge cannot end in between."""
-    freeze(process)
-    assert in_progress(out), "the merge ended before it could be interrupted"
-    process.send_signal(signum)
-    process.send_signal(signal.SIGCONT)
-
 
 @pytest.mark.parametrize("signum, status, word", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
 def test_signal_mid_merge_removes_everything(tmp_path, larger_models, signum, status, word):

@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 from helpers import merge_in_process, save
-from safety_support import (assert_clean_failure, done_shards, freeze, in_progress, listing, run_main, start_merge,
-                            wait_for)
+from safety_support import (assert_clean_failure, done_shards, freeze, in_progress, interrupt, listing, run_main,
+                            start_merge, wait_for)
 
 import synth
 from streammerge.config import parse_config
@@ -273,18 +273,11 @@ def test_sigterm_stops_the_workers_and_removes_everything(tmp_path):
     process = start_merge(path, "--quiet", "--workers", "2")
     try:
         assert wait_for(lambda: in_progress(out), process), "the merge ended before it could be interrupted"
-        # Stopped while its workers are listed and the signal is sent: the merge cannot end in between (the
-        # signal waits until the driver goes on, and the driver goes on before its workers).
-        freeze(process)
-        assert in_progress(out), "the merge ended before it could be interrupted"
+        freeze(process)  # (stopped while its workers are listed: the merge cannot end in between)
         # Forked workers run the driver's command line (spawned ones multiprocessing's): anything but its helper.
         workers = [c for c in psutil.Process(process.pid).children(recursive=True)
                    if "resource_tracker" not in " ".join(c.cmdline())]
-        for worker in workers:
-            freeze(worker)
-        process.send_signal(signal.SIGTERM)
-        for stopped in (process, *workers):
-            stopped.send_signal(signal.SIGCONT)
+        interrupt(process, out, signal.SIGTERM, workers)
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
