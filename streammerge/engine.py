@@ -160,6 +160,11 @@ FLOAT8_NONFINITE = {getattr(torch, name): bits for name, bits in (
 # Tensors of at most this many elements are merged in runs when they lie back to back (`Engine.small_run`).
 SMALL_TENSOR = CHUNK_ALIGN
 SEGMENTS_PER_RUN = 256  # tensors in a run of a segmented method
+# A tensor merged without statistics passes, or copied, streams in chunks of at most this many bytes per buffer
+# whatever the budget: each chunk's result is then still in the CPU's cache when the writer copies it into the
+# page cache (the budget's largest chunks, 16 Mi elements, made linear merges up to a quarter slower: README,
+# "Memory model", "Chunk size").
+STREAM_CHUNK_BYTES = 4 * 1024**2
 
 
 class Workspace:
@@ -299,6 +304,7 @@ class Engine:
         self.config = prepared.config
         self.method = self.config.method
         self.chunk = prepared.budget.chunk_elements
+        self.stream_chunk = min(self.chunk, max(CHUNK_ALIGN, STREAM_CHUNK_BYTES // self.config.dtype.itemsize))
         self.allow_nonfinite = (self.config.nan_policy == "allow") if allow_nonfinite is None else allow_nonfinite
         self.nonfinite: list[str] = []
         self.show_progress = not quiet and sys.stderr.isatty()
@@ -420,8 +426,9 @@ class Engine:
 
     @property
     def _run_limit(self) -> int:
-        """Elements in a run: a chunk, or for a segmented method a cache-sized tile (its run is not tiled)."""
-        return min(self.chunk, TILE) if self.method.segmented else self.chunk
+        """Elements in a run: a streamed chunk, or for a segmented method a cache-sized tile (its run is not
+        tiled)."""
+        return min(self.chunk, TILE) if self.method.segmented else self.stream_chunk
 
     def small_run(self, tasks: list[TensorTask], index: int, reused: Callable[[str], bool]) -> list[TensorTask]:
         """The tasks from `index` on that can be merged as one chunk (just tasks[index] when none follows)."""
@@ -483,37 +490,40 @@ class Engine:
             source = task.sources[0]
             read = ((lambda s, e: ws.read_as_acc(source, s, e, 0)) if source.delta is not None
                     else (lambda s, e: ws.read_for_copy(source, s, e)))
-            self._stream(task, inputs, ws, output, progress, guard, read, was_cached)
+            self._stream(task, inputs, ws, output, progress, guard, read, was_cached, passes=0)
             return
         stats = None
         passes = statistics_passes(self.config, task)
         if passes and self.stats_in_memory and task.numel <= self.chunk:
             self._stream(task, inputs, ws, output, progress, guard,
-                         lambda s, e: self._observe_and_merge(self._context(task, ws, s, e), passes), was_cached)
+                         lambda s, e: self._observe_and_merge(self._context(task, ws, s, e), passes), was_cached,
+                         passes)
             return
         if passes:
             stats = self.method.init_stats(task.numel, len(task.sources))
             pass_index = 0
             while pass_index < passes:
-                for start, stop in _chunks(task.numel, self._chunk_for(task)):
+                for start, stop in _chunks(task.numel, self._chunk_for(task, passes)):
                     self._observe(stats, pass_index, self._context(task, ws, start, stop))
                     for info in inputs:  # keep the page cache: the next pass reads these bytes again
                         info.release(start, stop, drop_cache=False)
                     guard.check(f"'{task.name}'")
                 pass_index = self._finish_pass(stats, pass_index)
         self._stream(task, inputs, ws, output, progress, guard,
-                     lambda s, e: self._merge(self._context(task, ws, s, e), stats), was_cached)
+                     lambda s, e: self._merge(self._context(task, ws, s, e), stats), was_cached, passes)
 
-    def _chunk_for(self, task: TensorTask) -> int:
-        """The chunk of a tensor: the run's, or for a merged tensor larger than that, the largest multiple of the
-        method's quantum for its shape within it."""
+    def _chunk_for(self, task: TensorTask, passes: int) -> int:
+        """The chunk of a tensor: the run's for one with statistics passes (held whole where it fits), else the
+        streamed chunk; for a merged tensor larger than that, the largest multiple of the method's quantum for its
+        shape within it (at least one quantum)."""
+        limit = self.chunk if passes else self.stream_chunk
         quantum = self.method.chunk_quantum(task.shape) if self.method.chunk_quantum else None
-        if quantum is None or task.kind != MERGE or task.numel <= self.chunk:
-            return self.chunk
+        if quantum is None or task.kind != MERGE or task.numel <= limit:
+            return limit
         if quantum > self.chunk:
             raise ValueError(f"'{task.name}': {self.method.name} streams it in chunks of {quantum} elements, more "
                              f"than the chunk of {self.chunk}")
-        return self.chunk // quantum * quantum
+        return max(1, limit // quantum) * quantum
 
     def _observe_and_merge(self, ctx: ChunkContext, passes: int) -> torch.Tensor:
         """Every statistics pass, then the merge, on one chunk holding the whole tensor: one read."""
@@ -554,10 +564,11 @@ class Engine:
                 part.out.copy_(result)
         return ctx.out
 
-    def _stream(self, task, inputs: list[TensorInfo], ws, output, progress, guard, produce, was_cached) -> None:
+    def _stream(self, task, inputs: list[TensorInfo], ws, output, progress, guard, produce, was_cached,
+                passes: int) -> None:
         # No read-ahead hints of our own: the kernel's readahead of each mapping follows these front-to-back reads,
         # and MADV_WILLNEED on the next chunk made cold merges slower (README, "Memory model").
-        for start, stop in _chunks(task.numel, self._chunk_for(task)):
+        for start, stop in _chunks(task.numel, self._chunk_for(task, passes)):
             ws.next_slot()
             result = produce(start, stop)
             if result.dtype != task.out_dtype:

@@ -120,3 +120,43 @@ def test_ramplus_counts_are_the_whole_tensors(chunk, inputs, tmp_path, monkeypat
         expected[name] = ([int((c & (count == 1)).sum()) for c in changed],
                           [int((c & (count > 1)).sum()) for c in changed])
     assert sorted(tuple(s.counts.tolist()) for s in made) == sorted(expected.values())
+
+
+def record_writes(monkeypatch) -> list[tuple[str, int, int]]:
+    """(tensor, start, stop) of every piece the engine hands to the writer, in order."""
+    writes: list[tuple[str, int, int]] = []
+    write = engine_module._write_and_release
+
+    def recorded(output, name, start, stop, *rest):
+        writes.append((name, start, stop))
+        return write(output, name, start, stop, *rest)
+
+    monkeypatch.setattr(engine_module, "_write_and_release", recorded)
+    return writes
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "passthrough"])
+def test_a_merge_without_statistics_reads_and_writes_cache_sized_chunks_at_any_budget(method, inputs, tmp_path,
+                                                                                     monkeypatch):
+    """A tensor merged without statistics passes, or copied, streams in chunks of at most STREAM_CHUNK_BYTES per
+    buffer even where the budget would hold it whole, with the bits of one chunk."""
+    paths, base = inputs
+    cfg = ({"method": method, "models": [{"path": str(p)} for p in paths], "base": {"path": str(base)}}
+           if method == "task_arithmetic" else {"method": method, "models": [{"path": str(paths[0])}]})
+    whole = tmp_path / "whole.safetensors"
+    merge_in_process({**cfg, "output": str(whole)}, chunk=1 << 22)
+    monkeypatch.setattr(engine_module, "STREAM_CHUNK_BYTES", 4 * GRID)
+    chunks = []
+    context = engine_module.Engine._context
+    monkeypatch.setattr(engine_module.Engine, "_context",
+                        lambda self, task, ws, a, z: chunks.append((task.name, a, z)) or context(self, task, ws, a, z))
+    writes = record_writes(monkeypatch)
+    streamed = tmp_path / "streamed.safetensors"
+    merge_in_process({**cfg, "output": str(streamed)}, chunk=1 << 22)
+    assert streamed.read_bytes() == whole.read_bytes()
+    for name in ("big.weight", "wide.weight"):
+        numel = load_output(whole)[name].numel()
+        expected = [(a, min(numel, a + GRID)) for a in range(0, numel, GRID)]
+        assert [(a, z) for n, a, z in writes if n == name] == expected
+        if method == "task_arithmetic":  # (a copy reads no chunk into the merge's buffers)
+            assert [(a, z) for n, a, z in chunks if n == name] == expected
