@@ -513,7 +513,7 @@ class Engine:
                      lambda s, e: self._merge(self._context(task, ws, s, e), stats), was_cached, passes)
 
     def _chunk_for(self, task: TensorTask, passes: int) -> int:
-        """The chunk of a tensor: the run's for one with statistics passes (held whole where it fits), else the
+        """The chunk of a tensor: the budget's for one with statistics passes (held whole where it fits), else the
         streamed chunk; for a merged tensor larger than that, the largest multiple of the method's quantum for its
         shape within it (at least one quantum)."""
         limit = self.chunk if passes else self.stream_chunk
