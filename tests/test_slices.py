@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import ROOT
 from helpers import load_output
 from xtts_helpers import run_in_process
 from test_methods import ref_slerp
@@ -21,7 +22,7 @@ from streammerge.errors import ConfigError, PlanError
 from streammerge.engine import describe_plan, prepare
 
 transformers = pytest.importorskip("transformers")
-MERGEKIT_YAML = Path(os.environ.get("MERGEKIT_VENV", "/work/main/.venv-mergekit")) / "bin" / "mergekit-yaml"
+MERGEKIT_YAML = Path(os.environ.get("MERGEKIT_VENV", ROOT / ".venv-mergekit")) / "bin" / "mergekit-yaml"
 LAYERS = 4
 PROMPT = torch.tensor([[1, 5, 9, 2, 33, 17, 4, 60]])
 
