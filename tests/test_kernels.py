@@ -12,7 +12,7 @@ import torch
 
 from streammerge.kernels import dare, fusion, magnitude, magprune, ram, sce, stock
 from streammerge.kernels.brackets import bracket_slice
-from streammerge.kernels.consensus import add_by_sign, finish, merge_by_sign, merge_sum, merge_task_vectors
+from streammerge.kernels.consensus import add_by_sign, finish, merge_by_sign, merge_sum
 from streammerge.methods import streaming
 from streammerge.methods.masks import INT_VIEW, compare, keep_only
 from streammerge.methods.streaming import GRID, Groups, GroupSums, Uniform
@@ -104,10 +104,11 @@ def test_merges_of_every_models_deltas_give_the_bits_of_the_operations(dtype, we
 @pytest.mark.parametrize("weights", [[0.5, 0.3, 0.2], [1.0, -0.7], [0.1, 0.1, 0.1, 0.1, -0.4], [0.3]])
 @pytest.mark.parametrize("normalize, scale", [(True, 1.0), (False, 1.0), (True, 0.7), (False, -1.3)])
 def test_task_vector_merge_without_a_sparsifier_gives_the_bits_of_the_operations(dtype, weights, normalize, scale):
-    """task_arithmetic's compiled pass against the operations it replaced: each model's input minus the base (torch),
-    times its weight, added in model order to +0; the total divided by the weights' sum with `normalize`, times
-    `scale` unless 1 (numpy, in the values' dtype), plus the base. Inputs and base hold zeros of both signs, NaN,
-    infinities and subnormals; one input repeats the first with the opposite weight (sums that cancel exactly)."""
+    """task_arithmetic's compiled pass (`magnitude.merge_within` with every delta kept, none rescaled) against the
+    operations it replaced: each model's input minus the base (torch), times its weight, added in model order to +0;
+    the total divided by the weights' sum with `normalize`, times `scale` unless 1 (numpy, in the values' dtype),
+    plus the base. Inputs and base hold zeros of both signs, NaN, infinities and subnormals; one input repeats the
+    first with the opposite weight (sums that cancel exactly)."""
     n = 50_000
     inputs = [edge_values(n, dtype, seed) for seed in range(len(weights))]
     inputs.append(inputs[0].clone())
@@ -124,8 +125,11 @@ def test_task_vector_merge_without_a_sparsifier_gives_the_bits_of_the_operations
         np.multiply(part, part.dtype.type(scale), out=part)
     np.add(base.numpy(), part, out=part)
     got = torch.full((n,), 7.0, dtype=dtype)
-    merge_task_vectors(tuple(x.numpy() for x in inputs), np.array(weights, dtype=base.numpy().dtype), base.numpy(),
-                       normalize, divisor, scale, got.numpy())
+    numbers = np.dtype(base.numpy().dtype)
+    unbounded, ones = np.zeros(len(inputs), dtype=numbers), np.ones(len(inputs), dtype=numbers)
+    magnitude.merge_within(tuple(x.numpy() for x in inputs), base.numpy(), unbounded, unbounded,
+                           np.ones(len(inputs), dtype=np.bool_), ones, np.array(weights, dtype=numbers), got.numpy(),
+                           normalize, divisor, scale)
     assert same_bits_or_both_nan(got, total)
 
 

@@ -1,10 +1,9 @@
 """TIES sign consensus, one pass per model and one to elect and end the merge (normalise, lambda, base), instead
 of the eight and fourteen torch and numpy operations it takes element-wise (`task_vectors.task_vector_merge`
 documents the arithmetic); or, where every model's weighted delta is at hand at once, the sums in registers and the
-end in the same pass (`merge_by_sign`, and `merge_sum` for the plain sum; `merge_task_vectors` makes the task
-vectors too, for a merge without a sparsifier). Each sum is the same single float addition in the same order as
-those operations, so the bits are theirs: `tests/test_kernels.py` holds the kernels to them, zeros of either sign,
-NaN and infinities included."""
+end in the same pass (`merge_by_sign`, and `merge_sum` for the plain sum). Each sum is the same single float
+addition in the same order as those operations, so the bits are theirs: `tests/test_kernels.py` holds the kernels
+to them, zeros of either sign, NaN and infinities included."""
 
 from __future__ import annotations
 
@@ -115,22 +114,6 @@ def merge_sum(deltas, weights, base, normalize, divisor, scale):
         deltas[0][j] = ended_sum(total, base[j], normalize, divide, factor, scaled)
 
 
-@compiled
-def merge_task_vectors(inputs, weights, base, normalize, divisor, scale, out):
-    """out = base + the sum of the weighted task vectors, as a merge without a sparsifier makes it: each model's
-    input minus the base, times its weight, added in model order to +0, then ended as `merge_sum` ends it; every
-    step in registers, where the operations take three passes per model and three more."""
-    zero = base.dtype.type(0)
-    divide, factor = base.dtype.type(divisor), base.dtype.type(scale)
-    scaled = scale != 1
-    for j in range(base.size):
-        b = base[j]
-        total = zero
-        for i in range(len(inputs)):
-            total = total + (inputs[i][j] - b) * weights[i]
-        out[j] = ended_sum(total, b, normalize, divide, factor, scaled)
-
-
 def load(models: tuple[int, ...] = (2, 3)) -> None:
     """Compile the kernels, or load them from numba's cache, for both accumulation dtypes (the merges of all
     models' deltas at once for the usual model counts: another count is compiled on its first merge, then cached)."""
@@ -142,4 +125,3 @@ def load(models: tuple[int, ...] = (2, 3)) -> None:
             weights = np.ones(count, dtype=dtype)
             merge_by_sign((a[0],) * count, weights, a[1], True, 1.0)
             merge_sum((a[0],) * count, weights, a[1], True, 1.0, 1.0)
-            merge_task_vectors((a[0],) * count, weights, a[1], True, 1.0, 1.0, a[2])

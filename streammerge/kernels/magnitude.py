@@ -5,8 +5,9 @@ element-wise operations take one each (subtract the base, take the magnitude, co
 multiply, add by sign: the four sums of `consensus.add_by_sign` written and read again for each model, then
 `consensus.finish`). The same single operations in the same order, in the sums' dtype, so the same bits:
 `tests/test_kernels.py` holds the kernels to them. Without sign consensus (`breadcrumbs`), the kept deltas are
-summed in registers the same way (`merge_within`) where torch's operations took a pass each. With them, the kernels
-that place the ties their bounds admit by position."""
+summed in registers the same way (`merge_within`) where torch's operations took a pass each; with every delta kept
+and none rescaled, that is `task_arithmetic`'s whole merge. With them, the kernels that place the ties their bounds
+admit by position."""
 
 from __future__ import annotations
 

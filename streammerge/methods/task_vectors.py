@@ -148,16 +148,18 @@ def deltas_merger(ctx: ChunkContext, deltas: list[torch.Tensor], consensus: bool
 
 def task_vectors_merger(ctx: ChunkContext) -> RangeWork:
     """For a range [a, z) of a merge without a sparsifier (`task_arithmetic`): base + the weighted sum of every
-    model's task vector into the chunk's output, as the operations make it (x - base, times the weight, added in
-    model order to +0, then `finisher`'s end: the same bits), in one compiled pass (`consensus.merge_task_vectors`)
-    where they took three passes per model and three more."""
-    from streammerge.kernels.consensus import merge_task_vectors  # (numba: loaded by the merges that use it)
+    model's task vector into the chunk's output, in one compiled pass: `breadcrumbs`' merge with every delta kept
+    and none rescaled (`kernels.magnitude.merge_within`), the operations' arithmetic (x - base, times the weight,
+    added in model order to +0, then `finisher`'s end) and so their bits, where they took three passes per model and
+    three more."""
+    from streammerge.kernels.magnitude import merge_within  # (numba: loaded by the merges that use it)
     inputs, base, out = [x.numpy() for x in ctx.inputs], ctx.base.numpy(), ctx.out.numpy()
-    weights = np.array([m["weight"] for m in ctx.model_params], dtype=base.dtype)
-    normalize, scale = bool(ctx.params["normalize"]), float(ctx.params["lambda"])
-    divisor = weight_divisor(ctx.model_params)
-    return lambda a, z: merge_task_vectors(tuple(x[a:z] for x in inputs), weights, base[a:z], normalize, divisor,
-                                           scale, out[a:z])
+    n, dtype = len(inputs), base.dtype
+    unbounded, keep_all, ones = np.zeros(n, dtype=dtype), np.ones(n, dtype=np.bool_), np.ones(n, dtype=dtype)
+    weights = np.array([m["weight"] for m in ctx.model_params], dtype=dtype)
+    finish = (bool(ctx.params["normalize"]), weight_divisor(ctx.model_params), float(ctx.params["lambda"]))
+    return lambda a, z: merge_within(tuple(x[a:z] for x in inputs), base[a:z], unbounded, unbounded, keep_all, ones,
+                                     weights, out[a:z], *finish)
 
 
 def finisher(ctx: ChunkContext, sums: tuple[torch.Tensor, ...], consensus: bool) -> RangeWork:
@@ -208,9 +210,10 @@ def _loader(family: Family):
     kernels = ((["philox"] if family.sparsifier in (Sparsifier.RANDOM, Sparsifier.MAGPRUNE) else [])
                + (["dare"] if family.sparsifier is Sparsifier.RANDOM else [])
                + (["brackets", "magnitude"] if family.sparsifier.by_magnitude else [])
+               + (["magnitude"] if family.sparsifier is Sparsifier.NONE else [])
                + (["magprune"] if family.sparsifier is Sparsifier.MAGPRUNE else [])
-               + (["consensus"] if family.consensus is Consensus.SIGN
-                  or family.sparsifier in (Sparsifier.NONE, Sparsifier.MAGPRUNE) else []))
+               + (["consensus"] if family.consensus is Consensus.SIGN or family.sparsifier is Sparsifier.MAGPRUNE
+                  else []))
     return kernel_loader(*kernels) if kernels else None
 
 
