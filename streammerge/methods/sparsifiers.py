@@ -78,7 +78,9 @@ KEEP_ALL, DROP_ALL = "all", "none"
 
 def magnitude_ranks(sparsifier: Sparsifier, model: dict, numel: int):
     """KEEP_ALL, DROP_ALL, or the ascending ranks (first kept, last kept or None for the largest) of a magnitude
-    sparsifier, in the order (|delta|, position)."""
+    sparsifier, in the order (|delta|, position); KEEP_ALL without a sparsifier (`task_arithmetic`)."""
+    if sparsifier is Sparsifier.NONE:
+        return KEEP_ALL
     density = model["density"]
     if density >= 1:
         return KEEP_ALL
@@ -246,9 +248,9 @@ def prune_by_magnitude(sparsifier: Sparsifier, i: int, ctx: ChunkContext, stats:
 
 def merged_within_bounds(ctx: ChunkContext, stats: MagnitudeStats | None, sparsifier: Sparsifier, out: torch.Tensor,
                          elect: bool) -> RangeWork:
-    """The merge of a chunk with a magnitude sparsifier in one compiled pass (`kernels.magnitude`: TIES' with
-    `elect`, else the plain sum of the kept deltas), as a function of an element range [a, z) of the chunk, written
-    to `out`. Ties at a bound admitted by position (`stats.merge_gates`) become index ranges of the chunk
+    """The merge of a chunk with a magnitude sparsifier, or none (every delta kept), in one compiled pass
+    (`kernels.magnitude`: TIES' with `elect`, else the plain sum of the kept deltas), as a function of an element
+    range [a, z) of the chunk, written to `out`. Ties at a bound admitted by position (`stats.merge_gates`) become index ranges of the chunk
     (`TieGate.span`) within which that bound is inclusive: the chunk is merged piece by piece, each with its own
     bounds per model (so this must be called on the chunks in order). `stats` is None where no model selects (each
     keeps all or nothing)."""

@@ -67,14 +67,13 @@ class Family:
 def task_vector_merge(family: Family):
     def merge(ctx: ChunkContext, stats) -> torch.Tensor:
         consensus = family.consensus is Consensus.SIGN
-        if family.sparsifier.by_magnitude and not ctx.segments:  # one compiled pass over every model
+        # one compiled pass over every model (without a sparsifier: every delta kept, where torch took three passes
+        # per model and three more)
+        if (family.sparsifier.by_magnitude or family.sparsifier is Sparsifier.NONE) and not ctx.segments:
             if stats is not None and ctx.offset == 0:  # (the merge's gates count the elements from the start)
                 stats.merge_gates = [bd.new_gates() if bd is not None else [] for bd in stats.bounds]
             in_parallel(ctx.out.numel(), merged_within_bounds(ctx, stats, family.sparsifier, ctx.out, consensus),
                         grain=KERNEL_GRAIN)
-            return ctx.out
-        if family.sparsifier is Sparsifier.NONE:  # one compiled pass over every model
-            in_parallel(ctx.out.numel(), task_vectors_merger(ctx), grain=KERNEL_GRAIN)
             return ctx.out
         b = ctx.derived(Buffers)
         if consensus:  # (numba: imported by the merges that elect signs, not by every command)
@@ -144,22 +143,6 @@ def deltas_merger(ctx: ChunkContext, deltas: list[torch.Tensor], consensus: bool
     end = (normalize, scale) if consensus else (normalize, weight_divisor(ctx.model_params), scale)
     kernel = kernels.merge_by_sign if consensus else kernels.merge_sum
     return lambda a, z: kernel(tuple(x[a:z] for x in arrays), weights, base[a:z], *end)
-
-
-def task_vectors_merger(ctx: ChunkContext) -> RangeWork:
-    """For a range [a, z) of a merge without a sparsifier (`task_arithmetic`): base + the weighted sum of every
-    model's task vector into the chunk's output, in one compiled pass: `breadcrumbs`' merge with every delta kept
-    and none rescaled (`kernels.magnitude.merge_within`), the operations' arithmetic (x - base, times the weight,
-    added in model order to +0, then `finisher`'s end) and so their bits, where they took three passes per model and
-    three more."""
-    from streammerge.kernels.magnitude import merge_within  # (numba: loaded by the merges that use it)
-    inputs, base, out = [x.numpy() for x in ctx.inputs], ctx.base.numpy(), ctx.out.numpy()
-    n, dtype = len(inputs), base.dtype
-    unbounded, keep_all, ones = np.zeros(n, dtype=dtype), np.ones(n, dtype=np.bool_), np.ones(n, dtype=dtype)
-    weights = np.array([m["weight"] for m in ctx.model_params], dtype=dtype)
-    finish = (bool(ctx.params["normalize"]), weight_divisor(ctx.model_params), float(ctx.params["lambda"]))
-    return lambda a, z: merge_within(tuple(x[a:z] for x in inputs), base[a:z], unbounded, unbounded, keep_all, ones,
-                                     weights, out[a:z], *finish)
 
 
 def finisher(ctx: ChunkContext, sums: tuple[torch.Tensor, ...], consensus: bool) -> RangeWork:
